@@ -1,0 +1,1 @@
+"""Core: layer discovery, hooks, targets, the masked-forward engine, map operations, results."""

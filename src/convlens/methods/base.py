@@ -1,0 +1,217 @@
+"""Base classes of explanation methods.
+
+A method implements one thing:
+
+* :class:`Explainer` subclasses implement ``_explain`` (maps for a batch, given resolved targets);
+* :class:`GradientCAM` subclasses implement ``channel_weights`` (Grad-CAM family) or ``layer_map``
+  (spatial weighting, LayerCAM) from one forward + one backward of all their layers.
+
+The base handles input validation, targets (per sample, validated), layer resolution, device,
+timing, pass counting and the :class:`~convlens.core.explanation.Explanation` result. The model's
+training flags are restored after every call (the hooks live only inside ``explain``).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from convlens.core.explanation import Explanation
+from convlens.core.hooks import eval_mode, forward_with_grads
+from convlens.core.layers import LayerSpec, resolve_layers
+from convlens.core.maps import minmax_normalize, upsample
+from convlens.core.targets import (
+    OutputAdapter,
+    ScoreKind,
+    TargetSpec,
+    adapt_output,
+    class_scores,
+    resolve_targets,
+)
+
+__all__ = ["Explainer", "GradientCAM", "MethodOutput"]
+
+
+class MethodOutput(dict):
+    """What ``_explain`` returns: ``maps`` (B,H,W) plus optional ``layer_maps``, ``extras``,
+    ``forward_passes``, ``backward_passes``, ``timings``."""
+
+
+class Explainer(abc.ABC):
+    """Base of every explanation method.
+
+    Args:
+        model: the classifier (an ``nn.Module`` or a :class:`~convlens.models.LoadedModel`).
+        layers: ``"last"``, ``"blocks"``, names or modules (methods working on the input ignore it).
+        score: ``"logit"``, ``"softmax"`` or ``"sigmoid"``; default per method (its paper's choice).
+        output_adapter: maps the raw model output to (B, classes) logits.
+        batch_size: masked inputs per forward pass for sampling methods.
+        class_names: lets targets be given by class name.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    uses_layers: ClassVar[bool] = True
+    default_layers: ClassVar[LayerSpec] = "last"
+    default_score: ClassVar[ScoreKind] = "logit"
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        layers: LayerSpec | None = None,
+        score: ScoreKind | None = None,
+        output_adapter: OutputAdapter | None = None,
+        batch_size: int = 64,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # LoadedModel
+            class_names = class_names or getattr(model, "class_names", None)
+            model = model.module
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
+        self.score: ScoreKind = score or self.default_score
+        if self.score not in ("logit", "softmax", "sigmoid"):
+            raise ValueError(f"unknown score {self.score!r}: use logit, softmax or sigmoid")
+        self.output_adapter = output_adapter
+        self.batch_size = batch_size
+        self.class_names = list(class_names) if class_names else None
+        self._layers: list[str] | None = None
+        self._layers_for: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def layers_for(self, x: torch.Tensor) -> list[str]:
+        """Resolve (once per input shape) the layers this method uses."""
+        shape = tuple(x.shape[1:])
+        if self._layers is None or self._layers_for != shape:
+            self._layers = resolve_layers(self.model, self.layer_spec, shape)
+            self._layers_for = shape
+        return self._layers
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch (inference mode, eval mode)."""
+        with torch.inference_mode(), eval_mode(self.model):
+            return adapt_output(self.model(x), self.output_adapter).float()
+
+    def scores_of(self, logits: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return class_scores(logits, class_ids, self.score)
+
+    def params(self) -> dict[str, Any]:
+        """Parameters recorded in the result (override to add method knobs)."""
+        return {"score": self.score, "batch_size": self.batch_size}
+
+    # ------------------------------------------------------------------ public API
+    def explain(self, x: torch.Tensor, targets: TargetSpec = None) -> Explanation:
+        """Explain a batch ``x`` (B, C, H, W) — or one image (C, H, W) — for ``targets``.
+
+        ``targets``: None/"auto" (predicted class), an int or class name for all images, or one
+        class id per image.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor, got {type(x).__name__}")
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
+        x = x.to(self.device, dtype=torch.float32)
+        start = time.perf_counter()
+        logits = self.logits(x)
+        class_ids = resolve_targets(logits, targets, self.class_names)
+        base_scores = self.scores_of(logits, class_ids)
+        out = self._explain(x, class_ids, logits)
+        timings = dict(out.get("timings", {}))
+        timings["total"] = time.perf_counter() - start
+        maps = out["maps"]
+        if tuple(maps.shape) != (x.shape[0], *x.shape[-2:]):
+            raise RuntimeError(f"{self.name} produced maps of shape {tuple(maps.shape)}")
+        return Explanation(
+            maps=maps.detach().float(),
+            targets=class_ids.detach().cpu(),
+            scores=base_scores.detach().float().cpu(),
+            method=self.name,
+            params=self.params(),
+            layer_maps=out.get("layer_maps", {}),
+            layers=list(self._layers or []) if self.uses_layers else [],
+            timings=timings,
+            forward_passes=1 + int(out.get("forward_passes", 0)),
+            backward_passes=int(out.get("backward_passes", 0)),
+            extras=out.get("extras", {}),
+        )
+
+    __call__ = explain
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing persists between calls: hooks live only inside ``explain``."""
+
+    @abc.abstractmethod
+    def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
+        """Compute maps for the batch ``x`` and per-sample ``class_ids``."""
+
+
+def combine_layer_maps(
+    layer_maps: dict[str, torch.Tensor], size: tuple[int, int]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Up-sample each layer's (B, h, w) map to ``size``; one layer -> its raw map; several layers ->
+    the mean of their min-max-normalised maps (pytorch-grad-cam's multi-layer aggregation)."""
+    upsampled = {name: upsample(m, size) for name, m in layer_maps.items()}
+    if len(upsampled) == 1:
+        return next(iter(upsampled.values())), upsampled
+    stacked = torch.stack([minmax_normalize(m) for m in upsampled.values()])
+    return stacked.mean(0), upsampled
+
+
+class GradientCAM(Explainer):
+    """Base of the Grad-CAM family: one forward + one backward for all layers, then per layer
+    ``map = ReLU(sum_k w_k A_k)`` with ``w = channel_weights(A, dY/dA)`` — or a custom ``layer_map``."""
+
+    default_score: ClassVar[ScoreKind] = "logit"
+    relu: ClassVar[bool] = True
+
+    def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """(B, K) weights from (B, K, h, w) activations and gradients."""
+        raise NotImplementedError
+
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) map of one layer (before ReLU); default: channel-weighted sum."""
+        weights = self.channel_weights(activations, gradients)
+        return torch.einsum("bk,bkhw->bhw", weights, activations)
+
+    def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
+        layers = self.layers_for(x)
+        t0 = time.perf_counter()
+        _, acts, grads = forward_with_grads(
+            self.model, x, layers, lambda lg: class_scores(lg, class_ids, self.score), self.output_adapter
+        )
+        t1 = time.perf_counter()
+        per_layer = {}
+        for name in layers:
+            cam = self.layer_map(acts[name].float(), grads[name].float())
+            per_layer[name] = torch.relu(cam) if self.relu else cam
+        final, upsampled = combine_layer_maps(per_layer, tuple(x.shape[-2:]))
+        return MethodOutput(
+            maps=final,
+            layer_maps=upsampled if len(layers) > 1 else {},
+            forward_passes=x.shape[0],
+            backward_passes=x.shape[0],
+            timings={"forward_backward": t1 - t0, "maps": time.perf_counter() - t1},
+        )

@@ -1,0 +1,39 @@
+"""Method registry: one line per method, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from convlens.methods.base import Explainer
+
+__all__ = ["METHODS", "available_methods", "create", "get_method"]
+
+# name -> "module:Class"  (a new method is one file, one line here, one test module)
+METHODS: dict[str, str] = {
+    "gradcam": "convlens.methods.gradcam:GradCAM",
+    "gradcampp": "convlens.methods.gradcampp:GradCAMpp",
+    "layercam": "convlens.methods.layercam:LayerCAM",
+    "scorecam": "convlens.methods.scorecam:ScoreCAM",
+    "rise": "convlens.methods.rise:RISE",
+    "ig": "convlens.methods.ig:IntegratedGradients",
+}
+
+
+def available_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> type[Explainer]:
+    """The class registered as ``name``."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    aliases = {k.replace("_", ""): k for k in METHODS} | {"gradcam++": "gradcampp", "integratedgradients": "ig"}
+    if key not in aliases:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    module_name, class_name = METHODS[aliases[key]].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create(name: str, model: Any, **kwargs: Any) -> Explainer:
+    """Instantiate method ``name`` on ``model``."""
+    return get_method(name)(model, **kwargs)
