@@ -205,7 +205,8 @@ def load(
         else:
             logger.warning("%s: no weights given, using random initialisation", name)
             source = "random initialisation"
-        names_ = list(class_names) if class_names else (imagenet_class_names() if n == 1000 else [str(i) for i in range(n)])
+        default_names = imagenet_class_names() if n == 1000 else [str(i) for i in range(n)]
+        names_ = list(class_names) if class_names else default_names
         loaded = LoadedModel(name, module.eval(), IMAGENET_PREPROCESSING, names_, state is not None, source)
     if class_names is not None:
         loaded.class_names = list(class_names)
