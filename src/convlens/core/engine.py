@@ -16,6 +16,7 @@ time here. The engine
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,10 +26,24 @@ from torch import nn
 from convlens.core.hooks import eval_mode
 from convlens.core.targets import OutputAdapter, ScoreKind, adapt_output, class_scores
 
-__all__ = ["MaskSource", "MaskedForwardEngine", "channels_last_model"]
+__all__ = ["MaskSource", "MaskedForwardEngine", "channels_last_model", "report_progress"]
 
 MaskSource = torch.Tensor | Iterable[torch.Tensor]
 ChunkCallback = Callable[[torch.Tensor, torch.Tensor], None]
+
+ProgressCallback = Callable[[int], None]
+_progress: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar("engine_progress", default=None)
+
+
+@contextlib.contextmanager
+def report_progress(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the body, every engine calls ``callback(n)`` after scoring a chunk of n masked inputs
+    (progress bars in the CLI without threading callbacks through every method)."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 @contextlib.contextmanager
@@ -126,6 +141,7 @@ class MaskedForwardEngine:
             memory_format=memory_format
         )
         use_autocast = self.autocast and device.type == "cuda"
+        progress = _progress.get()
         outputs: list[torch.Tensor] = []
         # parameters change memory format outside inference mode, so they never become inference tensors
         with eval_mode(self.model), channels_last_model(self.model, self.channels_last), torch.inference_mode():
@@ -146,6 +162,8 @@ class MaskedForwardEngine:
                 self.forward_passes += n
                 if on_chunk is not None:
                     on_chunk(chunk, scores)
+                if progress is not None:
+                    progress(n)
                 outputs.append(scores)
         if not outputs:
             return torch.empty((0, ids.numel()), device=device)
