@@ -100,7 +100,9 @@ def resolve_targets(
             raise ValueError(f"got {ids.numel()} targets for a batch of {batch} images")
     bad = ids[(ids < 0) | (ids >= n_classes)]
     if bad.numel():
-        raise ValueError(f"class id {int(bad[0])} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
+        raise ValueError(
+            f"class id {int(bad[0])} is out of range: the model has {n_classes} classes (0..{n_classes - 1})"
+        )
     return ids.to(logits.device)
 
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 __all__ = ["Direction", "Metric", "MetricAccumulator", "MetricCategory"]
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     HIGHER = "higher"  # higher is better
     LOWER = "lower"  # lower is better
 
 
-class MetricCategory(str, Enum):
+class MetricCategory(StrEnum):
     GROUND_TRUTH = "ground truth"  # localisation against annotated object masks/boxes
     MODEL_TRUTH = "model truth"  # faithfulness to the model's behaviour (perturbation)
     ADVISE = "advise protocol"  # Dehshibi et al.'s AVX protocol
