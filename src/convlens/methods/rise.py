@@ -32,7 +32,8 @@ def rise_masks(
     )
     dy = torch.randint(0, cell_h, (n_masks,), generator=generator).tolist()
     dx = torch.randint(0, cell_w, (n_masks,), generator=generator).tolist()
-    return torch.stack([up[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx, strict=True))])
+    masks = torch.stack([up[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx, strict=True))])
+    return masks.clamp_(0.0, 1.0)  # bilinear rounding can overshoot 1 by an ulp
 
 
 class RISE(Explainer):
