@@ -17,6 +17,8 @@ METHODS: dict[str, str] = {
     "scorecam": "convlens.methods.scorecam:ScoreCAM",
     "rise": "convlens.methods.rise:RISE",
     "ig": "convlens.methods.ig:IntegratedGradients",
+    "sise": "convlens.methods.sise:SISE",
+    "adasise": "convlens.methods.adasise:AdaSISE",
 }
 
 
