@@ -12,7 +12,19 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-__all__ = ["Direction", "Metric", "MetricAccumulator", "MetricCategory"]
+import numpy as np
+import torch
+
+__all__ = [
+    "Direction",
+    "Metric",
+    "MetricAccumulator",
+    "MetricCategory",
+    "as_map_batch",
+    "bootstrap_ci",
+    "top_fraction_mask",
+    "top_k_mask",
+]
 
 
 class Direction(StrEnum):
@@ -57,11 +69,84 @@ class MetricAccumulator:
         else:
             self.values.append(float(value))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+        """Mean, count, NaN count and a percentile-bootstrap confidence interval of the mean."""
         n = len(self.values)
         mean = sum(self.values) / n if n else float("nan")
-        return {"mean": mean, "n": n, "nan_count": self.nan_count}
+        low, high = bootstrap_ci(self.values, confidence, n_resamples, seed)
+        return {"mean": mean, "n": n, "nan_count": self.nan_count, "ci_low": low, "ci_high": high}
 
     def reset(self) -> None:
         self.values.clear()
         self.nan_count = 0
+
+
+def bootstrap_ci(
+    values: list[float] | np.ndarray, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, seeded, so a
+    summary is reproducible); NaN bounds with fewer than two values, ``(v, v)`` when all values are equal."""
+    data = np.asarray(values, dtype=np.float64)
+    data = data[np.isfinite(data)]
+    if data.size < 2:
+        return float("nan"), float("nan")
+    if np.all(data == data[0]):
+        return float(data[0]), float(data[0])
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (data,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+        rng=np.random.default_rng(seed), vectorized=True,
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def as_map_batch(
+    saliency: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and convert maps (B, H, W) or (H, W) to float64 CPU tensors, and masks to bool of the same
+    shape (an all-False mask when ``mask`` is None)."""
+    maps = torch.as_tensor(saliency).detach().cpu()
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3:
+        raise ValueError(f"expected saliency maps of shape (B, H, W) or (H, W), got {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        maps = maps.double()
+    maps = maps.double()
+    if not torch.isfinite(maps).all():
+        raise ValueError("saliency maps contain NaN or infinite values")
+    if mask is None:
+        return maps, torch.zeros(maps.shape, dtype=torch.bool)
+    masks = torch.as_tensor(mask).detach().cpu()
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.shape != maps.shape:
+        raise ValueError(
+            f"ground-truth mask shape {tuple(masks.shape)} does not match saliency shape {tuple(maps.shape)}: "
+            "up-sample the maps to the input resolution first"
+        )
+    return maps, masks.bool()
+
+
+def top_k_mask(maps: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Boolean (B, H, W) mask of the ``k`` largest pixels of each map (``k`` an int or one per map).
+
+    Ties are broken by position (stable descending sort: the first pixel in row-major order wins), so
+    exactly ``k`` pixels are kept whatever the map.
+    """
+    batch = maps.shape[0]
+    flat = maps.reshape(batch, -1)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand(batch, -1))
+    k_t = torch.as_tensor(k, device=flat.device).reshape(-1, 1)
+    return (ranks < k_t).reshape(maps.shape)
+
+
+def top_fraction_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the top ``fraction`` of pixels of each map: ``k = floor(fraction * H * W + 1/2)``
+    (at least 1) pixels, ties broken by position (see :func:`top_k_mask`)."""
+    n_pixels = maps.shape[-1] * maps.shape[-2]
+    k = max(1, math.floor(fraction * n_pixels + 0.5))
+    return top_k_mask(maps, k)
