@@ -13,7 +13,7 @@ from convlens.core.explanation import atomic_directory
 from convlens.methods.gradcam import GradCAM
 
 
-def test_save_round_trip(tmp_path, tiny_cnn, tiny_images) -> None:  # noqa: ANN001
+def test_save_round_trip(tmp_path, tiny_cnn, tiny_images) -> None:
     result = GradCAM(tiny_cnn, layers="blocks").explain(tiny_images, 2)
     image = Image.new("RGB", (32, 32), (128, 128, 128))
     files = result.save(tmp_path, image=image, index=1, class_names=list("abcde"))
@@ -28,7 +28,7 @@ def test_save_round_trip(tmp_path, tiny_cnn, tiny_images) -> None:  # noqa: ANN0
     torch.testing.assert_close(torch.from_numpy(result.to_numpy(normalized=True)), normalized)
 
 
-def test_atomic_directory(tmp_path) -> None:  # noqa: ANN001
+def test_atomic_directory(tmp_path) -> None:
     target = tmp_path / "out"
     with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
         (tmp / "half.txt").write_text("x")

