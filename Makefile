@@ -8,7 +8,6 @@ PIP    := $(PY) -m pip
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 
 # Stamp files make both commands idempotent: a second run reuses .venv.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
