@@ -1,0 +1,50 @@
+"""Concepts: what each layer of a CNN sees, as addressable per-layer cluster maps.
+
+This package lives beside :mod:`convlens.methods` rather than inside it because its results are not
+saliency maps. A method in ``convlens.methods`` answers "where does the network look for class c?" with
+one (B, H, W) map per image and plugs into the metrics and the comparison reports. INV (Bianchi et al.,
+IJCAI-24) answers "what does each layer see?": per layer it returns a variable number of *clusters* of
+feature maps, each with member channels, a weight in percent of the layer, and a cluster map at feature
+and input resolution. These clusters are the objects a human labels in the Deep Reveal game and that a
+label database references later, so they are saved with stable ids (image hash, layer, cluster index)
+and read back by :func:`load_inv_explanation` — a different contract from
+:class:`~convlens.core.explanation.Explanation`. The package depends only on ``convlens.core`` (and
+``convlens.reports`` for overlays and its page), like the methods.
+"""
+
+from convlens.concepts.inv import (
+    INV,
+    INV_SEED,
+    ClusteringResult,
+    InvCluster,
+    InvExplanation,
+    InvLayer,
+    channel_weights,
+    cluster_feature_maps,
+    embed_2d,
+    image_digest,
+    load_inv_explanation,
+    minmax_rows,
+    prune_threshold,
+    weak_cluster_threshold,
+)
+from convlens.concepts.layers import ConvLayer, find_conv_layers
+
+__all__ = [
+    "INV",
+    "INV_SEED",
+    "ClusteringResult",
+    "ConvLayer",
+    "InvCluster",
+    "InvExplanation",
+    "InvLayer",
+    "channel_weights",
+    "cluster_feature_maps",
+    "embed_2d",
+    "find_conv_layers",
+    "image_digest",
+    "load_inv_explanation",
+    "minmax_rows",
+    "prune_threshold",
+    "weak_cluster_threshold",
+]
