@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,8 +146,25 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
+_BLOCKS_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], list[str]]] = weakref.WeakKeyDictionary()
+
+
 def find_block_layers(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224)) -> list[str]:
-    """Names of the last layer of every convolutional block (see module docstring for the rule)."""
+    """Names of the last layer of every convolutional block (see module docstring for the rule).
+
+    The result is cached per model object and input shape (the dummy forward runs once); a model whose
+    modules are replaced afterwards should be passed as a new object.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    cached = _BLOCKS_CACHE.get(model, {}).get(shape)
+    if cached is not None:
+        return list(cached)
+    blocks = _find_block_layers(model, shape)
+    _BLOCKS_CACHE.setdefault(model, {})[shape] = blocks
+    return list(blocks)
+
+
+def _find_block_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     infos = describe_layers(model, input_shape)
     modules = dict(model.named_modules())
     sequence = [n for n in _flat_sequence(model, infos)]
