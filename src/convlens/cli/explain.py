@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import convlens
+from convlens.cli.inv import build_inv, explain_inv, split_inv_request
 from convlens.core.engine import report_progress
 from convlens.core.explanation import atomic_directory
 from convlens.core.layers import resolve_layers
@@ -209,6 +210,7 @@ def _save_blocks(explanation: Any, display: Any, directory: Path, method: str) -
 def explain_one(
     path: Path, loaded: LoadedModel, explainers: dict[str, Explainer], target: int | None, directory: Path,
     config_hash: str,
+    inv: Any = None,
 ) -> dict[str, Any]:
     """Explain one image into ``directory`` (a fresh temp dir); return the per-image record."""
     image = load_image(path)
@@ -224,6 +226,8 @@ def explain_one(
         record = explanation.summary(0, loaded.class_names) | {"files": files}
         record["block_images"] = _save_blocks(explanation, display, directory, name) if explanation.layer_maps else []
         results.append(record)
+    if inv is not None:  # INV: per-layer cluster maps and their own page (convlens.cli.inv)
+        results.append(explain_inv(inv, path, display, x, directory, target, loaded.class_names))
     record = {
         "image": str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -239,7 +243,8 @@ def run_explain(config: ExplainConfig, console: Console | None = None) -> int:
     """Run ``convlens explain``; returns the exit code (0 ok, 1 nothing explained). Raises CliError."""
     console = console or Console(stderr=True)
     methods = [m.strip() for m in config.methods if m.strip()]
-    if not methods:
+    methods, config.params, inv_kwargs = split_inv_request(methods, config.params)
+    if not methods and inv_kwargs is None:
         raise CliError("--method: give at least one method")
     try:
         canonical = [get_method(m).name for m in methods]
@@ -260,6 +265,9 @@ def run_explain(config: ExplainConfig, console: Console | None = None) -> int:
     loaded = _load_model(config)
     target = _resolve_target(config, loaded)
     explainers = _build_methods(config, loaded, per_method)
+    inv = build_inv(loaded, inv_kwargs, config.layers) if inv_kwargs is not None else None
+    if inv is not None:
+        per_method["inv"] = inv.params()
     config_hash = _config_hash(config, per_method)
 
     out = Path(config.out)
@@ -287,7 +295,7 @@ def run_explain(config: ExplainConfig, console: Console | None = None) -> int:
                         continue
                 try:
                     with atomic_directory(out / stem) as tmp:
-                        record = explain_one(path, loaded, explainers, target, tmp, config_hash)
+                        record = explain_one(path, loaded, explainers, target, tmp, config_hash, inv)
                 except ImageLoadError as exc:
                     skipped.append({"path": str(path), "error": str(exc)})
                     console.print(f"[yellow]skipped[/] {exc}")
@@ -303,7 +311,8 @@ def run_explain(config: ExplainConfig, console: Console | None = None) -> int:
         "device": config.device,
         "version": convlens.__version__,
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": {name: json.dumps(e.params(), default=str) for name, e in explainers.items()},
+        "settings": {name: json.dumps(e.params(), default=str) for name, e in explainers.items()}
+        | ({"inv": json.dumps(inv.params(), default=str)} if inv is not None else {}),
         "skipped": skipped,
         "per_block": config.per_block,
         "images": [
