@@ -57,7 +57,7 @@ from torch import nn
 from convlens.concepts.layers import ConvLayer, find_conv_layers
 from convlens.core.explanation import atomic_directory
 from convlens.core.hooks import eval_mode, forward_with_grads
-from convlens.core.layers import LayerSpec, resolve_layers
+from convlens.core.layers import LayerSpec, describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec, class_scores, resolve_targets
 
@@ -184,7 +184,9 @@ def embed_2d(
 
     t-SNE runs on one OpenMP thread (see module docstring) with ``random_state=seed``; sklearn's
     defaults otherwise (``init="pca"``, ``learning_rate="auto"``, 1000 iterations), ``init="random"``
-    when the features have a single dimension.
+    when the features have a single dimension. With the PCA initialisation, sklearn's Barnes-Hut t-SNE is
+    deterministic given the data, so the seed hardly changes the result (observed: identical embeddings
+    for seeds 432 and 7); it is still passed, as the spec asks.
     """
     features = np.ascontiguousarray(features, dtype=np.float32)
     n, dims = features.shape
@@ -253,7 +255,9 @@ def _cluster(
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
-    vectors = maps.reshape(len(maps), -1)
+    if maps.ndim < 2:
+        raise ValueError(f"expected (n, h, w) or (n, h*w) feature maps, got shape {maps.shape}")
+    vectors = maps.reshape(maps.shape[0], int(np.prod(maps.shape[1:])))
     n = vectors.shape[0]
     timings: dict[str, float] = {"pca": 0.0, "embedding": 0.0, "clustering": 0.0}
     if n == 0:
@@ -608,8 +612,9 @@ class INV:
         layers: None = the last ``num_layers`` convolutional layers (see
             :func:`~convlens.concepts.layers.find_conv_layers`; fewer if the model has fewer, with a
             warning); ``"convs"`` = all of them; otherwise a :func:`~convlens.core.layers.resolve_layers`
-            spec (names, modules, ``"blocks"``, ``"last"``). A named ``nn.Conv2d`` is replaced by the end of
-            its conv -> norm -> activation chain when ``post_activation`` is true.
+            spec (names, modules, ``"blocks"``, ``"last"``), explained in forward order whatever the order
+            given. A named ``nn.Conv2d`` is replaced by the end of its conv -> norm -> activation chain when
+            ``post_activation`` is true.
         num_layers: how many conv layers the default takes (INV: 9, block3_conv1..block5_conv3 of VGG16).
         post_activation: use Keras-like conv outputs (after the directly following norm/activation).
         weighting: ``"guided"`` (INV code, default) or ``"gradcam"`` (see :func:`channel_weights`).
@@ -728,7 +733,8 @@ class INV:
                     chosen.append(by_conv.get(name) or by_name[name])
                 else:
                     chosen.append(ConvLayer(name, name, 0, (0, 0)))  # any other 4-D module: used as is
-            chosen = list(dict.fromkeys(chosen))
+            order = describe_layers(self.model, shape)
+            chosen = sorted(dict.fromkeys(chosen), key=lambda c: order[c.name].order)  # forward order
         self._layers, self._layers_for = chosen, shape
         logger.info("INV layers: %s", ", ".join(c.label for c in chosen))
         return chosen
