@@ -11,11 +11,21 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 
+from conftest import make_tiny_cnn
 from convlens.core.maps import otsu_threshold
 from convlens.methods import create
 from convlens.methods.sise import SISE, code_otsu_threshold, fuse_visualization_maps, group_masks
 
 BLOCKS = ("block1", "block2", "block3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny-CNN ops are microseconds; torch's thread pool on a shared 2-core machine makes them ~50 ms each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- literal reference
@@ -72,7 +82,7 @@ def literal_sise(
     layers: tuple[str, ...] = BLOCKS,
     keep_rule=None,
     shared_scores=None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """SISE of one image, one mask at a time (Eqs. 6-12 and the cascade).
 
     ``keep_rule(alpha) -> kept indices`` replaces Eq. 7 (for Ada-SISE); ``shared_scores(layer, kept_acts)``
@@ -97,19 +107,23 @@ def literal_sise(
             kept = [k for k in range(a.shape[0]) if alphas[k] > mu * beta]
         else:
             kept = keep_rule(torch.tensor(alphas))
-        kept_counts[layer] = len(kept)
+        scored = [k for k in kept if a[k].max() > a[k].min()]
+        kept_counts[layer] = {"kept": len(kept), "scored": len(scored)}
         masks, scores = [], []
-        for k in kept:
+        for k in kept:  # every kept mask is scored here, the constant ones too
             m = F.interpolate(a[k][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
             m = m - m.min()
             m = m / (m.max() + 1e-6)
+            if k not in scored:
+                m = torch.zeros(size)  # Omega of a constant map is the zero mask (no interpolation round-off)
             with torch.no_grad():
                 masked = base + (image - base) * m
                 scores.append(float(torch.softmax(model(masked[None]), 1)[0, class_id]))
             masks.append(m)
-        if shared_scores is not None and kept:
-            source = shared_scores(layer, a[kept])
-            scores = [scores[source[i]] for i in range(len(kept))]
+        if shared_scores is not None and scored:
+            source = shared_scores(layer, a[scored])  # fast mode: scores shared within groups of scored masks
+            position = {k: j for j, k in enumerate(kept)}
+            scores = [scores[position[scored[source[scored.index(k)]]]] if k in scored else 0.0 for k in kept]
         v = torch.zeros(size)
         for m, s in zip(masks, scores, strict=True):
             v += s * m / (m.sum() + 1e-6)
@@ -146,20 +160,38 @@ def test_sise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, mu, ba
         final, vis_maps, kept = literal_sise(tiny_cnn, image, mu=mu, fusion=fusion, baseline=baseline)
         for layer in BLOCKS:
             torch.testing.assert_close(explanation.layer_maps[layer][i], vis_maps[layer], atol=2e-5, rtol=1e-4)
-            assert explanation.extras["kept_masks"][layer][i] == kept[layer]
+            assert explanation.extras["kept_masks"][layer][i] == kept[layer]["kept"]
         torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
     # the final map is the last fused intermediate
     torch.testing.assert_close(explanation.layer_maps["fused@block3"], explanation.maps.cpu())
     assert explanation.forward_passes == 1 + len(tiny_images) + sum(explanation.extras["masked_forwards"])
 
 
-def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_cnn, tiny_images):
-    explanation = SISE(tiny_cnn).explain(tiny_images)
+def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_images):
+    model = make_tiny_cnn()
+    with torch.no_grad():  # eight dead channels in block3: all-zero (constant) maps, still with a gradient
+        model.block3[0].weight[:8] = 0
+        model.block3[0].bias[:8] = -1
+    explanation = SISE(model).explain(tiny_images)
+    total_constant = 0
     for i, image in enumerate(tiny_images):
-        _, grads = literal_activations_and_gradients(tiny_cnn, image, int(explanation.targets[i]))
-        expected = {layer: int((grads[layer].mean(dim=(1, 2)) > 0).sum()) for layer in BLOCKS}
-        assert {layer: explanation.extras["kept_masks"][layer][i] for layer in BLOCKS} == expected
-        assert explanation.extras["masked_forwards"][i] == sum(expected.values())
+        acts, grads = literal_activations_and_gradients(model, image, int(explanation.targets[i]))
+        positive = {layer: grads[layer].mean(dim=(1, 2)) > 0 for layer in BLOCKS}
+        flat = {layer: acts[layer].flatten(1) for layer in BLOCKS}
+        constant = {
+            layer: int((positive[layer] & (flat[layer].amax(1) == flat[layer].amin(1))).sum()) for layer in BLOCKS
+        }
+        assert {layer: explanation.extras["kept_masks"][layer][i] for layer in BLOCKS} == {
+            layer: int(positive[layer].sum()) for layer in BLOCKS
+        }
+        assert {layer: explanation.extras["constant_masks"][layer][i] for layer in BLOCKS} == constant
+        kept_total = sum(int(p.sum()) for p in positive.values())
+        assert explanation.extras["masked_forwards"][i] == kept_total - sum(constant.values())
+        total_constant += sum(constant.values())
+        # skipping the constant masks is exact: the literal computation scores them all
+        final, _, _ = literal_sise(model, image)
+        torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
+    assert total_constant > 0
     assert explanation.extras["candidates"]["block3"] == [32, 32, 32]
 
 
@@ -299,9 +331,9 @@ def test_fast_mode_equals_literal_shared_scores(tiny_cnn, tiny_images):
         final, _, kept = literal_sise(tiny_cnn, image, shared_scores=shared)
         torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
         groups = explanation.extras["fast"]["groups"][i]
-        assert groups == [math.ceil(kept[layer] / 3) for layer in BLOCKS]
+        assert groups == [math.ceil(kept[layer]["scored"] / 3) for layer in BLOCKS]
         assert explanation.extras["masked_forwards"][i] == sum(groups)
-        assert explanation.extras["fast"]["forwards_saved"][i] == sum(kept.values()) - sum(groups)
+        assert explanation.extras["fast"]["forwards_saved"][i] == sum(c["scored"] for c in kept.values()) - sum(groups)
     full = SISE(tiny_cnn).explain(tiny_images[:2])
     assert sum(explanation.extras["masked_forwards"]) < sum(full.extras["masked_forwards"]) / 2.5
 
