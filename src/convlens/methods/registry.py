@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "scorecam": "convlens.methods.scorecam:ScoreCAM",
     "rise": "convlens.methods.rise:RISE",
     "ig": "convlens.methods.ig:IntegratedGradients",
+    "advise": "convlens.methods.advise:ADVISE",
     "sise": "convlens.methods.sise:SISE",
     "adasise": "convlens.methods.adasise:AdaSISE",
 }
