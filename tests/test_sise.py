@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import cdist
 from skimage.filters import threshold_otsu
 
 from conftest import make_tiny_cnn
 from convlens.core.maps import otsu_threshold
 from convlens.methods import create
-from convlens.methods.sise import SISE, code_otsu_threshold, fuse_visualization_maps, group_masks
+from convlens.methods.sise import SISE, code_otsu_threshold, fuse_visualization_maps, group_masks, interpolate_scores
 
 BLOCKS = ("block1", "block2", "block3")
 
@@ -81,12 +82,12 @@ def literal_sise(
     baseline: str = "zero",
     layers: tuple[str, ...] = BLOCKS,
     keep_rule=None,
-    shared_scores=None,
+    rescore=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """SISE of one image, one mask at a time (Eqs. 6-12 and the cascade).
 
-    ``keep_rule(alpha) -> kept indices`` replaces Eq. 7 (for Ada-SISE); ``shared_scores(layer, kept_acts)``
-    returns for every kept mask the index of the mask whose score it uses (fast mode)."""
+    ``keep_rule(alpha) -> kept indices`` replaces Eq. 7 (for Ada-SISE); ``rescore(layer, maps, scores)``
+    replaces the exact scores of the non-constant kept masks (fast mode's approximation)."""
     model.eval()
     with torch.no_grad():
         class_id = int(model(image[None]).argmax())
@@ -120,10 +121,10 @@ def literal_sise(
                 masked = base + (image - base) * m
                 scores.append(float(torch.softmax(model(masked[None]), 1)[0, class_id]))
             masks.append(m)
-        if shared_scores is not None and scored:
-            source = shared_scores(layer, a[scored])  # fast mode: scores shared within groups of scored masks
-            position = {k: j for j, k in enumerate(kept)}
-            scores = [scores[position[scored[source[scored.index(k)]]]] if k in scored else 0.0 for k in kept]
+        if rescore is not None and scored:
+            exact = [scores[kept.index(k)] for k in scored]
+            approximate = rescore(layer, a[scored], exact)
+            scores = [approximate[scored.index(k)] if k in scored else 0.0 for k in kept]
         v = torch.zeros(size)
         for m, s in zip(masks, scores, strict=True):
             v += s * m / (m.sum() + 1e-6)
@@ -315,20 +316,41 @@ def test_group_masks_puts_duplicates_together():
     assert all(int(labels[m]) == group for group, m in enumerate(medoids.tolist()))
 
 
-def test_fast_mode_equals_literal_shared_scores(tiny_cnn, tiny_images):
-    explainer = SISE(tiny_cnn, fast=True, fast_factor=3, batch_size=6)
+def literal_gp(features: np.ndarray, scored: list[int], scores: list[float], noise: float = 1e-3) -> list[float]:
+    """Gaussian-process posterior mean (squared-exponential kernel, median length-scale) with numpy/scipy."""
+    y = np.asarray(scores, dtype=np.float64)
+    pairwise = cdist(features[scored], features[scored])
+    length = np.median(pairwise[pairwise > 0])
+    gram = np.exp(-(pairwise**2) / (2 * length**2)) + noise * np.eye(len(y))
+    cross = np.exp(-(cdist(features, features[scored]) ** 2) / (2 * length**2))
+    prediction = y.mean() + cross @ np.linalg.solve(gram, y - y.mean())
+    prediction[scored] = y
+    return prediction.tolist()
+
+
+@pytest.mark.parametrize("fast_scores", ["medoid", "gp"])
+def test_fast_mode_equals_literal_recomputation(tiny_cnn, tiny_images, fast_scores):
+    explainer = SISE(tiny_cnn, fast=True, fast_factor=3, fast_scores=fast_scores, batch_size=6)
     explanation = explainer.explain(tiny_images[:2])
     # the grouping of the explainer's own phase-2 maps (medoid ties are decided by float round-off)
     selections = explainer.select_feature_maps(tiny_images[:2])
     for i, image in enumerate(tiny_images[:2]):
         own_maps = {selection.layer: selection.activations for selection in selections[i]}
 
-        def shared(layer, kept_acts, own_maps=own_maps):
-            torch.testing.assert_close(kept_acts, own_maps[layer], atol=1e-5, rtol=1e-5)
-            labels, medoids = group_masks(own_maps[layer], math.ceil(kept_acts.shape[0] / 3))
-            return [int(medoids[label]) for label in labels]
+        def rescore(layer, maps, exact, own_maps=own_maps):
+            torch.testing.assert_close(maps, own_maps[layer], atol=1e-5, rtol=1e-5)
+            labels, medoids = group_masks(own_maps[layer], math.ceil(maps.shape[0] / 3))
+            medoids = medoids.tolist()
+            if fast_scores == "medoid":
+                return [exact[medoids[label]] for label in labels]
+            # features: min-max normalised maps, average-pooled to at most 7x7 (block1 16x16 -> 7x7)
+            pooled = []
+            for m in maps.double():
+                m = (m - m.min()) / ((m - m.min()).max() + 1e-6)
+                pooled.append(F.adaptive_avg_pool2d(m[None, None], [min(7, s) for s in m.shape]).flatten().numpy())
+            return literal_gp(np.stack(pooled), medoids, [exact[j] for j in medoids])
 
-        final, _, kept = literal_sise(tiny_cnn, image, shared_scores=shared)
+        final, _, kept = literal_sise(tiny_cnn, image, rescore=rescore)
         torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
         groups = explanation.extras["fast"]["groups"][i]
         assert groups == [math.ceil(kept[layer]["scored"] / 3) for layer in BLOCKS]
@@ -336,6 +358,19 @@ def test_fast_mode_equals_literal_shared_scores(tiny_cnn, tiny_images):
         assert explanation.extras["fast"]["forwards_saved"][i] == sum(c["scored"] for c in kept.values()) - sum(groups)
     full = SISE(tiny_cnn).explain(tiny_images[:2])
     assert sum(explanation.extras["masked_forwards"]) < sum(full.extras["masked_forwards"]) / 2.5
+
+
+def test_interpolated_scores_are_exact_at_the_scored_masks():
+    g = torch.Generator().manual_seed(6)
+    features = torch.rand(12, 49, generator=g, dtype=torch.float64)
+    scored = torch.tensor([0, 4, 7])
+    scores = torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64)
+    prediction = interpolate_scores(features, scored, scores)
+    torch.testing.assert_close(prediction[scored], scores)
+    expected = literal_gp(features.numpy(), scored.tolist(), scores.tolist())
+    torch.testing.assert_close(prediction, torch.tensor(expected, dtype=torch.float64))
+    one = interpolate_scores(features, torch.tensor([3]), torch.tensor([0.7], dtype=torch.float64))
+    torch.testing.assert_close(one, torch.full((12,), 0.7, dtype=torch.float64))
 
 
 def test_fast_factor_one_is_full_sise(tiny_cnn, tiny_images):
