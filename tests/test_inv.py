@@ -277,7 +277,7 @@ def test_small_layers_fall_back_without_crashing() -> None:
 
 def test_same_seed_identical_clusters_also_with_parallel_layers(wide_cnn: nn.Module, wide_explanation) -> None:
     x, first = wide_explanation
-    second = _explain(wide_cnn, x)
+    second = _explain(wide_cnn, x, n_jobs=1)
     for a, b in zip(first.layers, second.layers, strict=True):
         np.testing.assert_array_equal(a.embedding, b.embedding)
         np.testing.assert_array_equal(a.labels, b.labels)

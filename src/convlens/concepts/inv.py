@@ -29,13 +29,17 @@ Guards for small layers (spec 4.10a item 9), documented choices:
 PCA, t-SNE and clustering run single-threaded (threadpoolctl): the Barnes-Hut normalisation is an
 OpenMP reduction whose rounding depends on the thread count, so one thread makes results identical
 across machines (and avoids BLAS thread oversubscription, which made a 25 x 1024 PCA 200x slower on a
-busy 2-core machine); ``n_jobs`` runs *layers* in parallel threads instead. ``embedding="opentsne"``
+busy 2-core machine); ``n_jobs`` runs *layers* in parallel threads instead (default: one per core, at
+most one per layer; results are identical for every ``n_jobs``). The per-layer torch work (weights,
+maps) runs with one torch thread: its tensors are tiny, and on a busy 2-core machine two intra-op
+threads made each small op ~30 ms instead of microseconds. ``embedding="opentsne"``
 (openTSNE, if installed) and ``embedding="pca"`` (first two principal components, no t-SNE) are faster
 options; their effect on the clusters is measured in ``benchmarks/bench_inv.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,7 +48,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -622,7 +626,8 @@ class INV:
         embedding: ``"tsne"`` (sklearn, the paper's), ``"opentsne"`` or ``"pca"``.
         seed: random state of PCA and t-SNE (INV: 432).
         perplexity, max_pca_components, cluster_range: spec 4.3 (30, 50, (3, 8)).
-        n_jobs: layers clustered in parallel threads (each t-SNE single-threaded: same results).
+        n_jobs: layers clustered in parallel threads (each t-SNE single-threaded: same results for any
+            value); None = one thread per CPU core, at most one per layer.
         output_adapter, class_names: as for every convlens explainer.
     """
 
@@ -642,7 +647,7 @@ class INV:
         perplexity: float = 30.0,
         max_pca_components: int = 50,
         cluster_range: tuple[int, int] | Sequence[int] = (3, 8),
-        n_jobs: int = 1,
+        n_jobs: int | None = None,
         output_adapter: OutputAdapter | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
@@ -661,7 +666,7 @@ class INV:
             raise ValueError(f"unknown score {score!r}: use logit, softmax or sigmoid")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if n_jobs < 1:
+        if n_jobs is not None and n_jobs < 1:
             raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
         if not perplexity > 0:
             raise ValueError(f"perplexity must be > 0, got {perplexity}")
@@ -805,9 +810,10 @@ class INV:
             ]
             # BLAS limited once here (process-wide) so that the per-call limits inside the worker threads
             # all restore the same value; OpenMP limits are per thread and set in each call
-            with threadpool_limits(limits=1, user_api="blas"):
-                if self.n_jobs > 1 and len(jobs) > 1:
-                    with ThreadPoolExecutor(max_workers=self.n_jobs) as pool:
+            with threadpool_limits(limits=1, user_api="blas"), _single_torch_thread():
+                workers = min(len(jobs), self.n_jobs or os.cpu_count() or 1)
+                if workers > 1:
+                    with ThreadPoolExecutor(max_workers=workers) as pool:
                         futures = [pool.submit(self._explain_layer, *job, size, short_id) for job in jobs]
                         inv_layers = [future.result() for future in futures]
                 else:
@@ -886,6 +892,17 @@ class INV:
             clusters=clusters, weak_clusters=weak, layer_map=layer_map.astype(np.float32), fallback=fallback,
             timings=timings,
         )
+
+
+@contextlib.contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for the body (process-wide setting, restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _versions() -> dict[str, str]:

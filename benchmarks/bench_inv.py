@@ -1,0 +1,153 @@
+"""INV benchmark: seconds per image and per step, and what faster embeddings do to the clusters.
+
+For EfficientNet-Lite0 (pretrained, offline) and VGG16 (random weights), on scikit-image's chelsea and
+coffee at 224x224, with INV's default nine layers:
+
+* the paper's pipeline (sklearn t-SNE) with its per-step breakdown: forward+backward, weights, PCA,
+  2-D embedding, clustering (6 Ward fits + silhouettes), cluster maps;
+* faster options side by side in the same run: openTSNE (Barnes-Hut, one thread), the first two PCA
+  components instead of t-SNE, and sklearn t-SNE with the nine layers in ``n_jobs`` threads;
+* their effect on the clusters: adjusted Rand index between each option's partition of the kept maps
+  (before weak-cluster removal) and the sklearn t-SNE partition, averaged over layers and images, and
+  how often the chosen k agrees.
+
+Usage: ``python benchmarks/bench_inv.py [--images 2] [--jobs 2] [--no-write]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import skimage.data
+import torch
+from PIL import Image
+
+from _sections import machine_line, markdown_table, write_section
+from convlens.concepts import INV, InvExplanation
+from convlens.models import load
+
+STEPS = ("forward_backward", "weights", "pca", "embedding", "clustering", "maps")
+
+
+def _images(count: int) -> list[Image.Image]:
+    return [Image.fromarray(f()) for f in (skimage.data.chelsea, skimage.data.coffee)][:count]
+
+
+def _explain(model: object, x: torch.Tensor, **kwargs: object) -> tuple[InvExplanation, float]:
+    inv = INV(model, **kwargs)
+    start = time.perf_counter()
+    explanation = inv.explain(x)
+    return explanation, time.perf_counter() - start
+
+
+def _agreement(reference: InvExplanation, other: InvExplanation) -> tuple[list[float], list[bool]]:
+    from sklearn.metrics import adjusted_rand_score
+
+    aris, same_k = [], []
+    for a, b in zip(reference.layers, other.layers, strict=True):
+        assert np.array_equal(a.kept_channels, b.kept_channels)  # same weights and pruning
+        if len(a.kept_channels) > 3:
+            aris.append(float(adjusted_rand_score(a.labels, b.labels)))
+            same_k.append(a.n_clusters == b.n_clusters)
+    return aris, same_k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2, help="1 (chelsea) or 2 (chelsea, coffee)")
+    parser.add_argument("--jobs", type=int, default=2, help="threads for the n_jobs variant")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="torch intra-op threads for the forward/backward (1: stable timings on a shared machine)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.torch_threads)
+    models = {"efficientnet_lite0": load("efficientnet_lite0"), "vgg16 (random)": load("vgg16")}
+    variants = {
+        "sklearn t-SNE (paper), 1 thread": {"embedding": "tsne", "n_jobs": 1},
+        f"sklearn t-SNE, {args.jobs} layer threads": {"embedding": "tsne", "n_jobs": args.jobs},
+        "openTSNE, 1 thread": {"embedding": "opentsne", "n_jobs": 1},
+        "PCA 2-D (no t-SNE), 1 thread": {"embedding": "pca", "n_jobs": 1},
+    }
+    speed_rows: list[list[object]] = []
+    step_rows: list[list[object]] = []
+    layer_rows: list[list[object]] = []
+    notes: list[str] = []
+    reference_variant = next(iter(variants))
+    for model_name, loaded in models.items():
+        xs = [loaded.preprocessing(image)[None] for image in _images(args.images)]
+        _explain(loaded, xs[0], embedding="pca", layers=["last"])  # warm-up: imports, first-call costs
+        reference: list[InvExplanation] = []
+        base_seconds = 0.0
+        for variant, kwargs in variants.items():
+            seconds, steps = [], {s: 0.0 for s in STEPS}
+            aris: list[float] = []
+            same_k: list[bool] = []
+            for i, x in enumerate(xs):
+                explanation, elapsed = _explain(loaded, x, **kwargs)
+                seconds.append(elapsed)
+                for step in STEPS:
+                    steps[step] += explanation.timings[step] / len(xs)
+                if variant == reference_variant:
+                    reference.append(explanation)
+                    if i == 0:
+                        for layer in explanation.layers:
+                            layer_rows.append([
+                                model_name, layer.name, f"{layer.num_channels} @ {layer.feature_size[0]}²",
+                                len(layer.kept_channels), layer.n_clusters, len(layer.clusters),
+                                round(layer.timings["embedding"], 2),
+                            ])
+                else:
+                    a, k = _agreement(reference[i], explanation)
+                    aris += a
+                    same_k += k
+            mean_seconds = float(np.mean(seconds))
+            if not base_seconds:
+                base_seconds = mean_seconds
+                total_steps = sum(steps.values())
+                dominant = max(steps, key=steps.get)
+                step_rows.append([model_name] + [round(steps[s], 2) for s in STEPS] + [
+                    f"{dominant} ({100 * steps[dominant] / total_steps:.0f} %)"
+                ])
+            speed_rows.append([
+                model_name, variant, round(mean_seconds, 2), f"{base_seconds / mean_seconds:.2f}x",
+                f"{np.mean(aris):.3f} (min {np.min(aris):.2f})" if aris else "1 (reference)",
+                f"{np.mean(same_k) * 100:.0f} %" if same_k else "100 %",
+            ])
+            print(speed_rows[-1], flush=True)
+    speed = markdown_table(
+        ["model", "embedding", "s / image", "speed-up", "ARI vs paper clusters (mean over layers)", "same k"],
+        speed_rows,
+    )
+    steps_table = markdown_table(["model", *STEPS, "dominant step"], step_rows)
+    layers_table = markdown_table(
+        ["model", "layer", "maps", "kept", "k", "clusters kept", "t-SNE s"], layer_rows
+    )
+    notes.append(
+        f"{args.images} image(s) (scikit-image chelsea, coffee) at 224x224, INV's default nine layers, one "
+        f"forward + one backward per image with {args.torch_threads} torch thread(s); steps are seconds per "
+        "image summed over the nine layers (sklearn t-SNE pipeline, one thread). ARI: adjusted Rand index "
+        "of each option's partition of the kept maps "
+        "(before weak-cluster removal) against the sklearn t-SNE partition; layers with <= 3 kept maps skipped."
+    )
+    body = "\n\n".join([
+        "## INV layer-wise explanations (`benchmarks/bench_inv.py`)",
+        machine_line(),
+        notes[0],
+        "### Seconds per image and effect on the clusters\n\n" + speed,
+        "### Per-step breakdown (paper pipeline)\n\n" + steps_table,
+        "### Layers (first image, paper pipeline)\n\n" + layers_table,
+    ])
+    print(body)
+    if not args.no_write:
+        write_section("inv", body)
+
+
+if __name__ == "__main__":
+    main()
