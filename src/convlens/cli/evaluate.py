@@ -1,0 +1,189 @@
+"""``convlens evaluate``: score explanation methods on a dataset with the papers' metrics.
+
+Registers itself on the Typer ``app`` of :mod:`convlens.cli.main` (imported there).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from convlens.cli.explain import CliError, _literal, parse_params
+from convlens.cli.main import app
+from convlens.runners.evaluate import PRESETS, EvaluationConfig, EvaluationError, run_evaluation
+from convlens.runners.store import SettingsMismatchError
+
+__all__ = ["DEFAULT_METRICS", "evaluate", "parse_metric_params"]
+
+DEFAULT_METRICS = ("ebpg", "miou", "bbox", "pointing_game", "drop", "increase", "insertion", "deletion")
+MODEL_TRUTH_METRICS = ("drop", "increase", "insertion", "deletion")
+
+console = Console(stderr=True)
+
+
+def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """``["insertion.step=32", "pointing_game.tolerance=15"]`` -> per-metric keyword arguments (validated)."""
+    from convlens.metrics.registry import metric_class
+
+    per_metric: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        metric, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise CliError(f"--metric-param {item!r}: expected METRIC.KEY=VALUE")
+        if metric not in metrics:
+            raise CliError(f"--metric-param {item!r}: metric {metric!r} is not among --metrics {','.join(metrics)}")
+        accepted = set(inspect.signature(metric_class(metric).__init__).parameters) - {"self", "args", "kwargs"}
+        if name not in accepted:
+            known = ", ".join(sorted(accepted)) or "no parameters"
+            raise CliError(f"--metric-param {item!r}: {metric} accepts {known}")
+        per_metric.setdefault(metric, {})[name] = _literal(value)
+    return per_metric
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def evaluate(
+    data: Annotated[
+        str | None, typer.Option(help="`synthetic` (exact-ground-truth benchmark) or a path: image folder, CSV, "
+                                      "VOC2007 folder, COCO instances JSON, synset file for XML boxes.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="synthetic-vgg, synthetic-resnet, or any `convlens models` name.")] = (
+        "synthetic-vgg"
+    ),
+    weights: Annotated[str | None, typer.Option(help="Local state_dict for the model (weights-only load).")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (see `convlens methods`).")] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help=f"Comma-separated metrics [default: {','.join(DEFAULT_METRICS)}].")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (records, tables, report.html).")] = Path("out/evaluate"),
+    preset: Annotated[
+        str | None, typer.Option(help="sise-voc2007: the SISE paper's Table 1 protocol (VOC 2007 test boxes).")
+    ] = None,
+    data_format: Annotated[str, typer.Option(help="auto | folder | csv | voc | xml | coco | synthetic.")] = "auto",
+    images: Annotated[str | None, typer.Option(help="Image folder (COCO, XML boxes, CSV root).")] = None,
+    annotations: Annotated[str | None, typer.Option(help="XML annotation folder (ImageNet-style boxes).")] = None,
+    split: Annotated[str, typer.Option(help="VOC split list (ImageSets/Main/<split>.txt).")] = "test",
+    limit: Annotated[
+        int | None, typer.Option(help="Evaluate the first N images (synthetic: N images, default 50).")
+    ] = None,
+    targets: Annotated[str, typer.Option(help="label (each annotated class) or predicted.")] = "label",
+    param: Annotated[list[str] | None, typer.Option(help="Method parameter METHOD.KEY=VALUE (repeatable).")] = None,
+    metric_param: Annotated[
+        list[str] | None, typer.Option(help="Metric parameter METRIC.KEY=VALUE (repeatable).")
+    ] = None,
+    metric_score: Annotated[
+        str | None, typer.Option(help="Score judged by model-truth metrics: softmax | sigmoid | logit.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    samples: Annotated[int, typer.Option(help="Overlays shown in the report for the first N images.")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Discard a previous run in --out made with other settings.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+) -> None:
+    """Evaluate methods on a dataset: per-image CSV, summary (mean, 95 % CI) as Markdown/CSV/HTML; resumable."""
+    chosen = PRESETS.get(preset) if preset else None
+    if preset and chosen is None:
+        _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if data is None:
+        if chosen is not None:
+            _fail(
+                f"the {preset} preset needs the PASCAL VOC 2007 test set on disk: pass --data PATH to the folder "
+                "extracted from VOCtest_06-Nov-2007.tar (VOCdevkit/VOC2007 with Annotations/, JPEGImages/, "
+                "ImageSets/Main/test.txt), and --model vgg16|resnet50 --weights PATH to the VOC-trained weights"
+            )
+        _fail("no data: pass --data synthetic or --data PATH (see `convlens evaluate --help`)")
+    method_list = _split(methods) or (
+        [m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"]
+    )
+    metric_list = _split(metrics) or (list(chosen["metrics"]) if chosen else None)
+    if metric_list is None:
+        metric_list = list(DEFAULT_METRICS) if data == "synthetic" or _has_masks_format(data, data_format) else list(
+            MODEL_TRUTH_METRICS
+        )
+    if targets not in ("label", "predicted"):
+        _fail(f"--targets must be label or predicted, got {targets!r}")
+    score = metric_score or (chosen["metric_score"] if chosen else "softmax")
+    if score not in ("softmax", "sigmoid", "logit"):
+        _fail(f"--metric-score must be softmax, sigmoid or logit, got {score!r}")
+    if chosen is not None:
+        if chosen.get("needs_weights") and weights is None:
+            _fail(
+                f"the {preset} preset evaluates VOC-trained classifiers: pass --model vgg16|resnet50 and --weights "
+                "PATH (a state_dict with 20 outputs, e.g. TorchRay's VOC models converted to a plain state_dict)"
+            )
+        data_format = chosen["data_format"] if data_format == "auto" else data_format
+        split = chosen.get("split", split)
+    try:
+        method_params = parse_params(param or [], method_list)
+        metric_params = parse_metric_params(metric_param or [], metric_list)
+    except CliError as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # unknown method or metric names
+        _fail(str(exc))
+    config = EvaluationConfig(
+        model=model, methods=method_list, data=data, metrics=metric_list, out=out, weights=weights,
+        data_format=data_format, annotations=annotations, images=images, split=split, limit=limit,  # type: ignore[arg-type]
+        targets=targets, method_params={k: v for k, v in method_params.items() if v},  # type: ignore[arg-type]
+        metric_params=metric_params, metric_score=score, batch_size=batch_size, device=device,  # type: ignore[arg-type]
+        n_samples=samples, overwrite=overwrite, preset=preset,
+    )
+    try:
+        result = run_evaluation(config, show_progress=progress)
+    except (EvaluationError, SettingsMismatchError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
+        raise typer.Exit(code=130) from None
+    _print_summary(result.summary, method_list, metric_list)
+    if result.bad_images:
+        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {result.files['bad_images']})")
+    typer.echo(f"{result.n_images} images; tables: {result.files['summary_md']}, {result.files['per_image']}; "
+               f"report: {result.files['report']}")
+
+
+def _registered(method: str) -> bool:
+    from convlens.methods.registry import METHODS
+
+    return method in METHODS
+
+
+def _has_masks_format(data: str, data_format: str) -> bool:
+    if data_format in ("voc", "xml", "coco", "synthetic"):
+        return True
+    if data_format != "auto":
+        return False
+    path = Path(data)
+    from convlens.data.voc import find_voc2007
+
+    return path.suffix.lower() == ".json" or (path.is_dir() and find_voc2007(path) is not None)
+
+
+def _print_summary(summary: list[dict[str, Any]], methods: list[str], metrics: list[str]) -> None:
+    index = {(s["method"], s["metric"]): s for s in summary}
+    arrows = {"higher": "↑", "lower": "↓"}
+    table = Table("method", *[f"{m} {arrows[index[(methods[0], m)]['direction']]}" for m in metrics])
+    for method in methods:
+        cells = []
+        for metric in metrics:
+            s = index[(method, metric)]
+            mean, low, high = s["mean"], s["ci_low"], s["ci_high"]
+            cells.append("—" if not math.isfinite(mean) else (
+                f"{mean:.4g} [{low:.3g}, {high:.3g}]" if math.isfinite(low) else f"{mean:.4g}"
+            ))
+        table.add_row(method, *cells)
+    Console().print(table)

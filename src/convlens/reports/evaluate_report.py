@@ -1,0 +1,153 @@
+"""The ``convlens evaluate`` HTML report: summary table, a bar chart per metric (mean and 95 % CI),
+mean insertion/deletion curves, sample overlays, skipped images and the run's settings.
+
+Plots are PNG files drawn with matplotlib (Agg) into ``report_files/`` next to the page; the page is a
+Jinja2 template with autoescaping on, so image ids, class names and paths from the data are escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+__all__ = ["plot_curves", "plot_metric_bars", "write_evaluation_report"]
+
+
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("convlens.reports", "templates"), autoescape=select_autoescape(["html"]))
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_bars(path: Path, metric: str, direction: str, stats: Sequence[dict[str, Any]]) -> None:
+    """One bar per method (mean) with its 95 % bootstrap CI as an error bar."""
+    plt = _pyplot()
+    methods = [s["method"] for s in stats]
+    means = [s["mean"] if s["mean"] is not None and math.isfinite(s["mean"]) else 0.0 for s in stats]
+    lower = [m - s["ci_low"] if math.isfinite(s["ci_low"]) else 0.0 for m, s in zip(means, stats, strict=True)]
+    upper = [s["ci_high"] - m if math.isfinite(s["ci_high"]) else 0.0 for m, s in zip(means, stats, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(3.2, 0.9 * len(methods) + 1.5), 2.8), dpi=100)
+    ax.bar(methods, means, yerr=[lower, upper], capsize=4, color="#4c78a8")
+    ax.set_title(f"{metric} ({'higher' if direction == 'higher' else 'lower'} is better)", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, name: str, curves: dict[str, list[float]]) -> None:
+    """Mean insertion or deletion curve of each method against the fraction of pixels changed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=100)
+    for method, values in curves.items():
+        n = len(values) - 1
+        ax.plot([i / n for i in range(n + 1)], values, label=method, linewidth=1.4)
+    ax.set_xlabel("fraction of pixels " + ("inserted" if name == "insertion" else "deleted"))
+    ax.set_ylabel("class score")
+    ax.set_title(f"{name} (mean curve)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _samples(samples_dir: Path, page_dir: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
+    inputs = samples_dir / "input"
+    if not inputs.is_dir():
+        return []
+    rows = []
+    for image in sorted(p for p in inputs.glob("*.png") if "_mask" not in p.name):
+        key = image.stem
+        masks = sorted(inputs.glob(f"{key}_mask*.png"))
+        overlays: dict[str, list[str]] = {}
+        for method in methods:
+            overlays[method] = [_relative(p, page_dir) for p in sorted((samples_dir / method).glob(f"{key}_t*.png"))]
+        rows.append({
+            "key": key, "input": _relative(image, page_dir), "masks": [_relative(m, page_dir) for m in masks],
+            "overlays": overlays,
+        })
+    return rows
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def write_evaluation_report(
+    path: Path,
+    config: dict[str, Any],
+    summary: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    curves: dict[str, dict[str, list[float]]],
+    samples_dir: Path,
+    methods: Sequence[str],
+    metric_names: Sequence[str],
+    bad_images: list[dict[str, Any]],
+    model_info: dict[str, str],
+) -> None:
+    """Write ``report.html`` and its plots (``report_files/``) atomically enough for a rerun to replace them."""
+    page_dir = path.parent
+    files = page_dir / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    index = {(s["method"], s["metric"]): s for s in summary}
+    charts = []
+    for metric in [*metric_names, "seconds"]:
+        stats = [index[(m, metric)] for m in methods]
+        chart = files / f"bar_{metric}.png"
+        plot_metric_bars(chart, metric, stats[0]["direction"], stats)
+        charts.append({"metric": metric, "src": _relative(chart, page_dir)})
+    curve_plots = []
+    for name, per_method in sorted(curves.items()):
+        chart = files / f"curve_{name}.png"
+        plot_curves(chart, name, per_method)
+        curve_plots.append({"name": name, "src": _relative(chart, page_dir)})
+    table = []
+    for method in methods:
+        cells = []
+        for metric in [*metric_names, "seconds"]:
+            s = index[(method, metric)]
+            digits = 3 if metric == "seconds" else 4
+            cells.append({
+                "mean": _fmt(s["mean"], digits), "ci": f"[{_fmt(s['ci_low'], digits)}, {_fmt(s['ci_high'], digits)}]",
+                "nan": s["nan_count"],
+            })
+        table.append({"method": method, "cells": cells})
+    directions = {m: index[(methods[0], m)]["direction"] for m in [*metric_names, "seconds"]}
+    accuracy_values = [r["correct"] for r in rows if r["method"] == methods[0] and r["correct"] is not None]
+    html = _environment().get_template("evaluate.html").render(
+        title="convlens evaluate",
+        model=model_info,
+        config_json=json.dumps(config, indent=2, default=str),
+        columns=[*metric_names, "seconds"],
+        directions=directions,
+        table=table,
+        charts=charts,
+        curve_plots=curve_plots,
+        samples=_samples(samples_dir, page_dir, methods),
+        methods=list(methods),
+        bad_images=bad_images,
+        n_rows=len([r for r in rows if r["method"] == methods[0]]),
+        accuracy=(sum(accuracy_values) / len(accuracy_values)) if accuracy_values else None,
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
