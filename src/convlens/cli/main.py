@@ -120,5 +120,7 @@ def methods() -> None:
     Console().print(table)
 
 
+import convlens.cli.evaluate  # noqa: E402, F401  (registers `convlens evaluate` on app)
+
 if __name__ == "__main__":
     app()
