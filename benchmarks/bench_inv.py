@@ -9,7 +9,10 @@ coffee at 224x224, with INV's default nine layers:
   components instead of t-SNE, and sklearn t-SNE with the nine layers in ``n_jobs`` threads;
 * their effect on the clusters: adjusted Rand index between each option's partition of the kept maps
   (before weak-cluster removal) and the sklearn t-SNE partition, averaged over layers and images, and
-  how often the chosen k agrees.
+  how often the chosen k agrees;
+* the baseline for those numbers: the paper pipeline re-run on the very same kept maps (must give
+  ARI 1: deterministic) and on the maps multiplied by (1 + 1e-6 N(0, 1)) — float-level noise, the size
+  of the differences between two torch thread counts.
 
 Usage: ``python benchmarks/bench_inv.py [--images 2] [--jobs 2] [--no-write]``.
 """
@@ -26,7 +29,8 @@ import torch
 from PIL import Image
 
 from _sections import machine_line, markdown_table, write_section
-from convlens.concepts import INV, InvExplanation
+from convlens.concepts import INV, InvExplanation, cluster_feature_maps
+from convlens.core.hooks import LayerCapture
 from convlens.models import load
 
 STEPS = ("forward_backward", "weights", "pca", "embedding", "clustering", "maps")
@@ -52,6 +56,29 @@ def _agreement(reference: InvExplanation, other: InvExplanation) -> tuple[list[f
         if len(a.kept_channels) > 3:
             aris.append(float(adjusted_rand_score(a.labels, b.labels)))
             same_k.append(a.n_clusters == b.n_clusters)
+    return aris, same_k
+
+
+def _sensitivity(loaded: object, x: torch.Tensor, reference: InvExplanation, relative: float) -> tuple[
+    list[float], list[bool]
+]:
+    """Re-cluster each layer's kept maps multiplied by (1 + relative * N(0, 1)) with the paper pipeline:
+    how much the sklearn t-SNE clusters themselves move under float-level noise (the baseline for ARI)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    names = [layer.name for layer in reference.layers]
+    with LayerCapture(loaded.module, names) as capture, torch.no_grad():
+        loaded.module(x)
+        acts = {n: capture.activations[n][0].double().numpy() for n in names}
+    rng = np.random.default_rng(0)
+    aris, same_k = [], []
+    for layer in reference.layers:
+        maps = acts[layer.name][layer.kept_channels]
+        if len(maps) <= 3:
+            continue
+        result = cluster_feature_maps(maps * (1 + relative * rng.standard_normal(maps.shape)))
+        aris.append(float(adjusted_rand_score(layer.labels, result.labels)))
+        same_k.append(result.n_clusters == layer.n_clusters)
     return aris, same_k
 
 
@@ -119,6 +146,18 @@ def main() -> None:
                 model_name, variant, round(mean_seconds, 2), f"{base_seconds / mean_seconds:.2f}x",
                 f"{np.mean(aris):.3f} (min {np.min(aris):.2f})" if aris else "1 (reference)",
                 f"{np.mean(same_k) * 100:.0f} %" if same_k else "100 %",
+            ])
+            print(speed_rows[-1], flush=True)
+        for relative in (0.0, 1e-6):
+            aris, same_k = [], []
+            for i, x in enumerate(xs):
+                a, k = _sensitivity(loaded, x, reference[i], relative)
+                aris += a
+                same_k += k
+            label = "identical" if relative == 0 else f"x (1 + {relative:g} N(0,1))"
+            speed_rows.append([
+                model_name, f"sklearn t-SNE again, kept maps {label} (baseline)", "—", "—",
+                f"{np.mean(aris):.3f} (min {np.min(aris):.2f})", f"{np.mean(same_k) * 100:.0f} %",
             ])
             print(speed_rows[-1], flush=True)
     speed = markdown_table(
