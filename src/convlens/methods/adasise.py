@@ -69,7 +69,8 @@ class AdaSISE(SISE):
     def __init__(self, model: Any, otsu_bins: int = 256, **kwargs: Any) -> None:
         if "mu" in kwargs:
             raise ValueError(
-                "Ada-SISE chooses its threshold per block (Otsu); it takes no mu — use SISE for a fixed mu"
+                "Ada-SISE chooses its threshold per block (Otsu) and takes no mu; use SISE for a fixed mu "
+                "(on the command line: --param sise.mu=VALUE)"
             )
         super().__init__(model, **kwargs)
         if int(otsu_bins) < 2:
