@@ -1,6 +1,6 @@
 """``convlens evaluate``: score explanation methods on a dataset with the papers' metrics.
 
-Registers itself on the Typer ``app`` of :mod:`convlens.cli.main` (imported there).
+The command function is registered on the Typer ``app`` in :mod:`convlens.cli.main`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 
 from convlens.cli.explain import CliError, _literal, parse_params
-from convlens.cli.main import app
 from convlens.runners.evaluate import PRESETS, EvaluationConfig, EvaluationError, run_evaluation
 from convlens.runners.store import SettingsMismatchError
 
@@ -40,6 +39,12 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
         if metric not in metrics:
             raise CliError(f"--metric-param {item!r}: metric {metric!r} is not among --metrics {','.join(metrics)}")
         accepted = set(inspect.signature(metric_class(metric).__init__).parameters) - {"self", "args", "kwargs"}
+        if metric == "avx":  # the protocol's choices (AVXOptions fields) are given one by one
+            from dataclasses import fields
+
+            from convlens.metrics.advise_protocol import AVXOptions
+
+            accepted = (accepted - {"options"}) | {f.name for f in fields(AVXOptions)}
         if name not in accepted:
             known = ", ".join(sorted(accepted)) or "no parameters"
             raise CliError(f"--metric-param {item!r}: {metric} accepts {known}")
@@ -56,7 +61,6 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
-@app.command()
 def evaluate(
     data: Annotated[
         str | None, typer.Option(help="`synthetic` (exact-ground-truth benchmark) or a path: image folder, CSV, "

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from convlens.cli.evaluate import evaluate as evaluate_command
 from convlens.cli.explain import CliError, ExplainConfig, run_explain
 
 app = typer.Typer(
@@ -120,7 +121,7 @@ def methods() -> None:
     Console().print(table)
 
 
-import convlens.cli.evaluate  # noqa: E402, F401  (registers `convlens evaluate` on app)
+app.command(name="evaluate")(evaluate_command)
 
 if __name__ == "__main__":
     app()

@@ -220,6 +220,16 @@ def _metric_kwargs(config: EvaluationConfig, name: str) -> dict[str, Any]:
     if category is MetricCategory.MODEL_TRUTH:
         params.setdefault("score", config.metric_score)
         params.setdefault("batch_size", config.batch_size)
+    if name == "avx":  # AVXOptions fields given as avx.<field>=VALUE
+        from dataclasses import fields
+
+        from convlens.metrics.advise_protocol import AVXOptions
+
+        option_names = {f.name for f in fields(AVXOptions)}
+        options = {k: params.pop(k) for k in list(params) if k in option_names}
+        if options:
+            params["options"] = AVXOptions(**options)
+        params.setdefault("batch_size", config.batch_size)
     return params
 
 
@@ -253,20 +263,23 @@ def _score_metrics(
     maps: torch.Tensor,
     method: str,
     method_kwargs: dict[str, Any],
-    model: nn.Module,
+    loaded: LoadedModel,
     metrics: dict[str, Any],
     metric_names: Sequence[str],
+    explainer: Explainer,
 ) -> tuple[list[dict[str, float | None]], list[dict[str, list[float]]]]:
     """Per target: {metric: value} and {curve metric: curve}."""
+    model = loaded.module
     values: list[dict[str, float | None]] = [{} for _ in prepared.targets]
     curves: list[dict[str, list[float]]] = [{} for _ in prepared.targets]
-    mprt_cache: dict[tuple[Any, ...], Any] = {}
+    randomisation_cache: dict[tuple[Any, ...], Any] = {}
 
     def make_explainer(m: nn.Module) -> Explainer:
         return create(method, m, **method_kwargs)
 
     for t_index, target in enumerate(prepared.targets):
         saliency = maps[t_index : t_index + 1].cpu()
+        avx_result = None
         for name in metric_names:
             metric = metrics[name]
             category = metric.category
@@ -274,7 +287,7 @@ def _score_metrics(
                 mask = prepared.masks.get(target)
                 value = float("nan") if mask is None else float(metric(saliency, torch.from_numpy(mask)[None])[0])
             elif category is MetricCategory.MODEL_TRUTH:
-                if name in CURVE_METRICS or hasattr(metric, "curve"):
+                if hasattr(metric, "curve"):
                     curve = metric.curve(model, prepared.x, saliency, [target])
                     value = float(curve.auc[0])
                     curves[t_index][name] = [round(float(v), 6) for v in curve.scores[0]]
@@ -283,34 +296,47 @@ def _score_metrics(
             elif category is MetricCategory.SANITY:
                 if hasattr(metric, "run"):  # randomisation: one cascade serves every similarity
                     cache_key = (metric.order, tuple(metric.layers or ()), metric.max_steps, metric.seed)
-                    if cache_key not in mprt_cache:
-                        mprt_cache[cache_key] = metric.run(make_explainer, model, prepared.x, [target], saliency)
-                    value = float(mprt_cache[cache_key].aggregate(metric.similarity, metric.aggregate)[0])
+                    if cache_key not in randomisation_cache:
+                        randomisation_cache[cache_key] = metric.run(
+                            make_explainer, model, prepared.x, [target], saliency
+                        )
+                    value = float(randomisation_cache[cache_key].aggregate(metric.similarity, metric.aggregate)[0])
                 else:
                     value = float(metric(make_explainer, model, prepared.x, [target], saliency)[0])
+            elif category is MetricCategory.ADVISE:
+                if avx_result is None:
+                    avx_result = _avx_result(prepared, saliency, target, explainer, loaded, metrics["_avx"])
+                value = _advise_value(name, metric, avx_result)
             else:
-                value = float(_advise_value(metric, prepared, saliency, target, method, method_kwargs, model))
+                raise ValueError(f"metric {name!r} has an unknown category {category!r}")
             values[t_index][name] = _finite(value)
-        mprt_cache.clear()
+        randomisation_cache.clear()
     return values, curves
 
 
-def _advise_value(
-    metric: Any, prepared: _Prepared, saliency: torch.Tensor, target: int, method: str,
-    method_kwargs: dict[str, Any], model: nn.Module,
-) -> float:
-    """ADVISE-protocol metrics: called with the keyword arguments their ``__call__`` declares."""
-    import inspect
+def _avx_result(
+    prepared: _Prepared, saliency: torch.Tensor, target: int, explainer: Explainer, loaded: LoadedModel, avx: Any
+) -> Any:
+    """The ADVISE (AVX) protocol for one explained class: its min-max normalised map ``M1`` and the map ``M2``
+    of the runner-up class (the most probable class other than the explained one), on the image the model
+    sees (uint8), with the model's own preprocessing."""
+    from convlens.core.maps import minmax_normalize
 
-    available: dict[str, Any] = {
-        "model": model, "x": prepared.x, "image": prepared.display, "saliency": saliency, "map": saliency,
-        "class_ids": [target], "target": target,
-        "make_explainer": lambda m: create(method, m, **method_kwargs),
-    }
-    parameters = inspect.signature(metric.__call__).parameters
-    kwargs = {k: v for k, v in available.items() if k in parameters}
-    result = metric(**kwargs)
-    return float(torch.as_tensor(result).reshape(-1)[0])
+    probabilities = prepared.probabilities.clone()
+    probabilities[target] = -math.inf
+    runner_up = int(probabilities.argmax())
+    map_top2 = explainer.explain(prepared.x, [runner_up]).maps.detach().float().cpu()
+    image = np.array(prepared.display, dtype=np.uint8)  # a writable copy
+    return avx(loaded, image, minmax_normalize(saliency.float()), minmax_normalize(map_top2), class_id=target)
+
+
+def _advise_value(name: str, metric: Any, result: Any) -> float:
+    """One number of an :class:`~convlens.metrics.advise_protocol.AVXResult` for metric ``name``."""
+    if name == "avx":
+        return float(result.avx[0])
+    if name == "class_sensitivity":
+        return float(result.class_sensitivity[0])
+    return float(torch.as_tensor(metric(result)).double().reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -356,6 +382,9 @@ def run_evaluation(
             metrics[name] = create_metric(name, **_metric_kwargs(config, name))
         except (TypeError, ValueError) as exc:
             raise EvaluationError(f"metric {name}: {exc}") from exc
+    if any(metrics[n].category is MetricCategory.ADVISE for n in config.metrics):
+        # every ADVISE number comes from one AVX protocol run per explained class
+        metrics["_avx"] = metrics["avx"] if "avx" in metrics else create_metric("avx", **_metric_kwargs(config, "avx"))
 
     out = Path(config.out)
     store = ResultsStore(out, config.settings(dataset), overwrite=config.overwrite)
@@ -442,7 +471,7 @@ def _evaluate_method(
     explanation = explainer.explain(prepared.x.expand(k, -1, -1, -1), prepared.targets)
     seconds = time.perf_counter() - start
     maps = explanation.maps.detach().float()
-    values, curves = _score_metrics(prepared, maps, method, method_kwargs, loaded.module, metrics, metric_names)
+    values, curves = _score_metrics(prepared, maps, method, method_kwargs, loaded, metrics, metric_names, explainer)
     names = loaded.class_names
     rows = []
     predicted = int(prepared.probabilities.argmax())
