@@ -394,6 +394,9 @@ def test_registry_and_params(tiny_cnn, tiny_images):
     ("kwargs", "error"),
     [
         ({"mu": -0.1}, ValueError),
+        ({"mu": "high"}, ValueError),
+        ({"fast": "maybe"}, ValueError),
+        ({"fast_scores": "knn"}, ValueError),
         ({"fusion": "otsu"}, ValueError),
         ({"baseline": "noise"}, ValueError),
         ({"baseline": [0.0]}, TypeError),

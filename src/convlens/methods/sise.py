@@ -334,7 +334,10 @@ class SISE(Explainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        mu = float(mu)
+        try:
+            mu = float(mu)
+        except (TypeError, ValueError):
+            raise ValueError(f"mu must be a number >= 0 (Eq. 7), got {mu!r}") from None
         if not math.isfinite(mu) or mu < 0:
             raise ValueError(f"mu must be a finite number >= 0 (Eq. 7), got {mu}")
         if fusion not in FUSION_MODES:
@@ -365,7 +368,11 @@ class SISE(Explainer):
         self.bottleneck_tau = float(bottleneck_tau)
         self.baseline = baseline if isinstance(baseline, str) else float(baseline)
         self.blur_sigma = float(blur_sigma)
-        self.fast = bool(fast) if not isinstance(fast, str) else fast.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(fast, str):
+            if fast.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"fast must be true or false, got {fast!r}")
+            fast = fast.strip().lower() in ("1", "true", "yes", "on")
+        self.fast = bool(fast)
         self.fast_factor = float(fast_factor)
         self.fast_scores = fast_scores
 
