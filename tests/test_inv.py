@@ -513,3 +513,31 @@ def test_efficientnet_lite0_chelsea_end_to_end(tmp_path: Path) -> None:
     explanation.save(tmp_path / "inv", image=loaded.preprocessing.display(image))
     page = render_inv_page(tmp_path / "inv", class_names=loaded.class_names).read_text()
     assert explanation.target_name in page and page.count('class="id"') >= len(explanation.clusters)
+
+
+@pytest.mark.slow
+def test_explain_command_with_inv_links_the_layer_page(tmp_path: Path) -> None:
+    """``convlens explain IMAGE --method gradcam,inv --layers bn2``: both results, INV page linked."""
+    import skimage.data
+    from PIL import Image
+    from rich.console import Console
+
+    from convlens.cli.explain import ExplainConfig, run_explain
+
+    image = tmp_path / "cat.png"
+    Image.fromarray(skimage.data.chelsea()).save(image)
+    config = ExplainConfig(
+        inputs=[str(image)], methods=["gradcam", "inv"], layers="bn2", out=tmp_path / "out",
+        params=["inv.embedding=pca"],
+    )
+    assert run_explain(config, Console(file=open(tmp_path / "log.txt", "w"))) == 0  # noqa: SIM115
+    record = json.loads((tmp_path / "out" / "cat" / "result.json").read_text())
+    methods = [r["method"] for r in record["results"]]
+    assert methods == ["gradcam", "inv"]
+    inv_record = record["results"][1]
+    page = tmp_path / "out" / "cat" / inv_record["page"]
+    assert page.is_file() and "bn2" in page.read_text()
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert f'href="cat/{inv_record["page"]}"' in index
+    manifest = json.loads((tmp_path / "out" / "cat" / "inv" / "inv.json").read_text())
+    assert manifest["image_sha256"] == image_digest(image) and manifest["params"]["embedding"] == "pca"
