@@ -275,3 +275,17 @@ def test_advise_metrics_come_from_one_avx_run(tmp_path: Path) -> None:
     assert float(row["avx"]) == pytest.approx(float(expected.avx[0]), abs=1e-9)
     assert float(row["avx_ssim"]) == pytest.approx(float(expected.ssim[0]), abs=1e-9)
     assert float(row["class_sensitivity"]) == pytest.approx(float(expected.class_sensitivity[0]), abs=1e-9)
+
+
+def test_folder_labels_are_the_models_class_names(tmp_path: Path) -> None:
+    for name in (CLASS_NAMES[2], CLASS_NAMES[0]):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / name / "x.png")
+    config = _config(tmp_path / "run", data=str(tmp_path), metrics=["drop"], methods=["gradcam"], limit=None)
+    rows = _csv(run_evaluation(config, model=_tiny_model()).files["per_image"])
+    # sorted folders are [circle..., triangle...]; the explained classes are the model's ids 0 and 2
+    assert sorted(int(r["target"]) for r in rows) == [0, 2]
+    (tmp_path / "zebra").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "zebra" / "y.png")
+    with pytest.raises(EvaluationError, match="model's class names"):
+        run_evaluation(_config(tmp_path / "run2", data=str(tmp_path), metrics=["drop"]), model=_tiny_model())

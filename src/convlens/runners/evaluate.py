@@ -214,6 +214,25 @@ def _check_settings(config: EvaluationConfig, dataset: ImageDataset) -> None:
         raise EvaluationError(f"--limit must be >= 1, got {config.limit}")
 
 
+def _align_labels(dataset: ImageDataset, loaded: LoadedModel) -> ImageDataset:
+    """Folder/CSV labels are class *names*: re-index them by the model's class list (folder ``tabby`` must be
+    the model's ``tabby``), so that the explained class is the model's own class id."""
+    from convlens.data.folders import CSVImageDataset, ImageFolder
+
+    if not loaded.class_names or dataset.class_names == loaded.class_names[: len(dataset.class_names)]:
+        return dataset
+    try:
+        if isinstance(dataset, ImageFolder) and dataset.labelled:
+            return ImageFolder(dataset.root, class_names=loaded.class_names)
+        if isinstance(dataset, CSVImageDataset):
+            return CSVImageDataset(dataset.csv_path, root=dataset.root, class_names=loaded.class_names)
+    except ValueError as exc:
+        raise EvaluationError(
+            f"the data's labels must be the model's class names or ids ({exc}); or use --targets predicted"
+        ) from exc
+    return dataset
+
+
 def _metric_kwargs(config: EvaluationConfig, name: str) -> dict[str, Any]:
     params = dict(config.metric_params.get(name, {}))
     category = metric_class(name).category
@@ -360,9 +379,13 @@ def run_evaluation(
     dataset = build_dataset(config)
     _check_settings(config, dataset)
     try:
-        loaded = model or load_evaluation_model(config.model, config.weights, dataset.class_names or None)
+        # annotated datasets (VOC, COCO, XML, synthetic) define the class list of models trained on them
+        names = dataset.class_names if dataset.has_masks and dataset.class_names else None
+        loaded = model or load_evaluation_model(config.model, config.weights, names)
     except (FileNotFoundError, ValueError) as exc:
         raise EvaluationError(str(exc)) from exc
+    if config.targets == "label":
+        dataset = _align_labels(dataset, loaded)
     device = torch.device(config.device)
     loaded.module.to(device).eval()
     if dataset.class_names and loaded.class_names and len(dataset.class_names) > len(loaded.class_names):
