@@ -20,6 +20,7 @@ Usage: ``python benchmarks/bench_inv.py [--images 2] [--jobs 2] [--no-write]``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -196,11 +197,13 @@ def main() -> None:
     closeness = (
         "about as much as" if max(abs(g) for g in gaps) < 0.1 else "less than" if min(gaps) > 0 else "more than"
     )
+    load_average = os.getloadavg()[0]
     reading.append(
-        f"Dominant step: {', '.join(sorted(dominants))}. Layer threads are the exact speed-up (same clusters by "
-        "construction, up to one thread per layer on free cores; this 2-core machine was shared with other "
-        f"jobs). openTSNE moves the clusters {closeness} float-level noise moves the paper pipeline's own "
-        "clusters; PCA 2-D is a fast coarse preview."
+        f"Dominant step: {', '.join(sorted(dominants))}. Layer threads never change the clusters, but their "
+        f"speed-up needs free cores: this run shared {os.cpu_count()} cores with other jobs (load average "
+        f"{load_average:.1f} at the end), so the thread rows are a lower bound, not a scaling measurement. openTSNE "
+        f"moves the clusters {closeness} float-level noise moves the paper pipeline's own clusters; PCA 2-D is "
+        "a fast coarse preview."
     )
     body = "\n\n".join([
         "## INV layer-wise explanations (`benchmarks/bench_inv.py`)",

@@ -27,14 +27,15 @@ Guards for small layers (spec 4.10a item 9), documented choices:
 * k is limited to ``3..min(8, n - 1)`` (a silhouette needs k <= n - 1).
 
 PCA, t-SNE and clustering run single-threaded (threadpoolctl): the Barnes-Hut normalisation is an
-OpenMP reduction whose rounding depends on the thread count, so one thread makes results identical
-across machines (and avoids BLAS thread oversubscription, which made a 25 x 1024 PCA 200x slower on a
-busy 2-core machine); ``n_jobs`` runs *layers* in parallel threads instead (default: one per core, at
-most one per layer; results are identical for every ``n_jobs``). The per-layer torch work (weights,
-maps) runs with one torch thread: its tensors are tiny, and on a busy 2-core machine two intra-op
-threads made each small op ~30 ms instead of microseconds. ``embedding="opentsne"``
-(openTSNE, if installed) and ``embedding="pca"`` (first two principal components, no t-SNE) are faster
-options; their effect on the clusters is measured in ``benchmarks/bench_inv.py``.
+OpenMP reduction whose rounding depends on the thread count, so one thread removes the thread count as
+a source of differences (and avoids BLAS thread oversubscription, which made a 25 x 1024 PCA 200x
+slower on a busy 2-core machine); ``n_jobs`` runs *layers* in parallel threads instead (results are identical for
+every ``n_jobs``; the speed-up needs free cores: 0.9-1.5x measured on a shared 2-core machine). The
+per-layer torch work (weights, maps) runs with one torch thread: its tensors are tiny, and on a busy
+2-core machine two intra-op threads made each small op ~30 ms instead of microseconds.
+``embedding="opentsne"`` (openTSNE, if installed) and ``embedding="pca"`` (first two principal
+components, no t-SNE) are faster options; their effect on the clusters is measured in
+``benchmarks/bench_inv.py``.
 
 Reproducibility: the same input on the same machine and settings gives identical clusters (tested),
 but the pipeline is chaotic in its input. Relative perturbations of 1e-6 of the kept maps — the size
@@ -635,7 +636,7 @@ class INV:
         seed: random state of PCA and t-SNE (INV: 432).
         perplexity, max_pca_components, cluster_range: spec 4.3 (30, 50, (3, 8)).
         n_jobs: layers clustered in parallel threads (each t-SNE single-threaded: same results for any
-            value); None = one thread per CPU core, at most one per layer.
+            value); default 1 (sklearn's convention), None = one thread per CPU core, at most one per layer.
         output_adapter, class_names: as for every convlens explainer.
     """
 
@@ -655,7 +656,7 @@ class INV:
         perplexity: float = 30.0,
         max_pca_components: int = 50,
         cluster_range: tuple[int, int] | Sequence[int] = (3, 8),
-        n_jobs: int | None = None,
+        n_jobs: int | None = 1,
         output_adapter: OutputAdapter | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
