@@ -121,6 +121,7 @@ def literal_sise(
                 masked = base + (image - base) * m
                 scores.append(float(torch.softmax(model(masked[None]), 1)[0, class_id]))
             masks.append(m)
+        kept_counts[layer]["scores"] = [scores[kept.index(k)] for k in scored]
         if rescore is not None and scored:
             exact = [scores[kept.index(k)] for k in scored]
             approximate = rescore(layer, a[scored], exact)
@@ -166,6 +167,15 @@ def test_sise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, mu, ba
     # the final map is the last fused intermediate
     torch.testing.assert_close(explanation.layer_maps["fused@block3"], explanation.maps.cpu())
     assert explanation.forward_passes == 1 + len(tiny_images) + sum(explanation.extras["masked_forwards"])
+
+
+def test_mask_scores_are_the_literal_scores(tiny_cnn, tiny_images):
+    explanation = SISE(tiny_cnn, keep_mask_scores=True, batch_size=4).explain(tiny_images[:2])
+    for i, image in enumerate(tiny_images[:2]):
+        _, _, counts = literal_sise(tiny_cnn, image)
+        for layer in BLOCKS:
+            expected = torch.tensor(counts[layer]["scores"])
+            torch.testing.assert_close(torch.tensor(explanation.extras["mask_scores"][layer][i]), expected)
 
 
 def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_images):

@@ -310,6 +310,8 @@ class SISE(Explainer):
         fast_factor: reduction of masked forwards per block in fast mode (groups = ceil(K / f)).
         fast_scores: how fast mode scores the other masks: ``"gp"`` (Gaussian-process interpolation from
             all scored masks of the block) or ``"medoid"`` (their group medoid's score).
+        keep_mask_scores: put every mask's score ``Psi(x ⊙ m)`` in ``extras["mask_scores"][layer]`` (per
+            image, in the order of :attr:`BlockSelection.scored`; fast mode: the scores it used).
         **kwargs: ``layers`` (default ``"blocks"``), ``score`` (default ``"softmax"``), ``batch_size``,
             ``output_adapter``, ``class_names`` (see :class:`~convlens.methods.base.Explainer`).
     """
@@ -331,6 +333,7 @@ class SISE(Explainer):
         fast: bool = False,
         fast_factor: float = 2.0,
         fast_scores: Literal["gp", "medoid"] = "gp",
+        keep_mask_scores: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
@@ -375,6 +378,7 @@ class SISE(Explainer):
         self.fast = bool(fast)
         self.fast_factor = float(fast_factor)
         self.fast_scores = fast_scores
+        self.keep_mask_scores = bool(keep_mask_scores)
 
     def params(self) -> dict[str, Any]:
         return super().params() | {
@@ -546,13 +550,15 @@ class SISE(Explainer):
                 vis[block].addmv_(flat[offset : offset + count].T, weights[offset : offset + count])
 
         if not self.fast:
-            engine.run(image, next_chunk, class_id, baseline=baseline, on_chunk=accumulate)
+            scores = engine.run(image, next_chunk, class_id, baseline=baseline, on_chunk=accumulate)[:, 0]
             info["forwards"] = total
+            info["mask_scores"] = list(scores.detach().cpu().split([src.shape[0] for src in sources]))
             return vis.view(n_blocks, *size), info
 
         scores = engine.run(image, next_chunk, class_id, baseline=baseline)[:, 0]
         # unscored masks get an interpolated score (or their medoid's); contributions are each mask's own C_m
         offset = 0
+        info["mask_scores"] = [torch.empty(0) for _ in blocks]
         for block, (sel, (labels, medoids)) in enumerate(zip(blocks, groups, strict=True)):
             if not sel.n_scored:
                 continue
@@ -563,6 +569,7 @@ class SISE(Explainer):
             else:
                 member_scores = interpolate_scores(mask_features(sel.activations), medoids, medoid_scores)
                 member_scores = member_scores.to(scores.device)
+            info["mask_scores"][block] = member_scores.detach().cpu()
             for start in range(0, sel.n_scored, self.batch_size):
                 masks = self.attribution_masks(sel.activations[start : start + self.batch_size], size).flatten(1)
                 weights = member_scores[start : start + self.batch_size] / (masks.sum(1) + MASK_EPS)
@@ -631,6 +638,10 @@ class SISE(Explainer):
                 extras["fusion_threshold"][sel.layer].append(thresholds.get(i))
             extras["skipped_blocks"].append([layers[i] for i in range(len(blocks)) if i not in informative])
             extras["masked_forwards"].append(info["forwards"])
+            if self.keep_mask_scores:
+                extras.setdefault("mask_scores", {name: [] for name in layers})
+                for sel, block_scores in zip(blocks, info["mask_scores"], strict=True):
+                    extras["mask_scores"][sel.layer].append(block_scores.tolist())
             if "fast" in info:
                 extras.setdefault("fast", {"groups": [], "forwards_saved": []})
                 extras["fast"]["groups"].append(info["fast"]["groups"])
