@@ -104,22 +104,24 @@ def test_records_equal_direct_metric_calls_and_summary_is_their_mean(tmp_path: P
     md = result.files["summary_md"].read_text()
     assert "| gradcam |" in md and "ebpg ↑" in md and "drop ↓" in md
     html = result.files["report"].read_text()
-    assert "bar_ebpg.png" in html and "curve_insertion.png" in html
-    assert (tmp_path / "run/report_files/bar_ebpg.png").is_file()
+    assert "metrics.png" in html and "curves.png" in html
+    assert (tmp_path / "run/report_files/metrics.png").is_file()
     overlays = sorted((tmp_path / "run/samples/gradcam").glob("*.png"))
     assert len(overlays) == 2  # --samples 2
 
 
 def test_interrupted_run_resumes_to_the_same_tables(tmp_path: Path) -> None:
     model = _tiny_model()
-    run_evaluation(_config(tmp_path / "full"), model=model)
-    partial = run_evaluation(_config(tmp_path / "resumed"), model=model, stop_after=2)
+    settings = {"methods": ["gradcam", "rise"], "method_params": {"rise": {"n_masks": 64}}, "limit": 4,
+                "metrics": ["ebpg", "drop", "insertion"]}
+    run_evaluation(_config(tmp_path / "full", **settings), model=model)
+    partial = run_evaluation(_config(tmp_path / "resumed", **settings), model=model, stop_after=2)
     assert partial.interrupted and partial.n_images == 2
-    first_records = sorted((tmp_path / "resumed/records/gradcam").glob("*.json"))
+    first_records = sorted((tmp_path / "resumed/records/rise").glob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in first_records}
     done: list[int] = []
-    run_evaluation(_config(tmp_path / "resumed"), model=model, progress=lambda d, n, i: done.append(d))
-    assert done == [3, 4, 5]  # only the three missing images were processed
+    run_evaluation(_config(tmp_path / "resumed", **settings), model=model, progress=lambda d, n, i: done.append(d))
+    assert done == [3, 4]  # only the two missing images were processed
     assert all(p.stat().st_mtime_ns == stamps[p] for p in first_records)  # finished work untouched
     assert _without_timings(tmp_path / "resumed") == _without_timings(tmp_path / "full")
 

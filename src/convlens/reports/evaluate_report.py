@@ -32,35 +32,48 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_metric_bars(path: Path, metric: str, direction: str, stats: Sequence[dict[str, Any]]) -> None:
-    """One bar per method (mean) with its 95 % bootstrap CI as an error bar."""
+def plot_metric_bars(path: Path, summary_by_metric: dict[str, list[dict[str, Any]]]) -> None:
+    """One panel per metric: a bar per method (mean) with its 95 % bootstrap CI as an error bar; one PNG."""
     plt = _pyplot()
-    methods = [s["method"] for s in stats]
-    means = [s["mean"] if s["mean"] is not None and math.isfinite(s["mean"]) else 0.0 for s in stats]
-    lower = [m - s["ci_low"] if math.isfinite(s["ci_low"]) else 0.0 for m, s in zip(means, stats, strict=True)]
-    upper = [s["ci_high"] - m if math.isfinite(s["ci_high"]) else 0.0 for m, s in zip(means, stats, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(3.2, 0.9 * len(methods) + 1.5), 2.8), dpi=100)
-    ax.bar(methods, means, yerr=[lower, upper], capsize=4, color="#4c78a8")
-    ax.set_title(f"{metric} ({'higher' if direction == 'higher' else 'lower'} is better)", fontsize=10)
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    names = list(summary_by_metric)
+    columns = min(4, len(names))
+    rows = math.ceil(len(names) / columns)
+    n_methods = len(next(iter(summary_by_metric.values())))
+    width = max(2.6, 0.55 * n_methods + 1.2)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, 2.7 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, names, strict=False):
+        stats = summary_by_metric[metric]
+        methods = [s["method"] for s in stats]
+        means = [s["mean"] if math.isfinite(s["mean"]) else 0.0 for s in stats]
+        lower = [m - s["ci_low"] if math.isfinite(s["ci_low"]) else 0.0 for m, s in zip(means, stats, strict=True)]
+        upper = [s["ci_high"] - m if math.isfinite(s["ci_high"]) else 0.0 for m, s in zip(means, stats, strict=True)]
+        ax.bar(methods, means, yerr=[lower, upper], capsize=3, color="#4c78a8")
+        arrow = "↑" if stats[0]["direction"] == "higher" else "↓"
+        ax.set_title(f"{metric} {arrow}", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_curves(path: Path, name: str, curves: dict[str, list[float]]) -> None:
-    """Mean insertion or deletion curve of each method against the fraction of pixels changed."""
+def plot_curves(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
+    """Mean insertion and deletion curves of each method against the fraction of pixels changed; one PNG."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=100)
-    for method, values in curves.items():
-        n = len(values) - 1
-        ax.plot([i / n for i in range(n + 1)], values, label=method, linewidth=1.4)
-    ax.set_xlabel("fraction of pixels " + ("inserted" if name == "insertion" else "deleted"))
-    ax.set_ylabel("class score")
-    ax.set_title(f"{name} (mean curve)", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    names = sorted(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.0), dpi=90, squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=True):
+        for method, values in curves[name].items():
+            n = len(values) - 1
+            ax.plot([i / n for i in range(n + 1)], values, label=method, linewidth=1.4)
+        ax.set_xlabel("fraction of pixels " + ("inserted" if name == "insertion" else "deleted"), fontsize=8)
+        ax.set_ylabel("class score", fontsize=8)
+        ax.set_title(f"{name} (mean curve)", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -109,17 +122,15 @@ def write_evaluation_report(
     files = page_dir / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     index = {(s["method"], s["metric"]): s for s in summary}
-    charts = []
-    for metric in [*metric_names, "seconds"]:
-        stats = [index[(m, metric)] for m in methods]
-        chart = files / f"bar_{metric}.png"
-        plot_metric_bars(chart, metric, stats[0]["direction"], stats)
-        charts.append({"metric": metric, "src": _relative(chart, page_dir)})
+    columns = [*metric_names, "seconds"]
+    bars = files / "metrics.png"
+    plot_metric_bars(bars, {metric: [index[(m, metric)] for m in methods] for metric in columns})
+    charts = [{"metric": "all metrics", "src": _relative(bars, page_dir)}]
     curve_plots = []
-    for name, per_method in sorted(curves.items()):
-        chart = files / f"curve_{name}.png"
-        plot_curves(chart, name, per_method)
-        curve_plots.append({"name": name, "src": _relative(chart, page_dir)})
+    if curves:
+        chart = files / "curves.png"
+        plot_curves(chart, curves)
+        curve_plots.append({"name": "insertion and deletion", "src": _relative(chart, page_dir)})
     table = []
     for method in methods:
         cells = []
