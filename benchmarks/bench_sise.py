@@ -42,11 +42,12 @@ from convlens.core.layers import describe_layers, resolve_layers
 from convlens.methods.adasise import AdaSISE
 from convlens.methods.rise import RISE
 from convlens.methods.scorecam import ScoreCAM
-from convlens.methods.sise import SISE, fuse_visualization_maps
+from convlens.methods.sise import SISE, fuse_visualization_maps, minmax_exact
 from convlens.models import load
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 FUSIONS = ("paper", "code", "simple")
+NOISE = (0.001, 0.01, 0.03)  # absolute std of Gaussian noise added to the mask scores (probabilities)
 QUICK_CAM_LAYER = {"resnet50": "layer1"}  # --quick: Score-CAM timed on this layer, scaled by channel count
 
 
@@ -114,6 +115,44 @@ def refuse(explanation: Explanation, fusion: str) -> torch.Tensor:
     return fuse_visualization_maps(maps, fusion)[0]
 
 
+def noise_sensitivity(
+    explainer: SISE, x: torch.Tensor, explanation: Explanation, sigmas: tuple[float, ...] = NOISE, seeds: int = 3
+) -> dict[float, dict[str, list[float]]]:
+    """Pearson r of the final map vs the clean one when every mask score gets N(0, sigma^2) noise.
+
+    Re-uses the run's per-mask scores and its own phase-2 maps (no forwards); tells how much score error
+    each fusion cascade tolerates — the yardstick for fast mode's approximate scores.
+    """
+    size = tuple(x.shape[-2:])
+    selections = explainer.select_feature_maps(x)[0]
+    skipped = set(explanation.extras["skipped_blocks"][0])
+    contributions = {}
+    for sel in selections:
+        if sel.layer not in skipped:
+            masks = SISE.attribution_masks(sel.activations, size).flatten(1)
+            contributions[sel.layer] = masks / (masks.sum(1, keepdim=True) + 1e-6)
+
+    def final(noise: dict[str, torch.Tensor], fusion: str) -> torch.Tensor:
+        maps = []
+        for layer, c_m in contributions.items():
+            scores = torch.tensor(explanation.extras["mask_scores"][layer][0]) + noise[layer]
+            maps.append(minmax_exact((scores @ c_m).view(size)))
+        return fuse_visualization_maps(maps, fusion)[0]
+
+    zero = {layer: torch.zeros(c.shape[0]) for layer, c in contributions.items()}
+    clean = {f: final(zero, f) for f in FUSIONS}
+    torch.testing.assert_close(clean["paper"], explanation.maps[0], atol=1e-4, rtol=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    out: dict[float, dict[str, list[float]]] = {}
+    for sigma in sigmas:
+        out[sigma] = {f: [] for f in FUSIONS}
+        for _ in range(seeds):
+            noise = {layer: sigma * torch.randn(c.shape[0], generator=generator) for layer, c in contributions.items()}
+            for f in FUSIONS:
+                out[sigma][f].append(pearson(final(noise, f), clean[f]))
+    return out
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
 
@@ -140,22 +179,33 @@ def bench_model(name: str, n_images: int, quick: bool, batch_arg: int, repeats: 
     batch = min(rates, key=rates.get)
     result: dict[str, Any] = {"model": name, "batch": batch, "per_batch": rates, "images": [], "quick": quick}
     t_forward = [rates[batch]]
+    # one explainer per configuration, as the CLI does; layer discovery (one dummy forward per model and
+    # input size) happens before the clock starts
+    explainers = {
+        "sise": SISE(loaded, batch_size=batch, keep_mask_scores=True),
+        "adasise": AdaSISE(loaded, batch_size=batch),
+        "gp": SISE(loaded, batch_size=batch, fast=True, fast_scores="gp"),
+        "medoid": SISE(loaded, batch_size=batch, fast=True, fast_scores="medoid"),
+    }
+    for explainer in explainers.values():
+        explainer.layers_for(xs[0][None])
 
     for index, x in enumerate(xs):
         row: dict[str, Any] = {"image": PHOTOS[index]}
         with PeakRSS() as memory:
-            sise, wall, cpu = timed(lambda x=x: SISE(loaded, batch_size=batch).explain(x))
+            sise, wall, cpu = timed(lambda x=x: explainers["sise"].explain(x))
         t_forward.append(per_image_forward_seconds(model, x, batch, repeats))
         row["sise"] = {
             "wall": wall,
             "cpu": cpu,
+            "masked_phase": sise.timings["masked_forwards"],
             "masked": sum(sise.extras["masked_forwards"]),
             "kept": sum(v[0] for v in sise.extras["kept_masks"].values()),
             "constant": sum(v[0] for v in sise.extras["constant_masks"].values()),
             "memory_gb": memory.growth_gb,
             "target": int(sise.targets[0]),
         }
-        ada, wall, cpu = timed(lambda x=x: AdaSISE(loaded, batch_size=batch).explain(x))
+        ada, wall, cpu = timed(lambda x=x: explainers["adasise"].explain(x))
         row["adasise"] = {
             "wall": wall,
             "masked": sum(ada.extras["masked_forwards"]),
@@ -163,15 +213,15 @@ def bench_model(name: str, n_images: int, quick: bool, batch_arg: int, repeats: 
         }
         row["fast"] = {}
         for scores in ("gp", "medoid"):
-            fast, wall, cpu = timed(
-                lambda x=x, s=scores: SISE(loaded, batch_size=batch, fast=True, fast_scores=s).explain(x)
-            )
+            fast, wall, cpu = timed(lambda x=x, s=scores: explainers[s].explain(x))
             row["fast"][scores] = {
                 "wall": wall,
                 "masked": sum(fast.extras["masked_forwards"]),
                 "r": {f: pearson(refuse(fast, f), refuse(sise, f)) for f in FUSIONS},
             }
         assert torch.allclose(refuse(sise, "paper"), sise.maps[0])  # the re-fusion reproduces the run
+        if name == "efficientnet_lite0":
+            row["noise"] = noise_sensitivity(explainers["sise"], x, sise)
         result["images"].append(row)
         print(name, row, flush=True)
 
@@ -196,127 +246,101 @@ def bench_model(name: str, n_images: int, quick: bool, batch_arg: int, repeats: 
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    cost_rows, method_rows, ada_rows, fast_rows = [], [], [], []
+    cost, methods, ada, fast, noise = [], [], [], [], []
     memory_line = ""
     for res in results:
         model, t_fwd = res["model"], res["t_forward"]
         for row in res["images"]:
-            s = row["sise"]
-            cost_rows.append(
-                [
-                    model,
-                    row["image"],
-                    f"{s['kept']} / {s['constant']} / {s['masked']}",
-                    f"{s['wall']:.1f}",
-                    f"{s['masked'] * t_fwd:.1f}",
-                    f"{s['wall'] / (s['masked'] * t_fwd):.3f}",
-                    f"{s['cpu'] / (s['masked'] * t_fwd * torch.get_num_threads()):.3f}",
-                ]
-            )
-            a = row["adasise"]
-            ada_rows.append(
-                [
-                    model,
-                    row["image"],
-                    f"{s['kept']} -> {a['kept']}",
-                    f"{s['masked']} -> {a['masked']}",
-                    f"{s['wall']:.1f} -> {a['wall']:.1f}",
-                    f"{1 - a['wall'] / s['wall']:.0%}",
-                ]
-            )
+            s, a, image = row["sise"], row["adasise"], row["image"]
+            ideal = s["masked"] * t_fwd
+            masks = f"{s['kept']} / {s['constant']} / {s['masked']}"
+            ratio, phase_ratio = f"**{s['wall'] / ideal:.3f}**", f"{s['masked_phase'] / ideal:.3f}"
+            cost.append([model, image, masks, f"{s['wall']:.1f}", f"{s['masked_phase']:.1f}", f"{ideal:.1f}", ratio,
+                         phase_ratio])
+            saved = f"{1 - a['wall'] / s['wall']:.0%}"
+            ada.append([model, image, f"{s['kept']} -> {a['kept']}", f"{s['masked']} -> {a['masked']}",
+                        f"{s['wall']:.1f} -> {a['wall']:.1f}", saved])
             for scores, f in row["fast"].items():
-                fast_rows.append(
-                    [
-                        model,
-                        row["image"],
-                        scores,
-                        f"{s['kept']} / {s['masked']} -> {f['masked']}",
-                        f"{s['kept'] / max(f['masked'], 1):.2f}x / {s['masked'] / max(f['masked'], 1):.2f}x",
-                        " / ".join(f"{f['r'][k]:.3f}" for k in FUSIONS),
-                        f"{f['wall']:.1f}",
-                    ]
-                )
-        first = res["images"][0]["sise"]
+                n = max(f["masked"], 1)
+                fewer = f"{s['kept'] / n:.2f}x / {s['masked'] / n:.2f}x"
+                r = " / ".join(f"{f['r'][k]:.3f}" for k in FUSIONS)
+                fast.append([model, image, scores, f"{s['kept']} / {s['masked']} -> {f['masked']}", fewer, r,
+                             f"{f['wall']:.1f}"])
+            for sigma, by_fusion in row.get("noise", {}).items():
+                cells = [f"{np.mean(v):.3f} (min {np.min(v):.3f})" for v in by_fusion.values()]
+                noise.append([model, image, sigma, *cells])
+        first = res["images"][0]["sise"]["wall"]
         rise, cam, pgc = res["rise"], res["scorecam"], res["pgc_scorecam"]
         note_rise = "" if rise["measured_masks"] == 4000 else f" (extrapolated from {rise['measured_masks']} masks)"
         note_cam = "" if cam["scale"] == 1 else f" (extrapolated from {cam['layer']} x{cam['scale']:.0f})"
-        method_rows.append(
-            [
-                model,
-                f"{first['wall']:.1f}",
-                f"{rise['wall']:.1f}{note_rise}",
-                f"{cam['wall']:.1f}{note_cam}",
-                f"{pgc['wall']:.1f}{note_cam}",
-                f"{first['wall'] / rise['wall']:.2f}",
-                f"{first['wall'] / cam['wall']:.2f} / {first['wall'] / pgc['wall']:.2f}",
-            ]
-        )
+        methods.append([model, f"{first:.1f}", f"{rise['wall']:.1f}{note_rise}", f"{cam['wall']:.1f}{note_cam}",
+                        f"{pgc['wall']:.1f}{note_cam}", f"{first / rise['wall']:.2f}",
+                        f"{first / cam['wall']:.2f} / {first / pgc['wall']:.2f}"])
         if model == "resnet50":
+            peak = max(r["sise"]["memory_gb"] for r in res["images"])
             memory_line = (
                 f"Peak memory of SISE on ResNet-50 (RSS growth during the call, batch {res['batch']}): "
-                f"**{max(r['sise']['memory_gb'] for r in res['images']):.2f} GB** (target <= 2.5 GB)."
+                f"**{peak:.2f} GB** (target <= 2.5 GB)."
             )
     fwd_line = "; ".join(
         f"{r['model']}: batch {r['batch']}, {r['t_forward'] * 1000:.1f} ms/image "
-        f"(at 16/32/64: {', '.join(f'{v * 1000:.0f}' for v in r['per_batch'].values())} ms)"
+        f"(by batch size: {', '.join(f'{b}: {v * 1000:.0f}' for b, v in r['per_batch'].items())} ms)"
         for r in results
     )
     mode = "quick" if args.quick else "full"
-    return "\n\n".join(
-        [
-            "## SISE and Ada-SISE (`benchmarks/bench_sise.py`)",
-            machine_line() + f" · {mode} run · EfficientNet-Lite0 (pretrained), ResNet-50 (random weights)",
-            f"Best per-image forward time of the bare model (same run): {fwd_line}.",
-            "**SISE cost vs the model's forward cost** (masks: kept by Eq. 7 / constant maps not scored, since "
-            "their Omega is the zero mask / masked forwards run; ratio = SISE wall time / (masked forwards x best "
-            "per-image forward time), target <= 1.15; the CPU ratio uses process CPU time over all threads):",
-            markdown_table(
-                [
-                    "model",
-                    "image",
-                    "masks kept / constant / forwards",
-                    "SISE s",
-                    "forwards x t_fwd s",
-                    "ratio",
-                    "CPU ratio",
-                ],
-                cost_rows,
-            ),
-            "**SISE vs RISE (4000 masks) vs Score-CAM** (last block; first image; seconds; paper on a T4 with "
-            "ResNet-50: SISE/RISE = 0.35, SISE/Score-CAM = 0.51):",
-            markdown_table(
-                [
-                    "model",
-                    "SISE",
-                    "RISE 4000",
-                    "Score-CAM convlens",
-                    "Score-CAM pytorch-grad-cam",
-                    "SISE/RISE",
-                    "SISE/Score-CAM (convlens / pgc)",
-                ],
-                method_rows,
-            ),
-            "**Ada-SISE vs SISE** (mu = 0; paper: up to 30 % faster):",
-            markdown_table(["model", "image", "kept masks", "masked forwards", "seconds", "time saved"], ada_rows),
-            "**fast=True** (fast_factor 2: one medoid scored per group of ~2 similar masks per block; the other "
-            "masks get a Gaussian-process-interpolated score (`gp`) or their medoid's (`medoid`)). Forwards: "
-            "the paper's count (Eq. 7 kept) / full convlens SISE -> fast; Pearson r of the final map vs full "
-            "SISE for fusion paper / code / simple:",
-            markdown_table(
-                [
-                    "model",
-                    "image",
-                    "scores",
-                    "forwards",
-                    "fewer (vs paper / vs full)",
-                    "r paper / code / simple",
-                    "fast s",
-                ],
-                fast_rows,
-            ),
-            memory_line,
+    sections = [
+        "## SISE and Ada-SISE (`benchmarks/bench_sise.py`)",
+        machine_line() + f" · {mode} run · EfficientNet-Lite0 (pretrained), ResNet-50 (random weights)",
+        f"Best per-image forward time of the bare model (same run, channels-last, inference mode): {fwd_line}.",
+        "**SISE cost vs the model's forward cost.** Masks: kept by Eq. 7 / constant maps not scored (their "
+        "Omega is the zero mask, so skipping them is exact) / masked forwards run. Ratio = SISE wall time / "
+        "(masked forwards x best per-image forward time), target <= 1.15. The masked-phase ratio leaves out "
+        "the fixed per-image cost (the target-score forward and phase 2's forward + backward, at batch 1).",
+        markdown_table(
+            [
+                "model",
+                "image",
+                "masks kept / constant / forwards",
+                "SISE s",
+                "masked phase s",
+                "forwards x t_fwd s",
+                "ratio",
+                "masked-phase ratio",
+            ],
+            cost,
+        ),
+        "**SISE vs RISE (4000 masks) vs Score-CAM** (last block; first image; seconds). Paper, T4, ResNet-50: "
+        "SISE/RISE = 0.35, SISE/Score-CAM = 0.51.",
+        markdown_table(
+            [
+                "model",
+                "SISE",
+                "RISE 4000",
+                "Score-CAM convlens",
+                "Score-CAM pytorch-grad-cam",
+                "SISE/RISE",
+                "SISE/Score-CAM (convlens / pgc)",
+            ],
+            methods,
+        ),
+        "**Ada-SISE vs SISE** (mu = 0). Paper: up to 30 % faster.",
+        markdown_table(["model", "image", "kept masks", "masked forwards", "seconds", "time saved"], ada),
+        "**fast=True** (fast_factor 2: per block, one medoid scored per group of ~2 similar masks; the other "
+        "masks get a Gaussian-process-interpolated score (`gp`) or their medoid's (`medoid`)). Forwards: the "
+        "paper's count (Eq. 7 kept) / full convlens SISE -> fast. Pearson r of the final map vs full SISE's, "
+        "for fusion paper / code / simple (re-fused from the same per-block maps).",
+        markdown_table(
+            ["model", "image", "scores", "forwards", "fewer (vs paper / vs full)", "r paper / code / simple", "fast s"],
+            fast,
+        ),
+    ]
+    if noise:
+        sections += [
+            "**How much score error each fusion tolerates**: Pearson r of the final map vs the clean one when "
+            "every mask score (a softmax probability) gets Gaussian noise of std sigma (3 seeds, no forwards).",
+            markdown_table(["model", "image", "sigma", *(f"r {f}" for f in FUSIONS)], noise),
         ]
-    )
+    return "\n\n".join([*sections, memory_line])
 
 
 def main() -> None:
