@@ -13,7 +13,10 @@ than SISE. Two independent public re-implementations agree on this rule, which c
                                                          = skimage.filters.threshold_otsu)
     keep  = {k in P : a_k > tau_l}
 
-i.e. SISE with an adaptive ``mu_l = tau_l`` per block. Every other phase — the layers, Omega, the
+Choices where the re-implementations differ: the histogram spans the values' own range with 256 bins
+(one of them quantises ``a_k * 255`` to uint8 first) and the comparison is strict, ``>`` (one uses
+``>=``), as in SISE's Eq. 7. This is SISE with an adaptive ``mu_l = tau_l`` per block.
+Every other phase — the layers, Omega, the
 masked-forward scoring (Eqs. 9-12) and the fusion cascade — is SISE's (:mod:`convlens.methods.sise`),
 including its options (``fusion``, ``baseline``, ``fast``). Degenerate layers: if the positive
 ``a_k`` are all equal (e.g. a single positive channel) they are all kept; the arg-max channel is always
