@@ -139,6 +139,10 @@ def evaluate(
         _fail(str(exc))
     except ValueError as exc:  # unknown method or metric names
         _fail(str(exc))
+    if chosen is not None:
+        for method, defaults in chosen.get("method_params", {}).items():
+            if method in method_params:
+                method_params[method] = defaults | method_params[method]
     config = EvaluationConfig(
         model=model, methods=method_list, data=data, metrics=metric_list, out=out, weights=weights,
         data_format=data_format, annotations=annotations, images=images, split=split, limit=limit,  # type: ignore[arg-type]

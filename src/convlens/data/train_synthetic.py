@@ -29,7 +29,7 @@ __all__ = ["evaluate_accuracy", "main", "to_model_input", "train"]
 
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float, the benchmark preprocessing ``(x / 255 - 0.5) / 0.5``."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     return (x - 0.5) / 0.5
 
 

@@ -61,6 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["gradcam", "gradcampp", "rise", "scorecam", "sise"],
         "targets": "label",
         "metric_score": "sigmoid",  # TorchRay's VOC models are multi-label (one sigmoid per class)
+        # sampling methods score the explained class by its sigmoid too (Grad-CAM family: the logit)
+        "method_params": {"rise": {"score": "sigmoid"}, "sise": {"score": "sigmoid"}, "adasise": {"score": "sigmoid"}},
         "needs_weights": True,
     },
 }
