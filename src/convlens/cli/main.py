@@ -84,7 +84,7 @@ def demo(
     image_path = inputs / "chelsea.png"
     if not image_path.exists():
         Image.fromarray(skimage.data.chelsea()).save(image_path)
-    methods = [m for m in DEMO_METHODS if m in METHODS]
+    methods = [m for m in DEMO_METHODS if m in METHODS] + ["inv"]  # INV: layer-by-layer page, linked
     config = ExplainConfig(
         inputs=[str(image_path)], methods=methods, out=out, batch_size=batch_size, per_block=True,
         title="convlens demo — chelsea, EfficientNet-Lite0", method_overrides=DEMO_OVERRIDES,
@@ -118,6 +118,7 @@ def methods() -> None:
     for name in METHODS:
         cls = get_method(name)
         table.add_row(name, cls.paper, cls.default_score)
+    table.add_row("inv", "Bianchi et al., INV, IJCAI-24 (layer-wise cluster maps; own page)", "logit")
     Console().print(table)
 
 
