@@ -159,28 +159,41 @@ class _CostFunction:
         self.windows = windows  # (R, M)
         self.distance2 = distance2  # (R or 1, Lmax, Lmax)
         self.inside = inside  # (R, Lmax)
-        self.ratios = optws / windows[:, :, None]  # gs = optws(:, k)' ./ WIN, (R, M, Lmax)
-        self.ratio_max = self.ratios.amax(dim=1)
-        self.ratio_min = self.ratios.amin(dim=1)
+        ratios = optws / windows[:, :, None]  # gs = optws(:, k)' ./ WIN, (R, M, Lmax)
+        # suffix maxima over the windows: the last i with gs_i >= g is (number of i with suffix_max_i >= g) - 1
+        self.suffix_max = torch.flip(torch.cummax(torch.flip(ratios, [1]), dim=1).values, [1])
+        self.ratio_min = ratios.amin(dim=1)
         self.window_min = windows.amin(dim=1)
         self.window_max = windows.amax(dim=1)
+        # the balloon estimator sums over the non-empty bins only (ssvkernel's "speed optimized" form):
+        # their squared distances to every grid point, (R, Lmax, P), P = most non-empty bins of a row
+        occupied = y_hist > 0
+        count = max(1, int(occupied.sum(dim=1).max()))
+        bins = torch.argsort((~occupied).to(torch.uint8), dim=1, stable=True)[:, :count]  # (R, P)
+        self.bin_weights = torch.gather(y_hist * dt[:, None], 1, bins) * torch.gather(occupied, 1, bins)
+        if distance2.shape[0] == 1:
+            self.bin_distance2 = distance2[0][:, bins].permute(1, 0, 2).contiguous()
+        else:
+            self.bin_distance2 = torch.gather(distance2, 2, bins[:, None, :].expand(-1, distance2.shape[1], -1))
 
     def __call__(self, g: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cost ``C(g)``, balloon density ``yv`` and smoothed bandwidths ``optwp`` of ``rows`` at stiffness ``g``."""
-        ratios = self.ratios[rows]
-        windows = self.windows[rows]
-        inside = self.inside[rows]
-        dt = self.dt[rows, None]
-        distance2 = self.distance2 if self.distance2.shape[0] == 1 else self.distance2[rows]
-        count = ratios.shape[1]
-        # index of the last window with gs >= g (find(gs >= g, 1, 'last'))
-        positions = torch.arange(count, device=g.device)[None, :, None]
-        last = torch.where(ratios >= g[:, None, None], positions, 0).amax(dim=1)  # (r, L)
-        chosen = g[:, None] * torch.gather(windows, 1, last)
+        everyone = rows.numel() == self.y_hist.shape[0]  # all rows active: no gathers
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if everyone else tensor[rows]
+
+        windows = take(self.windows)
+        inside = take(self.inside)
+        dt = take(self.dt)[:, None]
+        distance2 = self.distance2 if self.distance2.shape[0] == 1 else take(self.distance2)
+        # index of the last window with gs >= g (find(gs >= g, 1, 'last')); -1 where g > max(gs)
+        last = (take(self.suffix_max) >= g[:, None, None]).sum(dim=1) - 1  # (r, L)
+        chosen = g[:, None] * torch.gather(windows, 1, last.clamp(min=0))
         optwv = torch.where(
-            g[:, None] > self.ratio_max[rows],
-            self.window_min[rows, None].expand_as(chosen),
-            torch.where(g[:, None] < self.ratio_min[rows], self.window_max[rows, None].expand_as(chosen), chosen),
+            last < 0,
+            take(self.window_min)[:, None].expand_as(chosen),
+            torch.where(g[:, None] < take(self.ratio_min), take(self.window_max)[:, None].expand_as(chosen), chosen),
         )
         # Nadaraya-Watson regression of the bandwidths with Gaussian kernels of width s_l = optwv_l / g:
         # optwp_k = sum_l optwv_l G(t_k - t_l; s_l) / sum_l G(t_k - t_l; s_l), both sums as one bmm
@@ -189,12 +202,12 @@ class _CostFunction:
         inverse_width = torch.where(inside, 1.0 / width, 0.0)
         sums = torch.bmm(kernel, torch.stack([optwv * inverse_width, inverse_width], dim=-1))  # (r, L, 2)
         optwp = torch.where(inside, sums[..., 0] / sums[..., 1], 1.0)
-        # balloon estimator: bandwidth optwp_k at evaluation point k
-        y_hist = self.y_hist[rows]
-        torch.mul(distance2, (-0.5 / optwp**2)[:, :, None], out=kernel).exp_()
-        yv = torch.bmm(kernel, (y_hist * dt)[:, :, None])[..., 0] / (_SQRT_2PI * optwp)
+        # balloon estimator: bandwidth optwp_k at evaluation point k, sum over the non-empty bins
+        y_hist = take(self.y_hist)
+        balloon = torch.mul(take(self.bin_distance2), (-0.5 / optwp**2)[:, :, None]).exp_()  # (r, L, P)
+        yv = torch.bmm(balloon, take(self.bin_weights)[:, :, None])[..., 0] / (_SQRT_2PI * optwp)
         yv = torch.where(inside, yv, 0.0)
-        yv = yv * self.total[rows, None] / (yv * dt).sum(-1, keepdim=True)
+        yv = yv * take(self.total)[:, None] / (yv * dt).sum(-1, keepdim=True)
         cost_density = yv**2 - 2 * yv * y_hist + 2 / _SQRT_2PI / optwp * y_hist
         return (cost_density * dt).sum(-1), yv, optwp
 
@@ -331,7 +344,7 @@ def ssvkernel(
     max_evaluations: int | None = None,
     tol: float = 1e-5,
     dtype: torch.dtype = torch.float64,
-    max_chunk_elements: int = 2**23,
+    max_chunk_elements: int = 2**20,
 ) -> KDEResult:
     """Locally adaptive bandwidth KDE of every row of ``samples`` (Shimazaki & Shinomoto 2010), batched.
 
