@@ -58,8 +58,9 @@ import torch
 import torch.nn.functional as F
 
 from convlens.core.hooks import forward_with_grads
+from convlens.core.layers import LayerSpec
 from convlens.core.maps import upsample
-from convlens.core.targets import class_scores
+from convlens.core.targets import OutputAdapter, ScoreKind, class_scores
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.methods.kde import KDEConvention, count_peaks, linspace_like_numpy, ssvkernel
 from convlens.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
@@ -194,9 +195,9 @@ class ADVISE(Explainer):
     def __init__(
         self,
         model: Any,
-        layers: Any = None,
-        score: Any = None,
-        output_adapter: Any = None,
+        layers: LayerSpec | None = None,
+        score: ScoreKind | None = None,
+        output_adapter: OutputAdapter | None = None,
         batch_size: int = 64,
         class_names: Sequence[str] | None = None,
         n_bandwidths: int = 10,
