@@ -27,16 +27,31 @@ from convlens.runners.evaluate import EvaluationConfig, run_evaluation
 
 WANTED_METHODS = ("gradcam", "gradcampp", "scorecam", "rise", "sise")
 METRICS = ("ebpg", "miou", "bbox", "pointing_game", "drop", "increase", "insertion", "deletion")
+SANITY = ("mprt_spearman_abs", "mprt_spearman", "mprt_ssim", "random_logit")
 PERCENT = ("ebpg", "miou", "bbox", "pointing_game", "insertion", "deletion")  # shown x100 like the papers' tables
 
 
-def _cell(stats: dict[str, float], scale: float) -> str:
+def _cell(stats: dict[str, float], scale: float, digits: int = 1) -> str:
     mean, low, high = stats["mean"], stats["ci_low"], stats["ci_high"]
     if not math.isfinite(mean):
         return "—"
+    nan = f" ({stats['nan_count']} NaN)" if stats["nan_count"] else ""
     if not math.isfinite(low):
-        return f"{scale * mean:.1f}"
-    return f"{scale * mean:.1f} [{scale * low:.1f}, {scale * high:.1f}]"
+        return f"{scale * mean:.{digits}f}{nan}"
+    return f"{scale * mean:.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]{nan}"
+
+
+def _table(summary: list[dict[str, object]], methods: list[str], metrics: tuple[str, ...], digits: int) -> list[str]:
+    index = {(s["method"], s["metric"]): s for s in summary}
+    arrows = {"higher": "↑", "lower": "↓"}
+    header = ["method", *[f"{m} {arrows[index[(methods[0], m)]['direction']]}" for m in metrics], "s / image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        scale = [100.0 if m in PERCENT else 1.0 for m in metrics]
+        cells = [_cell(index[(method, m)], k, digits) for m, k in zip(metrics, scale, strict=True)]  # type: ignore[arg-type]
+        cells.append(f"{index[(method, 'seconds')]['mean']:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -44,6 +59,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--rise-masks", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sanity-images", type=int, default=20)
+    parser.add_argument("--sanity-rise-masks", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "evaluate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,14 +93,14 @@ def main() -> None:
         start = time.perf_counter()
         result = run_evaluation(config, show_progress=True)
         wall = time.perf_counter() - start
-        index = {(s["method"], s["metric"]): s for s in result.summary}
-        arrows = {"higher": "↑", "lower": "↓"}
-        header = ["method", *[f"{m} {arrows[index[(methods[0], m)]['direction']]}" for m in METRICS], "s / image"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method in methods:
-            cells = [_cell(index[(method, m)], 100.0 if m in PERCENT else 1.0) for m in METRICS]
-            cells.append(f"{index[(method, 'seconds')]['mean']:.3f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines = _table(result.summary, methods, METRICS, 1)
+        sanity_config = EvaluationConfig(
+            model=model_name, methods=methods, data="synthetic", metrics=list(SANITY), limit=args.sanity_images,
+            out=args.out / f"{model_name}-sanity", method_params={"rise": {"n_masks": args.sanity_rise_masks}},
+            n_samples=0,
+        )
+        sanity = run_evaluation(sanity_config, show_progress=True)
+        sanity_lines = _table(sanity.summary, methods, SANITY, 3)
         sections += [
             f"### {model_name} — test accuracy {100 * record['test_accuracy']:.2f} % on {record['test_size']} "
             f"split-test images (training record, seed {record['seed']}); re-measured now: {100 * accuracy:.2f} %",
@@ -94,8 +111,16 @@ def main() -> None:
             "",
             *lines,
             "",
+            f"Sanity checks on the first {sanity.n_images} images (RISE with {args.sanity_rise_masks} masks): "
+            "cascading randomisation of every conv/BN/linear layer from the logits down (mean similarity over the "
+            "cascade to the trained model's map; Spearman of |maps|, signed Spearman, SSIM) and the random-logit "
+            "test (SSIM to the map of a random other class). Lower = more sensitive to the model / the class = "
+            "better; s / image includes the re-explanations.",
+            "",
+            *sanity_lines,
+            "",
         ]
-        print("\n".join(lines))
+        print("\n".join(lines + sanity_lines))
     write_section("evaluate", "\n".join(sections))
 
 

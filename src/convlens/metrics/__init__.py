@@ -1,5 +1,30 @@
-"""Evaluation metrics: ground truth, model truth, the ADVISE (AVX) protocol and sanity checks."""
+"""Evaluation metrics: ground truth, model truth, the ADVISE (AVX) protocol and sanity checks.
 
-from convlens.metrics.base import Direction, Metric, MetricAccumulator, MetricCategory
+``convlens.metrics.registry`` maps the names used by ``convlens evaluate`` to these classes.
+"""
 
-__all__ = ["Direction", "Metric", "MetricAccumulator", "MetricCategory"]
+from convlens.metrics.base import Direction, Metric, MetricAccumulator, MetricCategory, bootstrap_ci
+from convlens.metrics.faithfulness import DeletionAUC, DropPercent, IncreasePercent, InsertionAUC
+from convlens.metrics.localisation import BoundingBoxAccuracy, EnergyPointingGame, PointingGame, TopFractionIoU
+from convlens.metrics.registry import available_metrics, create_metric
+from convlens.metrics.sanity import ModelParameterRandomisation, RandomLogit
+
+__all__ = [
+    "BoundingBoxAccuracy",
+    "DeletionAUC",
+    "Direction",
+    "DropPercent",
+    "EnergyPointingGame",
+    "IncreasePercent",
+    "InsertionAUC",
+    "Metric",
+    "MetricAccumulator",
+    "MetricCategory",
+    "ModelParameterRandomisation",
+    "PointingGame",
+    "RandomLogit",
+    "TopFractionIoU",
+    "available_metrics",
+    "bootstrap_ci",
+    "create_metric",
+]

@@ -22,8 +22,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
-from skimage.metrics import structural_similarity
 from torch import nn
 
 from convlens.core.hooks import eval_mode
@@ -49,6 +47,8 @@ SIMILARITIES: tuple[str, ...] = ("spearman_abs", "spearman", "ssim")
 def spearman_similarity(a: np.ndarray, b: np.ndarray, absolute: bool) -> float:
     """Spearman rank correlation of two maps (flattened), of their absolute values when ``absolute``
     (``scipy.stats.spearmanr``; average ranks for ties). NaN when a map is constant (undefined)."""
+    from scipy.stats import spearmanr
+
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if absolute:
         a, b = np.abs(a), np.abs(b)
@@ -62,6 +62,8 @@ def ssim_similarity(a: np.ndarray, b: np.ndarray) -> float:
     odd window that fits) between the two maps min-max normalised to [0, 1] (``data_range=1``), as
     Adebayo et al. compare normalised maps. Two constant maps are identical (1), one constant map is
     compared as all zeros."""
+    from skimage.metrics import structural_similarity
+
     a_t = minmax_normalize(torch.as_tensor(np.asarray(a, dtype=np.float64))).numpy()
     b_t = minmax_normalize(torch.as_tensor(np.asarray(b, dtype=np.float64))).numpy()
     side = min(a_t.shape)

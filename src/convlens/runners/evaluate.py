@@ -427,6 +427,7 @@ def run_evaluation(
 
     bar = None
     if show_progress:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -439,7 +440,7 @@ def run_evaluation(
         bar = Progress(
             TextColumn("[bold]evaluate[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"),
-            transient=False,
+            transient=False, console=Console(stderr=True),
         )
         bar.start()
         task = bar.add_task("", total=n_total, completed=done_before)
