@@ -239,3 +239,17 @@ def test_drop_increase_match_torchcam_classification_metric() -> None:
     # torch-cam divides by (y + 1e-7) instead of y: a relative difference below 1e-6 for y > 0.1
     assert drop == pytest.approx(summary["avg_drop"], abs=1e-6)
     assert increase == pytest.approx(summary["conf_increase"], abs=1e-12)
+
+
+def test_fraction_spacing_matches_torchcam_when_step_does_not_divide_the_image() -> None:
+    # 1024 pixels: torch-cam's steps=10 gives intervals of ceil(1024 / 10) = 103 pixels and a last, shorter one;
+    # our step=103 changes the same pixel counts (0, 103, ..., 927, 1024); RISE's uniform spacing would differ
+    model, x, maps, classes = _peer_inputs()
+    peer = torchcam_metrics.DeletionInsertionMetric(
+        FixedCAM(model, maps), lambda out: torch.softmax(out, dim=-1), steps=10, baseline=torch.zeros_like(x)
+    )
+    peer.update(x, class_idx=classes)
+    ours = DeletionAUC(step=103, spacing="fraction")(model, x, maps, classes)
+    assert ours.mean().item() == pytest.approx(peer.summary()["deletion_auc"], abs=1e-6)
+    rise = DeletionAUC(step=103)(model, x, maps, classes)
+    assert abs(rise.mean().item() - ours.mean().item()) > 1e-6  # the two spacings differ (last interval 97 px)
