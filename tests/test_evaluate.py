@@ -291,3 +291,23 @@ def test_folder_labels_are_the_models_class_names(tmp_path: Path) -> None:
     Image.new("RGB", (64, 64)).save(tmp_path / "zebra" / "y.png")
     with pytest.raises(EvaluationError, match="model's class names"):
         run_evaluation(_config(tmp_path / "run2", data=str(tmp_path), metrics=["drop"]), model=_tiny_model())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_coco_instances_json_is_detected_and_evaluated(tmp_path: Path) -> None:
+    pytest.importorskip("pycocotools")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    annotations = {
+        "images": [{"id": 3, "file_name": "a.png", "width": 64, "height": 64}],
+        "categories": [{"id": 7, "name": "kite"}, {"id": 2, "name": "person"}],
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 7, "iscrowd": 0, "area": 400, "bbox": [10, 10, 20, 20],
+                         "segmentation": [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(annotations))
+    config = _config(tmp_path / "run", data=str(tmp_path / "instances.json"), images=str(tmp_path),
+                     metrics=["ebpg", "bbox"], methods=["gradcam"], limit=None)
+    rows = _csv(run_evaluation(config, model=_tiny_model()).files["per_image"])
+    assert len(rows) == 1 and rows[0]["id"] == "3" and rows[0]["target"] == "1"  # kite = category 7 = class 1
+    assert 0 <= float(rows[0]["ebpg"]) <= 1 and rows[0]["bbox"] != ""
+    with pytest.raises(EvaluationError, match="--images"):
+        run_evaluation(_config(tmp_path / "r2", data=str(tmp_path / "instances.json")), model=_tiny_model())
