@@ -11,6 +11,18 @@
 
 The explained class ("target") is each ground-truth class of the image (``targets="label"``, the SISE
 protocol: one explanation per annotated class) or the predicted class (``targets="predicted"``).
+
+Metric families and what each is given (``convlens.metrics.registry`` names):
+
+* ground truth (ebpg, miou, bbox, pointing_game): the map at input resolution and the target class's
+  preprocessed mask (NaN when the target has no annotation, e.g. a wrongly predicted class);
+* model truth (drop, increase, insertion, deletion): the model, the preprocessed image, the map; scores are
+  ``--metric-score`` probabilities (softmax; sigmoid for multi-label models); curves are kept for the report;
+* sanity (mprt_*, random_logit): a factory that rebuilds the same method on randomised copies of the model;
+  one randomisation cascade per (image, class) serves every ``mprt_*`` similarity;
+* ADVISE (avx, class_sensitivity, avx_*): one AVX protocol run per (image, class) with ``M1`` the target's
+  min-max normalised map and ``M2`` the map of the most probable *other* class (the runner-up; with
+  ``targets="predicted"`` exactly the code's top-1 / top-2 pair), on the image the model sees.
 """
 
 from __future__ import annotations
