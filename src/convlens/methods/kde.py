@@ -424,13 +424,13 @@ def ssvkernel(
     members = members[torch.argsort(lengths[members], stable=True)]
     sizes = lengths[members].tolist()
     start = 0
-    while start < len(sizes):  # chunks of rows with similar grid lengths (padding < 25 %), bounded memory
+    while start < len(sizes):  # chunks of rows with similar grid lengths (beyond 128: padding < 25 %), bounded memory
         stop = start + 1
         first_width = max(sizes[start], grid.numel())
         while stop < len(sizes):
             width = max(sizes[stop], grid.numel())
             too_big = (stop + 1 - start) * max(width * width, n_bandwidths * n_bandwidths * width) > max_chunk_elements
-            if too_big or width > 1.25 * first_width:
+            if too_big or (width > 128 and width > 1.25 * first_width):  # small grids: padding is cheap
                 break
             stop += 1
         idx = members[start:stop]
