@@ -2,27 +2,36 @@
 
 ADVISE (Dehshibi et al., The Visual Computer 2024; code ``ADVISEkernel.m``) scores every feature-map
 unit by the number of modes of an adaptive-bandwidth KDE of its activation values. The estimator is
-Shimazaki & Shinomoto's ``ssvkernel`` (J. Comput. Neurosci. 29:171-182, 2010, Sec. 2.3-2.4):
+Shimazaki & Shinomoto's ``ssvkernel`` ("Kernel bandwidth optimization in spike rate estimation",
+J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2.3; spec 3.3):
 
 1. histogram ``y_hist`` of the in-grid samples on the evaluation grid ``t`` (bin width ``dt``);
-2. ``M`` softplus-spaced bandwidths ``W`` in ``[5 dt, T]``; for each, the local MISE integrand
-   ``c_j(t) = yh_j^2 - 2 yh_j y_hist + 2/(sqrt(2 pi) W_j) y_hist`` with ``yh_j`` the Gaussian-smoothed
-   histogram (paper Eq. 13-14);
+2. ``M`` softplus-spaced bandwidths ``W`` in ``[5 dt, T]`` (ADVISEkernel.m l.92); for each, the local
+   integrand of the MISE cost ``c_j(t) = yh_j^2 - 2 yh_j y_hist + 2/(sqrt(2 pi) W_j) y_hist`` with ``yh_j``
+   the histogram smoothed by a Gaussian of width ``W_j``;
 3. for each window ``WIN_i`` the locally optimal fixed bandwidth ``optw_i(t) = W[argmin_j (c_j * G_WIN_i)(t)]``
-   (Eq. 16);
+   (the cost integrated over a Gaussian window around t);
 4. for a stiffness ``g`` the bandwidth ``w(t) = g WIN_i`` of the last window with ``optw_i(t)/WIN_i >= g``,
    smoothed by Nadaraya–Watson regression with Gaussian kernels of width ``w/g``; the balloon estimator
-   with those bandwidths gives the density and its L2-risk estimate ``C(g)`` (Eq. 17-18);
-5. golden-section search of ``g`` in ``[1e-12, 1]`` (tolerance ``1e-5`` relative, at most 29 evaluations);
-   the density of the *last evaluated* point is returned, linearly interpolated onto the input grid.
+   with those bandwidths gives the density and its L2-risk estimate ``C(g)`` (``CostFunction``);
+5. golden-section search of ``g`` in ``[1e-12, 1]`` (tolerance ``1e-5`` relative, at most 29 evaluations,
+   ADVISEkernel.m l.125-163); the density of the *last evaluated* point is returned, linearly interpolated
+   onto the input grid.
 
 The reference implementations loop over one sample vector at a time (MATLAB ``parfor``, Python
 ``adaptivekde``). Here every step runs on all rows at once: histograms by ``searchsorted`` +
 ``scatter_add``, the Gaussian smoothings as real FFTs with exactly the reference's zero-padding length
-(``2^ceil(log2(L + 3 w))`` — the wrap-around of the circular convolution is part of the estimator),
-and the golden-section search with per-row brackets, evaluating the cost of all still-active rows in
-one batched call. Rows are grouped by their grid length and processed in memory-bounded chunks; the
-code is device-agnostic (CPU or CUDA) and runs in float64 by default.
+(``2^ceil(log2(L + 3 w))`` — the wrap-around of the circular convolution is part of the estimator), the
+Nadaraya–Watson and balloon sums as batched matrix products (the balloon over non-empty bins only, as
+the reference's "speed optimized" form), and the golden-section search with per-row brackets, evaluating
+the cost of all still-active rows in one batched call. Rows are sorted by the length of their internal
+grid and processed in memory-bounded chunks (grids padded to the chunk's longest); the code is
+device-agnostic (CPU or CUDA) and runs in float64 by default.
+
+Agreement with the references: densities match to ~1e-12 except where the golden-section search
+compares two costs that are equal up to rounding (a flat stretch of ``C(g)``, typical of units with few
+distinct in-range values): there the branch is decided by floating-point noise that no two
+implementations share (MATLAB and the PyPI port included), and the search may end at another ``g``.
 
 Two conventions are offered (``convention=``):
 
@@ -36,8 +45,8 @@ Two conventions are offered (``convention=``):
 ``"adaptivekde"`` (= ``adaptivekde.ssvkernel(x, tin, M, nbs, WinFunc='Gauss')[0]``, the PyPI port)
     ``T = max(x) - min(x)`` over *all* samples; ``dt_samp`` over all samples; ``numpy.histogram`` with
     ``L + 1`` edges (the last bin is closed, so samples near ``max(tin)`` are counted); at most 30
-    evaluations; the call raises (a failed row here) when the samples have fewer than two distinct
-    values or no sample lies on the grid (its bootstrap draws from an empty set).
+    evaluations; the call raises when the samples have fewer than two distinct values and returns NaN
+    when no sample lies on the grid: both are failed rows here.
 
 ``min_distinct`` adds the rule "fewer than ``min_distinct`` distinct in-grid values is a failure" on
 top of either convention (``min_distinct=2`` is the reading of spec 3.3: "< 2 distinct in-range
@@ -360,8 +369,9 @@ def ssvkernel(
             ``k = 1 .. 29``) or 30 (adaptivekde, ``k = 0 .. 29``).
         tol: relative tolerance of the golden-section bracket (``|b - a| <= tol (|c1| + |c2|)``).
         dtype: computation dtype (float64 matches the references to ~1e-12).
-        max_chunk_elements: memory bound: rows (sorted by internal grid length) are processed in
-            chunks with about this many elements per (rows x L x L) temporary.
+        max_chunk_elements: rows (sorted by internal grid length) are processed in chunks with about
+            this many elements per (rows x L x L) temporary: 2^20 (8 MB in float64) keeps the temporaries
+            cache-sized on CPU; raise it on GPUs to process more rows per kernel launch.
 
     Returns:
         :class:`KDEResult` with (R, Z) densities (NaN where the estimator fails).
