@@ -194,6 +194,8 @@ def test_registry_and_bad_arguments() -> None:
         ADVISE(model, avx_miss_penalty="harsh")
     with pytest.raises(ValueError, match="one feature layer"):
         ADVISE(model, layers="blocks").explain(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"h\*w >= 3"):
+        ADVISE(model, layers="block3").explain(torch.randn(1, 3, 4, 4))  # 1 x 1 feature maps
     with pytest.raises(ValueError, match="paper layer"):
         paper_layer("mobilenet_v2")
 

@@ -286,8 +286,11 @@ class ADVISE(Explainer):
         )
         activations = acts[layer][:batch].float()
         grad_top1, grad_top2 = grads[layer][:batch].float(), grads[layer][batch:].float()
-        if activations.ndim != 4:
-            raise ValueError(f"layer {layer!r} gives {tuple(activations.shape)}: ADVISE needs (B, K, h, w) maps")
+        if activations.ndim != 4 or activations.shape[2] * activations.shape[3] < 3:
+            raise ValueError(
+                f"layer {layer!r} gives {tuple(activations.shape)}: ADVISE needs (B, K, h, w) maps with h*w >= 3 "
+                "(the KDE grid has h*w points); pick an earlier layer"
+            )
         timings["forward_backward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
