@@ -182,16 +182,22 @@ def _has_masks_format(data: str, data_format: str) -> bool:
 
 
 def _print_summary(summary: list[dict[str, Any]], methods: list[str], metrics: list[str]) -> None:
+    """Metrics as rows, methods as columns: ``mean [95 % CI]`` (all digits are in summary.csv)."""
     index = {(s["method"], s["metric"]): s for s in summary}
     arrows = {"higher": "↑", "lower": "↓"}
-    table = Table("method", *[f"{m} {arrows[index[(methods[0], m)]['direction']]}" for m in metrics])
-    for method in methods:
+    table = Table("metric", *methods, title="mean [95 % bootstrap CI]")
+    for column in table.columns:
+        column.overflow = "fold"
+    for metric in [*metrics, "seconds"]:
         cells = []
-        for metric in metrics:
+        for method in methods:
             s = index[(method, metric)]
             mean, low, high = s["mean"], s["ci_low"], s["ci_high"]
-            cells.append("—" if not math.isfinite(mean) else (
-                f"{mean:.4g} [{low:.3g}, {high:.3g}]" if math.isfinite(low) else f"{mean:.4g}"
-            ))
-        table.add_row(method, *cells)
+            if not math.isfinite(mean):
+                cells.append("—")
+            elif math.isfinite(low):
+                cells.append(f"{mean:.3g} [{low:.3g}, {high:.3g}]")
+            else:
+                cells.append(f"{mean:.3g}")
+        table.add_row(f"{metric} {arrows[index[(methods[0], metric)]['direction']]}", *cells)
     Console().print(table)
