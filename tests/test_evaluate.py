@@ -26,7 +26,7 @@ from convlens.data.synthetic import CLASS_NAMES, SyntheticShapes
 from convlens.data.synthetic_models import SYNTHETIC_PREPROCESSING
 from convlens.methods.gradcam import GradCAM
 from convlens.metrics.base import bootstrap_ci
-from convlens.metrics.faithfulness import DropPercent, InsertionAUC
+from convlens.metrics.faithfulness import DeletionAUC, DropPercent, InsertionAUC
 from convlens.metrics.localisation import BoundingBoxAccuracy, EnergyPointingGame
 from convlens.models.zoo import LoadedModel, wrap
 from convlens.runners.evaluate import EvaluationConfig, EvaluationError, run_evaluation
@@ -311,3 +311,19 @@ def test_coco_instances_json_is_detected_and_evaluated(tmp_path: Path) -> None:
     assert 0 <= float(rows[0]["ebpg"]) <= 1 and rows[0]["bbox"] != ""
     with pytest.raises(EvaluationError, match="--images"):
         run_evaluation(_config(tmp_path / "r2", data=str(tmp_path / "instances.json")), model=_tiny_model())
+
+
+def test_black_substrate_is_the_models_normalised_black(tmp_path: Path) -> None:
+    model = _tiny_model()
+    config = _config(tmp_path, methods=["gradcam"], limit=1, metrics=["deletion", "drop"],
+                     metric_params={"deletion": {"substrate": "black", "step": 512}, "drop": {"baseline": "black"}})
+    row = _csv(run_evaluation(config, model=model).files["per_image"])[0]
+    sample = SyntheticShapes(size=1, seed=0).load(0)
+    x = SYNTHETIC_PREPROCESSING(sample.image)[None]
+    maps = GradCAM(model).explain(x, sample.labels).maps
+    black = torch.full((3, 1, 1), -1.0)  # (0 - 0.5) / 0.5
+    expected = DeletionAUC(substrate=black, step=512)(model.module, x, maps, sample.labels)[0].item()
+    assert float(row["deletion"]) == pytest.approx(expected, abs=1e-9)
+    assert expected != pytest.approx(DeletionAUC(step=512)(model.module, x, maps, sample.labels)[0].item(), abs=1e-6)
+    with pytest.raises(ValueError, match="normalised black"):
+        DeletionAUC(substrate="black")(model.module, x, maps, sample.labels)

@@ -141,6 +141,11 @@ class _KeepTopFraction(ModelTruthMetric):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(original, masked) scores per image: ``Psi(I)`` and ``Psi(I ⊙ T(I))``."""
         x, maps, ids = self._prepare(x, saliency, class_ids)
+        if isinstance(self.baseline, str):
+            raise ValueError(
+                f"baseline {self.baseline!r}: pass a number or a tensor in the model's input space, e.g. the "
+                "normalised black preprocessing.normalize(torch.zeros(3, 1, 1)) (convlens evaluate maps 'black')"
+            )
         keep = self.explanation_masks(maps)
         engine = self.engine(model)
         original, masked = torch.empty(x.shape[0], dtype=torch.float64), torch.empty(x.shape[0], dtype=torch.float64)
@@ -162,7 +167,8 @@ class DropPercent(_KeepTopFraction):
     min-max normalised map itself, the Grad-CAM++ original) and ``Psi`` the class's softmax probability.
     The per-image value is ``100 max(0, y - o) / y``; lower is better. Masked-out pixels become
     ``baseline`` (0 in the model's input space by default, i.e. the image is multiplied by T after
-    preprocessing, as torch-cam and the Grad-CAM++ formula do).
+    preprocessing, as torch-cam and the Grad-CAM++ formula do; ``convlens evaluate`` also accepts
+    ``drop.baseline=black`` for a black pixel).
     """
 
     name: ClassVar[str] = "drop"
@@ -240,6 +246,11 @@ class _CausalMetric(ModelTruthMetric):
 
     def _substrate(self, image: torch.Tensor) -> torch.Tensor | float:
         if isinstance(self.substrate, str):
+            if self.substrate == "black":
+                raise ValueError(
+                    "substrate 'black' depends on the model's normalisation: pass the normalised black image, e.g. "
+                    "preprocessing.normalize(torch.zeros(3, 1, 1)) (convlens evaluate does this for you)"
+                )
             if self.substrate != "blur":
                 raise ValueError(f"unknown substrate {self.substrate!r}: use 'blur', a number, a tensor or a callable")
             return rise_blur(image)

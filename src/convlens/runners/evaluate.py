@@ -419,6 +419,11 @@ def run_evaluation(
             metrics[name] = create_metric(name, **_metric_kwargs(config, name))
         except (TypeError, ValueError) as exc:
             raise EvaluationError(f"metric {name}: {exc}") from exc
+    black = loaded.preprocessing.normalize(torch.zeros(3, 1, 1))
+    for metric in metrics.values():  # "black" = a black pixel in the model's input space
+        for attribute in ("substrate", "baseline"):
+            if isinstance(getattr(metric, attribute, None), str) and getattr(metric, attribute) == "black":
+                setattr(metric, attribute, black)
     if any(metrics[n].category is MetricCategory.ADVISE for n in config.metrics):
         # every ADVISE number comes from one AVX protocol run per explained class
         metrics["_avx"] = metrics["avx"] if "avx" in metrics else create_metric("avx", **_metric_kwargs(config, "avx"))
