@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import make_tiny_cnn
 from typer.testing import CliRunner
 
+from conftest import make_tiny_cnn
 from convlens.core.maps import minmax_normalize
 from convlens.data.synthetic import CLASS_NAMES, SyntheticShapes
 from convlens.data.synthetic_models import SYNTHETIC_PREPROCESSING

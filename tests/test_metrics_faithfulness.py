@@ -204,7 +204,7 @@ class FixedCAM:
 
 
 def _peer_inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
-    from tests.conftest import make_tiny_cnn
+    from conftest import make_tiny_cnn
 
     model = make_tiny_cnn(seed=3)
     gen = torch.Generator().manual_seed(5)
