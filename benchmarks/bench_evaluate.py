@@ -26,6 +26,7 @@ from convlens.methods.registry import METHODS
 from convlens.runners.evaluate import EvaluationConfig, run_evaluation
 
 WANTED_METHODS = ("gradcam", "gradcampp", "scorecam", "rise", "sise")
+EXTRA_METHODS = ("layercam", "adasise", "advise")  # other registered methods, same images and metrics
 METRICS = ("ebpg", "miou", "bbox", "pointing_game", "drop", "increase", "insertion", "deletion")
 SANITY = ("mprt_spearman_abs", "mprt_spearman", "mprt_ssim", "random_logit")
 PERCENT = ("ebpg", "miou", "bbox", "pointing_game", "insertion", "deletion")  # shown x100 like the papers' tables
@@ -76,7 +77,8 @@ def main() -> None:
         f"textured object among 2-4 distractors that share its shape or its texture, on clutter; ground truth = the "
         f"object's exact mask. The first {args.images} split-test images (seed 0), each explained for its label "
         f"with `convlens evaluate` defaults: RISE with {args.rise_masks} masks (s = 7, p = 0.5), SISE mu = 0 with "
-        "the paper's Otsu fusion, Grad-CAM/Grad-CAM++/Score-CAM on the last block. EBPG, mIoU (top 20 %), Bbox, "
+        "the paper's Otsu fusion, Grad-CAM/Grad-CAM++/Score-CAM/LayerCAM on the last block, Ada-SISE and ADVISE "
+        "with their defaults. EBPG, mIoU (top 20 %), Bbox, "
         "pointing game (no tolerance), insertion (blur substrate) and deletion (zeros) AUC with step = 64 px "
         "(one row), all x100; Drop% and Increase% with the top 15 % kept; softmax probabilities. Mean [95 % "
         f"percentile-bootstrap CI]; ↑ higher / ↓ lower is better. {args.threads} torch thread(s).",
@@ -99,6 +101,14 @@ def main() -> None:
         result = run_evaluation(config, show_progress=True)
         wall = time.perf_counter() - start
         lines = _table(result.summary, methods, METRICS, 1)
+        extra = [m for m in EXTRA_METHODS if m in METHODS]
+        if extra:
+            extra_config = EvaluationConfig(
+                model=model_name, methods=extra, data="synthetic", metrics=list(METRICS), limit=args.images,
+                out=args.out / f"{model_name}-extra", n_samples=4,
+            )
+            extra_result = run_evaluation(extra_config, show_progress=True)
+            lines += _table(extra_result.summary, extra, METRICS, 1)[2:]
         sanity_config = EvaluationConfig(
             model=model_name, methods=methods, data="synthetic", metrics=list(SANITY), limit=args.sanity_images,
             out=args.out / f"{model_name}-sanity", method_params={"rise": {"n_masks": args.sanity_rise_masks}},
