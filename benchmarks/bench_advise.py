@@ -127,12 +127,16 @@ def bench_methods(repeats: int) -> tuple[str, list[str]]:
         times: dict[str, float] = {}
         for method in methods:
             explainer = create(method, loaded, batch_size=32)
-            explainer.explain(x)  # warm-up (imports, layer resolution)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                explanation = explainer.explain(x)
-                best = min(best, time.perf_counter() - start)
+            start = time.perf_counter()
+            explanation = explainer.explain(x)
+            best = time.perf_counter() - start
+            if best < 10:  # fast methods: the first call paid imports and layer resolution; time again
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    candidate = explainer.explain(x)
+                    seconds = time.perf_counter() - start
+                    if seconds < best:  # report the phases of the fastest run
+                        best, explanation = seconds, candidate
             times[method] = best
             detail = ""
             if method == "advise":
@@ -184,7 +188,8 @@ def main() -> None:
         "of up to 1000 points, where both implementations are O(L^2) per cost evaluation and the speed-up "
         "shrinks; ADVISE's own convention keeps L <= Z.",
         "",
-        "### ADVISE vs Grad-CAM and SISE (chelsea, 224 x 224, one image, best of the timed runs)",
+        "### ADVISE vs Grad-CAM and SISE (chelsea, 224 x 224, one image; best of the repeats after a warm-up "
+        "call for methods under 10 s, a single run otherwise)",
         "",
         method_table,
         "",

@@ -15,6 +15,15 @@ from scipy.signal import find_peaks
 from convlens.methods.kde import count_peaks, linspace_like_numpy, ssvkernel
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small batched ops: torch's thread pool on a shared 2-core machine makes each one many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_adaptivekde(x: np.ndarray, tin: np.ndarray) -> np.ndarray | None:
     """First output of ``adaptivekde.ssvkernel(x, tin, M=10, nbs=1, WinFunc='Gauss')``; None when it raises."""
     np.random.seed(0)  # only its bootstrap (nbs=1) draws random numbers; the first output is deterministic
