@@ -78,7 +78,9 @@ def literal_advise(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[
         class_id=c1, reference_score=float(probabilities[c1].detach()), preprocessing=PREP,
     )
     best = order[int(torch.argmax(result.avx))]
-    return {"classes": [c1, c2], "peaks": peaks, "groups": groups, "avx": result, "best": best, "order": order}
+    failed = int(np.isnan(density).any(axis=1).sum())
+    return {"classes": [c1, c2], "peaks": peaks, "groups": groups, "avx": result, "best": best, "order": order,
+            "failed": failed}
 
 
 def test_matches_literal_recomputation() -> None:
@@ -93,6 +95,7 @@ def test_matches_literal_recomputation() -> None:
         assert info["classes"] == expected["classes"]
         histogram = {str(r): int((expected["peaks"] == r).sum()) for r in np.unique(expected["peaks"])}
         assert info["peak_histogram"] == histogram
+        assert info["kde_failed_units"] == expected["failed"]
         assert sorted(info["groups"]) == [f"R={r}" for r in expected["order"]]
         for j, r in enumerate(expected["order"]):
             up1, _, units = expected["groups"][r]

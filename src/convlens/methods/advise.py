@@ -147,7 +147,8 @@ def unit_relevance(
     convention: KDEConvention = "matlab",
     min_distinct: int | None = None,
     normalize: bool = False,
-) -> torch.Tensor:
+    return_fitted: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ADVISE relevance ``R_k`` (imADVISE.m l.30-45): peaks of the adaptive KDE of each unit's values.
 
     Args:
@@ -155,9 +156,10 @@ def unit_relevance(
         n_bandwidths: M of the KDE (``kernelRepeat = 10``).
         convention, min_distinct: see :func:`convlens.methods.kde.ssvkernel`.
         normalize: min-max normalise every unit to [0, 1] first (not in the code: it uses raw values).
+        return_fitted: also return the (B, K) mask of units whose KDE produced a density.
 
     Returns:
-        (B, K) peak counts (0 where the KDE fails).
+        (B, K) peak counts (0 where the KDE fails), and the fitted mask if asked.
     """
     batch, channels = activations.shape[:2]
     rows = activations.detach().flatten(2).reshape(batch * channels, -1).double()
@@ -167,8 +169,8 @@ def unit_relevance(
         rows = torch.where(spread > 0, (rows - low) / torch.where(spread > 0, spread, 1), rows)
     grid = linspace_like_numpy(0.0, 1.0, rows.shape[1], torch.float64, rows.device)
     result = ssvkernel(rows, grid, n_bandwidths=n_bandwidths, convention=convention, min_distinct=min_distinct)
-    peaks = torch.where(result.valid, count_peaks(result.density), 0)
-    return peaks.view(batch, channels)
+    peaks = torch.where(result.valid, count_peaks(result.density), 0).view(batch, channels)
+    return (peaks, result.valid.view(batch, channels)) if return_fitted else peaks
 
 
 class ADVISE(Explainer):
@@ -294,8 +296,9 @@ class ADVISE(Explainer):
         timings["forward_backward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        relevance = unit_relevance(
-            activations, self.n_bandwidths, self.kde_convention, self.kde_min_distinct, self.normalize_activations
+        relevance, fitted = unit_relevance(
+            activations, self.n_bandwidths, self.kde_convention, self.kde_min_distinct, self.normalize_activations,
+            return_fitted=True,
         )
         timings["kde"] = time.perf_counter() - t0
 
@@ -321,7 +324,7 @@ class ADVISE(Explainer):
             info: dict[str, Any] = {
                 "classes": [int(class_ids[b]), int(runner_up[b])],
                 "peak_histogram": histogram,
-                "kde_failed_units": int((relevance[b] == 0).sum()),
+                "kde_failed_units": int((~fitted[b]).sum()),  # no density: R = 0 (they join group R=0)
                 "groups": {},
                 "selected": None,
             }
