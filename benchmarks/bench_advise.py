@@ -186,7 +186,9 @@ def main() -> None:
         "(T = 1 instead of the data range, histc drops the last half bin, a single in-range value is fitted).",
         "- The port's convention takes T from the data range: unnormalised post-ReLU maps give internal grids "
         "of up to 1000 points, where both implementations are O(L^2) per cost evaluation and the speed-up "
-        "shrinks; ADVISE's own convention keeps L <= Z.",
+        "shrinks; ADVISE's own convention keeps L <= Z. The `matlab` rows' speed-up divides by the port's rate "
+        "on its subset, where most Lite0 channels (no two distinct values) fail within microseconds while "
+        "ADVISEkernel.m fits all 1280: the work differs.",
         "",
         "### ADVISE vs Grad-CAM and SISE (chelsea, 224 x 224, one image; best of the repeats after a warm-up "
         "call for methods under 10 s, a single run otherwise)",
