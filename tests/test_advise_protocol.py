@@ -10,6 +10,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import nn
 
+from convlens.methods.avx import _apply_miss_penalty
 from convlens.metrics.advise_protocol import (
     AVX,
     AverageDropMaxClass,
@@ -19,7 +20,6 @@ from convlens.metrics.advise_protocol import (
     MaskedSSIM,
     NormalizedMSE,
     TopKHit,
-    _apply_miss_penalty,
     avx_mask,
     avx_protocol,
     class_sensitivity,

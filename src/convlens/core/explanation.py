@@ -125,7 +125,7 @@ class Explanation:
 
     def overlay(self, image: Any, index: int = 0, alpha: float = 0.5, colormap: str = "jet") -> Any:
         """PIL image of the normalised map over ``image`` (PIL image or (H, W, 3) uint8 array)."""
-        from convlens.reports.overlay import overlay_map
+        from convlens.core.overlay import overlay_map
 
         return overlay_map(image, self.normalized[index].cpu().numpy(), alpha=alpha, colormap=colormap)
 

@@ -14,7 +14,7 @@ Follows the official MATLAB code (``imADVISE.m``, ``iComputeSum.m``, ``ADVISEker
    ``M1 = ReLU(sum_{k in S_r} w1_k A_k)`` with ``w1_k = (1/Z) sum_ij G1_kij`` (Grad-CAM weights within the
    group), likewise ``M2``; both rescaled to [0, 1] and bicubic-upsampled (MATLAB ``imresize``);
    groups whose ``M1`` is all zero are skipped;
-5. each group's maps go through the AVX protocol (:mod:`convlens.metrics.advise_protocol`; one forward of
+5. each group's maps go through the AVX protocol (:mod:`convlens.methods.avx`; one forward of
    the image masked by ``M1 >= 0.5``); the group with the highest AVX is the explanation.
 
 The result keeps every evaluated group's map (``layer_maps["R=r"]``), the peak-count histogram, the AVX
@@ -61,6 +61,7 @@ from convlens.core.hooks import forward_with_grads
 from convlens.core.layers import LayerSpec
 from convlens.core.maps import upsample
 from convlens.core.targets import OutputAdapter, ScoreKind, class_scores
+from convlens.methods.avx import AVXOptions, avx_protocol
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.methods.kde import KDEConvention, count_peaks, linspace_like_numpy, ssvkernel
 from convlens.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
@@ -186,7 +187,7 @@ class ADVISE(Explainer):
         selection: ``"avx"`` (code) or ``"largest"`` (the group with most units).
         preprocessing: the model's input normalisation (taken from a LoadedModel; default ImageNet).
         avx_mask, avx_drop_score, avx_miss_penalty, avx_nan_correlation: the AVX protocol's options
-            (:class:`convlens.metrics.advise_protocol.AVXOptions`).
+            (:class:`convlens.methods.avx.AVXOptions`).
     """
 
     name: ClassVar[str] = "advise"
@@ -218,7 +219,6 @@ class ADVISE(Explainer):
         if not isinstance(loaded_preprocessing, Preprocessing):
             loaded_preprocessing = None
         super().__init__(model, layers, score, output_adapter, batch_size, class_names)
-        from convlens.metrics.advise_protocol import AVXOptions  # ADVISE selects its map with the AVX protocol
 
         if upsample not in ("bicubic_matlab", "bicubic", "bilinear"):
             raise ValueError(f"upsample={upsample!r}: use 'bicubic_matlab', 'bicubic' or 'bilinear'")
@@ -264,7 +264,6 @@ class ADVISE(Explainer):
         return upsample(maps, size)
 
     def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
-        from convlens.metrics.advise_protocol import avx_protocol  # ADVISE selects its map with the AVX protocol
 
         layers = self.layers_for(x)
         if len(layers) != 1:
