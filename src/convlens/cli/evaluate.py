@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from convlens.cli.explain import CliError, _literal, parse_params
+from convlens.cli.common import CliError, parse_literal
+from convlens.cli.explain import parse_params
 from convlens.runners.evaluate import PRESETS, EvaluationConfig, EvaluationError, run_evaluation
 from convlens.runners.store import SettingsMismatchError
 
@@ -48,7 +49,7 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
         if name not in accepted:
             known = ", ".join(sorted(accepted)) or "no parameters"
             raise CliError(f"--metric-param {item!r}: {metric} accepts {known}")
-        per_metric.setdefault(metric, {})[name] = _literal(value)
+        per_metric.setdefault(metric, {})[name] = parse_literal(value)
     return per_metric
 
 

@@ -9,7 +9,6 @@ settings (``--no-resume`` recomputes).
 
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import hashlib
 import inspect
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import convlens
+from convlens.cli.common import CliError, parse_literal
 from convlens.cli.inv import build_inv, explain_inv, split_inv_request
 from convlens.core.engine import report_progress
 from convlens.core.explanation import atomic_directory
@@ -40,10 +40,6 @@ from convlens.reports.html import render_explain_report
 from convlens.reports.overlay import overlay_map
 
 __all__ = ["CliError", "ExplainConfig", "collect_inputs", "parse_params", "run_explain"]
-
-
-class CliError(Exception):
-    """A user error: printed as one line, non-zero exit, nothing written."""
 
 
 @dataclass
@@ -62,18 +58,6 @@ class ExplainConfig:
     resume: bool = True
     title: str = "convlens explain"
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def _literal(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _accepted_params(cls: type[Explainer]) -> set[str]:
@@ -100,7 +84,7 @@ def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict
         if not accepted_by:
             raise CliError(f"--param {item!r}: no selected method accepts {name!r}")
         for m in accepted_by:
-            per_method[m][name] = _literal(value)
+            per_method[m][name] = parse_literal(value)
     return per_method
 
 

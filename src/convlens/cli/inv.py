@@ -13,7 +13,6 @@ Options: ``--param inv.KEY=VALUE`` (e.g. ``inv.embedding=opentsne``, ``inv.num_l
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import inspect
 import json
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from convlens.cli.common import CliError, parse_literal
 from convlens.concepts.inv import INV
 from convlens.concepts.inv_report import render_inv_page
 
@@ -35,24 +35,6 @@ _NOT_OPTIONS = {"self", "model", "layers", "output_adapter", "class_names"}
 def inv_options() -> list[str]:
     """Keyword arguments of :class:`~convlens.concepts.INV` settable with ``--param``."""
     return [p for p in inspect.signature(INV.__init__).parameters if p not in _NOT_OPTIONS]
-
-
-def _cli_error(message: str) -> Exception:
-    from convlens.cli.explain import CliError  # lazy: convlens.cli.explain imports this module
-
-    return CliError(message)
-
-
-def _literal(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def split_inv_request(
@@ -77,8 +59,8 @@ def split_inv_request(
             rest.append(item)
             continue
         if name not in options:
-            raise _cli_error(f"--param {item!r}: INV has no option {name!r}; options: {', '.join(options)}")
-        kwargs[name] = _literal(value)
+            raise CliError(f"--param {item!r}: INV has no option {name!r}; options: {', '.join(options)}")
+        kwargs[name] = parse_literal(value)
     return others, rest, kwargs
 
 
@@ -93,7 +75,7 @@ def build_inv(loaded: Any, kwargs: dict[str, Any], layers: str | None = None) ->
         inv = INV(loaded, layers=layer_spec, **kwargs)
         inv.layers_for((3, size, size))
     except (TypeError, ValueError) as exc:
-        raise _cli_error(f"inv: {exc}") from exc
+        raise CliError(f"inv: {exc}") from exc
     return inv
 
 

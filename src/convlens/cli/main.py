@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from convlens.cli.common import CliError
 from convlens.cli.evaluate import evaluate as evaluate_command
-from convlens.cli.explain import CliError, ExplainConfig, run_explain
+from convlens.cli.explain import ExplainConfig, run_explain
 
 app = typer.Typer(
     name="convlens",

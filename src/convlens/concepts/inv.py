@@ -70,6 +70,7 @@ from torch import nn
 from convlens.concepts.layers import ConvLayer, find_conv_layers
 from convlens.core.explanation import atomic_directory
 from convlens.core.hooks import eval_mode, forward_with_grads
+from convlens.core.inputs import as_image_batch
 from convlens.core.layers import LayerSpec, describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec, class_scores, resolve_targets
@@ -771,14 +772,7 @@ class INV:
         self, x: torch.Tensor, targets: TargetSpec = None, image_ids: Sequence[str] | None = None
     ) -> list[InvExplanation]:
         """Explain a batch (B, C, H, W) with one forward + one backward; one :class:`InvExplanation` each."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected an image tensor, got {type(x).__name__}")
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or infinite values")
+        x = as_image_batch(x)
         if image_ids is not None and len(image_ids) != x.shape[0]:
             raise ValueError(f"got {len(image_ids)} image ids for {x.shape[0]} images")
         from threadpoolctl import threadpool_limits

@@ -23,6 +23,7 @@ from torch import nn
 
 from convlens.core.explanation import Explanation
 from convlens.core.hooks import eval_mode, forward_with_grads
+from convlens.core.inputs import as_image_batch
 from convlens.core.layers import LayerSpec, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.targets import (
@@ -122,14 +123,7 @@ class Explainer(abc.ABC):
         ``targets``: None/"auto" (predicted class), an int or class name for all images, or one
         class id per image.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected an image tensor, got {type(x).__name__}")
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or infinite values")
+        x = as_image_batch(x)
         x = x.to(self.device, dtype=torch.float32)
         start = time.perf_counter()
         logits = self.logits(x)
