@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -52,3 +54,12 @@ def tiny_cnn() -> TinyCNN:
 def tiny_images() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(3, 3, 32, 32, generator=g)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,7 @@ from convlens.models.zoo import LoadedModel, wrap
 from convlens.runners.evaluate import EvaluationConfig, EvaluationError, run_evaluation
 from convlens.runners.store import ResultsStore, SettingsMismatchError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 METRICS = ["ebpg", "bbox", "pointing_game", "drop", "increase", "insertion"]

@@ -23,14 +23,7 @@ from convlens.metrics.faithfulness import (
     rise_gaussian_kernel,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # saliency with distinct values 1..16 (pixel order by saliency is unambiguous)

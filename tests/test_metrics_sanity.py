@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,14 +25,7 @@ from convlens.metrics.sanity import (
     ssim_similarity,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_spearman_signed_and_absolute_toy() -> None:
