@@ -56,7 +56,7 @@ def tiny_images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=g)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
     threads = torch.get_num_threads()

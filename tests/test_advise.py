@@ -22,13 +22,7 @@ from convlens.models.preprocessing import Preprocessing
 PREP = Preprocessing(size=32, resize=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small batched ops: torch's thread pool on a shared 2-core machine makes each one many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def uint8_batch(n: int, seed: int = 0) -> torch.Tensor:

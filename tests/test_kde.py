@@ -14,14 +14,7 @@ from scipy.signal import find_peaks
 
 from convlens.methods.kde import count_peaks, linspace_like_numpy, ssvkernel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small batched ops: torch's thread pool on a shared 2-core machine makes each one many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_adaptivekde(x: np.ndarray, tin: np.ndarray) -> np.ndarray | None:

@@ -20,13 +20,7 @@ from convlens.methods.sise import SISE, code_otsu_threshold, fuse_visualization_
 BLOCKS = ("block1", "block2", "block3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny-CNN ops are microseconds; torch's thread pool on a shared 2-core machine makes them ~50 ms each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------- literal reference
