@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test lint install install-test bench clean
+.PHONY: demo test test-random lint install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ bench: $(VENV)/.installed-test
 
 clean:
 	rm -rf out .pytest_cache
+
+# The suite in a random order (pytest-randomly; the seed is printed, rerun with -p randomly -p "randomly_seed=N").
+test-random: $(VENV)/.installed-test
+	$(PY) -m pytest -q -p randomly

@@ -16,31 +16,32 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from convlens.core.binding import ModelBinding
 from convlens.core.explanation import Explanation
-from convlens.core.hooks import eval_mode, forward_with_grads
+from convlens.core.hooks import forward_with_grads
 from convlens.core.inputs import as_image_batch
 from convlens.core.layers import LayerSpec, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
-from convlens.core.targets import (
-    OutputAdapter,
-    ScoreKind,
-    TargetSpec,
-    adapt_output,
-    class_scores,
-    resolve_targets,
-)
+from convlens.core.params import MethodParams, ParamError
+from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec, class_scores
 
-__all__ = ["Explainer", "GradientCAM", "MethodOutput"]
+__all__ = ["Explainer", "GradientCAM", "MethodOutput", "NoParams"]
 
 
 class MethodOutput(dict):
     """What ``_explain`` returns: ``maps`` (B,H,W) plus optional ``layer_maps``, ``extras``,
     ``forward_passes``, ``backward_passes``, ``timings``."""
+
+
+@dataclass(frozen=True)
+class NoParams(MethodParams):
+    """A method without knobs of its own."""
 
 
 class Explainer(abc.ABC):
@@ -53,6 +54,8 @@ class Explainer(abc.ABC):
         output_adapter: maps the raw model output to (B, classes) logits.
         batch_size: masked inputs per forward pass for sampling methods.
         class_names: lets targets be given by class name.
+        params: the method's parameter object (an instance of its ``Params``); or give the same
+            knobs as keyword arguments (``create("rise", model, n_masks=1000)``), checked by ``Params``.
     """
 
     name: ClassVar[str] = ""
@@ -60,6 +63,7 @@ class Explainer(abc.ABC):
     uses_layers: ClassVar[bool] = True
     default_layers: ClassVar[LayerSpec] = "last"
     default_score: ClassVar[ScoreKind] = "logit"
+    Params: ClassVar[type[MethodParams]] = NoParams
 
     def __init__(
         self,
@@ -69,52 +73,58 @@ class Explainer(abc.ABC):
         output_adapter: OutputAdapter | None = None,
         batch_size: int = 64,
         class_names: Sequence[str] | None = None,
+        params: MethodParams | None = None,
+        **knobs: Any,
     ) -> None:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # LoadedModel
-            class_names = class_names or getattr(model, "class_names", None)
-            model = model.module
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
+        self.binding = ModelBinding(model, score or self.default_score, output_adapter, class_names)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ParamError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if params is not None and knobs:
+            raise ParamError(f"{self.name}: give either params= or keyword parameters, not both")
+        if params is not None and not isinstance(params, self.Params):
+            raise ParamError(f"{self.name}: params must be a {self.Params.__name__}, got {type(params).__name__}")
+        self.config = params if params is not None else self.Params.from_mapping(knobs)
         self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
-        self.score: ScoreKind = score or self.default_score
-        if self.score not in ("logit", "softmax", "sigmoid"):
-            raise ValueError(f"unknown score {self.score!r}: use logit, softmax or sigmoid")
-        self.output_adapter = output_adapter
         self.batch_size = batch_size
-        self.class_names = list(class_names) if class_names else None
         self._layers: list[str] | None = None
-        self._layers_for: tuple[int, ...] | None = None
 
-    # ------------------------------------------------------------------ helpers for subclasses
+    # ------------------------------------------------------------------ the bound model
+    @property
+    def model(self) -> nn.Module:
+        return self.binding.model
+
+    @property
+    def score(self) -> ScoreKind:
+        return self.binding.score
+
+    @property
+    def output_adapter(self) -> OutputAdapter | None:
+        return self.binding.output_adapter
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.binding.class_names
+
     @property
     def device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return self.binding.device
 
     def layers_for(self, x: torch.Tensor) -> list[str]:
         """Resolve (once per input shape) the layers this method uses."""
         shape = tuple(x.shape[1:])
-        if self._layers is None or self._layers_for != shape:
-            self._layers = resolve_layers(self.model, self.layer_spec, shape)
-            self._layers_for = shape
+        self._layers = self.binding.cached_layers(shape, lambda: resolve_layers(self.model, self.layer_spec, shape))
         return self._layers
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a batch (inference mode, eval mode)."""
-        with torch.inference_mode(), eval_mode(self.model):
-            return adapt_output(self.model(x), self.output_adapter).float()
+        return self.binding.logits(x)
 
     def scores_of(self, logits: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        return class_scores(logits, class_ids, self.score)
+        return self.binding.scores(logits, class_ids)
 
     def params(self) -> dict[str, Any]:
-        """Parameters recorded in the result (override to add method knobs)."""
-        return {"score": self.score, "batch_size": self.batch_size}
+        """Parameters recorded in the result: score, batch size and the method's ``Params``."""
+        return {"score": self.score, "batch_size": self.batch_size} | self.config.as_dict()
 
     # ------------------------------------------------------------------ public API
     def explain(self, x: torch.Tensor, targets: TargetSpec = None) -> Explanation:
@@ -127,7 +137,7 @@ class Explainer(abc.ABC):
         x = x.to(self.device, dtype=torch.float32)
         start = time.perf_counter()
         logits = self.logits(x)
-        class_ids = resolve_targets(logits, targets, self.class_names)
+        class_ids = self.binding.targets(logits, targets)
         base_scores = self.scores_of(logits, class_ids)
         out = self._explain(x, class_ids, logits)
         timings = dict(out.get("timings", {}))

@@ -398,14 +398,16 @@ class SISE(Explainer):
     def layers_for(self, x: torch.Tensor) -> list[str]:
         """Phase 1: the layers, de-duplicated and ordered low-level -> high-level (execution order)."""
         shape = tuple(x.shape[1:])
-        if self._layers is not None and self._layers_for == shape:
-            return self._layers
-        layers = list(dict.fromkeys(super().layers_for(x)))
-        if not (isinstance(self.layer_spec, str) and self.layer_spec in ("blocks", "last")) and len(layers) > 1:
-            order = describe_layers(self.model, shape)
-            layers.sort(key=lambda name: order[name].order if name in order else math.inf)
-        self._layers = layers
-        return layers
+
+        def ordered() -> list[str]:
+            layers = list(dict.fromkeys(super(SISE, self).layers_for(x)))
+            if not (isinstance(self.layer_spec, str) and self.layer_spec in ("blocks", "last")) and len(layers) > 1:
+                order = describe_layers(self.model, shape)
+                layers.sort(key=lambda name: order[name].order if name in order else math.inf)
+            return layers
+
+        self._layers = self.binding.cached_layers(("execution order", shape), ordered)
+        return self._layers
 
     # ------------------------------------------------------------------ phase 2
     def select_channels(self, alpha: torch.Tensor) -> tuple[torch.Tensor, float | None]:
