@@ -1,0 +1,201 @@
+"""A study's settings and rounds, as written by ``convlens study create`` into STUDY_DIR.
+
+Files of a study directory:
+
+* ``study.json`` — :class:`StudyConfig`: what the team sets (title, study and consent versions, consent
+  text, classes, languages, plays per round, rounds per player, completion code/redirect, rate limits)
+  and what creation recorded (INV runs used, reveal levels, convlens version). The team may edit the
+  text fields after creation; the server reads the file at start.
+* ``rounds.json`` — one :class:`RoundSpec` per round (image x layer x cluster, plus gold rounds).
+* ``images/<round_id>/level<k>.png`` (k = 0..5) and ``full.png`` — rendered once at creation.
+* ``secrets.json`` (mode 0600) — the admin token and the key that signs CSRF cookies.
+* ``study.sqlite`` — the default database (created by ``convlens serve``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LANGUAGE_PATTERN",
+    "RoundSpec",
+    "StudyConfig",
+    "StudyFiles",
+    "StudySecrets",
+    "load_rounds",
+    "load_secrets",
+    "load_study",
+]
+
+FORMAT = "convlens-deep-reveal-study"
+FORMAT_VERSION = 1
+LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$"  # a BCP-47 tag (language[-region...])
+STUDY_JSON = "study.json"
+ROUNDS_JSON = "rounds.json"
+SECRETS_JSON = "secrets.json"
+
+DEFAULT_CONSENT = (
+    "This is a research study about how people describe what image classifiers look at. You will see "
+    "partly revealed images and guess their class; you may describe what made you decide. We record your "
+    "guesses, descriptions, timing and an optional nickname under a random pseudonymous id; no name, e-mail "
+    "or IP address is stored. Participation is voluntary and you may stop at any time."
+)
+
+
+class InvRunRecord(BaseModel):
+    """One INV run folder used by the study."""
+
+    path: str
+    name: str
+    format_version: int
+    images: int
+    layers: list[str]
+
+
+class StudyConfig(BaseModel):
+    """``study.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    study_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    title: str = Field(min_length=1, max_length=200)
+    study_version: str = Field(default="1", min_length=1, max_length=40)
+    consent_version: str = Field(default="1", min_length=1, max_length=40)
+    consent_text: str = Field(default=DEFAULT_CONSENT, min_length=1, max_length=20_000)
+    classes: list[str] = Field(min_length=2)
+    languages: list[str] = Field(default_factory=lambda: ["en", "it"], min_length=1)
+    plays_per_round: int = Field(default=3, ge=1, le=10_000)
+    rounds_per_player: int = Field(default=20, ge=1, le=100_000)
+    completion_code: str | None = Field(default=None, max_length=64)
+    completion_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
+    assignment_policy: str = "uniform"
+    assignment_seed: int = 0
+    rate_limit_ip: str = "600/minute"
+    rate_limit_participant: str = "120/minute"
+    max_description_chars: int = Field(default=1000, ge=10, le=10_000)
+    max_nickname_chars: int = Field(default=32, ge=1, le=100)
+    reveal_percentages: list[float] = Field(min_length=2)
+    gold_percentages: list[float] = Field(min_length=2)
+    layer_choice: list[str] | None = None
+    inv_runs: list[InvRunRecord] = Field(default_factory=list)
+    convlens_version: str = ""
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in value]
+        if any(not c or len(c) > 100 for c in cleaned) or len(set(cleaned)) != len(cleaned):
+            raise ValueError("classes must be distinct, non-empty names of at most 100 characters")
+        return cleaned
+
+    @field_validator("languages")
+    @classmethod
+    def _language_tags(cls, value: list[str]) -> list[str]:
+        import re
+
+        for tag in value:
+            if not re.fullmatch(LANGUAGE_PATTERN, tag):
+                raise ValueError(f"{tag!r} is not a BCP-47 language tag such as en, it or pt-BR")
+        return value
+
+    @property
+    def levels(self) -> int:
+        return len(self.reveal_percentages)
+
+
+class RoundSpec(BaseModel):
+    """One round: an INV cluster shown through its map, or a gold round (known answer, high reveal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_id: str
+    cluster_id: str | None
+    image_id: str
+    image_name: str
+    layer: str | None
+    layer_depth: int | None
+    n_layers: int
+    cluster_index: int | None
+    cluster_weight: float | None
+    fmap_count: int | None
+    true_class: str
+    gold: bool
+    inv_run: str
+
+
+class StudySecrets(BaseModel):
+    admin_token: str = Field(min_length=16)
+    signing_key: str = Field(min_length=32)
+
+
+class StudyFiles:
+    """Paths inside a study directory; :meth:`image` never leaves ``images/``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.images = self.root / "images"
+
+    @property
+    def config(self) -> Path:
+        return self.root / STUDY_JSON
+
+    @property
+    def rounds(self) -> Path:
+        return self.root / ROUNDS_JSON
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / SECRETS_JSON
+
+    @property
+    def sqlite(self) -> Path:
+        return self.root / "study.sqlite"
+
+    def image(self, round_id: str, name: str) -> Path:
+        """``images/<round_id>/<name>``, refusing any path that resolves outside ``images/``."""
+        path = (self.images / round_id / name).resolve()
+        if not path.is_relative_to(self.images) or path.parent.parent != self.images:
+            raise PermissionError(f"image path {round_id}/{name} leaves the study's images folder")
+        return path
+
+
+def load_study(root: str | os.PathLike[str]) -> StudyConfig:
+    files = StudyFiles(root)
+    if not files.config.is_file():
+        raise FileNotFoundError(f"{files.root}: no {STUDY_JSON}; create the study with `convlens study create`")
+    config = StudyConfig.model_validate_json(files.config.read_text())
+    if config.format != FORMAT or config.format_version != FORMAT_VERSION:
+        raise ValueError(f"{files.config}: format {config.format} v{config.format_version}, expected v{FORMAT_VERSION}")
+    return config
+
+
+def load_rounds(root: str | os.PathLike[str]) -> list[RoundSpec]:
+    data = json.loads(StudyFiles(root).rounds.read_text())
+    return [RoundSpec.model_validate(entry) for entry in data["rounds"]]
+
+
+def new_secrets() -> StudySecrets:
+    return StudySecrets(admin_token=secrets.token_urlsafe(24), signing_key=secrets.token_urlsafe(48))
+
+
+def write_secrets(root: Path, value: StudySecrets) -> None:
+    path = Path(root) / SECRETS_JSON
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value.model_dump_json(indent=2))
+
+
+def load_secrets(root: str | os.PathLike[str]) -> StudySecrets:
+    """``secrets.json``; ``CONVLENS_STUDY_ADMIN_TOKEN`` in the environment overrides the admin token."""
+    value = StudySecrets.model_validate_json(StudyFiles(root).secrets.read_text())
+    override = os.environ.get("CONVLENS_STUDY_ADMIN_TOKEN")
+    return value.model_copy(update={"admin_token": override}) if override else value

@@ -1,0 +1,99 @@
+"""The data dictionary of a study export: every column of every table (name, type, meaning, allowed values).
+
+Types: ``string``, ``integer``, ``number``, ``boolean`` (CSV: ``true``/``false``), ``datetime`` (ISO 8601
+UTC, ``Z`` suffix). A null is an empty CSV cell and ``null`` in JSON Lines. Free text is exported as the
+player typed it (bounded, control characters refused); spreadsheet programs may interpret a cell starting
+with ``=``, ``+``, ``-`` or ``@`` as a formula, so open the CSV files with a data tool, not a spreadsheet.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DATA_DICTIONARY_VERSION", "TABLES", "dictionary_markdown"]
+
+DATA_DICTIONARY_VERSION = "1"
+
+_LEVEL = "reveal level index 0..5 (2, 4.5, 8, 13, 20, 30 % of pixels; gold rounds 50..100 %)"
+
+
+def _c(name: str, type_: str, meaning: str, allowed: str = "") -> dict[str, str]:
+    return {"name": name, "type": type_, "meaning": meaning, "allowed": allowed}
+
+
+_ROUND = [
+    _c("round_id", "string", "round id (12 hex digits, stable for the same cluster)"),
+    _c("cluster_id", "string", "INV cluster id <sha16>:<layer>:<index>", "null for gold rounds"),
+]
+_CLUSTER = [
+    _c("image_id", "string", "first 16 hex digits of the SHA-256 of the image file"),
+    _c("layer", "string", "explained module name", "null for gold rounds"),
+    _c("layer_depth", "integer", "0-based position of the layer in its INV run (shallow -> deep)",
+       "null for gold rounds"),
+    _c("n_layers", "integer", "number of layers in that INV run"),
+    _c("cluster_index", "integer", "cluster rank by weight within its layer (0 = heaviest)", "null for gold rounds"),
+]
+
+TABLES: dict[str, list[dict[str, str]]] = {
+    "rounds": [
+        *_ROUND,
+        _CLUSTER[0],
+        _c("image_name", "string", "image file stem in the INV run"),
+        *_CLUSTER[1:],
+        _c("cluster_weight", "number", "cluster weight, percent of the whole layer", "null for gold rounds"),
+        _c("fmap_count", "integer", "number of feature maps in the cluster", "null for gold rounds"),
+        _c("true_class", "string", "the INV target class (the answer)", "one of study.json classes"),
+        _c("gold", "boolean", "attention-check round (known answer, high reveal)"),
+        _c("inv_run", "string", "INV run folder name"),
+    ],
+    "plays": [
+        _c("play_id", "string", "play id (24 hex digits)"),
+        _c("participant_id", "string", "pseudonymous participant id (16 hex digits)"),
+        *_ROUND,
+        *_CLUSTER,
+        _c("true_class", "string", "the round's answer"),
+        _c("gold", "boolean", "attention-check round"),
+        _c("outcome", "string", "how the play ended; abandoned = still open at export",
+           "win | lose | resign | abandoned"),
+        _c("level", "integer", _LEVEL + " at the guess or resign; for abandoned the highest level seen", "0..5"),
+        _c("guessed_class", "string", "the class guessed", "empty unless win or lose"),
+        _c("correct", "boolean", "guessed_class == true_class", "empty unless win or lose"),
+        _c("description", "string", "free text: what made the player decide (after a guess)", "null if none"),
+        _c("language", "string", "BCP-47 tag the player chose for the description", "study.json languages"),
+        _c("score", "integer", "points of this play (see study.json scoring_rule)", "0..100"),
+        _c("started_at", "datetime", "round assigned"),
+        _c("ended_at", "datetime", "guess or resign", "null for abandoned"),
+    ],
+    "events": [
+        _c("event_id", "integer", "append order (increasing)"),
+        _c("play_id", "string", "play id"),
+        _c("participant_id", "string", "pseudonymous participant id"),
+        *_ROUND,
+        _c("type", "string", "what happened", "start | reveal | guess | describe | resign"),
+        _c("level", "integer", _LEVEL + " after the event", "0..5"),
+        _c("guessed_class", "string", "the class guessed", "guess events only"),
+        _c("text", "string", "the description", "describe events only"),
+        _c("language", "string", "BCP-47 tag of the description", "describe events only"),
+        _c("created_at", "datetime", "when the server committed the event"),
+    ],
+    "participants": [
+        _c("participant_id", "string", "pseudonymous participant id (random, 16 hex digits)"),
+        _c("nickname", "string", "optional nickname shown on the leaderboard", "null if none"),
+        _c("prolific_pid", "string", "PROLIFIC_PID URL parameter at consent", "null if absent"),
+        _c("study_id_param", "string", "STUDY_ID URL parameter at consent", "null if absent"),
+        _c("session_id_param", "string", "SESSION_ID URL parameter at consent", "null if absent"),
+        _c("consent_version", "string", "consent text version agreed to"),
+        _c("created_at", "datetime", "consent given"),
+        _c("plays", "integer", "finished plays (win, lose, resign)"),
+        _c("wins", "integer", "correct guesses"),
+        _c("gold_plays", "integer", "finished gold plays"),
+        _c("gold_correct", "integer", "correct guesses on gold rounds"),
+    ],
+}
+
+
+def dictionary_markdown() -> str:
+    lines = [f"# Deep Reveal export — data dictionary v{DATA_DICTIONARY_VERSION}", "", __doc__.split("\n\n", 1)[1], ""]
+    for table, columns in TABLES.items():
+        lines += [f"## {table}", "", "| column | type | meaning | allowed |", "|---|---|---|---|"]
+        lines += [f"| {c['name']} | {c['type']} | {c['meaning']} | {c['allowed']} |" for c in columns]
+        lines.append("")
+    return "\n".join(lines)
