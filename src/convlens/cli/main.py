@@ -13,6 +13,8 @@ from rich.table import Table
 from convlens.cli.common import CliError
 from convlens.cli.evaluate import evaluate as evaluate_command
 from convlens.cli.explain import ExplainConfig, run_explain
+from convlens.cli.study import serve as serve_command
+from convlens.cli.study import study_app
 
 app = typer.Typer(
     name="convlens",
@@ -124,6 +126,8 @@ def methods() -> None:
 
 
 app.command(name="evaluate")(evaluate_command)
+app.add_typer(study_app, name="study")
+app.command(name="serve")(serve_command)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,240 @@
+"""Test infrastructure: a throw-away PostgreSQL cluster, a real uvicorn server process, async load players."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CSRF_META = re.compile(r'name="csrf-token" content="([^"]*)"')
+UNLIMITED = "1000000/minute"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pg_bindir() -> Path | None:
+    configured = os.environ.get("CONVLENS_PG_BINDIR")
+    candidates = [Path(configured)] if configured else sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((c for c in candidates if (c / "initdb").is_file() and (c / "pg_ctl").is_file()), None)
+
+
+class PostgresCluster:
+    """initdb + pg_ctl in a temporary folder on a free loopback port; databases created on demand.
+
+    PostgreSQL refuses to run as root: as root the cluster runs as the ``postgres`` system user (created
+    by Debian's package) through ``runuser``; otherwise as the current user.
+    """
+
+    def __init__(self, bindir: Path, base: Path, run_as: list[str]) -> None:
+        self.bindir, self.base, self.run_as = bindir, base, run_as
+        self.port = free_port()
+        self.count = 0
+
+    @classmethod
+    def start_or_skip(cls) -> PostgresCluster:
+        bindir = _pg_bindir()
+        if bindir is None:
+            pytest.skip("PostgreSQL is not installed (bash scripts/install_system_deps.sh installs it)")
+        run_as: list[str] = []
+        base = Path(tempfile.mkdtemp(prefix="convlens-pg-"))
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+            if shutil.which("runuser") is None:
+                pytest.skip("running as root without runuser: cannot start PostgreSQL as a normal user")
+            os.chown(base, user.pw_uid, user.pw_gid)
+            run_as = ["runuser", "-u", "postgres", "--"]
+        cluster = cls(bindir, base, run_as)
+        try:
+            cluster._start()
+        except (subprocess.CalledProcessError, OSError) as exc:
+            shutil.rmtree(base, ignore_errors=True)
+            pytest.skip(f"could not start a PostgreSQL cluster: {exc}")
+        return cluster
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=120)
+
+    def _start(self) -> None:
+        data = self.base / "data"
+        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "convlens", "-A", "trust", "-E", "UTF8",
+                  "--no-instructions")
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200"
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.base / "log"),
+                  "-w", "-t", "60", "start")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://convlens@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        self.count += 1
+        name = f"study_{os.getpid()}_{self.count}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=convlens dbname=postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+class LiveServer:
+    """``python -m convlens.study.server`` in its own process (and process group) on a loopback port."""
+
+    def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None) -> None:
+        self.study_dir, self.db, self.workers = study_dir, db, workers
+        self.port = free_port()
+        self.log = log or study_dir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> LiveServer:
+        command = [sys.executable, "-m", "convlens.study.server", str(self.study_dir), "--port", str(self.port),
+                   "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED]
+        if self.db:
+            command += ["--db", self.db]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        self._wait_healthy(timeout)
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (the server and any worker it started)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@dataclass
+class LoadResult:
+    acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (action, request id)
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    pending: dict[int, tuple[str, dict]] = field(default_factory=dict)  # player -> unacknowledged request
+    elapsed: float = 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+async def _join(client: Any) -> str:
+    page = await client.get("/")
+    csrf = CSRF_META.search(page.text).group(1)
+    response = await client.post("/consent", data={"csrftoken": csrf, "consent": "yes", "consent_version": "1"})
+    assert response.status_code == 303, response.text
+    return csrf
+
+
+def _next_action(view: dict, rng: random.Random, classes: list[str]) -> tuple[str, dict]:
+    if view.get("done"):
+        raise RuntimeError("player ran out of rounds: the load study needs more rounds or plays per round")
+    play = view["play"]
+    if view["state"] == "active":
+        draw = rng.random()
+        if view["level"] < view["levels"] - 1 and draw < 0.45:
+            return f"/api/plays/{play}/reveal", {"level": view["level"] + 1}
+        if draw < 0.52:
+            return f"/api/plays/{play}/resign", {}
+        return f"/api/plays/{play}/guess", {"class_name": rng.choice(classes)}
+    if view["state"] in ("win", "lose") and not view["described"] and rng.random() < 0.8:
+        return f"/api/plays/{play}/describe", {"text": f"edges and colour {rng.randrange(1000)}", "language": "en"}
+    return "/api/next", {}
+
+
+async def play(base_url: str, index: int, submissions: int, classes: list[str], result: LoadResult,
+               clients: dict[int, Any]) -> None:
+    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event)."""
+    import httpx
+
+    rng = random.Random(index)
+    client = httpx.AsyncClient(base_url=base_url, timeout=60)
+    clients[index] = client
+    csrf = await _join(client)
+    view: dict = (await client.post("/api/next", json={"request_id": str(uuid.uuid4())},
+                                    headers={"x-csrftoken": csrf})).json()
+    done = 0
+    while done < submissions:
+        path, body = _next_action(view, rng, classes)
+        body = {"request_id": str(uuid.uuid4()), **body}
+        result.pending[index] = (path, body)
+        start = time.perf_counter()
+        response = await client.post(path, json=body, headers={"x-csrftoken": csrf})
+        result.latencies.append(time.perf_counter() - start)
+        if response.status_code != 200:
+            result.failures.append(f"{path} {response.status_code} {response.text[:200]}")
+            return
+        del result.pending[index]
+        view = response.json()
+        if path != "/api/next" or not view.get("resumed"):
+            result.acknowledged.append((path.rsplit("/", 1)[-1], body["request_id"]))
+            done += 1
+
+
+async def run_load(base_url: str, players: int, submissions: int, classes: list[str],
+                   stop_after: int | None = None) -> tuple[LoadResult, list[asyncio.Task], dict[int, Any]]:
+    """``players`` concurrent players x ``submissions``; with ``stop_after`` the run returns once that many
+    submissions are acknowledged (the players keep going until the caller kills the server)."""
+    result = LoadResult()
+    clients: dict[int, Any] = {}
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(play(base_url, i, submissions, classes, result, clients)) for i in range(players)]
+    if stop_after is None:
+        await asyncio.gather(*tasks)
+    else:
+        while len(result.acknowledged) < stop_after and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.01)
+    result.elapsed = time.perf_counter() - start
+    return result, tasks, clients
