@@ -35,7 +35,7 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
     out = tmp_path / "out"
     code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--per-block",
                         "--layers", "blocks")
-    assert code == 0, output
+    assert code == 1, output  # exit 1: an image was skipped (listed)
     assert "broken.jpg" in output
     results = json.loads((out / "results.json").read_text())
     assert [s["path"].endswith("broken.jpg") for s in results["skipped"]] == [True]
@@ -50,7 +50,7 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
     assert "broken.jpg" in html
     before = (out / "chelsea" / "result.json").stat().st_mtime_ns
     code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--layers", "blocks")
-    assert code == 0 and (out / "chelsea" / "result.json").stat().st_mtime_ns == before  # resumed, not recomputed
+    assert code == 1 and (out / "chelsea" / "result.json").stat().st_mtime_ns == before  # resumed, not recomputed
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
@@ -63,7 +63,9 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
         (["--target", "not a class"], "unknown class name"),
         (["--param", "gradcam.bogus=1"], "no selected method accepts"),
         (["--layers", "nolayer"], "not found"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--batch-size", "0"], ""),
+        (["--device", "cuda"], "no CUDA device") if not torch.cuda.is_available()
+        else (["--device", "cuda:99"], "CUDA device(s)"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_exit_nonzero_and_write_nothing(photos: Path, tmp_path: Path, args: list[str],

@@ -29,8 +29,8 @@ from convlens.concepts import (
     prune_threshold,
     weak_cluster_threshold,
 )
-from convlens.concepts.inv import channel_weights
 from convlens.concepts.inv_report import render_inv_page
+from convlens.concepts.weights import channel_weights
 
 TINY_LAYERS = ["block1.2", "block2.2", "block3.1"]  # post-ReLU outputs of TinyCNN's three convs
 
@@ -451,36 +451,38 @@ def test_invalid_arguments_raise_clear_errors(tiny_cnn: nn.Module, tiny_images: 
         INV("not a model")  # type: ignore[arg-type]
 
 
-def test_cli_split_params_and_explain_inv(tmp_path: Path, tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
+def test_runner_inv_params_and_image_record(tmp_path: Path, tiny_cnn: nn.Module) -> None:
+    """INV in the explain pipeline: --param items checked by INVParams, one image explained into a folder."""
     from PIL import Image
 
-    from convlens.cli.explain import CliError
-    from convlens.cli.inv import build_inv, explain_inv, split_inv_request
     from convlens.models import wrap
     from convlens.models.preprocessing import Preprocessing
+    from convlens.runners.explain_image import ImageSettings, explain_image
+    from convlens.runners.explain_methods import build_explainers, parse_method_params
 
-    others, rest, kwargs = split_inv_request(["gradcam", "inv"], ["inv.seed=3", "gradcam.batch_size=2", "x=1"])
-    assert others == ["gradcam"] and rest == ["gradcam.batch_size=2", "x=1"] and kwargs == {"seed": 3}
-    assert split_inv_request(["inv"], ["embedding=pca"])[2] == {"embedding": "pca"}
-    assert split_inv_request(["gradcam"], ["inv.seed=3"])[2] is None
-    with pytest.raises(CliError, match="no option"):
-        split_inv_request(["inv"], ["inv.nope=1"])
+    per_method = parse_method_params(["inv.seed=3", "gradcam.score=softmax", "embedding=pca"], ["gradcam", "inv"])
+    assert per_method == {"gradcam": {"score": "softmax"}, "inv": {"seed": 3, "embedding": "pca"}}
+    with pytest.raises(ValueError, match="no selected method accepts 'nope'"):
+        parse_method_params(["inv.nope=1"], ["inv"])
+    with pytest.raises(ValueError, match=r"inv.perplexity: must be > 0"):
+        parse_method_params(["inv.perplexity=0"], ["inv"])
 
     loaded = wrap(tiny_cnn, Preprocessing(size=32, resize=32), class_names=list("abcde"), name="tiny")
-    with pytest.raises(CliError, match="embedding"):
-        build_inv(loaded, {"embedding": "umap"})
-    inv = build_inv(loaded, {"embedding": "pca"}, layers="block2.2,block3.1")
+    with pytest.raises(ValueError, match=r"inv: .*embedding"):
+        build_explainers(loaded, ["inv"], {"inv": {"embedding": "umap"}}, None, 8)
+    explainers = build_explainers(loaded, ["inv"], {"inv": {"embedding": "pca"}}, "block2.2,block3.1", 8)
     path = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
-    display = loaded.preprocessing.display(Image.open(path))
-    x = loaded.preprocessing(Image.open(path).convert("RGB"))[None]
-    record = explain_inv(inv, path, display, x, tmp_path / "out", None, loaded.class_names)
-    out = tmp_path / "out"
-    assert (out / record["page"]).is_file() and (out / record["files"]["overlay"]).is_file()
-    assert all((out / block["file"]).is_file() for block in record["block_images"])
-    manifest = json.loads((out / "inv" / "inv.json").read_text())
+    folder = tmp_path / "out"
+    folder.mkdir()
+    record = explain_image(path, loaded, explainers, ImageSettings(None, "h"), folder)
+    inv_record = record["results"][0]
+    assert (folder / inv_record["page"]).is_file() and (folder / inv_record["files"]["overlay"]).is_file()
+    assert all((folder / block["file"]).is_file() for block in inv_record["block_images"])
+    manifest = json.loads((folder / "inv" / "inv.json").read_text())
     assert manifest["image_sha256"] == image_digest(path)  # ids start with the image FILE's hash
     assert [layer["name"] for layer in manifest["layers"]] == ["block2.2", "block3.1"]
+    assert manifest["layer_choice"]["rule"] == "explicit"
 
 
 @pytest.mark.slow
@@ -520,9 +522,8 @@ def test_explain_command_with_inv_links_the_layer_page(tmp_path: Path) -> None:
     """``convlens explain IMAGE --method gradcam,inv --layers bn2``: both results, INV page linked."""
     import skimage.data
     from PIL import Image
-    from rich.console import Console
 
-    from convlens.cli.explain import ExplainConfig, run_explain
+    from convlens.runners.explain import ExplainConfig, run_explain
 
     image = tmp_path / "cat.png"
     Image.fromarray(skimage.data.chelsea()).save(image)
@@ -530,7 +531,7 @@ def test_explain_command_with_inv_links_the_layer_page(tmp_path: Path) -> None:
         inputs=[str(image)], methods=["gradcam", "inv"], layers="bn2", out=tmp_path / "out",
         params=["inv.embedding=pca"],
     )
-    assert run_explain(config, Console(file=open(tmp_path / "log.txt", "w"))) == 0  # noqa: SIM115
+    assert run_explain(config).exit_code == 0
     record = json.loads((tmp_path / "out" / "cat" / "result.json").read_text())
     methods = [r["method"] for r in record["results"]]
     assert methods == ["gradcam", "inv"]

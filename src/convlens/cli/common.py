@@ -1,15 +1,25 @@
-"""What every CLI command shares: the user-error type and the parsing of ``KEY=VALUE`` values."""
+"""What every CLI command shares: the user-error type, the one-line error exit and ``KEY=VALUE`` parsing."""
 
 from __future__ import annotations
 
 import ast
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["CliError", "parse_literal"]
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["CliError", "fail", "parse_literal"]
 
 
 class CliError(Exception):
     """A user error: printed as one line, non-zero exit, nothing written."""
+
+
+def fail(console: Console, message: str, code: int = 2) -> NoReturn:
+    """Print ``error: <message>`` (verbatim: user text is never read as rich markup) and exit with ``code``."""
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code=code)
 
 
 def parse_literal(text: str) -> Any:
@@ -21,5 +31,5 @@ def parse_literal(text: str) -> Any:
         return None
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return text

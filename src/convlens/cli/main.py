@@ -8,13 +8,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import CliError
+from convlens.cli.common import fail
 from convlens.cli.evaluate import evaluate as evaluate_command
-from convlens.cli.explain import ExplainConfig, run_explain
+from convlens.cli.explain import console, execute, explain
+from convlens.cli.labels import global_command, labels_command
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
+from convlens.runners.explain import ExplainConfig
+from convlens.runners.explain_methods import ExplainerSpec
 
 app = typer.Typer(
     name="convlens",
@@ -22,17 +26,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-console = Console(stderr=True)
 
 # Demo settings: chosen so the whole demo runs in about two minutes on 2 CPU cores (shown on the page).
-DEMO_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "rise", "ig", "sise", "adasise", "advise")
+DEMO_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "rise", "ig", "sise", "adasise", "advise", "inv")
 DEMO_OVERRIDES = {"rise": {"n_masks": 1000}, "ig": {"steps": 32}}
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -42,33 +41,7 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-@app.command()
-def explain(
-    inputs: Annotated[list[str], typer.Argument(help="Image files and/or folders.", show_default=False)],
-    model: Annotated[str, typer.Option(help="Model name (see `convlens models`).")] = "efficientnet_lite0",
-    weights: Annotated[str | None, typer.Option(help="Local state_dict (.pt/.pth), loaded weights-only.")] = None,
-    method: Annotated[str, typer.Option(help="Comma-separated methods (see `convlens methods`).")] = "gradcam",
-    target: Annotated[str, typer.Option(help="auto (predicted), a class id, or a class name.")] = "auto",
-    layers: Annotated[str | None, typer.Option(help="blocks | last | comma-separated module names.")] = None,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/explain"),
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 32,
-    param: Annotated[
-        list[str] | None, typer.Option(help="Method parameter KEY=VALUE or METHOD.KEY=VALUE (repeatable).")
-    ] = None,
-    per_block: Annotated[bool, typer.Option("--per-block", help="Show each layer's/block's map.")] = False,
-    resume: Annotated[bool, typer.Option(help="Skip images already explained with the same settings.")] = True,
-) -> None:
-    """Explain images: overlays, .npy maps, results JSON and index.html with all maps side by side."""
-    config = ExplainConfig(
-        inputs=inputs, model=model, weights=weights, methods=method.split(","), target=target, layers=layers,
-        out=out, device=device, batch_size=batch_size, params=param or [], per_block=per_block, resume=resume,
-    )
-    try:
-        code = run_explain(config, console)
-    except CliError as exc:
-        _fail(str(exc))
-    raise typer.Exit(code=code)
+app.command()(explain)
 
 
 @app.command()
@@ -80,23 +53,23 @@ def demo(
     import skimage.data
     from PIL import Image
 
-    from convlens.methods.registry import METHODS
+    from convlens.runners.explain_methods import explainer_names
 
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    image_path = inputs / "chelsea.png"
-    if not image_path.exists():
-        Image.fromarray(skimage.data.chelsea()).save(image_path)
-    methods = [m for m in DEMO_METHODS if m in METHODS] + ["inv"]  # INV: layer-by-layer page, linked
+    image_path = out / "inputs" / "chelsea.png"
+    if not image_path.is_file():
+        try:
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(skimage.data.chelsea()).save(image_path)
+        except OSError as exc:
+            fail(console, f"--out {out}: cannot write there ({exc.strerror or exc})")
     config = ExplainConfig(
-        inputs=[str(image_path)], methods=methods, out=out, batch_size=batch_size, per_block=True,
-        title="convlens demo — chelsea, EfficientNet-Lite0", method_overrides=DEMO_OVERRIDES,
+        inputs=[str(image_path)], methods=[m for m in DEMO_METHODS if m in explainer_names()], out=out,
+        batch_size=batch_size, per_block=True, title="convlens demo — chelsea, EfficientNet-Lite0",
+        method_overrides=DEMO_OVERRIDES,
     )
-    try:
-        run_explain(config, console)
-    except CliError as exc:
-        _fail(str(exc))
-    typer.echo(f"Open {out / 'index.html'} (overlays and .npy maps in {out / 'chelsea'}/)")
+    result = execute(config)
+    folder = out / result.records[0]["dir"] if result.records else out
+    typer.echo(f"Open {out / 'index.html'} (overlays and .npy maps in {folder}/)")
 
 
 @app.command()
@@ -106,28 +79,54 @@ def models() -> None:
 
     table = Table("name", "weights")
     for name in available_models():
-        table.add_row(name, "pretrained (bundled)" if name == "efficientnet_lite0" else "random init or --weights PATH")
+        weights = "pretrained (bundled)" if name == "efficientnet_lite0" else "random init or --weights PATH"
+        table.add_row(escape(name), weights)
     table.add_row("<any torchvision classifier>", "random init or --weights PATH")
     table.add_row("timm:<name>", "random init or --weights PATH")
     Console().print(table)
 
 
 @app.command()
-def methods() -> None:
-    """List the explanation methods."""
-    from convlens.methods.registry import METHODS, get_method
+def methods(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Show these methods' parameters.", show_default=False)
+    ] = None,
+) -> None:
+    """List the explanation methods; with names, their parameters (types, defaults, ranges)."""
+    from convlens.runners.explain_methods import explainer_names, get_explainer_spec
 
-    table = Table("name", "paper", "default score")
-    for name in METHODS:
-        cls = get_method(name)
-        table.add_row(name, cls.paper, cls.default_score)
-    table.add_row("inv", "Bianchi et al., INV, IJCAI-24 (layer-wise cluster maps; own page)", "logit")
-    Console().print(table)
+    if not names:
+        table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)")
+        for name in explainer_names():
+            spec = get_explainer_spec(name)
+            table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
+        Console().print(table)
+        return
+    for name in names:
+        try:
+            spec = get_explainer_spec(name)
+        except ValueError as exc:
+            fail(console, str(exc))
+        Console().print(_parameter_table(spec))
+
+
+def _parameter_table(spec: ExplainerSpec) -> Table:
+    table = Table("parameter", "type", "default", "range", "meaning", title=f"{spec.name} — {escape(spec.cls.paper)}")
+    for item in spec.describe():
+        table.add_row(item.name, escape(item.type), escape(repr(item.default)), item.range, escape(item.doc))
+    table.add_row("score", "'logit' | 'softmax' | 'sigmoid'", repr(spec.cls.default_score), "", "differentiated score")
+    default_layers = escape(repr(getattr(spec.cls, "default_layers", None)))
+    table.add_row("layers", "str", default_layers, "", "layer spec (--layers)")
+    if spec.kind == "saliency":
+        table.add_row("batch_size", "int", "--batch-size", ">= 1", "masked inputs per forward pass")
+    return table
 
 
 app.command(name="evaluate")(evaluate_command)
 app.add_typer(study_app, name="study")
 app.command(name="serve")(serve_command)
+app.command(name="labels")(labels_command)
+app.command(name="global")(global_command)
 
 if __name__ == "__main__":
     app()

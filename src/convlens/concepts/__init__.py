@@ -8,36 +8,32 @@ feature maps, each with member channels, a weight in percent of the layer, and a
 and input resolution. These clusters are the objects a human labels in the Deep Reveal game and that a
 label database references later, so they are saved with stable ids (image hash, layer, cluster index)
 and read back by :func:`load_inv_explanation` — a different contract from
-:class:`~convlens.core.explanation.Explanation`. The package depends only on ``convlens.core`` (and
-``convlens.reports`` for overlays and its page), like the methods.
+:class:`~convlens.core.explanation.Explanation`. The package depends only on ``convlens.core``, like the methods.
+
+Modules: ``inv`` (the explainer and :class:`INVParams`), ``weights`` (map weights and thresholds),
+``clustering`` (PCA, 2-D embedding, Ward), ``layers`` (which conv layers), ``results`` (the result
+objects), ``manifest`` (``inv.json``: the versioned file format the study server reads), ``inv_report``
+(the layer-by-layer page).
 """
 
-from convlens.concepts.inv import (
-    INV,
-    INV_SEED,
-    ClusteringResult,
-    InvCluster,
-    InvExplanation,
-    InvLayer,
-    channel_weights,
-    cluster_feature_maps,
-    embed_2d,
-    image_digest,
-    load_inv_explanation,
-    minmax_rows,
-    prune_threshold,
-    weak_cluster_threshold,
-)
+from convlens.concepts.clustering import INV_SEED, ClusteringResult, cluster_feature_maps, embed_2d, minmax_rows
+from convlens.concepts.inv import INV, INVParams
 from convlens.concepts.layers import ConvLayer, find_conv_layers
+from convlens.concepts.manifest import FORMAT_VERSION, ManifestError, image_digest, load_inv_explanation
+from convlens.concepts.results import InvCluster, InvExplanation, InvLayer
+from convlens.concepts.weights import channel_weights, prune_threshold, weak_cluster_threshold
 
 __all__ = [
+    "FORMAT_VERSION",
     "INV",
     "INV_SEED",
     "ClusteringResult",
     "ConvLayer",
+    "INVParams",
     "InvCluster",
     "InvExplanation",
     "InvLayer",
+    "ManifestError",
     "channel_weights",
     "cluster_feature_maps",
     "embed_2d",

@@ -10,19 +10,19 @@ title) is escaped.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from convlens.concepts.inv import MANIFEST, InvExplanation
+from convlens.concepts.manifest import MANIFEST, read_manifest
+from convlens.concepts.results import InvExplanation
+from convlens.core.files import atomic_write_text
 
 __all__ = ["PAGE_NAME", "render_inv_page", "save_with_page"]
 
 PAGE_NAME = "index.html"
-
 
 
 def _environment() -> Environment:
@@ -41,10 +41,9 @@ def render_inv_page(
     clusters by decreasing weight. Returns the page path (written atomically).
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: save the explanation with InvExplanation.save first")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    if not (directory / MANIFEST).is_file():
+        raise FileNotFoundError(f"{directory / MANIFEST}: save the explanation with InvExplanation.save first")
+    manifest: dict[str, Any] = read_manifest(directory)
     layers = []
     for layer in manifest["layers"]:
         silhouettes = layer.get("silhouettes") or {}
@@ -68,9 +67,7 @@ def render_inv_page(
         steps=steps,
     )
     page = directory / page_name
-    tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(page)
+    atomic_write_text(page, html)
     return page
 
 

@@ -17,6 +17,19 @@ BN network (timm EfficientNet-Lite0: ``conv -> BatchNormAct2d``) it gives the ma
 
 Everything is read from one traced dummy forward (module call order and tensor identity), no
 per-architecture tables.
+
+Which of them INV explains (:func:`choose_conv_layers`, ``layers=`` of :class:`~convlens.concepts.INV`):
+
+* ``"tail"`` (default) — the last ``num_layers`` conv layers: the paper's choice (VGG16's last nine,
+  blocks 3-5 with 56x56, 28x28 and 14x14 maps). On networks with many layers in their last stage it
+  stays there: on EfficientNet-Lite0 the last nine are all 7x7 maps of stages 6-7.
+* ``"depth"`` — ``num_layers`` conv layers spread over the whole depth: the conv layers (forward order)
+  are cut into ``num_layers`` consecutive runs of (nearly) equal length and the last layer of each run
+  is taken, i.e. positions ``ceil((i + 1) n / m) - 1`` for ``i = 0..m-1`` out of ``n`` conv layers. The
+  deepest conv layer is always included; the spacing is even in conv-layer count, not in resolution.
+  VGG16 (13 convs): conv1_2, conv2_1, conv3_1, conv3_2, conv4_1, conv4_2, conv5_1, conv5_2, conv5_3
+  (224² .. 14² maps); EfficientNet-Lite0 (49): maps of 56², 28², 14² (four layers) and 7² (three).
+* ``"convs"`` — all of them.
 """
 
 from __future__ import annotations
@@ -30,7 +43,9 @@ from torch import nn
 
 from convlens.core.hooks import eval_mode
 
-__all__ = ["ConvLayer", "find_conv_layers", "is_activation", "is_normalization"]
+__all__ = ["LAYER_RULES", "ConvLayer", "choose_conv_layers", "find_conv_layers", "is_activation", "is_normalization"]
+
+LAYER_RULES: tuple[str, ...] = ("tail", "depth", "convs")
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -61,6 +76,7 @@ class ConvLayer:
     conv: str
     channels: int
     spatial: tuple[int, int]
+    position: int | None = None  # index among the network's conv layers (forward order); None: not a conv layer
 
     @property
     def label(self) -> str:
@@ -184,5 +200,20 @@ def find_conv_layers(
         if end.name != call.name and (end.output is None or end.output.shape != call.output.shape):
             end = call
         channels, height, width = (int(v) for v in call.output.shape[1:])
-        layers.append(ConvLayer(end.name, call.name, channels, (height, width)))
+        layers.append(ConvLayer(end.name, call.name, channels, (height, width), len(layers)))
     return layers
+
+
+def choose_conv_layers(convs: Sequence[ConvLayer], rule: str, num_layers: int) -> list[ConvLayer]:
+    """The conv layers INV explains under ``rule`` (``"tail"``, ``"depth"`` or ``"convs"``; see the module
+    docstring), in forward order. With fewer than ``num_layers`` conv layers, all of them."""
+    if rule not in LAYER_RULES:
+        raise ValueError(f"unknown layer rule {rule!r}; choose one of {', '.join(LAYER_RULES)}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    n = len(convs)
+    if rule == "convs" or n <= num_layers:
+        return list(convs)
+    if rule == "tail":
+        return list(convs[-num_layers:])
+    return [convs[-(-(i + 1) * n // num_layers) - 1] for i in range(num_layers)]

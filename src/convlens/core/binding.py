@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from convlens.core.hooks import eval_mode
+from convlens.core.inputs import explained_input
 from convlens.core.targets import (
     SCORE_KINDS,
     OutputAdapter,
@@ -72,7 +73,7 @@ class ModelBinding:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, classes) float logits of a batch (inference mode, eval mode, model state restored)."""
-        with torch.inference_mode(), eval_mode(self.model):
+        with torch.inference_mode(), eval_mode(self.model), explained_input(self.model, x):
             return adapt_output(self.model(x), self.output_adapter).float()
 
     def adapt(self, output: object) -> torch.Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,40 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from convlens.core.files import atomic_directory  # re-exported: results are written with it
 from convlens.core.maps import minmax_normalize
 
 __all__ = ["Explanation", "atomic_directory"]
-
-
-class atomic_directory:  # noqa: N801 - used like a function: ``with atomic_directory(path) as tmp``
-    """Write a directory atomically: build it in a sibling temp dir, rename on success, delete on error."""
-
-    def __init__(self, path: str | os.PathLike[str], overwrite: bool = True) -> None:
-        self.path = Path(path)
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise FileExistsError(self.path)
-            old = self.path.with_name(f".{self.path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -85,17 +87,18 @@ def resolve_targets(
     """Per-sample class ids (B,) from a target specification, validated against ``logits``.
 
     ``targets`` may be None/"auto" (predicted class), an int (same class for all), a class name
-    (needs ``class_names``), or a sequence/tensor of B ints.
+    (needs ``class_names``), or a sequence/tensor of B ints. Anything else (``3.7``, ``True``, a float
+    tensor) is a TypeError that says what is accepted.
     """
     batch, n_classes = logits.shape
     if targets is None or (isinstance(targets, str) and targets == "auto"):
         return logits.argmax(dim=1)
     if isinstance(targets, str):
         targets = class_id_from_name(targets, class_names)
-    if isinstance(targets, int):
-        ids = torch.full((batch,), targets, dtype=torch.long)
+    if _is_class_id(targets):
+        ids = torch.full((batch,), int(targets), dtype=torch.long)  # type: ignore[arg-type]
     else:
-        ids = torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor) else targets).long()
+        ids = _class_id_sequence(targets)
         if ids.ndim != 1 or ids.numel() != batch:
             raise ValueError(f"got {ids.numel()} targets for a batch of {batch} images")
     bad = ids[(ids < 0) | (ids >= n_classes)]
@@ -104,6 +107,29 @@ def resolve_targets(
             f"class id {int(bad[0])} is out of range: the model has {n_classes} classes (0..{n_classes - 1})"
         )
     return ids.to(logits.device)
+
+
+_TARGETS_HELP = "None or 'auto' (predicted class), a class id (int), a class name, or one class id per image"
+
+
+def _is_class_id(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _class_id_sequence(targets: object) -> torch.Tensor:
+    """A (n,) long tensor of class ids from a tensor, array or sequence of integers; else TypeError."""
+    if isinstance(targets, torch.Tensor | np.ndarray):
+        tensor = torch.as_tensor(targets)
+        if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+            raise TypeError(f"targets must be {_TARGETS_HELP}; got a {tensor.dtype} tensor (class ids are integers)")
+        return tensor.long().reshape(-1) if tensor.ndim == 0 else tensor.long()
+    if isinstance(targets, Sequence) and not isinstance(targets, str | bytes):
+        wrong = next((t for t in targets if not _is_class_id(t)), None)
+        if wrong is not None or not targets:
+            shown = "an empty sequence" if not targets else f"{wrong!r} ({type(wrong).__name__}) among them"
+            raise TypeError(f"targets must be {_TARGETS_HELP}; got {shown}")
+        return torch.tensor([int(t) for t in targets], dtype=torch.long)
+    raise TypeError(f"targets must be {_TARGETS_HELP}; got {targets!r} ({type(targets).__name__})")
 
 
 def class_id_from_name(name: str, class_names: Sequence[str] | None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,10 @@ __all__ = [
     "imagenet_class_names",
     "load",
     "load_state_dict",
+    "load_weights_into",
     "lukemelas_to_timm_lite0",
+    "register_model",
+    "unregister_model",
     "wrap",
 ]
 
@@ -115,17 +118,54 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ValueError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise ValueError(f"weights file {path} is empty (0 bytes)")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ValueError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # pickle.UnpicklingError and friends
+        first_line = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         raise ValueError(
             f"refusing to load {path}: it is not a plain state_dict of tensors "
-            f"(torch.load(weights_only=True) failed: {str(exc).splitlines()[0]})"
+            f"(torch.load(weights_only=True) failed: {first_line})"
         ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not contain a state_dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], model_name: str, source: object) -> None:
+    """``module.load_state_dict(state, strict=True)``, or a ValueError that names the missing and unexpected
+    keys and the first shape mismatch (instead of PyTorch's multi-line RuntimeError)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatch = next(
+        ((k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+         if k in state and state[k].shape != v.shape),
+        None,
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
+    if mismatch is not None:
+        key, got, wanted = mismatch
+        problems.append(f"first shape mismatch: {key} is {list(got)} in the file, {model_name} has {list(wanted)}")
+    if problems:
+        raise ValueError(f"weights {source} do not fit {model_name}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def _some(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def _efficientnet_lite0(weights: str | os.PathLike[str] | None) -> LoadedModel:
@@ -141,14 +181,32 @@ def _efficientnet_lite0(weights: str | os.PathLike[str] | None) -> LoadedModel:
     else:
         state = load_state_dict(weights)
         source = str(weights)
-    module.load_state_dict(state, strict=True)
+    load_weights_into(module, state, "efficientnet_lite0", source)
     prep = Preprocessing(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
     return LoadedModel("efficientnet_lite0", module.eval(), prep, imagenet_class_names(), True, source)
 
 
+ModelFactory = Callable[[str | os.PathLike[str] | None], "LoadedModel"]
+_REGISTERED: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Make ``load(name, weights=...)`` (and ``convlens explain --model NAME`` in this process) call
+    ``factory(weights)``, which returns a :class:`LoadedModel`. For embedding convlens in a program and
+    for tests (a tiny model behind the real command line); a registered name shadows a built-in one."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    _REGISTERED[name] = factory
+
+
+def unregister_model(name: str) -> None:
+    """Undo :func:`register_model` (no error if ``name`` is not registered)."""
+    _REGISTERED.pop(name, None)
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`load` (plus any torchvision classifier and ``timm:NAME``)."""
-    return ["efficientnet_lite0", *_TORCHVISION_SHORTLIST]
+    return [*_REGISTERED, "efficientnet_lite0", *_TORCHVISION_SHORTLIST]
 
 
 def load(
@@ -160,47 +218,28 @@ def load(
     """Load a classifier by name, offline.
 
     Args:
-        name: ``"efficientnet_lite0"``, a torchvision classifier (``"resnet50"``), or ``"timm:NAME"``.
+        name: ``"efficientnet_lite0"``, a torchvision classifier (``"resnet50"``), ``"timm:NAME"``, or a
+            name given to :func:`register_model`.
         weights: local state_dict path; None = the bundled pretrained weights for efficientnet_lite0,
             random initialisation otherwise (logged).
         num_classes: output classes for random/own weights (default 1000, or inferred from weights).
         class_names: names of the classes (default: ImageNet names when there are 1000 classes).
     """
-    if name == "efficientnet_lite0":
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if name in _REGISTERED:
+        loaded = _REGISTERED[name](weights)
+    elif name == "efficientnet_lite0":
         loaded = _efficientnet_lite0(weights)
     else:
         state = load_state_dict(weights) if weights is not None else None
         if num_classes is None and state is not None:
             num_classes = _infer_num_classes(state)
         n = num_classes or 1000
-        if name.startswith("timm:"):
-            import timm
-
-            arch = name.removeprefix("timm:")
-            if arch not in timm.list_models():
-                close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-                raise ValueError(f"unknown timm model {arch!r}" + (f"; did you mean {close}?" if close else ""))
-            module = timm.create_model(arch, pretrained=False, num_classes=n)
-        else:
-            import torchvision.models as tvm
-
-            names = tvm.list_models(module=tvm)
-            if name not in names:
-                close = difflib.get_close_matches(name, [*names, "efficientnet_lite0"], n=3)
-                raise ValueError(
-                    f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                    + " (run `convlens models` for the list)"
-                )
-            kwargs: dict[str, object] = {"weights": None, "num_classes": n}
-            if name in ("inception_v3", "googlenet"):
-                kwargs["aux_logits"] = False
-                kwargs["init_weights"] = True
-            module = tvm.get_model(name, **kwargs)
+        module = _timm_module(name, n) if name.startswith("timm:") else _torchvision_module(name, n)
         if state is not None:
-            try:
-                module.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise ValueError(f"weights {weights} do not fit {name}: {str(exc).splitlines()[0]}") from exc
+            load_weights_into(module, state, name, weights)
             source = str(weights)
         else:
             logger.warning("%s: no weights given, using random initialisation", name)
@@ -211,6 +250,33 @@ def load(
     if class_names is not None:
         loaded.class_names = list(class_names)
     return loaded
+
+
+def _timm_module(name: str, num_classes: int) -> nn.Module:
+    import timm
+
+    arch = name.removeprefix("timm:")
+    if arch not in timm.list_models():
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise ValueError(f"unknown timm model {arch!r}" + (f"; did you mean {close}?" if close else ""))
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def _torchvision_module(name: str, num_classes: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if name not in names:
+        close = difflib.get_close_matches(name, [*names, "efficientnet_lite0"], n=3)
+        raise ValueError(
+            f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " (run `convlens models` for the list)"
+        )
+    kwargs: dict[str, object] = {"weights": None, "num_classes": num_classes}
+    if name in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = True
+    return tvm.get_model(name, **kwargs)
 
 
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:

@@ -8,6 +8,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from convlens.core.files import atomic_write_text
+
 __all__ = ["render_explain_report", "template_environment"]
 
 
@@ -27,6 +29,4 @@ def render_explain_report(path: Path, context: dict[str, Any]) -> None:
             extras = result.get("extras") or {}
             result["extras_table"] = [(k, _short(v)) for k, v in extras.items()]
     html = template_environment().get_template("explain.html").render(**context)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, html)

@@ -1,0 +1,318 @@
+"""``convlens explain`` as a library: explain images or folders into an output folder with a report.
+
+:func:`prepare_explain` checks everything the user gave (methods and their parameters, target, layers,
+device, model and weights, explicitly named files, the output folder) and loads the model — nothing is
+written, and any problem is one :class:`ExplainError`. :func:`execute_explain` then writes, image by
+image (:func:`~convlens.runners.explain_image.explain_image`), through the output folder's store
+(:mod:`convlens.runners.explain_store`: naming, resume, atomic folders, clean-up, lock), and finally
+``index.html`` and ``results.json``. :func:`run_explain` does both.
+
+In a folder, images are the files with an image suffix (``.jpg``, ``.png``, ...; unreadable ones are
+listed and skipped); hidden files and folders, the output folder and any folder a ``convlens explain``
+run wrote are never read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+import convlens
+from convlens.core.engine import report_progress
+from convlens.core.params import ParamError
+from convlens.core.targets import class_id_from_name
+from convlens.models import LoadedModel, load
+from convlens.models.images import IMAGE_SUFFIXES, ImageLoadError, load_image
+from convlens.reports.html import render_explain_report
+from convlens.runners.explain_image import ImageSettings, explain_image, file_digest
+from convlens.runners.explain_methods import build_explainers, get_explainer_spec, parse_method_params
+from convlens.runners.explain_store import (
+    PAGE,
+    ExplainStore,
+    OutputFolderError,
+    check_output_folder,
+    is_explain_output,
+)
+
+__all__ = [
+    "ExplainConfig",
+    "ExplainError",
+    "ExplainPlan",
+    "ExplainProgress",
+    "ExplainResult",
+    "collect_inputs",
+    "execute_explain",
+    "prepare_explain",
+    "run_explain",
+]
+
+
+class ExplainError(ValueError):
+    """A user error: one message, nothing written (``convlens explain`` exits with code 2)."""
+
+
+@dataclass
+class ExplainConfig:
+    """What ``convlens explain`` was asked to do (command-line text, checked by :func:`prepare_explain`)."""
+
+    inputs: Sequence[str]
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    methods: Sequence[str] = ("gradcam",)
+    target: str = "auto"
+    layers: str | None = None
+    out: Path = Path("out/explain")
+    device: str = "cpu"
+    batch_size: int = 32
+    params: Sequence[str] = ()
+    per_block: bool = False
+    resume: bool = True
+    title: str = "convlens explain"
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class ExplainProgress(Protocol):
+    """What a run reports while it works (the command line draws it; user text must be shown verbatim)."""
+
+    def start(self, images: int) -> None: ...
+    def image_done(self) -> None: ...
+    def forwards(self, count: int) -> None: ...
+    def skipped(self, message: str) -> None: ...
+    def waiting(self, out: Path) -> None: ...
+
+
+class _Silent:
+    def start(self, images: int) -> None: ...
+    def image_done(self) -> None: ...
+    def forwards(self, count: int) -> None: ...
+    def skipped(self, message: str) -> None: ...
+    def waiting(self, out: Path) -> None: ...
+
+
+@dataclass
+class ExplainPlan:
+    """A checked run, ready to execute: the model, explainers and inputs."""
+
+    config: ExplainConfig
+    loaded: LoadedModel
+    explainers: dict[str, Any]
+    target: int | None
+    inputs: list[Path]
+    config_hash: str
+
+
+@dataclass
+class ExplainResult:
+    """What a run wrote: per-image records (each with its ``dir``) and the skipped inputs."""
+
+    out: Path
+    records: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    removed_temporaries: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0: every image explained; 1: some (or all) images skipped."""
+        return 0 if self.records and not self.skipped else 1
+
+
+def run_explain(config: ExplainConfig, progress: ExplainProgress | None = None) -> ExplainResult:
+    """Check, then run ``config``. Raises :class:`ExplainError` (nothing written) for bad input."""
+    return execute_explain(prepare_explain(config), progress)
+
+
+def prepare_explain(config: ExplainConfig) -> ExplainPlan:
+    """Check every input and load the model; writes nothing. Raises :class:`ExplainError`."""
+    methods = _method_names(config.methods)
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise ExplainError(f"--batch-size must be an integer >= 1, got {config.batch_size!r}")
+    device = _device(config.device)
+    try:
+        per_method = parse_method_params(config.params, methods, config.method_overrides)
+    except ParamError as exc:
+        raise ExplainError(str(exc)) from exc
+    inputs = collect_inputs(config.inputs, Path(config.out))
+    try:
+        check_output_folder(Path(config.out))
+    except OutputFolderError as exc:
+        raise ExplainError(str(exc)) from exc
+    loaded = _load_model(config, device)
+    target = _target(config.target, loaded)
+    try:
+        explainers = build_explainers(loaded, methods, per_method, config.layers, config.batch_size)
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from exc
+    recorded = {name: explainer.params() for name, explainer in explainers.items()}
+    settings = [config.model, config.weights, methods, target, config.layers, per_method, recorded]
+    key = json.dumps(settings, sort_keys=True, default=str)
+    return ExplainPlan(config, loaded, explainers, target, inputs, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _method_names(requested: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for raw in requested:
+        if not raw.strip():
+            continue
+        try:
+            name = get_explainer_spec(raw).name
+        except ValueError as exc:
+            raise ExplainError(str(exc)) from exc
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ExplainError("--method: give at least one method")
+    return names
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ExplainError(f"--device {text!r}: not a device; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ExplainError(f"--device {text!r}: convlens runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ExplainError(f"--device {text}: no CUDA device is available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ExplainError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _load_model(config: ExplainConfig, device: torch.device) -> LoadedModel:
+    try:
+        loaded = load(config.model, weights=config.weights)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ExplainError(str(exc)) from exc
+    return loaded.to(device) if device.type != "cpu" else loaded
+
+
+def _target(text: str | None, loaded: LoadedModel) -> int | None:
+    if text in ("auto", "", None):
+        return None
+    try:
+        target = class_id_from_name(text, loaded.class_names)
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from exc
+    n = loaded.num_classes
+    if not 0 <= target < n:
+        raise ExplainError(f"--target {text}: out of range, {loaded.name} has {n} classes (0..{n - 1})")
+    return target
+
+
+def collect_inputs(inputs: Sequence[str], out: Path) -> list[Path]:
+    """The images to explain, in order, each once: files named explicitly (they must load), then the image
+    files found in folders (never in hidden folders, ``out`` or another explain run's folders)."""
+    explicit: list[Path] = []
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(_scan(path, out))
+        elif path.is_file():
+            explicit.append(path)
+        else:
+            raise ExplainError(f"{raw}: no such file or directory")
+    for path in explicit:  # explicitly named files must all be usable: fail before writing anything
+        try:
+            load_image(path)
+        except ImageLoadError as exc:
+            raise ExplainError(str(exc)) from exc
+    unique = {str(p.resolve()): p for p in reversed([*explicit, *found])}
+    ordered = [p for p in [*explicit, *found] if unique.get(str(p.resolve())) is p]
+    if not ordered:
+        suffixes = " ".join(IMAGE_SUFFIXES)
+        raise ExplainError(f"no input images found (folders are searched for {suffixes}; {out} is never read)")
+    return ordered
+
+
+def _scan(root: Path, out: Path) -> list[Path]:
+    out_resolved = out.resolve()
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        if here.resolve() == out_resolved or is_explain_output(here):
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(here / f for f in sorted(files) if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES))
+    return found
+
+
+def execute_explain(plan: ExplainPlan, progress: ExplainProgress | None = None) -> ExplainResult:
+    """Explain every input of ``plan`` into its output folder (see the module docstring)."""
+    progress = progress or _Silent()
+    config = plan.config
+    out = Path(config.out)
+    store = ExplainStore(out, plan.config_hash, config.resume)
+    settings = ImageSettings(plan.target, plan.config_hash)
+    records: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    try:
+        with store.open(on_wait=lambda: progress.waiting(out)) as removed:
+            progress.start(len(plan.inputs))
+            with report_progress(progress.forwards):
+                for path in plan.inputs:
+                    _one_image(path, plan, store, settings, records, skipped, progress)
+                    progress.image_done()
+            render_explain_report(out / PAGE, _page_context(plan, records, skipped))
+            store.write_summary({
+                "images": [r["dir"] for r in records],
+                "inputs": [{"image": r["image"], "dir": r["dir"]} for r in records],
+                "skipped": skipped, "config_hash": plan.config_hash,
+            })
+    except OutputFolderError as exc:
+        raise ExplainError(str(exc)) from exc
+    return ExplainResult(out, records, skipped, removed)
+
+
+def _one_image(
+    path: Path, plan: ExplainPlan, store: ExplainStore, settings: ImageSettings, records: list[dict[str, Any]],
+    skipped: list[dict[str, str]], progress: ExplainProgress,
+) -> None:
+    try:
+        digest = file_digest(path)
+    except OSError as exc:
+        skipped.append({"path": str(path), "error": f"{path}: cannot read ({exc.strerror or exc})"})
+        progress.skipped(skipped[-1]["error"])
+        return
+    name, done = store.locate(path, digest)
+    if name is None:
+        skipped.append({"path": str(path), "error": f"{path}: every folder name for it in {store.out} is taken"})
+        progress.skipped(skipped[-1]["error"])
+        return
+    if done is None:
+        try:
+            done = store.write(name, lambda tmp: explain_image(path, plan.loaded, plan.explainers, settings, tmp))
+        except ImageLoadError as exc:
+            skipped.append({"path": str(path), "error": str(exc)})
+            progress.skipped(str(exc))
+            return
+    records.append(done | {"dir": name})
+
+
+def _page_context(plan: ExplainPlan, records: list[dict[str, Any]], skipped: list[dict[str, str]]) -> dict[str, Any]:
+    return {
+        "title": plan.config.title,
+        "model_name": plan.loaded.name,
+        "model_source": plan.loaded.source,
+        "device": plan.config.device,
+        "version": convlens.__version__,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": {name: json.dumps(e.params(), default=str) for name, e in plan.explainers.items()},
+        "skipped": skipped,
+        "per_block": plan.config.per_block,
+        "images": [
+            {"name": Path(r["image"]).name, "dir": r["dir"], "top5": r["top5"], "results": r["results"]}
+            for r in records
+        ],
+    }
