@@ -1,12 +1,15 @@
-"""Metric contract: metadata (name, direction, category) plus stateful dataset accumulation.
+"""Metric contract: metadata (name, direction, category), one evaluation signature, dataset accumulation.
 
-Quantus's metadata without its boilerplate, torch-cam's ``update/summary/reset``. A metric is a
-callable returning one score per image; :class:`MetricAccumulator` gathers scores over a dataset and
-counts NaNs instead of hiding them.
+Quantus's metadata and fixed pipeline without its boilerplate, torch-cam's ``update/summary/reset``.
+Every metric implements ``evaluate(context) -> MetricValue`` on a
+:class:`~convlens.metrics.context.MetricContext` (one explained class of one image); most also keep a
+direct batch call (``metric(maps, masks)``, ``metric(model, x, maps, classes)``, ...) documented on the
+class. :class:`MetricAccumulator` gathers scores over a dataset and counts NaNs instead of hiding them.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -14,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from convlens.metrics.context import MetricContext, MetricValue
 
 __all__ = [
     "Direction",
@@ -40,15 +45,53 @@ class MetricCategory(StrEnum):
 
 
 class Metric:
-    """Base of every metric. Subclasses set the class attributes and implement ``__call__``;
-    the docstring gives the formula and the paper."""
+    """Base of every metric.
+
+    Subclasses set the metadata and implement :meth:`evaluate`; the docstring gives the formula and the
+    paper. Class attributes:
+
+    * ``name``, ``direction``, ``category`` — metadata (the category is for people: tables group by it;
+      no runner switches on it);
+    * ``requires`` — the optional :class:`MetricContext` fields the metric reads (``"mask"``: it needs
+      ground truth, so data without annotations cannot be scored);
+    * ``run_settings`` — constructor arguments that default to the run's settings of the same name
+      (``score``: the judged class score; ``batch_size``: inputs per forward pass);
+    * ``shares_parameters_of`` — the metric whose user parameters also configure this one (the ADVISE
+      numbers all come from one AVX protocol run, configured as ``avx``).
+    """
 
     name: ClassVar[str] = ""
     direction: ClassVar[Direction] = Direction.HIGHER
     category: ClassVar[MetricCategory] = MetricCategory.GROUND_TRUTH
+    requires: ClassVar[frozenset[str]] = frozenset()
+    run_settings: ClassVar[tuple[str, ...]] = ()
+    shares_parameters_of: ClassVar[str | None] = None
+
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        """This metric's value for the explanation in ``context``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement evaluate(context)")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
+
+    @classmethod
+    def parameters(cls) -> set[str]:
+        """Names a user may set (``--metric-param NAME.KEY=VALUE``): the constructor's arguments."""
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+
+    @classmethod
+    def from_params(cls, **params: Any) -> Metric:
+        """An instance from user parameters (names checked by :meth:`parameters`)."""
+        unknown = sorted(set(params) - cls.parameters())
+        if unknown:
+            raise ValueError(f"metric {cls.name!r} does not accept {unknown}; it accepts {sorted(cls.parameters())}")
+        return cls._build(params)
+
+    @classmethod
+    def _build(cls, params: dict[str, Any]) -> Metric:
+        """The instance from checked parameters (a metric whose parameters are not its constructor's
+        arguments overrides this)."""
+        return cls(**params)
 
     @classmethod
     def metadata(cls) -> dict[str, str]:

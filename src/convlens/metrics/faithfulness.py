@@ -6,16 +6,19 @@
 
 Every perturbed forward goes through the core :class:`~convlens.core.engine.MaskedForwardEngine`
 (streamed chunks, one pre-allocated buffer, inference mode): the image ``x`` is never copied per mask.
-All metrics take ``(model, x, saliency, class_ids)`` with ``x`` the preprocessed batch (B, C, H, W),
-``saliency`` (B, H, W) maps (bilinearly resized to the input if needed) and one class per image, and return
-one float64 score per image whose dataset mean is the published number.
+Called directly, all metrics take ``(model, x, saliency, class_ids)`` with ``x`` the preprocessed batch
+(B, C, H, W), ``saliency`` (B, H, W) maps (bilinearly resized to the input if needed) and one class per
+image, and return one float64 score per image whose dataset mean is the published number.
+``evaluate(context)`` scores the context's model, image, map and class; there a baseline or substrate
+``"black"`` becomes the black pixel of the context model's input space.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from convlens.core.engine import MaskedForwardEngine
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.targets import OutputAdapter, ScoreKind
 from convlens.metrics.base import Direction, Metric, MetricCategory, top_fraction_mask
+from convlens.metrics.context import MetricContext, MetricValue
 
 __all__ = [
     "CausalCurve",
@@ -75,6 +79,8 @@ class ModelTruthMetric(Metric):
     """
 
     category: ClassVar[MetricCategory] = MetricCategory.MODEL_TRUTH
+    run_settings: ClassVar[tuple[str, ...]] = ("score", "batch_size")
+    fill_attribute: ClassVar[str] = "baseline"  # what removed pixels become
 
     def __init__(self, score: ScoreKind = "softmax", batch_size: int = 64, output_adapter: OutputAdapter | None = None):
         if batch_size < 1:
@@ -82,6 +88,16 @@ class ModelTruthMetric(Metric):
         self.score: ScoreKind = score
         self.batch_size = batch_size
         self.output_adapter = output_adapter
+
+    def in_context(self, context: MetricContext) -> Self:
+        """This metric with a ``"black"`` baseline/substrate resolved to the black pixel of the context
+        model's input space (a copy; this object is left as it is)."""
+        fill = getattr(self, self.fill_attribute, None)
+        if not (isinstance(fill, str) and fill == "black"):
+            return self
+        resolved = copy.copy(self)
+        setattr(resolved, self.fill_attribute, context.black)
+        return resolved
 
     def engine(self, model: nn.Module) -> MaskedForwardEngine:
         return MaskedForwardEngine(
@@ -129,6 +145,10 @@ class _KeepTopFraction(ModelTruthMetric):
         self.keep_fraction = keep_fraction
         self.baseline = baseline
 
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        metric = self.in_context(context)
+        return MetricValue(float(metric(context.model, context.x, context.saliency, [context.target])[0]))
+
     def explanation_masks(self, maps: torch.Tensor) -> torch.Tensor:
         """T(I): the binary top-``keep_fraction`` mask, or (``keep_fraction=None``) the min-max normalised map
         itself (Chattopadhay et al.'s original ``E^c ⊙ I``)."""
@@ -158,7 +178,7 @@ class _KeepTopFraction(ModelTruthMetric):
 
 class DropPercent(_KeepTopFraction):
     r"""Drop% (Chattopadhay et al., Grad-CAM++, WACV 2018, "Average Drop", as modified by SISE,
-    Sattarzadeh et al., AAAI-21, "Experiments"; spec 1.12).
+    Sattarzadeh et al., AAAI-21, "Experiments").
 
     .. math:: \mathrm{Drop\%} = \frac{100}{K}\sum_{i=1}^K
               \frac{\max\big(0,\ \Psi(I_i) - \Psi(I_i \odot T(I_i))\big)}{\Psi(I_i)}
@@ -188,7 +208,7 @@ class IncreasePercent(_KeepTopFraction):
 
     the percentage of images whose class score increases when only the top-15 % of the map is kept (same
     masking as :class:`DropPercent`). The SISE paper prints ``sum_i sign(...)`` without 1/K; it is read as
-    this percentage (spec 1.12). Per-image value: 100 or 0; higher is better.
+    this percentage. Per-image value: 100 or 0; higher is better.
     """
 
     name: ClassVar[str] = "increase"
@@ -225,6 +245,7 @@ class _CausalMetric(ModelTruthMetric):
     direction: ClassVar[Direction] = Direction.HIGHER
     default_substrate: ClassVar[Substrate] = 0.0
     insertion: ClassVar[bool] = False
+    fill_attribute: ClassVar[str] = "substrate"
 
     def __init__(
         self,
@@ -301,6 +322,12 @@ class _CausalMetric(ModelTruthMetric):
         self, model: nn.Module, x: torch.Tensor, saliency: torch.Tensor | np.ndarray, class_ids: object
     ) -> torch.Tensor:
         return self.curve(model, x, saliency, class_ids).auc
+
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        """The AUC, with the curve (class score after each step) kept for the report."""
+        metric = self.in_context(context)
+        curve = metric.curve(context.model, context.x, context.saliency, [context.target])
+        return MetricValue(float(curve.auc[0]), tuple(curve.scores[0].tolist()))
 
 
 class InsertionAUC(_CausalMetric):

@@ -1,10 +1,11 @@
 """Ground-truth (localisation) metrics: does the map point at the annotated object?
 
-All metrics take ``saliency`` (B, H, W) or (H, W) and a boolean ground-truth ``mask`` of the same shape
-(G: the explained class's object mask, or the union of its bounding boxes) and return one float64 score
-per image; an empty ground truth gives NaN (counted, never hidden, by
-:class:`~convlens.metrics.base.MetricAccumulator`). These are the SISE paper's ground-truth metrics
-(Sattarzadeh et al., AAAI-21, "Experiments"; spec 1.12) plus the pointing game.
+Called directly, every metric takes ``saliency`` (B, H, W) or (H, W) and a boolean ground-truth ``mask`` of
+the same shape (G: the explained class's object mask, or the union of its bounding boxes) and returns one
+float64 score per image; an empty ground truth gives NaN (counted, never hidden, by
+:class:`~convlens.metrics.base.MetricAccumulator`). ``evaluate(context)`` scores the context's map against
+its ``mask`` (NaN when the explained class is not annotated). These are the SISE paper's ground-truth
+metrics (Sattarzadeh et al., AAAI-21, "Experiments": EBPG, mIoU, Bbox) plus the pointing game.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from convlens.metrics.base import Direction, Metric, MetricCategory, as_map_batch, top_fraction_mask, top_k_mask
+from convlens.metrics.context import MetricContext, MetricValue
 
 __all__ = ["BoundingBoxAccuracy", "EnergyPointingGame", "LocalisationMetric", "PointingGame", "TopFractionIoU"]
 
@@ -24,6 +26,12 @@ class LocalisationMetric(Metric):
     """Base of the ground-truth metrics: ``metric(saliency, mask) -> (B,) float64 scores``."""
 
     category: ClassVar[MetricCategory] = MetricCategory.GROUND_TRUTH
+    requires: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        if context.mask is None:  # the explained class is not annotated on this image
+            return MetricValue(float("nan"))
+        return MetricValue(float(self(context.saliency, context.mask)[0]))
 
     def __call__(self, saliency: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> torch.Tensor:
         maps, masks = as_map_batch(saliency, mask)

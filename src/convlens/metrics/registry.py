@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from convlens.metrics.base import Metric, MetricCategory
 
-__all__ = ["METRICS", "MetricSpec", "available_metrics", "create_metric", "get_metric_spec", "metric_class"]
+__all__ = [
+    "METRICS",
+    "MetricSpec",
+    "available_metrics",
+    "create_metric",
+    "create_metrics",
+    "get_metric_spec",
+    "metric_class",
+]
 
 
 @dataclass(frozen=True)
@@ -87,11 +96,36 @@ def create_metric(name: str, **params: Any) -> Metric:
     """Instantiate metric ``name`` with its implied defaults overridden by ``params`` (validated)."""
     spec = get_metric_spec(name)
     cls = metric_class(name)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    unknown = sorted(set(params) - accepted)
+    unknown = sorted(set(params) - cls.parameters())
     if unknown:
-        raise ValueError(f"metric {name!r} does not accept {unknown}; it accepts {sorted(accepted)}")
-    return cls(**(spec.defaults | params))
+        raise ValueError(f"metric {name!r} does not accept {unknown}; it accepts {sorted(cls.parameters())}")
+    return cls.from_params(**(spec.defaults | params))
+
+
+def create_metrics(
+    names: Sequence[str],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    run_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Metric]:
+    """The metrics of a run, by name, in order.
+
+    Each metric gets, from lowest to highest priority: the run's settings it declares in
+    ``Metric.run_settings`` (e.g. ``score``, ``batch_size``); the user parameters of the metric named by
+    ``Metric.shares_parameters_of``; its own user parameters ``params[name]``.
+    """
+    params = params or {}
+    run_settings = run_settings or {}
+    metrics: dict[str, Metric] = {}
+    for name in names:
+        cls = metric_class(name)
+        given = {k: run_settings[k] for k in cls.run_settings if k in run_settings}
+        if cls.shares_parameters_of is not None:
+            given |= params.get(cls.shares_parameters_of, {})
+        try:
+            metrics[name] = create_metric(name, **(given | dict(params.get(name, {}))))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metric {name}: {exc}") from exc
+    return metrics
 
 
 def category_of(name: str) -> MetricCategory:

@@ -10,6 +10,8 @@
 For both, a *faithful* method gives **low** similarity (direction LOWER). A method is passed as a factory
 ``make_explainer(model) -> Explainer`` so the same method (with the same knobs) is rebuilt on each
 randomised copy; the trained model itself is never modified (randomisation happens on a deep copy).
+``evaluate(context)`` takes the factory, model, image, class and original map from the context; the
+MPRT similarities of one context share one randomisation run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from convlens.core.hooks import eval_mode
 from convlens.core.maps import minmax_normalize
 from convlens.metrics.base import Direction, Metric, MetricCategory
+from convlens.metrics.context import MetricContext, MetricValue
 
 __all__ = [
     "SIMILARITIES",
@@ -168,6 +171,7 @@ class ModelParameterRandomisation(Metric):
     name: ClassVar[str] = "mprt"
     direction: ClassVar[Direction] = Direction.LOWER
     category: ClassVar[MetricCategory] = MetricCategory.SANITY
+    requires: ClassVar[frozenset[str]] = frozenset({"make_explainer"})
 
     def __init__(
         self,
@@ -255,6 +259,14 @@ class ModelParameterRandomisation(Metric):
         result = self.run(make_explainer, model, x, class_ids, original_maps)
         return result.aggregate(self.similarity, self.aggregate)
 
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        """One randomisation run per context and settings serves every similarity (``mprt_*``)."""
+        key = ("randomisation", self.order, tuple(self.layers or ()), self.max_steps, self.seed)
+        result = context.shared(key, lambda: self.run(
+            context.need("make_explainer"), context.model, context.x, [context.target], context.saliency
+        ))
+        return MetricValue(float(result.aggregate(self.similarity, self.aggregate)[0]))
+
 
 class RandomLogit(Metric):
     r"""Random-logit test (Sixt, Granz and Landgraf, "When Explanations Lie: Why Many Modified BP
@@ -272,6 +284,7 @@ class RandomLogit(Metric):
     name: ClassVar[str] = "random_logit"
     direction: ClassVar[Direction] = Direction.LOWER
     category: ClassVar[MetricCategory] = MetricCategory.SANITY
+    requires: ClassVar[frozenset[str]] = frozenset({"make_explainer"})
 
     def __init__(self, similarity: SimilarityName = "ssim", seed: int = 0) -> None:
         if similarity not in SIMILARITIES:
@@ -309,3 +322,7 @@ class RandomLogit(Metric):
             warnings.simplefilter("ignore", category=RuntimeWarning)
             scores = [map_similarity(original[b], off[b], self.similarity) for b in range(x.shape[0])]
         return torch.tensor(scores, dtype=torch.float64)
+
+    def evaluate(self, context: MetricContext) -> MetricValue:
+        factory = context.need("make_explainer")
+        return MetricValue(float(self(factory, context.model, context.x, [context.target], context.saliency)[0]))
