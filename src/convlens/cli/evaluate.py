@@ -5,13 +5,13 @@ The command function is registered on the Typer ``app`` in :mod:`convlens.cli.ma
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from convlens.cli.common import CliError, parse_literal
@@ -39,13 +39,7 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
             raise CliError(f"--metric-param {item!r}: expected METRIC.KEY=VALUE")
         if metric not in metrics:
             raise CliError(f"--metric-param {item!r}: metric {metric!r} is not among --metrics {','.join(metrics)}")
-        accepted = set(inspect.signature(metric_class(metric).__init__).parameters) - {"self", "args", "kwargs"}
-        if metric == "avx":  # the protocol's choices (AVXOptions fields) are given one by one
-            from dataclasses import fields
-
-            from convlens.metrics.advise_protocol import AVXOptions
-
-            accepted = (accepted - {"options"}) | {f.name for f in fields(AVXOptions)}
+        accepted = metric_class(metric).parameters()
         if name not in accepted:
             known = ", ".join(sorted(accepted)) or "no parameters"
             raise CliError(f"--metric-param {item!r}: {metric} accepts {known}")
@@ -54,7 +48,8 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # one line (no wrapping at the terminal width); messages quote user text: never markup
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -156,11 +151,14 @@ def evaluate(
     except (EvaluationError, SettingsMismatchError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
+        console.print(
+            f"[yellow]interrupted[/]: finished images are saved in {escape(str(out))}; rerun the same command to resume"
+        )
         raise typer.Exit(code=130) from None
     _print_summary(result.summary, method_list, metric_list)
     if result.bad_images:
-        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {result.files['bad_images']})")
+        listed = escape(str(result.files["bad_images"]))
+        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})")
     typer.echo(f"{result.n_images} images; tables: {result.files['summary_md']}, {result.files['per_image']}; "
                f"report: {result.files['report']}")
 
@@ -186,7 +184,7 @@ def _print_summary(summary: list[dict[str, Any]], methods: list[str], metrics: l
     """Metrics as rows, methods as columns: ``mean [95 % CI]`` (all digits are in summary.csv)."""
     index = {(s["method"], s["metric"]): s for s in summary}
     arrows = {"higher": "↑", "lower": "↓"}
-    table = Table("metric", *methods, title="mean [95 % bootstrap CI]")
+    table = Table("metric", *(escape(m) for m in methods), title="mean [95 % bootstrap CI]")
     for column in table.columns:
         column.overflow = "fold"
     for metric in [*metrics, "seconds"]:
@@ -200,5 +198,5 @@ def _print_summary(summary: list[dict[str, Any]], methods: list[str], metrics: l
                 cells.append(f"{mean:.3g} [{low:.3g}, {high:.3g}]")
             else:
                 cells.append(f"{mean:.3g}")
-        table.add_row(f"{metric} {arrows[index[(methods[0], metric)]['direction']]}", *cells)
+        table.add_row(escape(f"{metric} {arrows[index[(methods[0], metric)]['direction']]}"), *map(escape, cells))
     Console().print(table)

@@ -26,6 +26,7 @@ __all__ = [
     "TMP_PREFIX",
     "OutputLock",
     "atomic_directory",
+    "atomic_write_bytes",
     "atomic_write_text",
     "current_umask",
     "remove_stale_temporaries",
@@ -59,6 +60,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _chmod_like_new(Path(tmp), directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, like :func:`atomic_write_text` (images, plots)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         _chmod_like_new(Path(tmp), directory=False)

@@ -3,10 +3,13 @@ mean insertion/deletion curves, sample overlays, skipped images and the run's se
 
 Plots are PNG files drawn with matplotlib (Agg) into ``report_files/`` next to the page; the page is a
 Jinja2 template with autoescaping on, so image ids, class names and paths from the data are escaped.
+Every file is written atomically (a temporary file renamed over it), so a killed run never leaves a
+truncated page or plot.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+
+from convlens.core.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["plot_curves", "plot_metric_bars", "write_evaluation_report"]
 
@@ -56,8 +61,15 @@ def plot_metric_bars(path: Path, summary_by_metric: dict[str, list[dict[str, Any
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """``fig.savefig(path)`` as PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_curves(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
@@ -75,7 +87,7 @@ def plot_curves(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -159,6 +171,4 @@ def write_evaluation_report(
         n_rows=len([r for r in rows if r["method"] == methods[0]]),
         accuracy=(sum(accuracy_values) / len(accuracy_values)) if accuracy_values else None,
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, html)

@@ -10,21 +10,38 @@ Each record is written to a temporary file in the same folder, flushed and fsync
 its final name (``os.replace``, atomic on POSIX and Windows): a run killed at any moment leaves only
 complete records, and a rerun skips exactly the work they hold. Keys are ``<index>-<hash of id>`` so file
 names are safe whatever the image ids contain, and the order of the dataset is kept.
+
+A store holds the run directory's lock (:class:`~convlens.core.files.OutputLock`) from opening to
+:meth:`ResultsStore.close`: two runs into the same folder take turns (the second waits, then resumes
+from the first one's records), so neither can see or remove the other's half-written files. Once it
+holds the lock, :meth:`ResultsStore.remove_stale_temporaries` deletes the temporary files a killed run
+left in the folders the store writes — those names only, nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BAD", "ResultsStore", "SettingsMismatchError", "atomic_write_text", "record_key"]
+from convlens.core.files import OutputLock, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+
+__all__ = [
+    "BAD",
+    "ResultsStore",
+    "SettingsMismatchError",
+    "atomic_save_image",
+    "record_key",
+]
 
 BAD = "_bad"
+# what a killed run of earlier versions left: ``.<final name>.<8 random characters>.tmp``
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+?)(\.[a-z0-9_]{8})?\.tmp$")
 
 
 class SettingsMismatchError(ValueError):
@@ -37,19 +54,12 @@ def record_key(index: int, sample_id: str) -> str:
     return f"{index:07d}-{digest}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+def atomic_save_image(path: Path, image: Any) -> None:
+    """Save a PIL image as PNG atomically (its folder is created if needed)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _canonical(settings: dict[str, Any]) -> str:
@@ -64,30 +74,77 @@ class ResultsStore:
         settings: JSON-able description of everything that determines the results; stored on the first
             run, compared on every later one.
         overwrite: discard the records of a previous run with other settings instead of refusing.
+        on_wait: called once when another run holds the folder and this one has to wait for it.
     """
 
-    def __init__(self, root: str | os.PathLike[str], settings: dict[str, Any], overwrite: bool = False) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], settings: dict[str, Any], overwrite: bool = False,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.records_dir = self.root / "records"
+        self.settings = settings
+        self._lock: OutputLock | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = OutputLock(self.root, on_wait=on_wait).__enter__()
+        try:
+            self._check_settings(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_settings(self, overwrite: bool) -> None:
         settings_path = self.root / "run.json"
         if settings_path.is_file():
             previous = json.loads(settings_path.read_text())
-            if _canonical(previous) != _canonical(settings):
+            if _canonical(previous) != _canonical(self.settings):
                 if not overwrite:
-                    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                    changed = sorted(
+                        k for k in set(previous) | set(self.settings) if previous.get(k) != self.settings.get(k)
+                    )
                     raise SettingsMismatchError(
                         f"{self.root} holds a run with different settings ({', '.join(changed)}): "
                         "use another --out folder, or --overwrite to discard it"
                     )
                 self._clear_records()
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
-        self.settings = settings
+        atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str) + "\n")
+
+    def close(self) -> None:
+        """Release the folder's lock (also released by the operating system when the process ends)."""
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self.close()
 
     def _clear_records(self) -> None:
         if self.records_dir.is_dir():
             for path in sorted(self.records_dir.rglob("*.json"), reverse=True):
                 path.unlink()
+
+    def remove_stale_temporaries(self, own_files: Iterable[str] = (), own_folders: Iterable[str] = ()) -> list[Path]:
+        """Delete what a killed run left half-written: temporary files in ``records/`` and in the run's own
+        sub-folders ``own_folders`` (recursively), and temporaries of the run's own files ``own_files`` (and
+        ``run.json``) in the run directory. Nothing else is touched; call it while holding the lock (an open
+        store does)."""
+        removed: list[Path] = []
+        own = {"run.json", *own_files}
+        for folder in [self.records_dir, *(self.root / name for name in own_folders)]:
+            if folder.is_dir() and not folder.is_symlink():
+                for sub in [folder, *(p for p in sorted(folder.rglob("*")) if p.is_dir() and not p.is_symlink())]:
+                    removed += [sub / name for name in remove_stale_temporaries(sub)]
+                    removed += _remove_legacy(sub, lambda name: name.endswith(".json"))
+        removed += [self.root / name for name in remove_stale_temporaries(self.root)]
+        removed += _remove_legacy(self.root, lambda name: name in own)
+        return removed
 
     def path(self, method: str, key: str) -> Path:
         return self.records_dir / method / f"{key}.json"
@@ -100,7 +157,9 @@ class ResultsStore:
 
     def put(self, method: str, key: str, record: dict[str, Any]) -> None:
         """Store one record atomically (replacing any previous one)."""
-        atomic_write_text(self.path(method, key), json.dumps(record, allow_nan=True) + "\n")
+        path = self.path(method, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, allow_nan=True) + "\n")
 
     def mark_bad(self, key: str, sample_id: str, reason: str) -> None:
         self.put(BAD, key, {"key": key, "id": sample_id, "reason": reason})
@@ -114,3 +173,14 @@ class ResultsStore:
 
     def bad(self) -> list[dict[str, Any]]:
         return list(self.records(BAD))
+
+
+def _remove_legacy(folder: Path, owned: Callable[[str], bool]) -> list[Path]:
+    """Temporary files ``.<name>.<random>.tmp`` of earlier versions whose ``<name>`` is ``owned``."""
+    removed = []
+    for path in sorted(folder.glob(".*.tmp")):
+        match = _LEGACY_TMP.match(path.name)
+        if match and owned(match["name"]) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
