@@ -1,6 +1,6 @@
 """Exact-ground-truth benchmark: the evaluation suite on the synthetic data with the two committed CNNs.
 
-For each model (``synthetic-vgg``, ``synthetic-resnet``; trained by ``python -m convlens.data.train_synthetic``)
+For each model (``synthetic-vgg``, ``synthetic-resnet``; trained by ``python tools/train_synthetic.py``)
 the same ``--images`` split-test images are explained by each method for their ground-truth class and scored
 with the ground-truth metrics (the object's exact mask) and the model-truth metrics, all in one run through
 ``convlens.runners.evaluate`` (the code behind ``convlens evaluate``). Mean and 95 % percentile-bootstrap CI
@@ -20,9 +20,8 @@ import torch
 
 from _sections import machine_line, write_section
 from convlens.data.synthetic import generate_batch
-from convlens.data.synthetic_models import SYNTHETIC_MODELS, load_synthetic_model, synthetic_model_info
-from convlens.data.train_synthetic import evaluate_accuracy
 from convlens.methods.registry import METHODS
+from convlens.models.synthetic import SYNTHETIC_MODELS, evaluate_accuracy, load_synthetic_model, synthetic_model_info
 from convlens.runners.evaluate import EvaluationConfig, run_evaluation
 
 WANTED_METHODS = ("gradcam", "gradcampp", "scorecam", "rise", "sise")

@@ -259,8 +259,12 @@ def test_synthetic_ground_truth_is_the_class_object() -> None:
 def test_synthetic_models_load_with_weights_only_and_are_accurate() -> None:
     import torch
 
-    from convlens.data.synthetic_models import SYNTHETIC_MODELS, load_synthetic_model, synthetic_model_info
-    from convlens.data.train_synthetic import evaluate_accuracy
+    from convlens.models.synthetic import (
+        SYNTHETIC_MODELS,
+        evaluate_accuracy,
+        load_synthetic_model,
+        synthetic_model_info,
+    )
 
     info = synthetic_model_info()
     pixels, labels, _ = generate_batch(0, 200, seed=0, split="test")

@@ -1,12 +1,15 @@
-"""Train the synthetic-benchmark CNNs on CPU and record seed, recipe and test accuracy.
+"""Train the synthetic-benchmark CNNs on CPU and record seed, recipe, class names and test accuracy.
 
-    python -m convlens.data.train_synthetic --model synthetic-vgg
-    python -m convlens.data.train_synthetic --model synthetic-resnet
+    python tools/train_synthetic.py --model synthetic-vgg
+    python tools/train_synthetic.py --model synthetic-resnet
 
-Writes ``weights/<model>.pt`` (a plain state_dict) and updates ``weights/synthetic_models.json``. Training
-data are split ``train`` of the generator (seed 0 by default), model selection is never done on the test
-split; the reported accuracy is on split ``test``. Deterministic on one CPU thread for a given seed and
-PyTorch version.
+A maintainer's tool, not part of the installed package: it regenerates the weights committed in
+``src/convlens/models/weights/`` (``<model>.pt``, a plain state_dict, and ``synthetic_models.json``). It
+sits above both layers it uses — the data generator (:mod:`convlens.data.synthetic`) and the model
+definitions (:mod:`convlens.models.synthetic`) — which is why it is neither in ``data/`` nor in
+``models/``. Training data are split ``train`` of the generator (seed 0 by default), model selection is
+never done on the test split; the reported accuracy is on split ``test``. Deterministic on one CPU thread
+for a given seed and PyTorch version.
 """
 
 from __future__ import annotations
@@ -21,27 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convlens.data.synthetic import generate_batch
-from convlens.data.synthetic_models import SYNTHETIC_MODELS, WEIGHTS_DIR, build_synthetic_model
+from convlens.data.synthetic import CLASS_NAMES, generate_batch
+from convlens.models.synthetic import (
+    SYNTHETIC_MODELS,
+    WEIGHTS_DIR,
+    build_synthetic_model,
+    evaluate_accuracy,
+    to_model_input,
+)
 
-__all__ = ["evaluate_accuracy", "main", "to_model_input", "train"]
-
-
-def to_model_input(pixels: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float, the benchmark preprocessing ``(x / 255 - 0.5) / 0.5``."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-    return (x - 0.5) / 0.5
-
-
-@torch.inference_mode()
-def evaluate_accuracy(model: torch.nn.Module, pixels: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on generated images."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(to_model_input(pixels[start : start + batch_size]))
-        correct += int((logits.argmax(1).numpy() == labels[start : start + batch_size]).sum())
-    return correct / len(labels)
+__all__ = ["main", "train"]
 
 
 def train(
@@ -60,7 +52,7 @@ def train(
     pixels, labels, _ = generate_batch(0, train_size, seed=seed, split="train")
     val_pixels, val_labels, _ = generate_batch(0, 1000, seed=seed, split="val")
     generation_s = time.perf_counter() - t0
-    model = build_synthetic_model(name)
+    model = build_synthetic_model(name, len(CLASS_NAMES))
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(train_size / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -120,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info[args.model] = {
         "weights": weights.name,
+        "class_names": list(CLASS_NAMES),
         "test_accuracy": accuracy,
         "test_split": "test",
         "test_size": args.test_size,

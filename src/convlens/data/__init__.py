@@ -1,5 +1,6 @@
 """Datasets for dataset-level evaluation: image folders, CSV lists, PASCAL VOC / ImageNet XML boxes, COCO
-instance masks, and the exact-ground-truth synthetic benchmark (with its two trained CNNs)."""
+instance masks, and the exact-ground-truth synthetic benchmark (its two trained CNNs are in
+:mod:`convlens.models.synthetic`)."""
 
 from convlens.data.base import ImageDataset, Sample, boxes_to_mask, preprocess_mask
 from convlens.data.coco import COCOInstances
