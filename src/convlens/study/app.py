@@ -1,9 +1,10 @@
 """The Deep Reveal web application (FastAPI): :func:`create_app` for one study directory and database.
 
 Middleware, outermost first: request log (method, path without query string — Prolific ids stay out of
-the logs — status, milliseconds), security headers, body-size limit, CSRF (:mod:`convlens.study.security`),
-slowapi rate limits. Errors: a refused action answers ``{"detail": message}`` with its 4xx status;
-invalid bodies answer FastAPI's 422 with the failing fields.
+the logs — status, milliseconds), security headers, body-size limit, CSRF (:mod:`convlens.study.security`);
+slowapi rate limits are decorators on the routes (its ASGI middleware re-sends the response start for every
+chunk of a streamed response, which breaks the streaming export). Errors: a refused action answers
+``{"detail": message}`` with its 4xx status; invalid bodies answer FastAPI's 422 with the failing fields.
 
 ``convlens serve`` runs :func:`app_from_env` in uvicorn workers (settings from ``CONVLENS_STUDY_*``).
 """
@@ -24,7 +25,6 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
-from slowapi.middleware import SlowAPIASGIMiddleware
 from slowapi.util import get_remote_address
 
 from convlens.study.api import ACTION_ROUTES, READ_ROUTES
@@ -83,14 +83,16 @@ def _handlers(app: FastAPI) -> None:
                             headers={"retry-after": "60"})
 
 
-def _routes(app: FastAPI, limiter: Limiter, participant_limit: str) -> None:
+def _routes(app: FastAPI, limiter: Limiter, ip_limit: str, participant_limit: str) -> None:
+    """Every route limited per client IP; state-changing ones also per participant (slowapi decorators)."""
+    per_ip = limiter.shared_limit(ip_limit, scope="ip", key_func=get_remote_address)
     per_participant = limiter.shared_limit(participant_limit, scope="participant", key_func=participant_key)
     for path, endpoint in ACTION_ROUTES:
-        app.add_api_route(path, per_participant(endpoint), methods=["POST"])
+        app.add_api_route(path, per_ip(per_participant(endpoint)), methods=["POST"])
     for path, endpoint in READ_ROUTES:
-        app.add_api_route(path, endpoint, methods=["GET"])
+        app.add_api_route(path, endpoint if path == "/healthz" else per_ip(endpoint), methods=["GET"])
     for path, endpoint, method in [*PAGE_ROUTES, *ADMIN_ROUTES]:
-        limited = per_participant(endpoint) if method == "POST" else endpoint
+        limited = per_ip(per_participant(endpoint) if method == "POST" else endpoint)
         app.add_api_route(path, limited, methods=[method], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
@@ -114,14 +116,13 @@ def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migr
         logger.info("shut down cleanly: database connections closed")
 
     app = FastAPI(title=runtime.config.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    limiter = Limiter(key_func=get_remote_address, storage_uri=rate_limit_storage,
-                      application_limits=[rate_limit_ip or runtime.config.rate_limit_ip])
+    limiter = Limiter(key_func=get_remote_address, storage_uri=rate_limit_storage)
     app.state.runtime, app.state.engine, app.state.secrets = runtime, engine, secrets
     app.state.limiter, app.state.backend, app.state.secure_cookies = limiter, engine.dialect.name, secure_cookies
     app.state.templates = _templates()
     _handlers(app)
-    _routes(app, limiter, rate_limit_participant or runtime.config.rate_limit_participant)
-    app.add_middleware(SlowAPIASGIMiddleware)
+    _routes(app, limiter, rate_limit_ip or runtime.config.rate_limit_ip,
+            rate_limit_participant or runtime.config.rate_limit_participant)
     wrapped = csrf_protect(app, secrets.signing_key, secure_cookies)
     wrapped = BodyLimitMiddleware(wrapped)
     wrapped = SecurityHeadersMiddleware(wrapped)

@@ -1,0 +1,111 @@
+"""Assignment: random order per player, never a round twice, the plays-per-round cap (also under
+concurrency, on SQLite and PostgreSQL), gold rounds mixed in, pluggable policies."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from convlens.study.assignment import (
+    POLICIES,
+    AssignmentPolicy,
+    Candidate,
+    UniformPolicy,
+    participant_rng,
+    register_policy,
+)
+from convlens.study.config import load_rounds
+from convlens.study.db import Play, Round
+from study.conftest import ApiPlayer, make_app
+
+
+def _set(study_dir: Path, **fields: Any) -> None:
+    config = json.loads((study_dir / "study.json").read_text())
+    config.update(fields)
+    (study_dir / "study.json").write_text(json.dumps(config))
+
+
+def _play_all(player: ApiPlayer) -> list[str]:
+    plays = []
+    while not (view := player.next()).get("done"):
+        plays.append(view["play"])
+        player.act(view["play"], "resign")
+    return plays
+
+
+def _rounds_of(app: Any, plays: list[str]) -> list[str]:
+    with app.state.runtime.reader.begin() as session:
+        by_play = dict(session.execute(select(Play.public_id, Play.round_id).where(Play.public_id.in_(plays))).all())
+    return [by_play[p] for p in plays]
+
+
+def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) -> None:
+    _set(study_dir, plays_per_round=10)
+    app = make_app(study_dir)
+    orders = [_rounds_of(app, _play_all(ApiPlayer(app))) for _ in range(3)]
+    everything = sorted(r.round_id for r in load_rounds(study_dir))
+    for order in orders:
+        assert sorted(order) == everything  # no round twice, none missing, gold rounds included
+    assert len({tuple(order) for order in orders}) == 3  # each player's own order
+    app.state.engine.dispose()
+
+
+def test_plays_per_round_cap_and_gold_for_everyone(study_dir: Path) -> None:
+    _set(study_dir, plays_per_round=1)
+    app = make_app(study_dir)
+    rounds = load_rounds(study_dir)
+    gold = {r.round_id for r in rounds if r.gold}
+    seen = [set(_rounds_of(app, _play_all(ApiPlayer(app)))) for _ in range(3)]
+    normal = Counter(r for s in seen for r in s if r not in gold)
+    assert set(normal) == {r.round_id for r in rounds if not r.gold} and max(normal.values()) == 1
+    assert all(gold <= s for s in seen)  # every player meets the gold rounds
+    app.state.engine.dispose()
+
+
+def test_concurrent_players_never_exceed_the_cap(study_dir: Path, database: str) -> None:
+    _set(study_dir, plays_per_round=2, rounds_per_player=100)
+    app = make_app(study_dir, database)
+    players = [ApiPlayer(app) for _ in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(_play_all, players))
+    with app.state.runtime.reader.begin() as session:
+        assigned = dict(session.execute(select(Round.id, Round.assigned).where(~Round.gold)).all())
+        plays = Counter(session.scalars(select(Play.round_id)))
+    assert max(assigned.values()) == 2 and all(plays[r] == n for r, n in assigned.items())
+    assert sum(assigned.values()) == 2 * len(assigned)  # every slot used, none twice
+    app.state.engine.dispose()
+
+
+def test_uniform_policy_is_uniform_and_replayable() -> None:
+    candidates = [Candidate(f"r{i:02d}", False, 0, None, "img", "layer") for i in range(10)]
+    counts = Counter(UniformPolicy().choose(candidates, random.Random(s), "p").round_id for s in range(5000))
+    assert set(counts) == {c.round_id for c in candidates}
+    assert max(counts.values()) < 600 and min(counts.values()) > 400  # 500 expected each (~5 sigma band)
+    first = UniformPolicy().choose(candidates, participant_rng(0, "abc", 3), "abc")
+    assert all(UniformPolicy().choose(candidates[::-1], participant_rng(0, "abc", 3), "abc") == first
+               for _ in range(3))  # same participant and play number -> same round, whatever the row order
+
+
+class _Heaviest(AssignmentPolicy):
+    name = "first-id"
+
+    def choose(self, candidates: Any, rng: random.Random, participant: str) -> Candidate:
+        return min(candidates, key=lambda c: c.round_id)
+
+
+def test_a_registered_policy_is_used_by_the_server(study_dir: Path) -> None:
+    register_policy("first-id", _Heaviest)
+    try:
+        _set(study_dir, assignment_policy="first-id", plays_per_round=10)
+        app = make_app(study_dir)
+        order = _rounds_of(app, _play_all(ApiPlayer(app)))
+        assert order == sorted(order)
+        app.state.engine.dispose()
+    finally:
+        POLICIES.pop("first-id")
