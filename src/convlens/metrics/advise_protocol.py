@@ -1,8 +1,11 @@
 """The ADVISE evaluation protocol (AVX, Dehshibi et al. 2024) as metrics with metadata.
 
 The protocol itself — every step of ``iCalculateCAMmetrics.m`` and its documented options — is computed by
-:mod:`convlens.methods.avx` (ADVISE selects its map with it, so it sits in the methods layer); this module
-re-exports that API and adds one :class:`~convlens.metrics.base.Metric` per reported quantity.
+:mod:`convlens.numerics.avx` (the model-free maths: masking, class sensitivity, SSIM / FSIMc / MSE_n, miss
+penalty, harmonic mean) and :func:`convlens.methods.advise_avx.avx_protocol` (the forwards; ADVISE selects
+its map with it). This module re-exports that API and adds one :class:`~convlens.metrics.base.Metric` per
+reported quantity; each reads its number from one protocol run per explained class
+(:meth:`AVXProtocolMetric.protocol`).
 """
 
 from __future__ import annotations
