@@ -16,13 +16,14 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _sections import machine_line, write_section
 from convlens.data.synthetic import generate_batch
 from convlens.methods.registry import METHODS
 from convlens.models.synthetic import SYNTHETIC_MODELS, evaluate_accuracy, load_synthetic_model, synthetic_model_info
-from convlens.runners.evaluate import EvaluationConfig, run_evaluation
+from convlens.runners.evaluate import EvaluationConfig, EvaluationResult, run_evaluation
 
 WANTED_METHODS = ("gradcam", "gradcampp", "scorecam", "rise", "sise")
 EXTRA_METHODS = ("layercam", "adasise", "advise")  # other registered methods, same images and metrics
@@ -54,20 +55,8 @@ def _table(summary: list[dict[str, object]], methods: list[str], metrics: tuple[
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--rise-masks", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sanity-images", type=int, default=20)
-    parser.add_argument("--sanity-rise-masks", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "evaluate")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    methods = [m for m in WANTED_METHODS if m in METHODS]
-    info = synthetic_model_info()
-    test_pixels, test_labels, _ = generate_batch(0, 2000, seed=0, split="test")
-    sections = [
+def _intro(args: argparse.Namespace) -> list[str]:
+    return [
         "## Exact-ground-truth benchmark (`benchmarks/bench_evaluate.py`)",
         "",
         machine_line(),
@@ -88,54 +77,80 @@ def main() -> None:
         "(Drop% near 0). All maps are non-negative, so signed and absolute Spearman coincide in the sanity table.",
         "",
     ]
+
+
+def _runs(
+    model_name: str, methods: list[str], args: argparse.Namespace
+) -> tuple[list[str], list[str], EvaluationResult, EvaluationResult, float]:
+    """Metric and sanity table lines, the two runs' results and the main run's wall time, for one model."""
+    config = EvaluationConfig(
+        model=model_name, methods=methods, data="synthetic", metrics=list(METRICS), limit=args.images,
+        out=args.out / model_name, method_params={"rise": {"n_masks": args.rise_masks}}, n_samples=4,
+    )
+    start = time.perf_counter()
+    result = run_evaluation(config, show_progress=True)
+    wall = time.perf_counter() - start
+    lines = _table(result.summary, methods, METRICS, 1)
+    extra = [m for m in EXTRA_METHODS if m in METHODS]
+    if extra:
+        extra_config = EvaluationConfig(
+            model=model_name, methods=extra, data="synthetic", metrics=list(METRICS), limit=args.images,
+            out=args.out / f"{model_name}-extra", n_samples=4,
+        )
+        lines += _table(run_evaluation(extra_config, show_progress=True).summary, extra, METRICS, 1)[2:]
+    sanity_config = EvaluationConfig(
+        model=model_name, methods=methods, data="synthetic", metrics=list(SANITY), limit=args.sanity_images,
+        out=args.out / f"{model_name}-sanity", method_params={"rise": {"n_masks": args.sanity_rise_masks}},
+        n_samples=0,
+    )
+    sanity = run_evaluation(sanity_config, show_progress=True)
+    return lines, _table(sanity.summary, methods, SANITY, 3), result, sanity, wall
+
+
+def _model_section(
+    model_name: str, methods: list[str], args: argparse.Namespace, test_set: tuple[np.ndarray, np.ndarray]
+) -> list[str]:
+    record = synthetic_model_info()[model_name]
+    accuracy = evaluate_accuracy(load_synthetic_model(model_name).module, *test_set)
+    lines, sanity_lines, result, sanity, wall = _runs(model_name, methods, args)
+    print("\n".join(lines + sanity_lines))
+    return [
+        f"### {model_name} — test accuracy {100 * record['test_accuracy']:.2f} % on {record['test_size']} "
+        f"split-test images (training record, seed {record['seed']}); re-measured now: {100 * accuracy:.2f} %",
+        "",
+        f"{result.n_images} images, {record['parameters']} parameters, trained {record['epochs']} epochs on "
+        f"{record['train_size']} images in {record['training_s']:.0f} s on CPU. s / image = the method's "
+        f"explanation time per image (metrics excluded); this run took {wall:.0f} s "
+        "(records of an identical earlier run are reused).",
+        "",
+        *lines,
+        "",
+        f"Sanity checks on the first {sanity.n_images} images (RISE with {args.sanity_rise_masks} masks): "
+        "cascading randomisation of every conv/BN/linear layer from the logits down (mean similarity over the "
+        "cascade to the trained model's map; Spearman of |maps|, signed Spearman, SSIM) and the random-logit "
+        "test (SSIM to the map of a random other class). Lower = more sensitive to the model / the class = "
+        "better; s / image includes the re-explanations.",
+        "",
+        *sanity_lines,
+        "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--rise-masks", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sanity-images", type=int, default=20)
+    parser.add_argument("--sanity-rise-masks", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "evaluate")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = [m for m in WANTED_METHODS if m in METHODS]
+    test_pixels, test_labels, _ = generate_batch(0, 2000, seed=0, split="test")
+    sections = _intro(args)
     for model_name in SYNTHETIC_MODELS:
-        loaded = load_synthetic_model(model_name)
-        accuracy = evaluate_accuracy(loaded.module, test_pixels, test_labels)
-        record = info[model_name]
-        config = EvaluationConfig(
-            model=model_name, methods=methods, data="synthetic", metrics=list(METRICS), limit=args.images,
-            out=args.out / model_name, method_params={"rise": {"n_masks": args.rise_masks}}, n_samples=4,
-        )
-        start = time.perf_counter()
-        result = run_evaluation(config, show_progress=True)
-        wall = time.perf_counter() - start
-        lines = _table(result.summary, methods, METRICS, 1)
-        extra = [m for m in EXTRA_METHODS if m in METHODS]
-        if extra:
-            extra_config = EvaluationConfig(
-                model=model_name, methods=extra, data="synthetic", metrics=list(METRICS), limit=args.images,
-                out=args.out / f"{model_name}-extra", n_samples=4,
-            )
-            extra_result = run_evaluation(extra_config, show_progress=True)
-            lines += _table(extra_result.summary, extra, METRICS, 1)[2:]
-        sanity_config = EvaluationConfig(
-            model=model_name, methods=methods, data="synthetic", metrics=list(SANITY), limit=args.sanity_images,
-            out=args.out / f"{model_name}-sanity", method_params={"rise": {"n_masks": args.sanity_rise_masks}},
-            n_samples=0,
-        )
-        sanity = run_evaluation(sanity_config, show_progress=True)
-        sanity_lines = _table(sanity.summary, methods, SANITY, 3)
-        sections += [
-            f"### {model_name} — test accuracy {100 * record['test_accuracy']:.2f} % on {record['test_size']} "
-            f"split-test images (training record, seed {record['seed']}); re-measured now: {100 * accuracy:.2f} %",
-            "",
-            f"{result.n_images} images, {record['parameters']} parameters, trained {record['epochs']} epochs on "
-            f"{record['train_size']} images in {record['training_s']:.0f} s on CPU. s / image = the method's "
-            f"explanation time per image (metrics excluded); this run took {wall:.0f} s "
-            "(records of an identical earlier run are reused).",
-            "",
-            *lines,
-            "",
-            f"Sanity checks on the first {sanity.n_images} images (RISE with {args.sanity_rise_masks} masks): "
-            "cascading randomisation of every conv/BN/linear layer from the logits down (mean similarity over the "
-            "cascade to the trained model's map; Spearman of |maps|, signed Spearman, SSIM) and the random-logit "
-            "test (SSIM to the map of a random other class). Lower = more sensitive to the model / the class = "
-            "better; s / image includes the re-explanations.",
-            "",
-            *sanity_lines,
-            "",
-        ]
-        print("\n".join(lines + sanity_lines))
+        sections += _model_section(model_name, methods, args, (test_pixels, test_labels))
     write_section("evaluate", "\n".join(sections))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -47,7 +47,7 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
     return per_metric
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     # one line (no wrapping at the terminal width); messages quote user text: never markup
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
@@ -96,66 +96,84 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
 ) -> None:
     """Evaluate methods on a dataset: per-image CSV, summary (mean, 95 % CI) as Markdown/CSV/HTML; resumable."""
-    chosen = PRESETS.get(preset) if preset else None
-    if preset and chosen is None:
-        _fail(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    chosen = _preset(preset)
     if data is None:
-        if chosen is not None:
-            _fail(
-                f"the {preset} preset needs the PASCAL VOC 2007 test set on disk: pass --data PATH to the folder "
-                "extracted from VOCtest_06-Nov-2007.tar (VOCdevkit/VOC2007 with Annotations/, JPEGImages/, "
-                "ImageSets/Main/test.txt), and --model vgg16|resnet50 --weights PATH to the VOC-trained weights"
-            )
-        _fail("no data: pass --data synthetic or --data PATH (see `convlens evaluate --help`)")
-    method_list = _split(methods) or (
-        [m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"]
-    )
-    metric_list = _split(metrics) or (list(chosen["metrics"]) if chosen else None)
-    if metric_list is None:
-        metric_list = list(DEFAULT_METRICS) if data == "synthetic" or _has_masks_format(data, data_format) else list(
-            MODEL_TRUTH_METRICS
-        )
-    if targets not in ("label", "predicted"):
-        _fail(f"--targets must be label or predicted, got {targets!r}")
-    score = metric_score or (chosen["metric_score"] if chosen else "softmax")
-    if score not in ("softmax", "sigmoid", "logit"):
-        _fail(f"--metric-score must be softmax, sigmoid or logit, got {score!r}")
+        _no_data(preset, chosen)
+    method_list = _split(methods) or ([m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"])
+    metric_list = _split(metrics) or _default_metrics(chosen, str(data), data_format)
     if chosen is not None:
-        if chosen.get("needs_weights") and weights is None:
-            _fail(
-                f"the {preset} preset evaluates VOC-trained classifiers: pass --model vgg16|resnet50 and --weights "
-                "PATH (a state_dict with 20 outputs, e.g. TorchRay's VOC models converted to a plain state_dict)"
-            )
+        _check_preset_weights(str(preset), chosen, weights)
         data_format = chosen["data_format"] if data_format == "auto" else data_format
         split = chosen.get("split", split)
-    try:
-        method_params = parse_params(param or [], method_list)
-        metric_params = parse_metric_params(metric_param or [], metric_list)
-    except CliError as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # unknown method or metric names
-        _fail(str(exc))
-    if chosen is not None:
-        for method, defaults in chosen.get("method_params", {}).items():
-            if method in method_params:
-                method_params[method] = defaults | method_params[method]
+    method_params, metric_params = _parameters(param or [], metric_param or [], method_list, metric_list, chosen)
     config = EvaluationConfig(
-        model=model, methods=method_list, data=data, metrics=metric_list, out=out, weights=weights,
+        model=model, methods=method_list, data=str(data), metrics=metric_list, out=out, weights=weights,
         data_format=data_format, annotations=annotations, images=images, split=split, limit=limit,  # type: ignore[arg-type]
-        targets=targets, method_params={k: v for k, v in method_params.items() if v},  # type: ignore[arg-type]
-        metric_params=metric_params, metric_score=score, batch_size=batch_size, device=device,  # type: ignore[arg-type]
-        n_samples=samples, overwrite=overwrite, preset=preset,
+        targets=targets, method_params=method_params, metric_params=metric_params,  # type: ignore[arg-type]
+        metric_score=metric_score or (chosen["metric_score"] if chosen else "softmax"),  # type: ignore[arg-type]
+        batch_size=batch_size, device=device, n_samples=samples, overwrite=overwrite, preset=preset,
     )
+    _run(config, progress)
+
+
+def _preset(name: str | None) -> dict[str, Any] | None:
+    chosen = PRESETS.get(name) if name else None
+    if name and chosen is None:
+        _fail(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return chosen
+
+
+def _no_data(preset: str | None, chosen: dict[str, Any] | None) -> None:
+    if chosen is not None:
+        _fail(
+            f"the {preset} preset needs the PASCAL VOC 2007 test set on disk: pass --data PATH to the folder "
+            "extracted from VOCtest_06-Nov-2007.tar (VOCdevkit/VOC2007 with Annotations/, JPEGImages/, "
+            "ImageSets/Main/test.txt), and --model vgg16|resnet50 --weights PATH to the VOC-trained weights"
+        )
+    _fail("no data: pass --data synthetic or --data PATH (see `convlens evaluate --help`)")
+
+
+def _default_metrics(chosen: dict[str, Any] | None, data: str, data_format: str) -> list[str]:
+    if chosen is not None:
+        return list(chosen["metrics"])
+    annotated = data == "synthetic" or _has_masks_format(data, data_format)
+    return list(DEFAULT_METRICS) if annotated else list(MODEL_TRUTH_METRICS)
+
+
+def _check_preset_weights(preset: str, chosen: dict[str, Any], weights: str | None) -> None:
+    if chosen.get("needs_weights") and weights is None:
+        _fail(
+            f"the {preset} preset evaluates VOC-trained classifiers: pass --model vgg16|resnet50 and --weights "
+            "PATH (a state_dict with 20 outputs, e.g. TorchRay's VOC models converted to a plain state_dict)"
+        )
+
+
+def _parameters(
+    method_items: list[str], metric_items: list[str], methods: list[str], metrics: list[str],
+    chosen: dict[str, Any] | None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per-method and per-metric keyword arguments; a preset's method parameters under the user's."""
+    try:
+        method_params = parse_params(method_items, methods)
+        metric_params = parse_metric_params(metric_items, metrics)
+    except (CliError, ValueError) as exc:  # ValueError: unknown method or metric names
+        _fail(str(exc))
+    for method, defaults in (chosen or {}).get("method_params", {}).items():
+        if method in method_params:
+            method_params[method] = defaults | method_params[method]
+    return {k: v for k, v in method_params.items() if v}, metric_params
+
+
+def _run(config: EvaluationConfig, progress: bool) -> None:
     try:
         result = run_evaluation(config, show_progress=progress)
     except (EvaluationError, SettingsMismatchError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted[/]: finished images are saved in {escape(str(out))}; rerun the same command to resume"
-        )
+        out = escape(str(config.out))
+        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
         raise typer.Exit(code=130) from None
-    _print_summary(result.summary, method_list, metric_list)
+    _print_summary(result.summary, list(config.methods), list(config.metrics))
     if result.bad_images:
         listed = escape(str(result.files["bad_images"]))
         console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})")
