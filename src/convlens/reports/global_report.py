@@ -1,0 +1,250 @@
+"""``global``: a labels folder in, INV's global explanations out — trends per class, plots and pages.
+
+:func:`build_global` is the library entry point behind ``convlens global LABELS_DIR --out DIR`` (a
+benchmark calls it on a labels folder). It writes into ``out``:
+
+* ``trends.csv`` — per class, label and layer depth: the mean label score and the number of clusters;
+* ``slopes.csv`` — per class and label: least-squares slope over depth, 95 % bootstrap interval over
+  images, direction, total score, images, and the TCAV columns (see below);
+* ``global.json`` — manifest (labels folder, embedder, settings, notes);
+* ``index.html`` and per class ``<class>/index.html`` with ``rising.png`` / ``falling.png`` (the six most
+  rising and six most falling concepts, matplotlib), the table of all labels, and the layer-by-layer
+  labelled cluster maps: for every image, every layer, every merged group its map with "w = <weight>%"
+  and its top-3 labels with their strengths (the paper's previews), linked to the image's INV page.
+
+TCAV slot ("used by the model"): when ``tcav`` (or ``LABELS_DIR/tcav.csv``) exists it is read with
+columns ``class, label`` (or ``concept``), ``layer``, ``significant`` (true/false) and optionally
+``direction``, ``p_value``, ``effect_size``; the verdict per label is shown in the table and in
+``slopes.csv``. Without it the column says "not tested".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convlens.concepts.label_files import SEP, LabelsFolder, read_labels
+from convlens.concepts.trends import ClassTrends, LabelTrend, ScoredCluster, class_trends
+from convlens.core.files import atomic_write_text
+from convlens.reports.global_maps import InvLocator, relative_link
+from convlens.reports.html import template_environment
+
+__all__ = ["GlobalResult", "build_global", "read_tcav", "slug"]
+
+PREVIEW_LABELS = 3
+SLOPE_COLUMNS = ("class", "label", "slope", "ci_low", "ci_high", "direction", "ci_excludes_zero", "total_score",
+                 "n_images", "rank_rising", "rank_falling", "tcav_used_by_model")
+
+
+@dataclass
+class GlobalResult:
+    """What :func:`build_global` computed and where it wrote it."""
+
+    out: Path
+    classes: dict[str, ClassTrends]
+    tcav: dict[tuple[str, str], list[dict[str, str]]]
+    notes: list[str] = field(default_factory=list)
+
+
+def slug(name: str) -> str:
+    """A file-system-safe folder name for a class."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "class"
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(float(text)) if text not in (None, "") else None
+
+
+def _scored_clusters(folder: LabelsFolder) -> dict[str, list[ScoredCluster]]:
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in folder.label_scores:
+        scores[row["cluster_id"]][row["label"]] = float(row["score"])
+    by_class: dict[str, list[ScoredCluster]] = defaultdict(list)
+    for row in folder.clusters:
+        depth = _optional_int(row.get("layer_depth"))
+        if depth is None:
+            raise ValueError(f"cluster {row['cluster_id']} has no layer_depth: cannot place it on the depth axis")
+        n_layers = _optional_int(row.get("n_layers"))
+        cluster_scores = scores.get(row["cluster_id"], {})
+        by_class[row["class"]].append(ScoredCluster(row["image_id"], row["layer"], depth, n_layers, cluster_scores))
+    return by_class
+
+
+def read_tcav(path: Path | None) -> dict[tuple[str, str], list[dict[str, str]]]:
+    """TCAV rows per (class, label) from a CSV (empty when ``path`` is None or missing)."""
+    if path is None or not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    found: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        label = row.get("label") or row.get("concept")
+        if not row.get("class") or not label or "significant" not in row:
+            raise ValueError(f"{path}: TCAV rows need class, label (or concept), layer and significant columns")
+        found[(row["class"], label)].append(row)
+    return dict(found)
+
+
+def tcav_verdict(rows: Sequence[dict[str, str]] | None) -> str:
+    """'yes (layer, p, effect)' for significant layers, 'no (n layers tested)', or 'not tested'."""
+    if not rows:
+        return "not tested"
+    significant = [r for r in rows if str(r.get("significant", "")).strip().lower() in ("true", "1", "yes")]
+    if not significant:
+        return f"no ({len(rows)} layer{'s' if len(rows) != 1 else ''} tested)"
+    parts = []
+    for r in significant:
+        extra = ", ".join(f"{k}={r[k]}" for k in ("direction", "p_value", "effect_size") if r.get(k))
+        parts.append(f"{r.get('layer', '?')}" + (f" ({extra})" if extra else ""))
+    return "yes: " + "; ".join(parts)
+
+
+def _plot(trends: ClassTrends, chosen: Sequence[LabelTrend], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 3.6), dpi=110)
+    for trend in chosen:
+        axes.plot(trends.depths, trend.means, marker="o", label=f"{trend.label} (slope {trend.slope:+.3f})")
+    axes.set_xticks(trends.depths)
+    axes.set_xlabel("layer depth (0 = shallowest explained layer)")
+    axes.set_ylabel("mean label score")
+    axes.set_title(title)
+    if chosen:
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        axes.text(0.5, 0.5, "no label with this trend", ha="center", va="center", transform=axes.transAxes)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[f"{v:.10g}" if isinstance(v, float) else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def _tables(result: GlobalResult) -> dict[str, str]:
+    trends_rows, slope_rows = [], []
+    for name, trends in result.classes.items():
+        rising = {t.label: i for i, t in enumerate(trends.rising, 1)}
+        falling = {t.label: i for i, t in enumerate(trends.falling, 1)}
+        for t in trends.trends:
+            for depth, mean, count in zip(trends.depths, t.means, t.clusters_per_layer, strict=True):
+                trends_rows.append([name, t.label, depth, trends.layer_names[depth], mean, count])
+            slope_rows.append([name, t.label, t.slope, t.ci_low, t.ci_high, t.direction, t.interval_excludes_zero,
+                               t.total_score, t.n_images, rising.get(t.label, ""), falling.get(t.label, ""),
+                               tcav_verdict(result.tcav.get((name, t.label)))])
+    return {
+        "trends.csv": _csv(("class", "label", "layer_depth", "layer", "mean_score", "n_clusters"), trends_rows),
+        "slopes.csv": _csv(SLOPE_COLUMNS, slope_rows),
+    }
+
+
+def _group_entries(folder: LabelsFolder) -> dict[str, list[dict[str, Any]]]:
+    """Best-label merged groups per class, with their top labels and member weights."""
+    weights = {row["cluster_id"]: float(row["weight"] or 0) for row in folder.clusters}
+    labels: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for row in folder.group_labels:
+        if row["merge"] == "best":
+            labels[row["group_id"]].append((row["label"], float(row["strength"])))
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in folder.groups:
+        if row["merge"] != "best":
+            continue
+        members = [(c, weights.get(c, 0.0)) for c in row["cluster_ids"].split(SEP) if c]
+        by_class[row["class"]].append(row | {"members": members, "weight": float(row["weight"] or 0),
+                                             "depth": _optional_int(row["layer_depth"]) or 0,
+                                             "top": labels[row["group_id"]][:PREVIEW_LABELS]})
+    return by_class
+
+
+def _class_images(
+    name: str, groups: list[dict[str, Any]], locator: InvLocator, class_dir: Path
+) -> list[dict[str, Any]]:
+    """Per image: its INV page link and, per depth, its groups with map files and top labels."""
+    images: dict[str, dict[str, Any]] = {}
+    for group in sorted(groups, key=lambda g: (g["image_id"], g["depth"], -g["weight"])):
+        image = images.setdefault(group["image_id"], {"image_id": group["image_id"], "layers": {}, "page": None})
+        page = locator.page(group["inv_run"], group["image_id"])
+        if page is not None:
+            image["page"] = relative_link(page, class_dir)
+        map_name = f"maps/{slug(group['group_id'])}.png"
+        drawn = locator.render(group["inv_run"], group["image_id"], group["members"], class_dir / map_name)
+        strongest = max([s for _, s in group["top"]], default=0.0) or 1.0
+        image["layers"].setdefault(group["depth"], {"depth": group["depth"], "layer": group["layer"], "groups": []})
+        image["layers"][group["depth"]]["groups"].append({
+            "id": group["group_id"], "weight": group["weight"], "map": map_name if drawn else None,
+            "clusters": len(group["members"]), "shared": group["shared_labels"],
+            "top": [{"label": label, "strength": s, "width": max(2.0, 100.0 * s / strongest)}
+                    for label, s in group["top"]],
+        })
+    for image in images.values():
+        image["layers"] = [image["layers"][d] for d in sorted(image["layers"])]
+    return list(images.values())
+
+
+def _render_pages(result: GlobalResult, folder: LabelsFolder, locator: InvLocator) -> None:
+    environment = template_environment()
+    groups = _group_entries(folder)
+    agreement = {row["class_name"]: row for row in folder.agreement if row.get("scope") == "class"}
+    summaries = []
+    for name, trends in result.classes.items():
+        class_dir = result.out / slug(name)
+        (class_dir / "maps").mkdir(parents=True, exist_ok=True)
+        _plot(trends, trends.rising, f"{name}: concepts that grow with depth", class_dir / "rising.png")
+        _plot(trends, trends.falling, f"{name}: concepts that fade with depth", class_dir / "falling.png")
+        rows = sorted(trends.trends, key=lambda t: (-t.slope if t.slope == t.slope else 0, t.label))
+        html = environment.get_template("global.html").render(
+            class_name=name, trends=trends, rows=rows, manifest=folder.manifest, agreement=agreement.get(name),
+            images=_class_images(name, groups.get(name, []), locator, class_dir),
+            tcav={t.label: tcav_verdict(result.tcav.get((name, t.label))) for t in trends.trends},
+            tcav_present=bool(result.tcav), notes=trends.notes,
+        )
+        atomic_write_text(class_dir / "index.html", html)
+        summaries.append({"name": name, "dir": slug(name), "trends": trends, "agreement": agreement.get(name)})
+    html = environment.get_template("global_index.html").render(
+        classes=summaries, manifest=folder.manifest, notes=result.notes + locator.notes, tcav_present=bool(result.tcav))
+    atomic_write_text(result.out / "index.html", html)
+
+
+def build_global(
+    labels_dir: str | Path, out: str | Path, n_bootstrap: int = 1000, seed: int = 0,
+    tcav: str | Path | None = None, inv_root: str | Path | None = None,
+) -> GlobalResult:
+    """Global explanations of every class of a labels folder, written into ``out``."""
+    folder = read_labels(labels_dir)
+    tcav_path = Path(tcav) if tcav is not None else Path(labels_dir) / "tcav.csv"
+    if tcav is not None and not tcav_path.is_file():
+        raise ValueError(f"{tcav_path}: no such TCAV file")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = {name: class_trends(name, clusters, n_bootstrap, seed)
+               for name, clusters in sorted(_scored_clusters(folder).items())}
+    result = GlobalResult(out, classes, read_tcav(tcav_path))
+    if not classes:
+        result.notes.append("the labels folder has no clusters: nothing to explain")
+    runs = {name: Path(path) for name, path in folder.manifest.get("inv_runs", {}).items()}
+    locator = InvLocator(runs, Path(inv_root) if inv_root is not None else None)
+    for name, text in _tables(result).items():
+        atomic_write_text(out / name, text)
+    _render_pages(result, folder, locator)
+    result.notes.extend(locator.notes)
+    manifest = {"format": "convlens-global", "format_version": 1, "labels": str(Path(labels_dir).resolve()),
+                "embedder": folder.manifest.get("embedder"), "bootstrap": {"n": n_bootstrap, "seed": seed},
+                "tcav": str(tcav_path) if result.tcav else None, "classes": list(classes),
+                "notes": {"global": result.notes, **{n: t.notes for n, t in classes.items()}}}
+    atomic_write_text(out / "global.json", json.dumps(manifest, indent=2, default=str))
+    return result
