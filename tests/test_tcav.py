@@ -1,0 +1,285 @@
+"""TCAV: statistics by hand, the mini-batch CAV classifier against sklearn and Captum, Captum's sign count,
+the activation store and the CAV cache keys, the runner's outputs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from captum.concept import TCAV, Concept, DefaultClassifier
+from sklearn.linear_model import SGDClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import make_tiny_cnn
+from convlens.concepts.cav import ActivationStore, CAVCache, MiniBatchSGDClassifier, model_digest
+from convlens.concepts.concept_sets import ConceptSet, RandomSets, tensor_digest
+from convlens.concepts.tcav import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.concepts.tcav_stats import compare_to_null, holm, pseudo_concept_means
+from convlens.core.hooks import forward_with_grads
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LAYERS = ["block2", "block3"]
+
+
+def _images(seed: int, n: int, shift: float = 0.0) -> torch.Tensor:
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] += shift  # a "concept": more red
+    return x
+
+
+# --- statistics, computed by hand ------------------------------------------------------------------------
+
+
+def test_holm_by_hand() -> None:
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 0.5 * 2 = 1, then max(1, 0.6)
+    assert holm([0.02, float("nan")]) == pytest.approx([0.04, 1.0])  # NaN counts as 1
+    assert holm([0.01]) == pytest.approx([0.01])
+
+
+def test_crawford_howell_t_test_by_hand() -> None:
+    null = [0.0, 1.0, 2.0, 3.0, 4.0]  # mean 2, SD sqrt(2.5), N = 5
+    result = compare_to_null(6.0, null)
+    t = 4.0 / (math.sqrt(2.5) * math.sqrt(1 + 1 / 5))
+    # Student t CDF for 4 degrees of freedom in closed form
+    cdf = 0.5 + 3 / 8 * (t / math.sqrt(1 + t * t / 4)) * (1 - t * t / (12 * (1 + t * t / 4)))
+    assert result.t == pytest.approx(t)
+    assert result.p == pytest.approx(2 * (1 - cdf))
+    assert result.mean_difference == pytest.approx(4.0)
+    assert result.effect_size == pytest.approx(4.0 / math.sqrt(2.5))
+    assert result.direction == "positive"
+    assert compare_to_null(-6.0, [-x for x in null]).direction == "negative"
+    assert math.isnan(compare_to_null(1.0, [0.5, 0.5, 0.5]).p)  # no spread: undecidable, not significant
+
+
+def test_pseudo_concept_means_skip_the_diagonal() -> None:
+    scores = np.array([[9.0, 1.0, 0.0], [0.0, 9.0, 0.5], [1.0, 0.5, 9.0]])
+    assert pseudo_concept_means(scores) == pytest.approx([0.5, 0.25, 0.75])
+    with pytest.raises(ValueError):
+        pseudo_concept_means(np.zeros((2, 2)))
+
+
+# --- the mini-batch classifier ---------------------------------------------------------------------------
+
+
+def test_minibatch_training_is_full_batch_sgd() -> None:
+    """Three epochs of partial_fit over mini-batches == sklearn's fit over the concatenated rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 40)).astype(np.float32)
+    y = np.where(rng.random(90) > 0.5, 7, 3)
+    x[y == 7, :3] += 1.5
+    ours = MiniBatchSGDClassifier(max_epochs=3, n_iter_no_change=10, shuffle=False)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=16)
+    ours.train_and_eval(loader, classes=[3, 7])
+    reference = SGDClassifier(alpha=0.01, max_iter=3, tol=None, shuffle=False, random_state=0).fit(x, y)
+    assert ours.epochs == 3
+    np.testing.assert_allclose(ours.weights()[1].numpy(), reference.coef_[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.weights()[0].numpy(), -reference.coef_[0], rtol=1e-4, atol=1e-6)
+    assert ours.classes() == [3, 7]
+
+
+def test_minibatch_classifier_agrees_with_captum_default() -> None:
+    """Same model (hinge SGD, alpha 0.01) as Captum's DefaultClassifier: same direction, same decisions."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 20, generator=g)
+    y = torch.cat([torch.full((200,), 5), torch.full((200,), 6)])
+    truth = torch.zeros(20)
+    truth[:2] = 1.0
+    x[y == 6] += 3.0 * truth
+    train, test = torch.randperm(400, generator=g).split([268, 132])
+    random.seed(0)
+    np.random.seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = DefaultClassifier()
+    default.train_and_eval(DataLoader(TensorDataset(x[train], y[train]), batch_size=32))
+    ours = MiniBatchSGDClassifier()
+    stats = ours.train_and_eval(
+        DataLoader(TensorDataset(x[train], y[train]), batch_size=32),
+        test_dataloader=DataLoader(TensorDataset(x[test], y[test]), batch_size=32),
+        classes=[5, 6],
+    )
+    w_default = default.weights()[list(default.classes()).index(6)].float()
+    w_ours = ours.weights()[ours.classes().index(6)]
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(w_default, w_ours, dim=0)) > 0.85
+    assert float(cos(w_ours, truth, dim=0)) > 0.85 and float(cos(w_default, truth, dim=0)) > 0.85
+    assert stats["accs"] > 0.95  # held-out accuracy (Captum's own binary "accs" is wrong: captum#1122)
+    agree = ((x[test] @ w_default > 0) == (x[test] @ w_ours > 0)).float().mean()
+    assert float(agree) > 0.9
+
+
+# --- Captum agreement: gradients and TCAV sign counts ----------------------------------------------------
+
+
+def test_sensitivities_are_plain_gradients() -> None:
+    model = make_tiny_cnn()
+    x = _images(1, 4)
+    sens = layer_sensitivities(model, x, LAYERS, target=2, batch_size=3)
+    _, _, grads = forward_with_grads(model, x, LAYERS, lambda logits: logits[:, 2])
+    for layer in LAYERS:
+        np.testing.assert_allclose(sens[layer], grads[layer].reshape(4, -1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_scores_equal_captum_tcav_from_our_cached_cavs(tmp_path: Path) -> None:
+    """Captum's TCAV.interpret loads our CAV files (content-derived ids) and gives the same sign counts."""
+    model = make_tiny_cnn()
+    concept = ConceptSet("red", _images(2, 12, shift=1.5))
+    randoms = RandomSets(_images(3, 40)).runs(12, 3)
+    store = ActivationStore(model, LAYERS)
+    store.add([concept, *randoms])
+    cache = CAVCache(store, model_id="tiny", save_path=tmp_path)
+    inputs, target = _images(4, 9), 1
+    sens = layer_sensitivities(model, inputs, LAYERS, target)
+    ours = {(r.name, layer): cache.direction(concept, r, layer)[0] for r in randoms for layer in LAYERS}
+    assert cache.trained == 3 * len(LAYERS)
+    captum_concepts = {s.digest: Concept(s.captum_id, s.name, None) for s in (concept, *randoms)}  # one instance each
+    sets = [[captum_concepts[s.digest] for s in sorted((concept, r), key=lambda s: s.digest)] for r in randoms]
+    tcav = TCAV(model, LAYERS, model_id=cache.model_id, classifier=MiniBatchSGDClassifier(), save_path=str(tmp_path))
+    captum = tcav.interpret(inputs, sets, target=target)
+    for r, pair in zip(randoms, sets, strict=True):
+        position = [c.id for c in pair].index(concept.captum_id)
+        key = "-".join(str(c.id) for c in pair)
+        for layer in LAYERS:
+            v = ours[r.name, layer]
+            assert tcav_score(sens[layer], v) == pytest.approx(float(captum[key][layer]["sign_count"][position]))
+            magnitude = tcav_magnitude(sens[layer], v) * float(np.linalg.norm(v))  # Captum's uses the raw CAV
+            assert magnitude == pytest.approx(float(captum[key][layer]["magnitude"][position]), rel=1e-4)
+
+
+# --- activation store and CAV cache ----------------------------------------------------------------------
+
+
+def test_activations_are_computed_once_per_distinct_image(tmp_path: Path) -> None:
+    model = make_tiny_cnn()
+    pool = _images(5, 10)
+    a, b = ConceptSet("a", pool[:6]), ConceptSet("b", pool[3:])  # 3 shared images
+    store = ActivationStore(model, LAYERS, batch_size=4)
+    store.add([a, b])
+    store.add([a])
+    assert store.images_forwarded == 10
+    direct = store.forward(b.images)
+    spilled = ActivationStore(model, LAYERS, directory=tmp_path)
+    spilled.add([a, b])
+    for layer in LAYERS:
+        np.testing.assert_allclose(store.gather(layer, store.rows(b)), direct[layer], rtol=1e-6)
+        np.testing.assert_array_equal(spilled.gather(layer, spilled.rows(b)), store.gather(layer, store.rows(b)))
+    assert any(tmp_path.glob("*.npy"))
+
+
+def _cache(model: torch.nn.Module, sets: list[ConceptSet], path: Path, layer: str = "block3") -> CAVCache:
+    store = ActivationStore(model, [layer])
+    store.add(sets)
+    return CAVCache(store, model_id=f"tiny-{model_digest(model)[:16]}", save_path=path)
+
+
+def test_cav_cache_key_follows_concept_data_model_and_layer(tmp_path: Path) -> None:
+    model = make_tiny_cnn()
+    concept, other = ConceptSet("c", _images(6, 8, shift=1.0)), ConceptSet("r", _images(7, 8))
+    first = _cache(model, [concept, other], tmp_path)
+    v1, _ = first.direction(concept, other, "block3")
+    assert (first.trained, first.loaded) == (1, 0)
+    again = _cache(model, [concept, other], tmp_path)  # a new run: loaded from disk, not retrained
+    np.testing.assert_array_equal(again.direction(concept, other, "block3")[0], v1)
+    assert (again.trained, again.loaded) == (0, 1)
+    np.testing.assert_array_equal(again.direction(other, concept, "block3")[0], -v1)  # the same CAV's other row
+    assert again.trained == 0
+    changed_images = concept.images.clone()
+    changed_images[0, 1, 5, 5] += 0.5  # one pixel of one concept image
+    changed = ConceptSet("c", changed_images)  # same name
+    assert changed.digest != concept.digest
+    stale_check = _cache(model, [changed, other], tmp_path)
+    stale_check.direction(changed, other, "block3")
+    assert (stale_check.trained, stale_check.loaded) == (1, 0)
+    assert stale_check.path(changed, other, "block3") != stale_check.path(concept, other, "block3")
+    other_layer = _cache(model, [concept, other], tmp_path, layer="block2")
+    other_layer.direction(concept, other, "block2")
+    assert other_layer.trained == 1
+    retrained = make_tiny_cnn()
+    with torch.no_grad():
+        retrained.fc.bias[0] += 1e-3  # one weight of the model
+    assert model_digest(retrained) != model_digest(model)
+    new_model = _cache(retrained, [concept, other], tmp_path)
+    new_model.direction(concept, other, "block3")
+    assert (new_model.trained, new_model.loaded) == (1, 0)
+
+
+def test_concept_set_validation_and_digest() -> None:
+    x = _images(8, 3)
+    assert ConceptSet("a", x).digest == ConceptSet("b", x.clone()).digest == tensor_digest(x)
+    with pytest.raises(ValueError, match="at least 2"):
+        ConceptSet("one", x[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        ConceptSet("nan", torch.full((2, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="pool of at least"):
+        RandomSets(x).draw(5, 0)
+    pool = RandomSets(_images(9, 30), seed=4)
+    assert torch.equal(pool.runs(5, 3)[2].images, RandomSets(_images(9, 30), seed=4).draw(5, 2).images)
+
+
+# --- the runner ------------------------------------------------------------------------------------------
+
+
+def _tiny_run(
+    tmp_path: Path | None = None, runs: int = 10, statistic: str = "magnitude", reuse: bool = True
+) -> TCAVReport:
+    concepts = {1: [ConceptSet("red", _images(10, 10, shift=1.5)), ConceptSet("plain", _images(11, 10))]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # few random runs on purpose
+        runner = TCAVRunner(make_tiny_cnn(), LAYERS, model_name="tiny", random_runs=runs, statistic=statistic,
+                            cache_dir=tmp_path, reuse_activations=reuse)
+    return runner.run({1: _images(12, 8)}, concepts, RandomSets(_images(13, 60)))
+
+
+def test_runner_report_holm_null_and_csv(tmp_path: Path) -> None:
+    report = _tiny_run(tmp_path)
+    tests = report.tests
+    assert len(tests) == 4 and {t.layer for t in tests} == set(LAYERS)
+    assert [t.p_holm for t in tests] == pytest.approx(list(holm([t.magnitude.p for t in tests])))
+    for t in tests:
+        assert len(t.scores) == len(t.null_scores) == 10
+        assert np.mean(t.null_magnitudes) == pytest.approx(0.0, abs=1e-12)  # one CAV per pair, used both ways
+        assert t.magnitude.value == pytest.approx(np.mean(t.magnitudes))
+        sign = "+" if t.magnitude.mean_difference > 0 else "-"
+        assert t.verdict == ("not significant" if t.p_holm >= 0.05 else f"used ({sign})")
+    assert report.counts["cavs_trained"] == 2 * (45 + 2 * 10)  # per layer: 45 random pairs + 2 concepts x 10 runs
+    rows = list(csv.DictReader(report.to_csv(tmp_path / "tcav.csv").open()))
+    assert len(rows) == 4 and float(rows[0]["p_holm"]) == pytest.approx(tests[0].p_holm)
+    assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["scores"].split()) == 10
+    cached = _tiny_run(tmp_path)  # second run: every CAV comes from the disk cache
+    assert cached.counts["cavs_trained"] == 0 and cached.counts["cavs_loaded"] == 2 * (45 + 2 * 10)
+    assert [t.p_holm for t in cached.tests] == [t.p_holm for t in tests]
+
+
+def test_runner_without_activation_cache_gives_the_same_tests() -> None:
+    cached = _tiny_run(runs=4, statistic="sign_count")
+    uncached = _tiny_run(runs=4, statistic="sign_count", reuse=False)
+    assert [t.scores for t in uncached.tests] == [t.scores for t in cached.tests]
+    assert [t.p_holm for t in uncached.tests] == [t.p_holm for t in cached.tests]
+    used = {d for s in RandomSets(_images(13, 60)).runs(10, 4) for d in s.image_digests}
+    assert cached.counts["images_forwarded"] == 10 + 10 + len(used)  # every distinct image once
+    assert uncached.counts["images_forwarded"] > cached.counts["images_forwarded"]
+
+
+def test_runner_rejects_bad_settings() -> None:
+    model = make_tiny_cnn()
+    with pytest.warns(UserWarning, match="random runs"):
+        TCAVRunner(model, LAYERS, random_runs=5)
+    with pytest.raises(ValueError, match=">= 3"):
+        TCAVRunner(model, LAYERS, random_runs=2)
+    with pytest.raises(ValueError, match="statistic"):
+        TCAVRunner(model, LAYERS, statistic="median")
+    runner = TCAVRunner(model, ["block_3"], random_runs=10)
+    with pytest.raises(ValueError, match="did you mean block3"):
+        runner.run({0: _images(1, 2)}, {0: [ConceptSet("c", _images(2, 4))]}, RandomSets(_images(3, 10)))
+    concepts = {0: [ConceptSet("c", _images(2, 4))]}
+    with pytest.raises(ValueError, match="no input images"):
+        TCAVRunner(model, LAYERS, random_runs=10).run({}, concepts, RandomSets(_images(3, 10)))
