@@ -4,7 +4,7 @@
    EfficientNet-Lite0's last layer (``bn2``, 1280 channels, pretrained) and ResNet-50's ``layer4``
    (2048 channels, random weights) on scikit-image's chelsea, and 2048 random in-range channels
    (N(0.45, 0.2): every channel is fitted on the full grid, the reference's slowest case).
-   ``convlens.methods.kde.ssvkernel`` runs on the whole layer at once in both conventions; the
+   ``convlens.numerics.kde.ssvkernel`` runs on the whole layer at once in both conventions; the
    reference ``adaptivekde.ssvkernel(x, tin, M=10, nbs=1, WinFunc='Gauss')`` runs channel by channel
    on an evenly spaced subset (``--ref-channels``) and its rate is per channel of that subset. "Same
    densities" compares the ``adaptivekde`` convention with the package on that subset: Pearson r >= 0.999
@@ -32,8 +32,9 @@ from PIL import Image
 from _sections import machine_line, markdown_table, write_section
 from convlens.core.hooks import LayerCapture
 from convlens.methods import available_methods, create
-from convlens.methods.kde import count_peaks, linspace_like_numpy, ssvkernel
 from convlens.models import load
+from convlens.numerics.kde import linspace_like_numpy, ssvkernel
+from convlens.numerics.peaks import count_peaks
 
 
 def _activations(model_name: str, layer: str) -> torch.Tensor:

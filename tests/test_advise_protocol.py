@@ -10,7 +10,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from convlens.methods.avx import _apply_miss_penalty
+from convlens.numerics.avx import apply_miss_penalty as _apply_miss_penalty
 from convlens.metrics.advise_protocol import (
     AVX,
     AverageDropMaxClass,

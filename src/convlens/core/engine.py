@@ -61,6 +61,17 @@ def channels_last_model(model: nn.Module, enabled: bool = True) -> Iterator[nn.M
             p.data = p.data.contiguous()
 
 
+def _one_image(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as (C, H, W): one image, given as (C, H, W) or (1, C, H, W)."""
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"the engine scores masks of one image; got a batch of {x.shape[0]}")
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected an image of shape (C, H, W), got {tuple(x.shape)}")
+    return x
+
+
 @dataclass
 class MaskedForwardEngine:
     """Score masked copies of one image.
@@ -122,14 +133,8 @@ class MaskedForwardEngine:
                 broadcastable to x, e.g. a blurred image or the dataset mean).
             on_chunk: called as ``on_chunk(mask_chunk, scores_chunk)`` for streaming accumulation.
         """
-        if x.ndim == 4:
-            if x.shape[0] != 1:
-                raise ValueError(f"the engine scores masks of one image; got a batch of {x.shape[0]}")
-            x = x[0]
-        if x.ndim != 3:
-            raise ValueError(f"expected an image of shape (C, H, W), got {tuple(x.shape)}")
         device = self._device()
-        x = x.to(device)
+        x = _one_image(x).to(device)
         ids = torch.as_tensor(class_ids, device=device).long().reshape(-1)
         delta = x
         base = None

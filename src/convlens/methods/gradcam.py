@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from convlens.core.params import MethodParams
 from convlens.methods.base import GradientCAM
 
-__all__ = ["GradCAM"]
+__all__ = ["GradCAM", "GradCAMParams"]
+
+
+@dataclass(frozen=True)
+class GradCAMParams(MethodParams):
+    """Grad-CAM has no knobs of its own (its layers and score are explainer arguments)."""
+
+    method = "gradcam"
 
 
 class GradCAM(GradientCAM):
@@ -14,6 +24,7 @@ class GradCAM(GradientCAM):
 
     name = "gradcam"
     paper = "Selvaraju et al., Grad-CAM, ICCV 2017"
+    Params = GradCAMParams
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         return gradients.mean(dim=(2, 3))

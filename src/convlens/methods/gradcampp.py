@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from convlens.core.params import MethodParams
 from convlens.methods.base import GradientCAM
 
-__all__ = ["GradCAMpp"]
+__all__ = ["GradCAMpp", "GradCAMppParams"]
+
+
+@dataclass(frozen=True)
+class GradCAMppParams(MethodParams):
+    """Grad-CAM++ has no knobs of its own (its layers and score are explainer arguments)."""
+
+    method = "gradcampp"
 
 
 class GradCAMpp(GradientCAM):
@@ -16,6 +26,7 @@ class GradCAMpp(GradientCAM):
 
     name = "gradcampp"
     paper = "Chattopadhay et al., Grad-CAM++, WACV 2018"
+    Params = GradCAMppParams
     eps = 1e-7
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from convlens.core.params import MethodParams
 from convlens.methods.base import GradientCAM
 
-__all__ = ["LayerCAM"]
+__all__ = ["LayerCAM", "LayerCAMParams"]
+
+
+@dataclass(frozen=True)
+class LayerCAMParams(MethodParams):
+    """LayerCAM has no knobs of its own (its layers and score are explainer arguments)."""
+
+    method = "layercam"
 
 
 class LayerCAM(GradientCAM):
@@ -14,6 +24,7 @@ class LayerCAM(GradientCAM):
 
     name = "layercam"
     paper = "Jiang et al., LayerCAM, IEEE TIP 2021"
+    Params = LayerCAMParams
 
     def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         return (torch.relu(gradients) * activations).sum(dim=1)

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from convlens.core.engine import MaskedForwardEngine
+from convlens.core.params import MethodParams, param
 from convlens.methods.base import Explainer, MethodOutput
 
-__all__ = ["RISE", "rise_masks"]
+__all__ = ["RISE", "RISEParams", "rise_masks"]
+
+
+@dataclass(frozen=True)
+class RISEParams(MethodParams):
+    """RISE's knobs; defaults are the paper's ImageNet settings (N = 4000, s = 7, p = 0.5)."""
+
+    method = "rise"
+    n_masks: int = param(4000, "number of random masks N (Eq. 6)", ge=1)
+    grid_size: int = param(7, "side s of the coarse binary grid of a mask (Sec. 3.2)", ge=1)
+    p: float = param(0.5, "probability that a grid cell is kept (Sec. 3.2)", gt=0, le=1)
+    seed: int = param(0, "seed of the mask generator")
 
 
 def rise_masks(
@@ -39,50 +53,37 @@ def rise_masks(
 class RISE(Explainer):
     """RISE (Eq. 6): ``S(λ) ≈ 1/(N·p) Σ_i f(I ⊙ M_i) · M_i(λ)`` with N random smooth masks.
 
-    Defaults from the paper: N = 4000 masks, s = 7 grid, p = 0.5, the softmax probability as score.
-    Masks are generated chunk by chunk from a seeded generator and accumulated on the fly: memory
-    does not grow with N. Pass ``masks`` to use a fixed mask set instead.
+    Defaults from the paper: N = 4000 masks, s = 7 grid, p = 0.5, the softmax probability as score
+    (:class:`RISEParams`). Masks are generated chunk by chunk from a seeded generator and accumulated on
+    the fly: memory does not grow with N. Pass ``masks`` (N, 1, H, W) to use a fixed mask set instead
+    (then ``n_masks`` is their number).
     """
 
     name = "rise"
     paper = "Petsiuk et al., RISE, BMVC 2018"
     uses_layers = False
     default_score = "softmax"
+    Params: ClassVar[type[MethodParams]] = RISEParams
+    config: RISEParams
 
-    def __init__(
-        self,
-        model: Any,
-        n_masks: int = 4000,
-        grid_size: int = 7,
-        p: float = 0.5,
-        seed: int = 0,
-        masks: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, model: Any, masks: torch.Tensor | None = None, **kwargs: Any) -> None:
         kwargs.pop("layers", None)
         super().__init__(model, **kwargs)
-        if n_masks < 1 or grid_size < 1 or not 0 < p <= 1:
-            raise ValueError("RISE needs n_masks >= 1, grid_size >= 1 and 0 < p <= 1")
-        self.n_masks = n_masks if masks is None else int(masks.shape[0])
-        self.grid_size = grid_size
-        self.p = p
-        self.seed = seed
         self.fixed_masks = masks
+        if masks is not None:
+            self.config = self.config.replace(n_masks=int(masks.shape[0]))
 
-    def params(self) -> dict[str, Any]:
-        return super().params() | {"n_masks": self.n_masks, "grid_size": self.grid_size, "p": self.p, "seed": self.seed}
-
-    def _mask_stream(self, size: tuple[int, int]):
+    def _mask_stream(self, size: tuple[int, int]) -> torch.Tensor | Callable[[int], torch.Tensor | None]:
         if self.fixed_masks is not None:
-            masks = self.fixed_masks if self.fixed_masks.ndim == 4 else self.fixed_masks[:, None]
-            return masks
-        generator = torch.Generator().manual_seed(self.seed)
+            return self.fixed_masks if self.fixed_masks.ndim == 4 else self.fixed_masks[:, None]
+        generator = torch.Generator().manual_seed(self.config.seed)
+        n_masks, grid_size, p = self.config.n_masks, self.config.grid_size, self.config.p
 
         def chunk(i: int) -> torch.Tensor | None:
             start = i * self.batch_size
-            if start >= self.n_masks:
+            if start >= n_masks:
                 return None
-            return rise_masks(min(self.batch_size, self.n_masks - start), size, self.grid_size, self.p, generator)
+            return rise_masks(min(self.batch_size, n_masks - start), size, grid_size, p, generator)
 
         return chunk
 
@@ -100,7 +101,7 @@ class RISE(Explainer):
                 acc.add_(torch.einsum("n,nhw->hw", scores[:, 0], masks[:, 0]))
 
             engine.run(x[b], self._mask_stream(size), class_ids[b], on_chunk=accumulate)
-            maps.append(saliency / (self.n_masks * self.p))
+            maps.append(saliency / (self.config.n_masks * self.config.p))
         return MethodOutput(
             maps=torch.stack(maps),
             forward_passes=engine.forward_passes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,9 +11,17 @@ import torch
 from convlens.core.engine import MaskedForwardEngine
 from convlens.core.hooks import LayerCapture
 from convlens.core.maps import minmax_normalize, upsample
+from convlens.core.params import MethodParams
 from convlens.methods.base import Explainer, MethodOutput, combine_layer_maps
 
-__all__ = ["ScoreCAM"]
+__all__ = ["ScoreCAM", "ScoreCAMParams"]
+
+
+@dataclass(frozen=True)
+class ScoreCAMParams(MethodParams):
+    """Score-CAM has no knobs of its own (its layers and score are explainer arguments)."""
+
+    method = "scorecam"
 
 
 class ScoreCAM(Explainer):
@@ -27,6 +36,7 @@ class ScoreCAM(Explainer):
 
     name = "scorecam"
     paper = "Wang et al., Score-CAM, CVPR Workshops 2020"
+    Params = ScoreCAMParams
     default_score = "logit"
 
     def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:

@@ -3,7 +3,7 @@
 ADVISE (Dehshibi et al., The Visual Computer 2024; code ``ADVISEkernel.m``) scores every feature-map
 unit by the number of modes of an adaptive-bandwidth KDE of its activation values. The estimator is
 Shimazaki & Shinomoto's ``ssvkernel`` ("Kernel bandwidth optimization in spike rate estimation",
-J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2.3; spec 3.3):
+J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2.3):
 
 1. histogram ``y_hist`` of the in-grid samples on the evaluation grid ``t`` (bin width ``dt``);
 2. ``M`` softplus-spaced bandwidths ``W`` in ``[5 dt, T]`` (ADVISEkernel.m l.92); for each, the local
@@ -18,20 +18,18 @@ J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2
    ADVISEkernel.m l.125-163); the density of the *last evaluated* point is returned, linearly interpolated
    onto the input grid.
 
-The reference implementations loop over one sample vector at a time (MATLAB ``parfor``, Python
-``adaptivekde``). Here every step runs on all rows at once: histograms by ``searchsorted`` +
-``scatter_add``, the Gaussian smoothings as real FFTs with exactly the reference's zero-padding length
-(``2^ceil(log2(L + 3 w))`` — the wrap-around of the circular convolution is part of the estimator), the
-Nadaraya–Watson and balloon sums as batched matrix products (the balloon over non-empty bins only, as
-the reference's "speed optimized" form), and the golden-section search with per-row brackets, evaluating
-the cost of all still-active rows in one batched call. Rows are sorted by the length of their internal
-grid and processed in memory-bounded chunks (grids padded to the chunk's longest); the code is
-device-agnostic (CPU or CUDA) and runs in float64 by default.
+The references loop over one sample vector at a time (MATLAB ``parfor``, Python ``adaptivekde``). Here
+every step runs on all rows at once: histograms by ``searchsorted`` + ``scatter_add``, the Gaussian
+smoothings as real FFTs with exactly the reference's zero-padding length ``2^ceil(log2(L + 3 w))`` (the
+wrap-around of the circular convolution is part of the estimator), the Nadaraya–Watson and balloon sums as
+batched matrix products (the balloon over non-empty bins only, the reference's "speed optimized" form),
+and the golden-section search with per-row brackets (CPU or CUDA, float64 by default).
 
-Agreement with the references: densities match to ~1e-12 except where the golden-section search
-compares two costs that are equal up to rounding (a flat stretch of ``C(g)``, typical of units with few
-distinct in-range values): there the branch is decided by floating-point noise that no two
-implementations share (MATLAB and the PyPI port included), and the search may end at another ``g``.
+Agreement with the references: at the same stiffness ``g`` the densities match to ~1e-12. But where
+``C(g)`` is flat within rounding (~1e-16 relative; e.g. a unit whose in-range values are a heap at 0 and a
+few isolated points, common after ReLU6) the search's ``f1 < f2`` is decided by the last bits of FFT,
+``exp`` and summation order, which differ between torch and numpy, CPU kernels (AVX2 / AVX-512 / scalar)
+and thread counts: the search may end at another ``g`` of the same cost (an equally optimal density).
 
 Two conventions are offered (``convention=``):
 
@@ -49,19 +47,19 @@ Two conventions are offered (``convention=``):
     when no sample lies on the grid: both are failed rows here.
 
 ``min_distinct`` adds the rule "fewer than ``min_distinct`` distinct in-grid values is a failure" on
-top of either convention (``min_distinct=2`` is the reading of spec 3.3: "< 2 distinct in-range
-values -> no density").
+top of either convention (``min_distinct=2``: stricter than ADVISEkernel.m, which fits one value).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-__all__ = ["KDEConvention", "KDEResult", "count_peaks", "linspace_like_numpy", "ssvkernel"]
+__all__ = ["KDEConvention", "KDEResult", "linspace_like_numpy", "ssvkernel"]
 
 KDEConvention = Literal["matlab", "adaptivekde"]
 
@@ -81,6 +79,7 @@ class KDEResult:
         stiffness: (R,) the stiffness ``g`` of the returned density (last evaluated point); NaN on failures.
         grid_points: (R,) length L of the internal grid ``t`` (``Z`` when ``t = tin``); 0 on failures.
         evaluations: (R,) golden-section cost evaluations after the two initial ones.
+        cost: (R,) the L2-risk estimate ``C(g)`` of the returned density (Eqs. 17-18); NaN on failures.
     """
 
     density: torch.Tensor
@@ -89,6 +88,7 @@ class KDEResult:
     stiffness: torch.Tensor
     grid_points: torch.Tensor
     evaluations: torch.Tensor
+    cost: torch.Tensor
 
 
 def linspace_like_numpy(start: float, stop: float, num: int, dtype: torch.dtype = torch.float64,
@@ -102,13 +102,11 @@ def linspace_like_numpy(start: float, stop: float, num: int, dtype: torch.dtype 
     return values
 
 
-def _logexp(x: torch.Tensor) -> torch.Tensor:
-    """Softplus ``log(1 + exp(x))`` (identity from 100 on), written as in ssvkernel.m."""
+def _logexp(x: torch.Tensor) -> torch.Tensor:  # softplus log(1 + exp(x)), identity from 100 on (ssvkernel.m)
     return torch.where(x < 1e2, torch.log(1 + torch.exp(torch.clamp(x, max=1e2))), x)
 
 
-def _ilogexp(x: torch.Tensor) -> torch.Tensor:
-    """Inverse softplus ``log(exp(x) - 1)`` (identity from 100 on), written as in ssvkernel.m."""
+def _ilogexp(x: torch.Tensor) -> torch.Tensor:  # inverse softplus log(exp(x) - 1), identity from 100 on
     return torch.where(x < 1e2, torch.log(torch.exp(torch.clamp(x, max=1e2)) - 1), x)
 
 
@@ -272,25 +270,15 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, lengths: torch.
     return torch.where(x >= torch.gather(xp, 1, last), torch.gather(fp, 1, last), values)
 
 
-def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor, grid: torch.Tensor,
-               lengths: torch.Tensor, coarse: torch.Tensor, n_bandwidths: int, convention: KDEConvention,
-               max_evaluations: int, tol: float) -> tuple[torch.Tensor, ...]:
-    """ssvkernel for a chunk of rows with internal grids of lengths ``lengths``.
-
-    Returns (density on ``grid``, bandwidth on ``grid``, g of the returned density, N, evaluations).
-    """
-    rows = samples.shape[0]
-    dtype, device = samples.dtype, samples.device
-    t = _row_grids(grid, lengths, coarse)  # (R, Lmax)
-    width = t.shape[1]
-    inside = torch.arange(width, device=device)[None] < lengths[:, None]
-    dt = torch.where(inside[:, 1:], torch.diff(t, dim=1), torch.inf).amin(dim=1)
-    y_hist = _histogram(samples, in_grid, t, dt, lengths, convention) / dt[:, None]
-    total = (y_hist * dt[:, None]).sum(-1)
+def _optimal_widths(y_hist: torch.Tensor, dt: torch.Tensor, span: torch.Tensor, lengths: torch.Tensor,
+                    inside: torch.Tensor, n_bandwidths: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3: the M windows ``WIN = W`` (R, M) and the locally optimal fixed bandwidth ``optws``
+    (R, M, L) of every window: ``W[argmin_j (c_j * G_WIN_i)(t)]``."""
+    rows, width = y_hist.shape
     # M softplus-spaced bandwidths in [5 dt, T] (windows WIN = bandwidths W)
     low = _ilogexp(5 * dt)
     high = _ilogexp(span)
-    steps = torch.arange(n_bandwidths, dtype=dtype, device=device)
+    steps = torch.arange(n_bandwidths, dtype=y_hist.dtype, device=y_hist.device)
     spaced = steps * ((high - low) / (n_bandwidths - 1))[:, None] + low[:, None]
     spaced[:, -1] = high
     windows = _logexp(spaced)  # (R, M)
@@ -300,26 +288,31 @@ def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor,
     local_cost = smoothed**2 - 2 * smoothed * y_hist[:, None] + (2 / _SQRT_2PI / windows)[..., None] * y_hist[:, None]
     local_cost = torch.where(inside[:, None], local_cost, 0.0)
     # optimal fixed bandwidth per window: argmin_j of c_j smoothed with window i
-    optws = samples.new_empty((rows, n_bandwidths, width))
+    optws = y_hist.new_empty((rows, n_bandwidths, width))
     cache: dict[int, torch.Tensor] = {}
     for i in range(n_bandwidths):
         windowed = _gauss_smooth(local_cost, sigma_bins[:, i : i + 1], lengths, cache)[:, 0]  # (R, M_j, L)
         optws[:, i] = torch.gather(windows, 1, torch.argmin(windowed, dim=1))
-    shared = bool((~coarse).all()) and width == grid.numel()
-    distance2 = ((grid[:, None] - grid[None, :]) ** 2)[None] if shared else (t[:, :, None] - t[:, None, :]) ** 2
-    cost = _CostFunction(y_hist, total, distance2, dt, optws, windows, inside)
-    # golden-section search of the stiffness g, one bracket per row
-    a = torch.full((rows,), 1e-12, dtype=dtype, device=device)
+    return windows, optws
+
+
+def _golden_section(cost: _CostFunction, dt: torch.Tensor, width: int, max_evaluations: int, tol: float
+                    ) -> tuple[torch.Tensor, ...]:
+    """Step 5: golden-section search of g in [1e-12, 1] per row (ADVISEkernel.m l.125-163): density ``yopt``,
+    bandwidths, g and cost of the last evaluated point, and the evaluations after the initial two."""
+    rows = dt.shape[0]
+    a = torch.full((rows,), 1e-12, dtype=dt.dtype, device=dt.device)
     b = torch.ones_like(a)
     c1 = (_PHI - 1) * a + (2 - _PHI) * b
     c2 = (2 - _PHI) * a + (_PHI - 1) * b
-    everyone = torch.arange(rows, device=device)
+    everyone = torch.arange(rows, device=dt.device)
     f1 = cost(c1, everyone)[0]
     f2 = cost(c2, everyone)[0]
-    yopt = torch.full((rows, width), float("nan"), dtype=dtype, device=device)
+    yopt = torch.full((rows, width), float("nan"), dtype=dt.dtype, device=dt.device)
     optw = torch.full_like(yopt, float("nan"))
     g_last = torch.full_like(a, float("nan"))
-    evaluations = torch.zeros(rows, dtype=torch.long, device=device)
+    cost_last = torch.full_like(a, float("nan"))
+    evaluations = torch.zeros(rows, dtype=torch.long, device=dt.device)
     for _ in range(max_evaluations):
         active = torch.nonzero(torch.abs(b - a) > tol * (torch.abs(c1) + torch.abs(c2))).flatten()
         if active.numel() == 0:
@@ -338,10 +331,111 @@ def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor,
         yopt[active] = yv / (yv * dt[active, None]).sum(-1, keepdim=True)
         optw[active] = optwp
         g_last[active] = g
+        cost_last[active] = f_new
         evaluations[active] += 1
-    density = _interp(grid, t, yopt, lengths)
-    bandwidth = _interp(grid, t, optw, lengths)
-    return density, bandwidth, g_last, total, evaluations
+    return yopt, optw, g_last, cost_last, evaluations
+
+
+def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor, grid: torch.Tensor,
+               lengths: torch.Tensor, coarse: torch.Tensor, n_bandwidths: int, convention: KDEConvention,
+               max_evaluations: int, tol: float) -> tuple[torch.Tensor, ...]:
+    """ssvkernel for a chunk of rows with internal grids of lengths ``lengths``: (density and bandwidth on
+    ``grid``, g and cost of the returned density, N, evaluations)."""
+    t = _row_grids(grid, lengths, coarse)  # (R, Lmax)
+    width = t.shape[1]
+    inside = torch.arange(width, device=samples.device)[None] < lengths[:, None]
+    dt = torch.where(inside[:, 1:], torch.diff(t, dim=1), torch.inf).amin(dim=1)
+    y_hist = _histogram(samples, in_grid, t, dt, lengths, convention) / dt[:, None]
+    total = (y_hist * dt[:, None]).sum(-1)
+    windows, optws = _optimal_widths(y_hist, dt, span, lengths, inside, n_bandwidths)
+    shared = bool((~coarse).all()) and width == grid.numel()
+    distance2 = ((grid[:, None] - grid[None, :]) ** 2)[None] if shared else (t[:, :, None] - t[:, None, :]) ** 2
+    cost = _CostFunction(y_hist, total, distance2, dt, optws, windows, inside)
+    yopt, optw, g_last, cost_last, evaluations = _golden_section(cost, dt, width, max_evaluations, tol)
+    return _interp(grid, t, yopt, lengths), _interp(grid, t, optw, lengths), g_last, cost_last, total, evaluations
+
+
+def _validated(samples: torch.Tensor, grid: torch.Tensor | None, convention: str, n_bandwidths: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples in ``dtype`` and the evaluation grid (default ``linspace(0, 1, S)``), or one clear error."""
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
+    if samples.ndim != 2 or samples.shape[1] < 1:
+        raise ValueError(f"samples must have shape (rows, samples), got {tuple(samples.shape)}")
+    if convention not in ("matlab", "adaptivekde"):
+        raise ValueError(f"unknown convention {convention!r}: use 'matlab' or 'adaptivekde'")
+    if n_bandwidths < 2:
+        raise ValueError(f"n_bandwidths must be >= 2, got {n_bandwidths}")
+    x = samples.detach().to(dtype)
+    if not torch.isfinite(x).all():
+        raise ValueError("samples contain NaN or infinite values")
+    if grid is None:
+        grid = linspace_like_numpy(0.0, 1.0, x.shape[1], dtype, samples.device)
+    grid = grid.detach().to(device=samples.device, dtype=dtype).flatten()
+    if grid.numel() < 2 or not bool((torch.diff(grid) > 0).all()):
+        raise ValueError("grid must hold at least two strictly increasing points")
+    return x, grid
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """Per row: in-grid samples, span T, whether the reference fits it, and its internal grid (``coarse``)."""
+
+    in_grid: torch.Tensor
+    span: torch.Tensor
+    valid: torch.Tensor
+    coarse: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _plan_rows(x: torch.Tensor, grid: torch.Tensor, convention: KDEConvention, min_distinct: int | None) -> _RowPlan:
+    """Step 1's set-up as the chosen convention does it (see the module docstring)."""
+    rows, dtype, device = x.shape[0], x.dtype, x.device
+    lo, hi = float(grid[0]), float(grid[-1])
+    grid_step = float(torch.diff(grid).min())
+    in_grid = (x >= lo) & (x <= hi)
+    # smallest positive gap between sorted samples (in-grid ones for MATLAB, all for adaptivekde)
+    in_grid_sorted = torch.sort(torch.where(in_grid, x, torch.inf), dim=1).values
+    in_grid_gaps = torch.diff(in_grid_sorted, dim=1)
+    in_grid_positive = torch.isfinite(in_grid_gaps) & (in_grid_gaps > 0)
+    n_distinct = in_grid.any(dim=1).long() + in_grid_positive.sum(dim=1)
+    if convention == "matlab":
+        gaps, positive = in_grid_gaps, in_grid_positive
+        span = torch.full((rows,), hi - lo, dtype=dtype, device=device)
+    else:
+        gaps = torch.diff(torch.sort(x, dim=1).values, dim=1)
+        positive = gaps > 0
+        span = x.amax(dim=1) - x.amin(dim=1)
+    dt_samp = torch.where(positive, gaps, torch.inf).amin(dim=1) if gaps.shape[1] else torch.full(
+        (rows,), torch.inf, dtype=dtype, device=device)
+    # adaptivekde raises IndexError without two distinct samples; MATLAB goes on with t = tin
+    valid = torch.isfinite(dt_samp) if convention == "adaptivekde" else torch.ones_like(in_grid[:, 0])
+    if min_distinct is not None:
+        valid &= n_distinct >= min_distinct
+    valid &= in_grid.any(dim=1)  # N = 0: NaN density (MATLAB), NaN or error (adaptivekde)
+    # internal grid: tin, or a coarser linspace when the data are coarser than the grid
+    coarse = torch.isfinite(dt_samp) & (dt_samp > grid_step)
+    ratio = torch.where(coarse, span / torch.where(coarse, dt_samp, 1.0), 0.0)
+    lengths = torch.where(coarse, torch.clamp(torch.ceil(ratio), max=_MAX_GRID_POINTS), grid.numel()).long()
+    valid &= lengths >= 2  # linspace(.., 1) leaves no dt: the reference errors
+    return _RowPlan(in_grid, span, valid, coarse, lengths)
+
+
+def _chunks(sizes: list[int], grid_points: int, n_bandwidths: int, max_chunk_elements: int
+            ) -> Iterator[tuple[int, int]]:
+    """(start, stop) of rows sorted by grid length: similar lengths (padding < 25 %), bounded temporaries."""
+    start = 0
+    while start < len(sizes):
+        stop = start + 1
+        first_width = max(sizes[start], grid_points)
+        while stop < len(sizes):
+            width = max(sizes[stop], grid_points)
+            too_big = (stop + 1 - start) * max(width * width, n_bandwidths * n_bandwidths * width) > max_chunk_elements
+            if too_big or (width > 128 and width > 1.25 * first_width):  # small grids: padding is cheap
+                break
+            stop += 1
+        yield start, stop
+        start = stop
 
 
 def ssvkernel(
@@ -369,120 +463,36 @@ def ssvkernel(
             ``k = 1 .. 29``) or 30 (adaptivekde, ``k = 0 .. 29``).
         tol: relative tolerance of the golden-section bracket (``|b - a| <= tol (|c1| + |c2|)``).
         dtype: computation dtype (float64 matches the references to ~1e-12).
-        max_chunk_elements: rows (sorted by internal grid length) are processed in chunks with about
-            this many elements per (rows x L x L) temporary: 2^20 (8 MB in float64) keeps the temporaries
-            cache-sized on CPU; raise it on GPUs to process more rows per kernel launch.
+        max_chunk_elements: about this many elements per (rows x L x L) temporary of a chunk of rows: 2^20
+            (8 MB in float64) stays cache-sized on CPU; raise it on GPUs for more rows per kernel launch.
 
     Returns:
         :class:`KDEResult` with (R, Z) densities (NaN where the estimator fails).
     """
-    if not isinstance(samples, torch.Tensor):
-        raise TypeError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
-    if samples.ndim != 2 or samples.shape[1] < 1:
-        raise ValueError(f"samples must have shape (rows, samples), got {tuple(samples.shape)}")
-    if convention not in ("matlab", "adaptivekde"):
-        raise ValueError(f"unknown convention {convention!r}: use 'matlab' or 'adaptivekde'")
-    if n_bandwidths < 2:
-        raise ValueError(f"n_bandwidths must be >= 2, got {n_bandwidths}")
-    device = samples.device
-    x = samples.detach().to(dtype)
-    if not torch.isfinite(x).all():
-        raise ValueError("samples contain NaN or infinite values")
-    if grid is None:
-        grid = linspace_like_numpy(0.0, 1.0, x.shape[1], dtype, device)
-    grid = grid.detach().to(device=device, dtype=dtype).flatten()
-    if grid.numel() < 2 or not bool((torch.diff(grid) > 0).all()):
-        raise ValueError("grid must hold at least two strictly increasing points")
+    x, grid = _validated(samples, grid, convention, n_bandwidths, dtype)
     if max_evaluations is None:
         max_evaluations = 29 if convention == "matlab" else 30
-    rows = x.shape[0]
-    lo, hi = float(grid[0]), float(grid[-1])
-    grid_step = float(torch.diff(grid).min())
-    in_grid = (x >= lo) & (x <= hi)
-
-    # smallest positive gap between sorted samples (in-grid ones for MATLAB, all for adaptivekde)
-    in_grid_sorted = torch.sort(torch.where(in_grid, x, torch.inf), dim=1).values
-    in_grid_gaps = torch.diff(in_grid_sorted, dim=1)
-    in_grid_positive = torch.isfinite(in_grid_gaps) & (in_grid_gaps > 0)
-    n_distinct = in_grid.any(dim=1).long() + in_grid_positive.sum(dim=1)
-    if convention == "matlab":
-        gaps, positive = in_grid_gaps, in_grid_positive
-        span = torch.full((rows,), hi - lo, dtype=dtype, device=device)
-    else:
-        gaps = torch.diff(torch.sort(x, dim=1).values, dim=1)
-        positive = gaps > 0
-        span = x.amax(dim=1) - x.amin(dim=1)
-    dt_samp = torch.where(positive, gaps, torch.inf).amin(dim=1) if gaps.shape[1] else torch.full(
-        (rows,), torch.inf, dtype=dtype, device=device)
-    # adaptivekde raises IndexError without two distinct samples; MATLAB goes on with t = tin
-    valid = torch.isfinite(dt_samp) if convention == "adaptivekde" else torch.ones_like(in_grid[:, 0])
-    if min_distinct is not None:
-        valid &= n_distinct >= min_distinct
-    valid &= in_grid.any(dim=1)  # N = 0: NaN density (MATLAB), NaN or error (adaptivekde)
-    # internal grid: tin, or a coarser linspace when the data are coarser than the grid
-    coarse = torch.isfinite(dt_samp) & (dt_samp > grid_step)
-    ratio = torch.where(coarse, span / torch.where(coarse, dt_samp, 1.0), 0.0)
-    lengths = torch.where(coarse, torch.clamp(torch.ceil(ratio), max=_MAX_GRID_POINTS), grid.numel()).long()
-    valid &= lengths >= 2  # linspace(.., 1) leaves no dt: the reference errors
-
+    plan = _plan_rows(x, grid, convention, min_distinct)
+    rows, device = x.shape[0], x.device
     density = torch.full((rows, grid.numel()), float("nan"), dtype=dtype, device=device)
     bandwidth = torch.full_like(density, float("nan"))
     stiffness = torch.full((rows,), float("nan"), dtype=dtype, device=device)
+    cost = torch.full_like(stiffness, float("nan"))
     evaluations = torch.zeros(rows, dtype=torch.long, device=device)
     fitted = torch.zeros(rows, dtype=torch.bool, device=device)
-    members = torch.nonzero(valid).flatten()
-    members = members[torch.argsort(lengths[members], stable=True)]
-    sizes = lengths[members].tolist()
-    start = 0
-    while start < len(sizes):  # chunks of rows with similar grid lengths (beyond 128: padding < 25 %), bounded memory
-        stop = start + 1
-        first_width = max(sizes[start], grid.numel())
-        while stop < len(sizes):
-            width = max(sizes[stop], grid.numel())
-            too_big = (stop + 1 - start) * max(width * width, n_bandwidths * n_bandwidths * width) > max_chunk_elements
-            if too_big or (width > 128 and width > 1.25 * first_width):  # small grids: padding is cheap
-                break
-            stop += 1
+    members = torch.nonzero(plan.valid).flatten()
+    members = members[torch.argsort(plan.lengths[members], stable=True)]
+    for start, stop in _chunks(plan.lengths[members].tolist(), grid.numel(), n_bandwidths, max_chunk_elements):
         idx = members[start:stop]
-        start = stop
-        on_grid, width_on_grid, g, total, used = _fit_chunk(
-            x[idx], in_grid[idx], span[idx], grid, lengths[idx], coarse[idx], n_bandwidths, convention,
-            max_evaluations, tol,
+        on_grid, width_on_grid, g, g_cost, total, used = _fit_chunk(
+            x[idx], plan.in_grid[idx], plan.span[idx], grid, plan.lengths[idx], plan.coarse[idx], n_bandwidths,
+            convention, max_evaluations, tol,
         )
         ok = total > 0  # no sample in any bin (e.g. all in MATLAB's dropped last half bin): N = 0, NaN density
         density[idx] = torch.where(ok[:, None], on_grid, float("nan"))
         bandwidth[idx] = torch.where(ok[:, None], width_on_grid, float("nan"))
         stiffness[idx] = torch.where(ok, g, float("nan"))
+        cost[idx] = torch.where(ok, g_cost, float("nan"))
         evaluations[idx] = used
         fitted[idx] = ok
-    return KDEResult(
-        density=density,
-        valid=fitted,
-        bandwidth=bandwidth,
-        stiffness=stiffness,
-        grid_points=torch.where(fitted, lengths, 0),
-        evaluations=evaluations,
-    )
-
-
-def count_peaks(values: torch.Tensor) -> torch.Tensor:
-    """Number of local maxima along the last dimension, with ``scipy.signal.find_peaks`` semantics.
-
-    A peak is a sample — or a flat run of equal samples, counted once — whose nearest different
-    neighbours on *both* sides are strictly lower; the first and last samples are never peaks; NaN
-    compares false (a NaN vector has no peak). Same as MATLAB ``findpeaks`` with default options.
-
-    Vectorised: with ``s = sign(diff(values))``, a peak is a ``-1`` whose last preceding non-zero sign
-    is ``+1``.
-    """
-    if values.shape[-1] < 3:
-        return torch.zeros(values.shape[:-1], dtype=torch.long, device=values.device)
-    steps = torch.diff(values, dim=-1)
-    rising = steps > 0
-    falling = steps < 0
-    nonzero = steps != 0  # NaN counts as a non-zero, non-rising step: it breaks a plateau
-    positions = torch.arange(steps.shape[-1], device=values.device).expand_as(steps)
-    last_nonzero = torch.cummax(torch.where(nonzero, positions, -1), dim=-1).values
-    previous = torch.cat([torch.full_like(last_nonzero[..., :1], -1), last_nonzero[..., :-1]], dim=-1)
-    previous_rising = torch.gather(rising, -1, previous.clamp(min=0)) & (previous >= 0)
-    return (falling & previous_rising).sum(dim=-1)
+    return KDEResult(density, fitted, bandwidth, stiffness, torch.where(fitted, plan.lengths, 0), evaluations, cost)

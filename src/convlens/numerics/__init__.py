@@ -1,0 +1,1 @@
+"""Shared numerics below methods and metrics: adaptive-bandwidth KDE, Otsu thresholds, MATLAB resizing, AVX maths."""

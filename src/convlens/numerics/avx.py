@@ -1,0 +1,200 @@
+"""The AVX protocol's maths ("XAIValue", Dehshibi et al., The Visual Computer 2024): no model involved.
+
+The official ADVISE code (``iCalculateCAMmetrics.m``) scores a map ``M1`` of the explained class ``c`` and
+a map ``M2`` of the runner-up class, both in [0, 1] at image resolution, on the image ``I`` (uint8 RGB,
+the pixels the model sees). This module holds every step that needs no forward pass; the forwards of the
+masked image (hit and Average Drop) are :func:`convlens.methods.advise_avx.avx_protocol`'s.
+
+1. class sensitivity ``R = Pearson(M1, M2)`` over all pixels; ``check = (-0.55 <= R <= 0.55)``
+   (computed *before* NaN -> 0, so a NaN correlation fails the check) — :func:`class_sensitivity`;
+2. masked image ``Ĩ = I .* uint8(M1)``: the uint8 cast rounds, so ``Ĩ`` keeps exactly the pixels with
+   ``M1 >= 0.5`` — :func:`avx_mask`;
+3. ``SSIM(Ĩ, I)``, ``FSIMc(Ĩ, I)`` (Zhang et al., IEEE TIP 2011, colour variant) and
+   ``MSE_n = MSE(Ĩ, I) / 255^2`` — :func:`masked_similarity`;
+4. miss penalty: on a miss (``c`` not in the top-5 classes on ``Ĩ``) with ``check``, AD, SSIM, FSIMc and
+   MSE_n are multiplied by ``d = 1 - |y_c - o_c|``; on a miss without ``check``: AD = 1, SSIM = 0,
+   FSIMc = 0, MSE_n = 1 — :func:`apply_miss_penalty`;
+5. ``AVX = 4 / (1/SSIM + 1/FSIMc + 1/(1 - MSE_n) + 1/(1 - AD))``, the harmonic mean (0 under the hard
+   penalty) — :func:`harmonic_avx`.
+
+Each quirk of the code is an :class:`AVXOptions` field whose default is the code's behaviour: ``mask``
+(binary 0.5 mask from the uint8 cast, or the soft map), ``drop_score`` (max-class ``o_c`` or the target
+class's score), ``miss_penalty`` (``"code"`` also multiplies the two *error* terms AD and MSE_n by
+``d < 1``, which lowers the errors and so *raises* AVX; ``"monotone"`` multiplies the four quality terms
+SSIM, FSIMc, 1 - MSE_n, 1 - AD by ``d``; ``"none"``), ``nan_correlation`` (fails the check, as in the code).
+
+Similarity measures come from ``piq``: ``piq.ssim`` (Gaussian window 11, sigma 1.5, K1 = 0.01,
+K2 = 0.03, per channel and averaged, without piq's default 2x downsampling — MATLAB's ``ssim`` does not
+downsample) and ``piq.fsim(chromatic=True)`` (port of FeatureSIM.m, including its ``round(min(H, W)/256)``
+average pooling), both on the 0-255 images with ``data_range=255``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from convlens.core.targets import ScoreKind
+
+__all__ = [
+    "AVXOptions",
+    "DropScore",
+    "MaskMode",
+    "MissPenalty",
+    "NanCorrelation",
+    "apply_miss_penalty",
+    "as_maps",
+    "avx_mask",
+    "class_sensitivity",
+    "harmonic_avx",
+    "masked_similarity",
+]
+
+MaskMode = Literal["binary", "soft"]
+DropScore = Literal["max_class", "target_class"]
+MissPenalty = Literal["code", "monotone", "none"]
+NanCorrelation = Literal["fails_check", "passes_check"]
+
+
+@dataclass(frozen=True)
+class AVXOptions:
+    """Choices of the AVX protocol; every default is the official code's behaviour
+    (iCalculateCAMmetrics.m).
+
+    Attributes:
+        mask: ``"binary"``: ``Ĩ = I * (M1 >= mask_threshold)`` (the uint8 cast of the code rounds the map);
+            ``"soft"``: ``Ĩ = I * clip(M1, 0, 1)``.
+        mask_threshold: threshold of the binary mask (0.5 = rounding).
+        drop_score: ``"max_class"``: ``o_c`` = max softmax probability on ``Ĩ`` (code);
+            ``"target_class"``: ``o_c`` = probability of the explained class (the usual Average Drop).
+        miss_penalty: see the module docstring (``"code"``, ``"monotone"``, ``"none"``).
+        nan_correlation: ``"fails_check"``: an undefined Pearson correlation (constant map) fails the
+            class-sensitivity check (code: the check is computed before NaN -> 0); ``"passes_check"``.
+        sensitivity_band: the check is ``|R| <= sensitivity_band``.
+        top_k: hit iff the explained class is among the top-k classes on ``Ĩ``.
+        score: which probability the model's output becomes (``"softmax"``: the code's ``prob`` layer).
+    """
+
+    mask: MaskMode = "binary"
+    mask_threshold: float = 0.5
+    drop_score: DropScore = "max_class"
+    miss_penalty: MissPenalty = "code"
+    nan_correlation: NanCorrelation = "fails_check"
+    sensitivity_band: float = 0.55
+    top_k: int = 5
+    score: ScoreKind = "softmax"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "mask": ("binary", "soft"),
+            "drop_score": ("max_class", "target_class"),
+            "miss_penalty": ("code", "monotone", "none"),
+            "nan_correlation": ("fails_check", "passes_check"),
+            "score": ("softmax", "sigmoid", "logit"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"AVXOptions.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        if self.top_k < 1:
+            raise ValueError(f"AVXOptions.top_k must be >= 1, got {self.top_k}")
+        if self.sensitivity_band < 0:
+            raise ValueError(f"AVXOptions.sensitivity_band must be >= 0, got {self.sensitivity_band}")
+
+
+def as_maps(maps: Any, name: str) -> torch.Tensor:
+    """``maps`` as a (G, H, W) float64 tensor of finite values in about [0, 1] (one clear error otherwise)."""
+    tensor = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).double()
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim != 3:
+        raise ValueError(f"{name} must have shape (H, W) or (G, H, W), got {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if float(tensor.min()) < -0.5 or float(tensor.max()) > 1.5:
+        raise ValueError(
+            f"{name} must be maps in [0, 1] (the code rescales them; bicubic overshoot is fine): got values in "
+            f"[{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]; normalise first, e.g. explanation.normalized"
+        )
+    return tensor
+
+
+def avx_mask(maps: torch.Tensor, options: AVXOptions = AVXOptions()) -> torch.Tensor:
+    """Multiplicative mask of the masked image: ``M1 >= 0.5`` (uint8 cast of the code) or ``clip(M1, 0, 1)``."""
+    if options.mask == "binary":
+        return (maps >= options.mask_threshold).to(maps.dtype)
+    return maps.clamp(0, 1)
+
+
+def class_sensitivity(map_top1: torch.Tensor, map_top2: torch.Tensor, options: AVXOptions = AVXOptions()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pearson correlation of the top-1 and top-2 class maps per pair (``corrcoef``), NaN -> 0, and the
+    check ``|R| <= band`` (a NaN correlation fails it unless ``nan_correlation="passes_check"``).
+
+    A constant map (e.g. the all-zero map of a group whose ReLU kills everything) has an undefined
+    correlation; it is detected exactly (max == min) instead of trusting ~1e-16 rounding residues."""
+    a = map_top1.flatten(1).double()
+    b = map_top2.flatten(1).double()
+    constant = (a.amax(1) == a.amin(1)) | (b.amax(1) == b.amin(1))  # zero variance: corrcoef is NaN
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    correlation = (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1))
+    correlation = torch.where(constant, torch.nan, correlation)
+    undefined = torch.isnan(correlation)
+    check = (correlation >= -options.sensitivity_band) & (correlation <= options.sensitivity_band)
+    if options.nan_correlation == "passes_check":
+        check |= undefined
+    return torch.nan_to_num(correlation, nan=0.0), check
+
+
+def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int = 8
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(SSIM, FSIMc, MSE / 255^2)`` of masked images (G, 3, H, W) against the original (3, H, W), 0..255."""
+    import piq
+
+    ssim_values, fsim_values = [], []
+    for start in range(0, masked.shape[0], chunk):
+        part = masked[start : start + chunk].float()
+        reference = original.float().expand_as(part)
+        ssim_values.append(piq.ssim(part, reference, data_range=255.0, reduction="none", downsample=False))
+        fsim_values.append(piq.fsim(part, reference, data_range=255.0, reduction="none", chromatic=True))
+    mse = ((masked.double() - original.double()) ** 2).flatten(1).mean(1) / 255.0**2
+    return torch.cat(ssim_values).double(), torch.cat(fsim_values).double(), mse.clamp(0, 1)
+
+
+def harmonic_avx(ssim: torch.Tensor, fsimc: torch.Tensor, mse_n: torch.Tensor, average_drop: torch.Tensor
+                 ) -> torch.Tensor:
+    """``AVX = 4 / (1/SSIM + 1/FSIMc + 1/(1 - MSE_n) + 1/(1 - AD))`` (a zero term gives AVX = 0)."""
+    terms = torch.stack([ssim, fsimc, 1 - mse_n, 1 - average_drop]).double()
+    return 4.0 / (1.0 / terms).sum(0)  # torch: 1/0 = inf, 4/inf = 0
+
+
+def apply_miss_penalty(values: dict[str, torch.Tensor], hit: torch.Tensor, check: torch.Tensor,
+                       factor: torch.Tensor, mode: MissPenalty) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The miss penalty (iCalculateCAMmetrics.m l.61-74) on the values ``ssim``, ``fsimc``, ``mse_n`` and
+    ``average_drop`` of G maps: on a miss that passes the class-sensitivity check, ``"code"`` multiplies all
+    four by ``factor`` (``d = 1 - |y_c - o_c|``), ``"monotone"`` the quality terms SSIM, FSIMc, 1 - MSE_n and
+    1 - AD; a miss that fails the check gets AD = 1, SSIM = 0, FSIMc = 0, MSE_n = 1 (AVX = 0); ``"none"``
+    applies neither. Returns the penalised values and a label per map: ``"none"``, ``"scaled"`` or ``"hard"``."""
+    out = dict(values)
+    scaled = ~hit & check
+    hard = ~hit & ~check
+    labels = ["hard" if h else "scaled" if s else "none" for s, h in zip(scaled.tolist(), hard.tolist(), strict=True)]
+    if mode == "none":
+        return out, ["none"] * len(labels)
+    if mode == "code":  # iCalculateCAMmetrics.m l.61-70: all four values times d
+        for name in ("average_drop", "ssim", "fsimc", "mse_n"):
+            out[name] = torch.where(scaled, values[name] * factor, values[name])
+    else:  # "monotone": the quality terms SSIM, FSIMc, 1 - MSE_n, 1 - AD times d
+        out["ssim"] = torch.where(scaled, values["ssim"] * factor, values["ssim"])
+        out["fsimc"] = torch.where(scaled, values["fsimc"] * factor, values["fsimc"])
+        out["mse_n"] = torch.where(scaled, 1 - (1 - values["mse_n"]) * factor, values["mse_n"])
+        out["average_drop"] = torch.where(scaled, 1 - (1 - values["average_drop"]) * factor, values["average_drop"])
+    ones, zeros = torch.ones_like(factor), torch.zeros_like(factor)
+    out["average_drop"] = torch.where(hard, ones, out["average_drop"])
+    out["ssim"] = torch.where(hard, zeros, out["ssim"])
+    out["fsimc"] = torch.where(hard, zeros, out["fsimc"])
+    out["mse_n"] = torch.where(hard, ones, out["mse_n"])
+    return out, labels
