@@ -1,8 +1,18 @@
-"""Shared fixtures: tiny deterministic CNNs (no downloads) and small images."""
+"""Shared fixtures: tiny deterministic CNNs (no downloads), small images, and the helper modules.
+
+Helper modules (``tests/_*.py``: independent re-computations shared by several test modules) are loaded
+by path and handed out as fixtures, so no test module imports another one and the suite runs under
+every ``--import-mode`` (prepend, append, importlib).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -56,10 +66,49 @@ def tiny_images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=g)
 
 
+@pytest.fixture
+def make_model() -> Callable[..., TinyCNN]:
+    """The tiny CNN factory ``make_model(seed=0, num_classes=5, width=8)`` for tests that need several."""
+    return make_tiny_cnn
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower."""
+    """One intra-op thread: on a shared 2-core machine, thread oversubscription makes tiny forwards 20x slower.
+
+    ``CONVLENS_TEST_THREADS=N`` runs these modules on N threads instead (to check that no result depends on it).
+    """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("CONVLENS_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+def load_helper(name: str) -> ModuleType:
+    """``tests/<name>.py`` loaded by its path, once (independent of sys.path and the import mode)."""
+    key = f"convlens_tests_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before executing: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="session")
+def reference() -> ModuleType:
+    """Plain-autograd re-computations for the CAM tests (``tests/_reference.py``)."""
+    return load_helper("_reference")
+
+
+@pytest.fixture(scope="session")
+def sise_reference() -> ModuleType:
+    """The literal, one-mask-at-a-time SISE of ``tests/_sise_reference.py`` (SISE and Ada-SISE tests)."""
+    return load_helper("_sise_reference")
+
+
+@pytest.fixture(scope="session")
+def kde_reference() -> ModuleType:
+    """adaptivekde and the literal ADVISEkernel.m port of ``tests/_kde_reference.py`` (KDE and ADVISE tests)."""
+    return load_helper("_kde_reference")

@@ -1,128 +1,67 @@
-"""The batched adaptive KDE against the `adaptivekde` package and a literal port of ADVISEkernel.m."""
+"""The batched adaptive KDE against the `adaptivekde` package and a literal port of ADVISEkernel.m.
+
+Why a row may legitimately differ from the reference, on some machines and not on others: the
+golden-section search compares two costs, ``f1 < f2``. Where C(g) is flat within rounding (units whose
+in-range values are a heap at 0 plus a few isolated points, common after ReLU6, have C(g) equal to
+~1e-16 relative over the whole bracket) that comparison is decided by the last bits of FFT, exp and
+summation order. Those differ between torch and numpy, between torch's CPU kernels (this suite found
+EfficientNet-Lite0 channels 4 and 41 of ``test_real_activations_match_adaptivekde`` ending elsewhere with
+AVX2 and AVX-512 kernels but not with ``ATEN_CPU_CAPABILITY=default``) and with the thread count (which
+also changes the activations themselves). So the tests do not count agreeing rows; they prove, row by
+row, a property that holds on every machine (:func:`assert_matches_reference`):
+
+1. at our stiffness g, our density and cost are the reference estimator's at that g (no search involved;
+   the costs agree to ``COST_NOISE``, measured ~1e-15 relative);
+2. either the search ended at the reference's g — then the densities and peak counts are the same — or
+   the reference's own search compared two costs equal within ``TIE`` (a branch its rounding decided) and
+   our g lies in the bracket of its first such comparison. Two implementations whose costs differ by at
+   most ``COST_NOISE`` can take different branches only at such a comparison, since
+   ``2 * COST_NOISE < TIE``; everything after it is arbitrary for both.
+"""
 
 from __future__ import annotations
 
-import sys
-import warnings
+import math
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from adaptivekde import ssvkernel as adaptivekde_ssvkernel
-from adaptivekde.ssvkernel import CostFunction, fftkernel, fftkernelWin, ilogexp, logexp
 from scipy.signal import find_peaks
 
-from convlens.methods.kde import count_peaks, linspace_like_numpy, ssvkernel
+from convlens.numerics.kde import KDEResult, linspace_like_numpy, ssvkernel
+from convlens.numerics.peaks import count_peaks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def reference_adaptivekde(x: np.ndarray, tin: np.ndarray) -> np.ndarray | None:
-    """First output of ``adaptivekde.ssvkernel(x, tin, M=10, nbs=1, WinFunc='Gauss')``; None when it raises."""
-    np.random.seed(0)  # only its bootstrap (nbs=1) draws random numbers; the first output is deterministic
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return adaptivekde_ssvkernel(x, tin, M=10, nbs=1, WinFunc="Gauss")[0]
-        except (IndexError, ValueError):
-            return None
+COST_NOISE = 1e-13  # |C_ours(g) - C_ref(g)| / |C_ref(g)|: float64 sums of <= 1000 terms agree far better
+TIE = 1e-12  # costs closer than this (relative) are compared by rounding noise
 
 
-def reference_matlab(x: np.ndarray, tin: np.ndarray, M: int = 10, costs: list[float] | None = None
-                     ) -> np.ndarray | None:
-    """Literal, slow re-computation of ADVISEkernel.m (MATLAB) with adaptivekde's helper functions.
-
-    Differences to adaptivekde's top level, line by line from the MATLAB source: T = range of tin;
-    dt_samp from the in-range samples (empty -> t = tin, no error); ``histc(x_ab, t - dt/2)`` with L
-    edges (values above the last edge are dropped, an exact hit on it counts); 29 evaluations (k = 1..29);
-    N = 0 gives NaN (returned as None here). ``costs`` collects every evaluated cost in order.
-    """
-    record = costs.append if costs is not None else (lambda _value: None)
-    T = tin.max() - tin.min()
-    x_ab = x[(x >= tin.min()) & (x <= tin.max())]
-    gaps = np.sort(np.diff(np.sort(x_ab)))
-    gaps = gaps[gaps != 0]
-    if gaps.size and gaps[0] > np.min(np.diff(tin)):
-        t = np.linspace(tin.min(), tin.max(), int(min(np.ceil(T / gaps[0]), 1e3)))
-    else:
-        t = tin
-    if t.size < 2:
-        return None
-    dt = np.min(np.diff(t))
-    edges = t - dt / 2
-    counts = np.zeros(t.size)
-    for value in x_ab:
-        k = np.searchsorted(edges, value, side="right") - 1
-        if 0 <= k < t.size - 1 or (k == t.size - 1 and value == edges[-1]):
-            counts[k] += 1
-    y_hist = counts / dt
-    L = y_hist.size
-    N = np.sum(y_hist * dt)
-    if N == 0:
-        return None
-    W = logexp(np.linspace(ilogexp(np.array([5 * dt])), ilogexp(np.array([T])), M).ravel())
-    c = np.zeros((M, L))
-    for j in range(M):
-        yh = fftkernel(y_hist, W[j] / dt)
-        c[j] = yh**2 - 2 * yh * y_hist + 2 / (2 * np.pi) ** 0.5 / W[j] * y_hist
-    optws = np.zeros((M, L))
-    for i in range(M):
-        C_local = np.array([fftkernelWin(c[j], W[i] / dt, "Gauss") for j in range(M)])
-        optws[i] = W[np.argmin(C_local, axis=0)]
-    a, b, tol, phi = 1e-12, 1.0, 1e-5, (5**0.5 + 1) / 2
-    c1 = (phi - 1) * a + (2 - phi) * b
-    c2 = (2 - phi) * a + (phi - 1) * b
-    f1 = CostFunction(y_hist, N, t, dt, optws, W, "Gauss", c1)[0]
-    f2 = CostFunction(y_hist, N, t, dt, optws, W, "Gauss", c2)[0]
-    record(f1)
-    record(f2)
-    k = 1
-    while abs(b - a) > tol * (abs(c1) + abs(c2)) and k < 30:
-        if f1 < f2:
-            b, c2 = c2, c1
-            c1 = (phi - 1) * a + (2 - phi) * b
-            f2 = f1
-            f1, yv, _ = CostFunction(y_hist, N, t, dt, optws, W, "Gauss", c1)
-            record(f1)
-        else:
-            a, c1 = c1, c2
-            c2 = (2 - phi) * a + (phi - 1) * b
-            f1 = f2
-            f2, yv, _ = CostFunction(y_hist, N, t, dt, optws, W, "Gauss", c2)
-            record(f2)
-        yopt = yv / np.sum(yv * dt)
-        k += 1
-    return np.interp(tin, t, yopt)
-
-
-def adaptivekde_costs(x: np.ndarray, tin: np.ndarray) -> list[float]:
-    """Every cost adaptivekde's golden-section search evaluates, in order."""
-    module = sys.modules["adaptivekde.ssvkernel"]
-    original = module.CostFunction
-    costs: list[float] = []
-
-    def recording(*args: object) -> tuple:
-        out = original(*args)
-        costs.append(out[0])
-        return out
-
-    module.CostFunction = recording
-    try:
-        reference_adaptivekde(x, tin)
-    finally:
-        module.CostFunction = original
-    return costs
-
-
-def golden_section_tie(costs: list[float], rel: float = 1e-9) -> bool:
-    """Whether the golden-section search compared two costs equal up to rounding (a flat stretch of C(g)):
-    there the branch ``f1 < f2`` is decided by floating-point noise, which no re-implementation shares."""
-    f1, f2 = costs[0], costs[1]
-    for new in costs[2:]:
-        if abs(f1 - f2) <= rel * max(abs(f1), abs(f2)):
-            return True
-        f1, f2 = (new, f1) if f1 < f2 else (f2, new)
-    return False
+def assert_matches_reference(result: KDEResult, rows: np.ndarray, tin: np.ndarray, convention: str,
+                             kde_reference: ModuleType) -> dict[str, list[int]]:
+    """Prove properties 1-2 of the module docstring for every row; returns the rows that ended at the
+    reference's g ("same"), elsewhere after a tie ("tie"), or failed in both ("failed")."""
+    outcome: dict[str, list[int]] = {"same": [], "tie": [], "failed": []}
+    for i, row in enumerate(rows):
+        ref = kde_reference.port(row, tin, convention)
+        assert bool(result.valid[i]) == (ref is not None), f"row {i}: ours valid={bool(result.valid[i])}"
+        if ref is None:
+            outcome["failed"].append(i)
+            continue
+        ours, g = result.density[i].numpy(), float(result.stiffness[i])
+        cost_at_g, density_at_g = ref.at(g)
+        assert abs(float(result.cost[i]) - cost_at_g) <= COST_NOISE * abs(cost_at_g), (i, result.cost[i], cost_at_g)
+        assert np.abs(ours - density_at_g).max() <= 1e-10 * np.abs(density_at_g).max(), i
+        if math.isclose(g, ref.g, rel_tol=1e-12):
+            assert count_peaks(result.density[i]) == len(find_peaks(ref.density)[0]), i
+            outcome["same"].append(i)
+            continue
+        bracket = ref.first_tie(TIE)
+        assert bracket is not None, f"row {i}: g = {g} vs the reference's {ref.g} without a tie in its search"
+        assert bracket[0] <= g <= bracket[1], (i, g, bracket)
+        outcome["tie"].append(i)
+    return outcome
 
 
 def sample_rows(seed: int, n_per_kind: int, size: int) -> np.ndarray:
@@ -141,45 +80,53 @@ def sample_rows(seed: int, n_per_kind: int, size: int) -> np.ndarray:
     return np.concatenate(kinds)
 
 
-def compare(ours: torch.Tensor, valid: torch.Tensor, references: list[np.ndarray | None]
-            ) -> tuple[float, float, list[int]]:
-    """(fraction of rows with r >= 0.999, fraction with equal peak counts, rows failing either).
-    Failures (no density) must coincide exactly."""
-    good_r, equal, mismatches = 0, 0, []
-    peaks_ours = count_peaks(ours).tolist()
-    for i, ref in enumerate(references):
-        ref_ok = ref is not None and bool(np.all(np.isfinite(ref)))
-        assert bool(valid[i]) == ref_ok, f"row {i}: ours valid={bool(valid[i])}, reference fitted={ref_ok}"
-        ref_peaks = len(find_peaks(ref)[0]) if ref_ok else 0
-        same_peaks = peaks_ours[i] == ref_peaks
-        close = not ref_ok or np.corrcoef(ref, ours[i].numpy())[0, 1] >= 0.999
-        equal += int(same_peaks)
-        good_r += int(close)
-        if not (same_peaks and close):
-            mismatches.append(i)
-    return good_r / len(references), equal / len(references), mismatches
-
-
-def test_matches_adaptivekde_on_random_rows() -> None:
+def test_matches_adaptivekde_on_random_rows(kde_reference: ModuleType) -> None:
     x = sample_rows(seed=0, n_per_kind=7, size=49)
     tin = np.linspace(0, 1, 49)
     result = ssvkernel(torch.from_numpy(x), torch.from_numpy(tin), convention="adaptivekde")
-    references = [reference_adaptivekde(row, tin) for row in x]
-    close, agreement, mismatches = compare(result.density, result.valid, references)
-    assert close == 1.0 and agreement == 1.0, mismatches
+    outcome = assert_matches_reference(result, x, tin, "adaptivekde", kde_reference)
+    assert len(outcome["same"]) >= 30, outcome
     assert (result.grid_points[result.valid] < 49).any(), "the coarse-grid branch was not exercised"
 
 
-def test_matlab_convention_matches_literal_port() -> None:
+def test_port_is_the_adaptivekde_package(kde_reference: ModuleType) -> None:
+    """The test's literal port (convention "adaptivekde") computes exactly what the package computes."""
+    tin = np.linspace(0, 1, 49)
+    for row in sample_rows(seed=0, n_per_kind=7, size=49):
+        ref = kde_reference.port(row, tin, "adaptivekde")
+        package = kde_reference.adaptivekde_density(row, tin)
+        fitted = package is not None and bool(np.isfinite(package).all())
+        assert (ref is not None) == fitted
+        if fitted:
+            np.testing.assert_array_equal(ref.density, package)
+
+
+def test_matlab_convention_matches_literal_port(kde_reference: ModuleType) -> None:
     x = sample_rows(seed=1, n_per_kind=6, size=64)
     tin = np.linspace(0, 1, 64)
     result = ssvkernel(torch.from_numpy(x), torch.from_numpy(tin))
-    references = [reference_matlab(row, tin) for row in x]
-    close, agreement, mismatches = compare(result.density, result.valid, references)
-    assert close == 1.0 and agreement == 1.0, mismatches
+    outcome = assert_matches_reference(result, x, tin, "matlab", kde_reference)
+    assert len(outcome["same"]) >= 30, outcome
 
 
-def test_conventions_differ_where_documented() -> None:
+def test_flat_cost_decides_the_search_by_rounding(kde_reference: ModuleType) -> None:
+    """A ReLU6-like unit (46 zeros, three isolated values): C(g) is a step function, flat within ~1e-15
+    relative up to g ~ 0.78 and lower beyond. The reference's first comparison (c1 = 0.38 vs c2 = 0.62) is
+    a tie, so where the search ends — in the flat stretch or beyond the step, with another density — is
+    decided by rounding, and no density tolerance could make "same density" hold on every machine."""
+    tin = np.linspace(0, 1, 49)
+    row = np.concatenate([np.zeros(46), [0.061395, 0.428423, 0.626561]])
+    ref = kde_reference.port(row, tin, "adaptivekde")
+    assert ref.first_tie(TIE) == (1e-12, 1.0)  # the whole bracket: the result is decided by rounding
+    (flat_a, density_a), (flat_b, density_b), (beyond, density_c) = ref.at(0.25), ref.at(0.5), ref.at(0.9)
+    assert abs(flat_a - flat_b) <= 1e-14 * abs(flat_a)  # a few ulps: far below TIE
+    np.testing.assert_allclose(density_a, density_b, rtol=1e-12)
+    assert beyond < flat_a - 100 and np.corrcoef(density_a, density_c)[0, 1] < 0.999
+    result = ssvkernel(torch.from_numpy(row[None]), torch.from_numpy(tin), convention="adaptivekde")
+    assert_matches_reference(result, row[None], tin, "adaptivekde", kde_reference)
+
+
+def test_conventions_differ_where_documented(kde_reference: ModuleType) -> None:
     """MATLAB's histc drops samples in (1 - dt/2, 1]; numpy.histogram keeps them in the last bin."""
     tin = np.linspace(0, 1, 21)  # dt = 0.05, last edge 0.975
     rng = np.random.default_rng(3)
@@ -189,8 +136,10 @@ def test_conventions_differ_where_documented() -> None:
     port = ssvkernel(x, torch.from_numpy(tin), convention="adaptivekde")
     # the matlab estimate has (almost) no mass near 1, the port's has a bump there
     assert float(matlab.density[0, -1]) < 0.5 * float(port.density[0, -1])
-    np.testing.assert_allclose(matlab.density[0].numpy(), reference_matlab(row, tin), rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(port.density[0].numpy(), reference_adaptivekde(row, tin), rtol=1e-8, atol=1e-10)
+    assert_matches_reference(matlab, row[None], tin, "matlab", kde_reference)
+    assert_matches_reference(port, row[None], tin, "adaptivekde", kde_reference)
+    np.testing.assert_allclose(port.density[0].numpy(), kde_reference.adaptivekde_density(row, tin), rtol=1e-8,
+                               atol=1e-10)
 
 
 def test_gaussian_mixture_has_two_peaks() -> None:
@@ -208,26 +157,36 @@ def test_gaussian_mixture_has_two_peaks() -> None:
             assert abs(float(found[0]) - 0.25) < 0.06 and abs(float(found[1]) - 0.72) < 0.06
 
 
-def test_densities_integrate_to_one_on_the_grid() -> None:
+def test_densities_integrate_to_one_on_the_grid(kde_reference: ModuleType) -> None:
     x = torch.from_numpy(sample_rows(seed=2, n_per_kind=5, size=49))
+    tin = np.linspace(0, 1, 49)
     result = ssvkernel(x)
-    dt = 1 / 48
+    h = 1 / 48
     on_tin = result.valid & (result.grid_points == 49)
     assert on_tin.sum() > 10
-    torch.testing.assert_close(result.density[on_tin].sum(1) * dt, torch.ones(int(on_tin.sum()), dtype=torch.float64))
-    # rows estimated on a coarser internal grid t (L points, sum(yopt) dt_t = 1) are linearly interpolated
-    # onto tin: the interpolant integrates to 1 - (y_0 + y_L) dt_t / 2 (trapezoid vs rectangle rule)
+    torch.testing.assert_close(result.density[on_tin].sum(1) * h, torch.ones(int(on_tin.sum()), dtype=torch.float64))
+    # a row estimated on a coarser internal grid t (L points, sum(yopt) dt_t = 1) is linearly interpolated onto
+    # tin: the interpolant integrates to 1 - (y_0 + y_L) dt_t / 2 (trapezoid vs rectangle rule). The trapezoid
+    # rule on tin is exact for it except across a knot of t between two tin points: a slope change D there
+    # costs at most |D| h^2 / 8 (the reference's yopt on t gives the slopes; zero when the knots are on tin).
     coarse = torch.nonzero(result.valid & (result.grid_points < 49)).flatten()
     assert coarse.numel() > 0
+    off_knots = 0
     for i in coarse.tolist():
         y = result.density[i].numpy()
-        dt_t = 1 / (int(result.grid_points[i]) - 1)
-        expected = 1 - (y[0] + y[-1]) * dt_t / 2
-        assert abs(np.trapezoid(y, dx=dt) - expected) < 0.05
+        ref = kde_reference.port(x[i].numpy(), tin, "matlab")
+        assert ref.t.size == int(result.grid_points[i])
+        dt_t = ref.t[1] - ref.t[0]
+        kinks = np.abs(np.diff(np.diff(ref.internal(float(result.stiffness[i]))) / dt_t))
+        on_grid = np.isclose(ref.t[1:-1] / h, np.round(ref.t[1:-1] / h), rtol=0, atol=1e-9)
+        bound = float(kinks[~on_grid].sum()) * h**2 / 8
+        off_knots += int(bound > 0)
+        assert abs(np.trapezoid(y, dx=h) - (1 - (y[0] + y[-1]) * dt_t / 2)) <= bound + 1e-12
+    assert off_knots > 0  # both cases occur
     assert (result.density[result.valid] >= 0).all()
 
 
-def test_failures_give_no_density() -> None:
+def test_failures_give_no_density(kde_reference: ModuleType) -> None:
     tin = np.linspace(0, 1, 16)
     rows = np.stack([
         np.linspace(1.5, 3.0, 16),  # nothing in range
@@ -241,14 +200,14 @@ def test_failures_give_no_density() -> None:
     assert matlab.valid.tolist() == [False, True, True, True]
     assert torch.isnan(matlab.density[0]).all()
     assert count_peaks(matlab.density).tolist()[:3] == [0, 1, 1]
-    np.testing.assert_allclose(matlab.density[1].numpy(), reference_matlab(rows[1], tin), rtol=1e-8)
-    assert reference_matlab(rows[0], tin) is None
-    # the spec's reading (< 2 distinct in-range values fail) as an explicit option
+    assert_matches_reference(matlab, rows, tin, "matlab", kde_reference)
+    # a stricter reading (< 2 distinct in-range values fail) as an explicit option
     strict = ssvkernel(x, torch.from_numpy(tin), min_distinct=2)
     assert strict.valid.tolist() == [False, False, False, True]
     # adaptivekde raises for a constant vector and returns NaN for an empty in-range set: failures here
     port = ssvkernel(x, torch.from_numpy(tin), convention="adaptivekde")
-    fitted = [(ref := reference_adaptivekde(r, tin)) is not None and bool(np.isfinite(ref).all()) for r in rows]
+    fitted = [(ref := kde_reference.adaptivekde_density(r, tin)) is not None and bool(np.isfinite(ref).all())
+              for r in rows]
     assert port.valid.tolist() == fitted
     assert port.valid.tolist() == [False, False, True, True]
 
@@ -305,8 +264,9 @@ def test_cuda_matches_cpu() -> None:
 
 
 @pytest.mark.slow
-def test_real_activations_match_adaptivekde() -> None:
-    """EfficientNet-Lite0's last layer (bn2, 1280 x 7 x 7, ReLU6) on chelsea: 128 evenly spaced channels."""
+def test_real_activations_match_adaptivekde(kde_reference: ModuleType) -> None:
+    """EfficientNet-Lite0's last layer (bn2, 1280 x 7 x 7, ReLU6) on chelsea: 128 evenly spaced channels, many
+    of them the flat-cost kind (a heap at 0 and a few isolated values) that machines resolve differently."""
     from PIL import Image
     from skimage import data
 
@@ -323,17 +283,6 @@ def test_real_activations_match_adaptivekde() -> None:
     for convention in ("adaptivekde", "matlab"):
         subset = rows if convention == "adaptivekde" else rows[::2]
         result = ssvkernel(subset, torch.from_numpy(tin), convention=convention)
-        traces: list[list[float]] = [[] for _ in range(subset.shape[0])]
-        if convention == "adaptivekde":
-            references = [reference_adaptivekde(r, tin) for r in subset.numpy()]
-        else:
-            references = [
-                reference_matlab(r, tin, costs=trace) for r, trace in zip(subset.numpy(), traces, strict=True)
-            ]
-        close, agreement, mismatches = compare(result.density, result.valid, references)
-        assert close >= 0.99 and agreement >= 0.99, (convention, mismatches)
-        # every difference comes from a tie in the reference's golden-section comparisons
-        for i in mismatches:
-            costs = adaptivekde_costs(subset[i].numpy(), tin) if convention == "adaptivekde" else traces[i]
-            assert golden_section_tie(costs), (convention, i)
+        outcome = assert_matches_reference(result, subset.numpy(), tin, convention, kde_reference)
+        assert len(outcome["same"]) > subset.shape[0] // 5, (convention, outcome)
         assert result.valid.sum() > subset.shape[0] // 4
