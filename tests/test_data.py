@@ -275,3 +275,16 @@ def test_synthetic_models_load_with_weights_only_and_are_accurate() -> None:
         assert evaluate_accuracy(loaded.module, pixels, labels) >= 0.95
         state = torch.load(Path(loaded.source), weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
+        # the class names recorded with the weights are the generator's, in output order
+        assert loaded.class_names == CLASS_NAMES == ["circle+hstripes", "square+vstripes", "triangle+checker",
+                                                     "cross+dots"]
+        assert Path(loaded.source).parent.name == "weights" and Path(loaded.source).parent.parent.name == "models"
+
+
+def test_data_holds_datasets_only() -> None:
+    """Model definitions, weights and the trainer moved out of data/ (models/synthetic.py, tools/)."""
+    import convlens.data
+
+    folder = Path(convlens.data.__file__).parent
+    assert not [p.name for p in folder.rglob("*") if p.suffix in (".pt", ".pth") or p.name == "weights"]
+    assert not (folder / "synthetic_models.py").exists() and not (folder / "train_synthetic.py").exists()

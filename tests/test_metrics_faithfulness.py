@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,7 +176,10 @@ def test_insertion_uses_blur_substrate_by_default(tiny_cnn: nn.Module, tiny_imag
 
 
 # ----------------------------------------------------------------------------- peer: torch-cam
-torchcam_metrics = pytest.importorskip("torchcam.metrics")
+@pytest.fixture(scope="module")
+def torchcam_metrics() -> object:
+    """torch-cam's metrics module; only the peer comparisons skip when it is missing."""
+    return pytest.importorskip("torchcam.metrics")
 
 
 class FixedCAM:
@@ -196,10 +200,9 @@ class FixedCAM:
         yield
 
 
-def _peer_inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
-    from conftest import make_tiny_cnn
-
-    model = make_tiny_cnn(seed=3)
+@pytest.fixture
+def peer_inputs(make_model: Callable[..., nn.Module]) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
+    model = make_model(seed=3)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 3, 32, 32, generator=gen)
     maps = minmax_normalize(torch.rand(3, 32, 32, generator=gen))  # continuous: no ties
@@ -207,8 +210,8 @@ def _peer_inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
 
 
 @pytest.mark.parametrize("kind", ["deletion", "insertion"])
-def test_insertion_deletion_match_torchcam(kind: str) -> None:
-    model, x, maps, classes = _peer_inputs()
+def test_insertion_deletion_match_torchcam(kind: str, torchcam_metrics: Any, peer_inputs: Any) -> None:
+    model, x, maps, classes = peer_inputs
     substrate = torch.zeros_like(x) if kind == "deletion" else rise_blur(x)
     peer = torchcam_metrics.DeletionInsertionMetric(
         FixedCAM(model, maps), lambda out: torch.softmax(out, dim=-1), steps=32, baseline=substrate, batch_size=16
@@ -221,8 +224,8 @@ def test_insertion_deletion_match_torchcam(kind: str) -> None:
     assert ours.mean().item() == pytest.approx(peer_auc, abs=1e-6)
 
 
-def test_drop_increase_match_torchcam_classification_metric() -> None:
-    model, x, maps, classes = _peer_inputs()
+def test_drop_increase_match_torchcam_classification_metric(torchcam_metrics: Any, peer_inputs: Any) -> None:
+    model, x, maps, classes = peer_inputs
     peer = torchcam_metrics.ClassificationMetric(FixedCAM(model, maps), lambda out: torch.softmax(out, dim=-1))
     peer.update(x, class_idx=classes)
     summary = peer.summary()
@@ -234,10 +237,12 @@ def test_drop_increase_match_torchcam_classification_metric() -> None:
     assert increase == pytest.approx(summary["conf_increase"], abs=1e-12)
 
 
-def test_fraction_spacing_matches_torchcam_when_step_does_not_divide_the_image() -> None:
+def test_fraction_spacing_matches_torchcam_when_step_does_not_divide_the_image(
+    torchcam_metrics: Any, peer_inputs: Any
+) -> None:
     # 1024 pixels: torch-cam's steps=10 gives intervals of ceil(1024 / 10) = 103 pixels and a last, shorter one;
     # our step=103 changes the same pixel counts (0, 103, ..., 927, 1024); RISE's uniform spacing would differ
-    model, x, maps, classes = _peer_inputs()
+    model, x, maps, classes = peer_inputs
     peer = torchcam_metrics.DeletionInsertionMetric(
         FixedCAM(model, maps), lambda out: torch.softmax(out, dim=-1), steps=10, baseline=torch.zeros_like(x)
     )

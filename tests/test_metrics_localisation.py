@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,7 +128,10 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible() -> None:
 
 
 # ----------------------------------------------------------------------------- peer: Quantus
-quantus = pytest.importorskip("quantus")
+@pytest.fixture(scope="module")
+def quantus() -> object:
+    """Quantus; only the peer comparisons skip when it is missing."""
+    return pytest.importorskip("quantus")
 
 
 def _quantus_inputs(batch: int = 6, size: int = 12, seed: int = 3) -> tuple[np.ndarray, ...]:
@@ -144,7 +148,7 @@ def _run_quantus(metric: object, x: np.ndarray, y: np.ndarray, a: np.ndarray, s:
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_ebpg_matches_quantus_relevance_mass_accuracy() -> None:
+def test_ebpg_matches_quantus_relevance_mass_accuracy(quantus: Any) -> None:
     x, y, a, s = _quantus_inputs()
     peer = _run_quantus(quantus.RelevanceMassAccuracy(disable_warnings=True, normalise=False, abs=False), x, y, a, s)
     ours = EnergyPointingGame()(a[:, 0], s[:, 0]).numpy()
@@ -152,7 +156,7 @@ def test_ebpg_matches_quantus_relevance_mass_accuracy() -> None:
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_bbox_matches_quantus_relevance_rank_accuracy() -> None:
+def test_bbox_matches_quantus_relevance_rank_accuracy(quantus: Any) -> None:
     x, y, a, s = _quantus_inputs()
     peer = _run_quantus(quantus.RelevanceRankAccuracy(disable_warnings=True, normalise=False, abs=False), x, y, a, s)
     ours = BoundingBoxAccuracy()(a[:, 0], s[:, 0]).numpy()
@@ -160,7 +164,7 @@ def test_bbox_matches_quantus_relevance_rank_accuracy() -> None:
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_pointing_game_matches_quantus() -> None:
+def test_pointing_game_matches_quantus(quantus: Any) -> None:
     x, y, a, s = _quantus_inputs(batch=10, seed=7)
     # make some hits certain and some ties: Quantus counts a hit when any maximal pixel is inside
     a[0, 0, 2, 2] = 5.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,11 +151,14 @@ def test_metadata_and_validation() -> None:
 
 
 # ----------------------------------------------------------------------------- peer: Quantus MPRT
-quantus = pytest.importorskip("quantus")
+@pytest.fixture(scope="module")
+def quantus() -> object:
+    """Quantus; only the peer comparisons skip when it is missing."""
+    return pytest.importorskip("quantus")
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_cascade_matches_quantus_mprt(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
+def test_cascade_matches_quantus_mprt(tiny_cnn: nn.Module, tiny_images: torch.Tensor, quantus: Any) -> None:
     y = np.array([0, 2, 4])
 
     def explain(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, **kwargs: object) -> np.ndarray:
