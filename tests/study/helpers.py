@@ -159,7 +159,7 @@ class LiveServer:
 
 @dataclass
 class LoadResult:
-    acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (action, request id)
+    acknowledged: list[tuple[str, str, int]] = field(default_factory=list)  # (action, request id, player)
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     pending: dict[int, tuple[str, dict]] = field(default_factory=dict)  # player -> unacknowledged request
@@ -196,31 +196,38 @@ def _next_action(view: dict, rng: random.Random, classes: list[str]) -> tuple[st
 
 async def play(base_url: str, index: int, submissions: int, classes: list[str], result: LoadResult,
                clients: dict[int, Any]) -> None:
-    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event)."""
+    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event).
+
+    Stops at the first refused or failed request (recorded in ``result.failures``; a request without an
+    answer stays in ``result.pending``).
+    """
     import httpx
 
     rng = random.Random(index)
     client = httpx.AsyncClient(base_url=base_url, timeout=60)
     clients[index] = client
-    csrf = await _join(client)
-    view: dict = (await client.post("/api/next", json={"request_id": str(uuid.uuid4())},
-                                    headers={"x-csrftoken": csrf})).json()
-    done = 0
-    while done < submissions:
-        path, body = _next_action(view, rng, classes)
-        body = {"request_id": str(uuid.uuid4()), **body}
-        result.pending[index] = (path, body)
-        start = time.perf_counter()
-        response = await client.post(path, json=body, headers={"x-csrftoken": csrf})
-        result.latencies.append(time.perf_counter() - start)
-        if response.status_code != 200:
-            result.failures.append(f"{path} {response.status_code} {response.text[:200]}")
-            return
-        del result.pending[index]
-        view = response.json()
-        if path != "/api/next" or not view.get("resumed"):
-            result.acknowledged.append((path.rsplit("/", 1)[-1], body["request_id"]))
-            done += 1
+    try:
+        csrf = await _join(client)
+        client.headers["x-csrftoken"] = csrf
+        view: dict = {"state": "over", "play": None, "described": True}  # first action: /api/next
+        done = 0
+        while done < submissions:
+            path, body = _next_action(view, rng, classes)
+            body = {"request_id": str(uuid.uuid4()), **body}
+            result.pending[index] = (path, body)
+            start = time.perf_counter()
+            response = await client.post(path, json=body)
+            result.latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                result.failures.append(f"{path} {response.status_code} {response.text[:200]}")
+                return
+            del result.pending[index]
+            view = response.json()
+            if path != "/api/next" or not view.get("resumed"):
+                result.acknowledged.append((path.rsplit("/", 1)[-1], body["request_id"], index))
+                done += 1
+    except httpx.HTTPError as exc:
+        result.failures.append(f"player {index}: {type(exc).__name__}")
 
 
 async def run_load(base_url: str, players: int, submissions: int, classes: list[str],
@@ -238,3 +245,25 @@ async def run_load(base_url: str, players: int, submissions: int, classes: list[
             await asyncio.sleep(0.01)
     result.elapsed = time.perf_counter() - start
     return result, tasks, clients
+
+
+def stored_requests(db_url: str) -> dict[str, int]:
+    """request id -> number of stored events, read straight from the database."""
+    from sqlalchemy import create_engine, func, select
+
+    from convlens.study.db import Event
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(select(Event.request_id, func.count()).group_by(Event.request_id)).all()
+    finally:
+        engine.dispose()
+    return {request_id: count for request_id, count in rows}
+
+
+def lost_and_duplicated(db_url: str, result: LoadResult) -> tuple[list[str], list[str], dict[str, int]]:
+    stored = stored_requests(db_url)
+    lost = [rid for _, rid, _ in result.acknowledged if rid not in stored]
+    duplicated = [rid for rid, count in stored.items() if count > 1]
+    return lost, duplicated, stored
