@@ -1,7 +1,7 @@
 """MS COCO instances: per-class ground-truth masks from an ``instances_*.json`` via pycocotools.
 
 The ground truth of a class is the union of its instance masks (``COCO.annToMask`` decodes polygons and
-RLE alike); the SISE paper's COCO protocol uses the segmentation masks (spec 1.12). Category ids are
+RLE alike); the SISE paper's COCO protocol uses the segmentation masks. Category ids are
 mapped to contiguous class ids in increasing id order (0..79 for COCO 2014/2017), the order TorchRay's
 COCO models use.
 

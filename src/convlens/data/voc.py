@@ -2,7 +2,7 @@
 
 Both use the PASCAL VOC annotation format: one XML file per image with ``<object><name>`` and
 ``<bndbox><xmin/ymin/xmax/ymax>`` in 1-based inclusive pixel coordinates (converted to 0-based here). The
-ground truth of a class is the union of its boxes (the SISE paper's VOC protocol, spec 1.12).
+ground truth of a class is the union of its boxes (the SISE paper's VOC protocol).
 
 * :class:`VOCDetection` — ``VOC2007/{Annotations,JPEGImages,ImageSets/Main/<split>.txt}``, the 20 VOC
   classes in the standard order (TorchRay's and the SISE paper's multi-label models use it).
