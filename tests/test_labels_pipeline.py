@@ -235,3 +235,26 @@ def test_global_report_draws_maps_from_a_real_inv_run(tmp_path: Path) -> None:
     assert result.notes == [] and len(maps) >= 2 and "map not available" not in page
     assert page.count('href="../../run/img0/inv/index.html"') >= 1
     assert Image.open(maps[0]).size == (32, 32)
+
+
+def test_jsonl_export_reads_like_csv(tmp_path: Path) -> None:
+    """The study's --format jsonl (typed values, null for empty) gives the same labels as its CSV."""
+    export = _study(tmp_path)
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    (jsonl / "study.json").write_text((export / "study.json").read_text())
+    for table in ("rounds", "plays"):
+        with (export / f"{table}.csv").open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        typed = [{k: (None if v == "" else {"true": True, "false": False}.get(v, v)) for k, v in row.items()}
+                 for row in rows]
+        for row in typed:
+            for key in ("level", "layer_depth", "n_layers"):
+                if isinstance(row.get(key), str) and row[key].isdigit():
+                    row[key] = int(row[key])
+        (jsonl / f"{table}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in typed))
+    settings = LabelSettings(n_bootstrap=10)
+    from_csv = run_labels(export, embedder=ToyEmbedder(TABLE), settings=settings)
+    from_jsonl = run_labels(jsonl, embedder=ToyEmbedder(TABLE), settings=settings)
+    assert [(a.play_id, a.status, a.label, a.reason) for a in from_csv.audit] == [
+        (a.play_id, a.status, a.label, a.reason) for a in from_jsonl.audit]

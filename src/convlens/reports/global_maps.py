@@ -101,6 +101,15 @@ class InvLocator:
             return None
         return None if cluster.input_map is None else np.asarray(cluster.input_map)
 
+    def copy_input(self, run: str, image_id: str, path: Path) -> bool:
+        """Copy the image's ``input.png`` from its INV folder to ``path``; False when there is none."""
+        folder = self.folder(run, image_id)
+        if folder is None or not (folder / INPUT_IMAGE).is_file():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((folder / INPUT_IMAGE).read_bytes())
+        return True
+
     def render(self, run: str, image_id: str, members: list[tuple[str, float]], path: Path) -> bool:
         """Write the group's overlay PNG to ``path``; False (and a note) when a map is missing."""
         maps = [self.cluster_map(run, image_id, cluster_id) for cluster_id, _ in members]

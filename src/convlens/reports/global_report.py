@@ -112,11 +112,12 @@ def _plot(trends: ClassTrends, chosen: Sequence[LabelTrend], title: str, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 3.6), dpi=110)
+    figure, axes = plt.subplots(figsize=(7.0, 3.8), dpi=110)
     for trend in chosen:
         axes.plot(trends.depths, trend.means, marker="o", label=f"{trend.label} (slope {trend.slope:+.3f})")
-    axes.set_xticks(trends.depths)
-    axes.set_xlabel("layer depth (0 = shallowest explained layer)")
+    axes.set_xticks(trends.depths, [f"{d}\n{name}" for d, name in zip(trends.depths, trends.layer_names, strict=True)],
+                    fontsize=7)
+    axes.set_xlabel("layer depth (0 = shallowest explained layer) and layer")
     axes.set_ylabel("mean label score")
     axes.set_title(title)
     if chosen:
@@ -177,10 +178,15 @@ def _class_images(
     """Per image: its INV page link and, per depth, its groups with map files and top labels."""
     images: dict[str, dict[str, Any]] = {}
     for group in sorted(groups, key=lambda g: (g["image_id"], g["depth"], -g["weight"])):
-        image = images.setdefault(group["image_id"], {"image_id": group["image_id"], "layers": {}, "page": None})
-        page = locator.page(group["inv_run"], group["image_id"])
-        if page is not None:
-            image["page"] = relative_link(page, class_dir)
+        if group["image_id"] not in images:
+            page = locator.page(group["inv_run"], group["image_id"])
+            input_name = f"maps/{slug(group['image_id'])}_input.png"
+            images[group["image_id"]] = {
+                "image_id": group["image_id"], "layers": {}, "page": relative_link(page, class_dir) if page else None,
+                "input": input_name if locator.copy_input(group["inv_run"], group["image_id"], class_dir / input_name)
+                else None,
+            }
+        image = images[group["image_id"]]
         map_name = f"maps/{slug(group['group_id'])}.png"
         drawn = locator.render(group["inv_run"], group["image_id"], group["members"], class_dir / map_name)
         strongest = max([s for _, s in group["top"]], default=0.0) or 1.0
