@@ -1,5 +1,5 @@
 """Ada-SISE: the adaptive (Otsu) selection against scikit-image, the whole method against the literal SISE
-re-computation of test_sise.py, and fewer masks than SISE (mu = 0) on real photos."""
+re-computation (tests/_sise_reference.py), and fewer masks than SISE (mu = 0) on real photos."""
 
 from __future__ import annotations
 
@@ -8,22 +8,14 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
+from convlens.core.params import ParamError
 from convlens.methods import create
-from convlens.methods.adasise import AdaSISE, adaptive_threshold
+from convlens.methods.adasise import AdaSISE, AdaSISEParams, adaptive_threshold
 from convlens.methods.sise import SISE
-from test_sise import BLOCKS, literal_sise
 
+BLOCKS = ("block1", "block2", "block3")
 
-@pytest.fixture(autouse=True)
-def single_thread_for_tiny_models(request):
-    """Tiny-CNN ops are microseconds; torch's thread pool on a shared 2-core machine makes them ~50 ms each."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def literal_adaptive_keep(alpha: torch.Tensor) -> list[int]:
@@ -55,10 +47,10 @@ def test_adaptive_threshold_equals_scikit_image_otsu():
 
 
 @pytest.mark.parametrize("fusion", ["paper", "code"])
-def test_adasise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion):
+def test_adasise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, sise_reference):
     explanation = AdaSISE(tiny_cnn, fusion=fusion, batch_size=5).explain(tiny_images)
     for i, image in enumerate(tiny_images):
-        final, vis_maps, kept = literal_sise(tiny_cnn, image, fusion=fusion, keep_rule=literal_adaptive_keep)
+        final, vis_maps, kept = sise_reference.sise(tiny_cnn, image, fusion=fusion, keep_rule=literal_adaptive_keep)
         for layer in BLOCKS:
             assert explanation.extras["kept_masks"][layer][i] == kept[layer]["kept"]
             torch.testing.assert_close(explanation.layer_maps[layer][i], vis_maps[layer], atol=2e-5, rtol=1e-4)
@@ -81,13 +73,21 @@ def test_adasise_keeps_a_subset_of_sise_masks(tiny_cnn, tiny_images):
 
 
 def test_adasise_api(tiny_cnn, tiny_images):
-    explainer = create("adasise", tiny_cnn, fusion="simple")
-    assert isinstance(explainer, AdaSISE)
-    assert "mu" not in explainer.params() and explainer.params()["fusion"] == "simple"
-    with pytest.raises(ValueError, match="no mu"):
+    explainer = create("adasise", tiny_cnn, fusion="simple", otsu_bins="64")
+    assert isinstance(explainer, AdaSISE) and explainer.config.otsu_bins == 64
+    assert list(explainer.params().items()) == [
+        ("score", "softmax"), ("batch_size", 64), ("layers", "blocks"), ("fusion", "simple"), ("temperature", 100.0),
+        ("bottleneck_tau", 1.5), ("baseline", "zero"), ("blur_sigma", 5.0), ("fast", False), ("fast_factor", 2.0),
+        ("fast_scores", "gp"), ("selection", "otsu over normalised positive mean gradients"), ("otsu_bins", 64),
+    ]
+    with pytest.raises(ParamError, match="no mu; use SISE for a fixed mu"):
         AdaSISE(tiny_cnn, mu=0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ParamError, match=r"^adasise.otsu_bins: must be >= 2, got 1$"):
         AdaSISE(tiny_cnn, otsu_bins=1)
+    with pytest.raises(ParamError, match=r"^adasise.fusion: must be one of"):
+        AdaSISE(tiny_cnn, fusion="otsu")
+    assert "mu" not in AdaSISEParams.names()
+    assert {spec.name: spec.range for spec in AdaSISEParams.describe()}["otsu_bins"] == ">= 2"
 
 
 @pytest.mark.slow

@@ -1,140 +1,24 @@
-"""SISE against a slow, literal re-computation (one mask at a time, plain loops) and independent libraries."""
+"""SISE against a slow, literal re-computation (one mask at a time, plain loops: tests/_sise_reference.py,
+the ``sise_reference`` fixture) and independent libraries."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
-from scipy.spatial.distance import cdist
 from skimage.filters import threshold_otsu
 
-from conftest import make_tiny_cnn
-from convlens.core.maps import otsu_threshold
+from convlens.core.params import ParamError
 from convlens.methods import create
-from convlens.methods.sise import SISE, code_otsu_threshold, fuse_visualization_maps, group_masks, interpolate_scores
+from convlens.methods.sise import SISE, SISEParams, fuse_visualization_maps
+from convlens.methods.sise_scoring import group_masks, interpolate_scores
+from convlens.numerics.otsu import code_otsu_threshold, otsu_threshold
 
 BLOCKS = ("block1", "block2", "block3")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# ---------------------------------------------------------------------------------------------- literal reference
-def literal_activations_and_gradients(
-    model: torch.nn.Module, image: torch.Tensor, class_id: int, score: str = "softmax"
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """TinyCNN's forward written out by hand; gradients of the class score w.r.t. each block output."""
-    x = image[None].clone().requires_grad_(True)
-    a1 = model.block1(x)
-    a2 = model.block2(model.pool1(a1))
-    a3 = model.block3(model.pool2(a2))
-    logits = model.fc(torch.flatten(model.gap(a3), 1))
-    value = torch.softmax(logits, 1)[0, class_id] if score == "softmax" else logits[0, class_id]
-    g1, g2, g3 = torch.autograd.grad(value, [a1, a2, a3])
-    acts = {"block1": a1[0].detach(), "block2": a2[0].detach(), "block3": a3[0].detach()}
-    grads = {"block1": g1[0], "block2": g2[0], "block3": g3[0]}
-    return acts, grads
-
-
-def literal_code_otsu(vis_map: np.ndarray, nbins: int = 256, tau: float = 1.5) -> float:
-    """The authors' modified Otsu, spelled out as in spec 1.7 (plain loop over split points)."""
-    q = np.round(vis_map * nbins)
-    hist, _ = np.histogram(q.ravel(), nbins, (0, nbins))
-    levels = np.arange(nbins)
-    between = np.zeros(nbins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for j in range(1, nbins):
-            w0 = hist[:j].sum()
-            w1 = hist[j:].sum()
-            u0 = (hist[:j] * levels[:j]).sum() / w0
-            u1 = (hist[j:] * levels[j:]).sum() / w1
-            between[j] = w0 * w1 * (u0 - u1) ** 2
-    t = int(np.argmax(between))
-    if hist[round(t * tau) :].sum() < 0.1 * hist.sum():
-        return t * tau / nbins
-    return t / nbins
-
-
-def literal_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur with scipy (mirror padding, radius ceil(3 sigma)) — independent of torchvision."""
-    radius = math.ceil(3 * sigma)
-    blurred = [
-        gaussian_filter(c.numpy().astype(np.float64), sigma, mode="mirror", truncate=radius / sigma) for c in image
-    ]
-    return torch.as_tensor(np.stack(blurred), dtype=torch.float32)
-
-
-def literal_sise(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    mu: float = 0.0,
-    fusion: str = "paper",
-    baseline: str = "zero",
-    layers: tuple[str, ...] = BLOCKS,
-    keep_rule=None,
-    rescore=None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, dict[str, int]]]:
-    """SISE of one image, one mask at a time (Eqs. 6-12 and the cascade).
-
-    ``keep_rule(alpha) -> kept indices`` replaces Eq. 7 (for Ada-SISE); ``rescore(layer, maps, scores)``
-    replaces the exact scores of the non-constant kept masks (fast mode's approximation)."""
-    model.eval()
-    with torch.no_grad():
-        class_id = int(model(image[None]).argmax())
-    acts, grads = literal_activations_and_gradients(model, image, class_id)
-    size = tuple(image.shape[-2:])
-    if baseline == "zero":
-        base = torch.zeros_like(image)
-    elif baseline == "mean":
-        base = image.mean(dim=(1, 2), keepdim=True).expand_as(image)
-    else:
-        base = literal_blur(image, 5.0)
-    vis_maps, kept_counts = {}, {}
-    for layer in layers:
-        a, g = acts[layer], grads[layer]
-        alphas = [float(g[k].mean()) for k in range(a.shape[0])]
-        if keep_rule is None:
-            beta = max(alphas)
-            kept = [k for k in range(a.shape[0]) if alphas[k] > mu * beta]
-        else:
-            kept = keep_rule(torch.tensor(alphas))
-        scored = [k for k in kept if a[k].max() > a[k].min()]
-        kept_counts[layer] = {"kept": len(kept), "scored": len(scored)}
-        masks, scores = [], []
-        for k in kept:  # every kept mask is scored here, the constant ones too
-            m = F.interpolate(a[k][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-            m = m - m.min()
-            m = m / (m.max() + 1e-6)
-            if k not in scored:
-                m = torch.zeros(size)  # Omega of a constant map is the zero mask (no interpolation round-off)
-            with torch.no_grad():
-                masked = base + (image - base) * m
-                scores.append(float(torch.softmax(model(masked[None]), 1)[0, class_id]))
-            masks.append(m)
-        kept_counts[layer]["scores"] = [scores[kept.index(k)] for k in scored]
-        if rescore is not None and scored:
-            exact = [scores[kept.index(k)] for k in scored]
-            approximate = rescore(layer, a[scored], exact)
-            scores = [approximate[scored.index(k)] if k in scored else 0.0 for k in kept]
-        v = torch.zeros(size)
-        for m, s in zip(masks, scores, strict=True):
-            v += s * m / (m.sum() + 1e-6)
-        vis_maps[layer] = (v - v.min()) / (v.max() - v.min())
-    maps = [vis_maps[layer] for layer in layers]
-    fused = maps[0].clone()
-    for v in maps[1:]:
-        if fusion == "paper":
-            gate = (v >= threshold_otsu(v.numpy(), nbins=256)).float()
-        elif fusion == "code":
-            gate = 1 / (1 + torch.exp(-(v - literal_code_otsu(v.numpy())) * 100.0))
-        else:
-            gate = v
-        fused = (fused + v) * gate
-    return fused, vis_maps, kept_counts
 
 
 # ---------------------------------------------------------------------------------------------- SISE == literal
@@ -148,12 +32,12 @@ def literal_sise(
         ("code", 0.0, "blur"),
     ],
 )
-def test_sise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, mu, baseline):
+def test_sise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, mu, baseline, sise_reference):
     explainer = SISE(tiny_cnn, fusion=fusion, mu=mu, baseline=baseline, batch_size=7)
     explanation = explainer.explain(tiny_images)
     assert explanation.layers == list(BLOCKS)
     for i, image in enumerate(tiny_images):
-        final, vis_maps, kept = literal_sise(tiny_cnn, image, mu=mu, fusion=fusion, baseline=baseline)
+        final, vis_maps, kept = sise_reference.sise(tiny_cnn, image, mu=mu, fusion=fusion, baseline=baseline)
         for layer in BLOCKS:
             torch.testing.assert_close(explanation.layer_maps[layer][i], vis_maps[layer], atol=2e-5, rtol=1e-4)
             assert explanation.extras["kept_masks"][layer][i] == kept[layer]["kept"]
@@ -163,24 +47,24 @@ def test_sise_equals_literal_recomputation(tiny_cnn, tiny_images, fusion, mu, ba
     assert explanation.forward_passes == 1 + len(tiny_images) + sum(explanation.extras["masked_forwards"])
 
 
-def test_mask_scores_are_the_literal_scores(tiny_cnn, tiny_images):
+def test_mask_scores_are_the_literal_scores(tiny_cnn, tiny_images, sise_reference):
     explanation = SISE(tiny_cnn, keep_mask_scores=True, batch_size=4).explain(tiny_images[:2])
     for i, image in enumerate(tiny_images[:2]):
-        _, _, counts = literal_sise(tiny_cnn, image)
+        _, _, counts = sise_reference.sise(tiny_cnn, image)
         for layer in BLOCKS:
             expected = torch.tensor(counts[layer]["scores"])
             torch.testing.assert_close(torch.tensor(explanation.extras["mask_scores"][layer][i]), expected)
 
 
-def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_images):
-    model = make_tiny_cnn()
+def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_images, make_model, sise_reference):
+    model = make_model()
     with torch.no_grad():  # eight dead channels in block3: all-zero (constant) maps, still with a gradient
         model.block3[0].weight[:8] = 0
         model.block3[0].bias[:8] = -1
     explanation = SISE(model).explain(tiny_images)
     total_constant = 0
     for i, image in enumerate(tiny_images):
-        acts, grads = literal_activations_and_gradients(model, image, int(explanation.targets[i]))
+        acts, grads = sise_reference.activations_and_gradients(model, image, int(explanation.targets[i]))
         positive = {layer: grads[layer].mean(dim=(1, 2)) > 0 for layer in BLOCKS}
         flat = {layer: acts[layer].flatten(1) for layer in BLOCKS}
         constant = {
@@ -194,17 +78,17 @@ def test_kept_masks_are_the_channels_with_positive_mean_gradient(tiny_images):
         assert explanation.extras["masked_forwards"][i] == kept_total - sum(constant.values())
         total_constant += sum(constant.values())
         # skipping the constant masks is exact: the literal computation scores them all
-        final, _, _ = literal_sise(model, image)
+        final, _, _ = sise_reference.sise(model, image)
         torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
     assert total_constant > 0
     assert explanation.extras["candidates"]["block3"] == [32, 32, 32]
 
 
-def test_mu_one_keeps_only_the_argmax_channel(tiny_cnn, tiny_images):
+def test_mu_one_keeps_only_the_argmax_channel(tiny_cnn, tiny_images, sise_reference):
     selections = SISE(tiny_cnn, mu=1.0).select_feature_maps(tiny_images)
     targets = tiny_cnn(tiny_images).argmax(1)
     for i, image in enumerate(tiny_images):
-        _, grads = literal_activations_and_gradients(tiny_cnn, image, int(targets[i]))
+        _, grads = sise_reference.activations_and_gradients(tiny_cnn, image, int(targets[i]))
         for selection in selections[i]:
             assert selection.kept.tolist() == [int(grads[selection.layer].mean(dim=(1, 2)).argmax())]
     explanation = SISE(tiny_cnn, mu=1.0).explain(tiny_images)
@@ -229,7 +113,7 @@ def test_otsu_threshold_equals_scikit_image(tiny_cnn, tiny_images):
         assert otsu_threshold(values, bins=256) == pytest.approx(threshold_otsu(values.double().numpy(), nbins=256))
 
 
-def test_code_otsu_equals_the_literal_loop_in_both_bottleneck_branches():
+def test_code_otsu_equals_the_literal_loop_in_both_bottleneck_branches(sise_reference):
     g = torch.Generator().manual_seed(4)
     smooth = torch.rand(40, 40, generator=g)
     peaked = torch.zeros(40, 40)
@@ -239,12 +123,12 @@ def test_code_otsu_equals_the_literal_loop_in_both_bottleneck_branches():
     thresholds = []
     for vis_map in (smooth, peaked, smooth**3):
         vis_map = (vis_map - vis_map.min()) / (vis_map.max() - vis_map.min())
-        expected = literal_code_otsu(vis_map.double().numpy())
+        expected = sise_reference.code_otsu(vis_map.double().numpy())
         assert code_otsu_threshold(vis_map) == pytest.approx(expected)
         thresholds.append(expected)
-    t_peaked = literal_code_otsu(peaked.double().numpy(), tau=1.0)  # plain Otsu of the peaked map
+    t_peaked = sise_reference.code_otsu(peaked.double().numpy(), tau=1.0)  # plain Otsu of the peaked map
     assert thresholds[1] == pytest.approx(1.5 * t_peaked)  # bottleneck branch taken
-    assert thresholds[0] == pytest.approx(literal_code_otsu(smooth.double().numpy(), tau=1.0))  # not taken
+    assert thresholds[0] == pytest.approx(sise_reference.code_otsu(smooth.double().numpy(), tau=1.0))  # not taken
 
 
 def test_batched_images_equal_single_images(tiny_cnn, tiny_images):
@@ -287,7 +171,7 @@ def test_fusion_cascade_by_hand():
     torch.testing.assert_close(fused, torch.tensor([[1.0, 0.0], [0.0, 1.9]]))
 
 
-def test_uninformative_block_is_left_out_of_the_cascade(tiny_cnn, tiny_images):
+def test_uninformative_block_is_left_out_of_the_cascade(tiny_cnn, tiny_images, sise_reference):
     class NoBlock2(SISE):
         def select_channels(self, alpha):
             if alpha.numel() == 16:  # block2
@@ -295,17 +179,17 @@ def test_uninformative_block_is_left_out_of_the_cascade(tiny_cnn, tiny_images):
             return super().select_channels(alpha)
 
     explanation = NoBlock2(tiny_cnn).explain(tiny_images[:1])
-    final, _, _ = literal_sise(tiny_cnn, tiny_images[0], layers=("block1", "block3"))
+    final, _, _ = sise_reference.sise(tiny_cnn, tiny_images[0], layers=("block1", "block3"))
     torch.testing.assert_close(explanation.maps[0], final, atol=5e-5, rtol=1e-4)
     assert explanation.extras["skipped_blocks"] == [["block2"]]
     assert explanation.extras["kept_masks"]["block2"] == [0]
     assert float(explanation.layer_maps["block2"].abs().max()) == 0.0
 
 
-def test_explicit_layers_are_ordered_low_to_high(tiny_cnn, tiny_images):
+def test_explicit_layers_are_ordered_low_to_high(tiny_cnn, tiny_images, sise_reference):
     reversed_order = SISE(tiny_cnn, layers=["block3", "block1"]).explain(tiny_images[:1])
     assert reversed_order.layers == ["block1", "block3"]
-    final, _, _ = literal_sise(tiny_cnn, tiny_images[0], layers=("block1", "block3"))
+    final, _, _ = sise_reference.sise(tiny_cnn, tiny_images[0], layers=("block1", "block3"))
     torch.testing.assert_close(reversed_order.maps[0], final, atol=5e-5, rtol=1e-4)
 
 
@@ -320,41 +204,33 @@ def test_group_masks_puts_duplicates_together():
     assert all(int(labels[m]) == group for group, m in enumerate(medoids.tolist()))
 
 
-def literal_gp(features: np.ndarray, scored: list[int], scores: list[float], noise: float = 1e-3) -> list[float]:
-    """Gaussian-process posterior mean (squared-exponential kernel, median length-scale) with numpy/scipy."""
-    y = np.asarray(scores, dtype=np.float64)
-    pairwise = cdist(features[scored], features[scored])
-    length = np.median(pairwise[pairwise > 0])
-    gram = np.exp(-(pairwise**2) / (2 * length**2)) + noise * np.eye(len(y))
-    cross = np.exp(-(cdist(features, features[scored]) ** 2) / (2 * length**2))
-    prediction = y.mean() + cross @ np.linalg.solve(gram, y - y.mean())
-    prediction[scored] = y
-    return prediction.tolist()
+def resolve_medoids(candidates: list[list[int]], exact: list[float], used: list[float]) -> list[int]:
+    """The medoid of each group: its single candidate, or — where the candidates' summed similarities are
+    equal and rounding decides (a group of two) — the candidate SISE scored: in both fast modes the scored
+    medoid keeps its exact score, which no other member gets (medoid mode: its medoid's; gp: interpolated)."""
+    medoids = []
+    for group in candidates:
+        scored = [k for k in group if abs(used[k] - exact[k]) <= 1e-6]
+        assert len(group) == 1 or scored, (group, exact, used)
+        medoids.append(group[0] if len(group) == 1 else scored[0])
+    return medoids
 
 
 @pytest.mark.parametrize("fast_scores", ["medoid", "gp"])
-def test_fast_mode_equals_literal_recomputation(tiny_cnn, tiny_images, fast_scores):
-    explainer = SISE(tiny_cnn, fast=True, fast_factor=3, fast_scores=fast_scores, batch_size=6)
+def test_fast_mode_equals_literal_recomputation(tiny_cnn, tiny_images, fast_scores, sise_reference):
+    explainer = SISE(tiny_cnn, fast=True, fast_factor=3, fast_scores=fast_scores, batch_size=6, keep_mask_scores=True)
     explanation = explainer.explain(tiny_images[:2])
-    # the grouping of the explainer's own phase-2 maps (medoid ties are decided by float round-off)
-    selections = explainer.select_feature_maps(tiny_images[:2])
     for i, image in enumerate(tiny_images[:2]):
-        own_maps = {selection.layer: selection.activations for selection in selections[i]}
+        used = {layer: explanation.extras["mask_scores"][layer][i] for layer in BLOCKS}
 
-        def rescore(layer, maps, exact, own_maps=own_maps):
-            torch.testing.assert_close(maps, own_maps[layer], atol=1e-5, rtol=1e-5)
-            labels, medoids = group_masks(own_maps[layer], math.ceil(maps.shape[0] / 3))
-            medoids = medoids.tolist()
+        def rescore(layer, maps, exact, used=used):
+            labels, candidates = sise_reference.groups(maps, math.ceil(maps.shape[0] / 3))
+            medoids = resolve_medoids(candidates, exact, used[layer])
             if fast_scores == "medoid":
                 return [exact[medoids[label]] for label in labels]
-            # features: min-max normalised maps, average-pooled to at most 7x7 (block1 16x16 -> 7x7)
-            pooled = []
-            for m in maps.double():
-                m = (m - m.min()) / ((m - m.min()).max() + 1e-6)
-                pooled.append(F.adaptive_avg_pool2d(m[None, None], [min(7, s) for s in m.shape]).flatten().numpy())
-            return literal_gp(np.stack(pooled), medoids, [exact[j] for j in medoids])
+            return sise_reference.gp(sise_reference.pooled_features(maps), medoids, [exact[j] for j in medoids])
 
-        final, _, kept = literal_sise(tiny_cnn, image, rescore=rescore)
+        final, _, kept = sise_reference.sise(tiny_cnn, image, rescore=rescore)
         torch.testing.assert_close(explanation.maps[i], final, atol=5e-5, rtol=1e-4)
         groups = explanation.extras["fast"]["groups"][i]
         assert groups == [math.ceil(kept[layer]["scored"] / 3) for layer in BLOCKS]
@@ -364,14 +240,24 @@ def test_fast_mode_equals_literal_recomputation(tiny_cnn, tiny_images, fast_scor
     assert sum(explanation.extras["masked_forwards"]) < sum(full.extras["masked_forwards"]) / 2.5
 
 
-def test_interpolated_scores_are_exact_at_the_scored_masks():
+def test_group_masks_equals_scipy_clustering(tiny_cnn, tiny_images, sise_reference):
+    selection = SISE(tiny_cnn).select_feature_maps(tiny_images[:1])[0]
+    for block in selection:
+        for n_groups in (1, 2, math.ceil(block.n_scored / 3), block.n_scored):
+            labels, medoids = group_masks(block.activations, n_groups)
+            expected_labels, candidates = sise_reference.groups(block.activations, n_groups)
+            assert labels.tolist() == expected_labels.tolist()
+            assert all(int(m) in group for m, group in zip(medoids, candidates, strict=True))
+
+
+def test_interpolated_scores_are_exact_at_the_scored_masks(sise_reference):
     g = torch.Generator().manual_seed(6)
     features = torch.rand(12, 49, generator=g, dtype=torch.float64)
     scored = torch.tensor([0, 4, 7])
     scores = torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64)
     prediction = interpolate_scores(features, scored, scores)
     torch.testing.assert_close(prediction[scored], scores)
-    expected = literal_gp(features.numpy(), scored.tolist(), scores.tolist())
+    expected = sise_reference.gp(features.numpy(), scored.tolist(), scores.tolist())
     torch.testing.assert_close(prediction, torch.tensor(expected, dtype=torch.float64))
     one = interpolate_scores(features, torch.tensor([3]), torch.tensor([0.7], dtype=torch.float64))
     torch.testing.assert_close(one, torch.full((12,), 0.7, dtype=torch.float64))
@@ -386,7 +272,8 @@ def test_fast_factor_one_is_full_sise(tiny_cnn, tiny_images):
 # ---------------------------------------------------------------------------------------------- API
 def test_registry_and_params(tiny_cnn, tiny_images):
     explainer = create("sise", tiny_cnn, mu="0.3", fusion="code", baseline="blur", fast="true")
-    assert isinstance(explainer, SISE) and explainer.mu == 0.3 and explainer.fast
+    assert isinstance(explainer, SISE) and explainer.config.mu == 0.3 and explainer.config.fast
+    assert create("sise", tiny_cnn, fast="yes").config.fast and not create("sise", tiny_cnn, fast="off").config.fast
     explanation = explainer.explain(tiny_images[:1])
     assert explanation.method == "sise"
     assert explanation.params["fusion"] == "code" and explanation.params["baseline"] == "blur"
@@ -394,21 +281,53 @@ def test_registry_and_params(tiny_cnn, tiny_images):
     assert set(explanation.timings) >= {"forward_backward", "masked_forwards", "fusion", "total"}
 
 
+def test_recorded_params_keep_their_names_order_and_values(tiny_cnn):
+    recorded = create("sise", tiny_cnn, mu=0.5, fast=True, baseline="0.25", batch_size=8).params()
+    assert list(recorded.items()) == [
+        ("score", "softmax"), ("batch_size", 8), ("layers", "blocks"), ("mu", 0.5), ("fusion", "paper"),
+        ("temperature", 100.0), ("bottleneck_tau", 1.5), ("baseline", 0.25), ("blur_sigma", 5.0), ("fast", True),
+        ("fast_factor", 2.0), ("fast_scores", "gp"),
+    ]
+    explicit = SISE(tiny_cnn, layers=["block3", "block1"])
+    explicit.layers_for(torch.zeros(1, 3, 32, 32))
+    assert explicit.params()["layers"] == ["block1", "block3"]
+    assert SISE(tiny_cnn, params=SISEParams(mu=0.5)).params() == SISE(tiny_cnn, mu=0.5).params()
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "message"),
     [
-        ({"mu": -0.1}, ValueError),
-        ({"mu": "high"}, ValueError),
-        ({"fast": "maybe"}, ValueError),
-        ({"fast_scores": "knn"}, ValueError),
-        ({"fusion": "otsu"}, ValueError),
-        ({"baseline": "noise"}, ValueError),
-        ({"baseline": [0.0]}, TypeError),
-        ({"fast_factor": 0.5}, ValueError),
-        ({"blur_sigma": 0}, ValueError),
-        ({"score": "prob"}, ValueError),
+        ({"mu": -0.1}, "sise.mu: must be [0, 1], got -0.1"),
+        ({"mu": 2.0}, "sise.mu: must be [0, 1], got 2.0"),
+        ({"mu": "high"}, "sise.mu: expected a number, got 'high'"),
+        ({"fast": "maybe"}, "sise.fast: expected true or false, got 'maybe'"),
+        ({"fast_scores": "knn"}, "sise.fast_scores: must be one of 'gp', 'medoid', got 'knn'"),
+        ({"fusion": "otsu"}, "sise.fusion: must be one of 'paper', 'code', 'simple', got 'otsu'"),
+        ({"baseline": "noise"}, "sise.baseline: expected 'zero' | 'mean' | 'blur' | float, got 'noise'"),
+        ({"baseline": [0.0]}, "sise.baseline: expected 'zero' | 'mean' | 'blur' | float, got [0.0]"),
+        ({"fast_factor": 0.5}, "sise.fast_factor: must be >= 1, got 0.5"),
+        ({"blur_sigma": 0}, "sise.blur_sigma: must be > 0, got 0.0"),
+        ({"temperature": -1}, "sise.temperature: must be > 0, got -1.0"),
+        ({"bottleneck_tau": 0}, "sise.bottleneck_tau: must be > 0, got 0.0"),
+        ({"otsu_bins": 64}, "sise has no parameter 'otsu_bins'"),
     ],
 )
-def test_bad_arguments_raise_one_clear_error(tiny_cnn, kwargs, error):
-    with pytest.raises(error):
+def test_bad_arguments_raise_one_clear_error(tiny_cnn, kwargs, message):
+    with pytest.raises(ParamError) as info:
         SISE(tiny_cnn, **kwargs)
+    assert str(info.value).startswith(message)
+
+
+def test_bad_score_is_an_error(tiny_cnn):
+    with pytest.raises(ValueError, match="unknown score"):
+        SISE(tiny_cnn, score="prob")
+
+
+def test_param_ranges_are_the_documented_ones():
+    ranges = {spec.name: spec.range for spec in SISEParams.describe()}
+    assert ranges == {
+        "fusion": "", "temperature": "> 0", "bottleneck_tau": "> 0", "baseline": "", "blur_sigma": "> 0",
+        "fast": "", "fast_factor": ">= 1", "fast_scores": "", "mu": "[0, 1]",
+    }
+    assert SISEParams.describe()[0].type == "'paper' | 'code' | 'simple'"
+    assert all(spec.doc for spec in SISEParams.describe())

@@ -172,7 +172,7 @@ def score_fast(
             weights = member_scores[start : start + batch_size] / (masks.sum(1) + MASK_EPS)
             vis[block].addmv_(masks.T, weights)
     return BlockScores(vis_maps=vis.view(len(activations), *size), mask_scores=mask_scores,
-                       forwards=sum(int(m.numel()) for m in medoid_maps), groups=[int(m.numel()) for _, m in groups])
+                       forwards=sum(int(m.shape[0]) for m in medoid_maps), groups=[int(m.numel()) for _, m in groups])
 
 
 def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
