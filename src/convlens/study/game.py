@@ -25,10 +25,12 @@ from convlens.study.assignment import AssignmentPolicy, Candidate, participant_r
 from convlens.study.config import RoundSpec, StudyConfig, StudyFiles
 from convlens.study.db import Event, Participant, Play, Round, utcnow
 
-__all__ = ["SCORING_RULE", "GameError", "StudyRuntime", "hash_token", "points_for"]
+__all__ = ["PLAYER_SCORING", "SCORING_RULE", "GameError", "StudyRuntime", "hash_token", "points_for"]
 
 SCORING_RULE = ("correct guess at reveal level k (0..5): 100 - 10*k points; wrong guess: 0; resign: 0; "
                 "descriptions: 0 (not rewarded, so that they are not written for points)")
+PLAYER_SCORING = ("A correct guess earns 100 points at step 1 and 10 fewer for each extra step; a wrong guess or "
+                  "giving up earns nothing.")
 ASSIGN_ATTEMPTS = 8
 
 

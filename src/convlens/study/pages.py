@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from convlens.study.export import ROWS, export_rows, format_rows, study_metadata
-from convlens.study.game import SCORING_RULE, GameError, StudyRuntime
+from convlens.study.game import PLAYER_SCORING, GameError, StudyRuntime
 from convlens.study.queries import leaderboard, player_stats, progress
 from convlens.study.schemas import ConsentForm
 from convlens.study.security import ADMIN_COOKIE, SESSION_COOKIE, admin_cookie_value, check_admin_token
@@ -78,7 +78,7 @@ async def play_page(request: Request) -> Response:
     if not await run_in_threadpool(_runtime(request).known_participant, request.cookies.get(SESSION_COOKIE)):
         return RedirectResponse("/", status_code=303)
     languages = [(tag, LANGUAGE_NAMES.get(tag, tag)) for tag in _runtime(request).config.languages]
-    return render(request, "play.html", languages=languages, scoring_rule=SCORING_RULE)
+    return render(request, "play.html", languages=languages, scoring_rule=PLAYER_SCORING)
 
 
 async def leaderboard_page(request: Request) -> Response:
@@ -91,7 +91,7 @@ async def stats_page(request: Request) -> Response:
         stats = await run_in_threadpool(player_stats, _runtime(request), request.cookies.get(SESSION_COOKIE))
     except GameError:
         return RedirectResponse("/", status_code=303)
-    return render(request, "stats.html", stats=stats, scoring_rule=SCORING_RULE)
+    return render(request, "stats.html", stats=stats, scoring_rule=PLAYER_SCORING)
 
 
 async def done_page(request: Request) -> Response:

@@ -103,8 +103,8 @@
     current = null;
     panels("panel-done");
     $("status").textContent = "All rounds played.";
-    $("round-image").removeAttribute("src");
-    $("level-caption").textContent = "";
+    document.querySelector(".frame").hidden = true;
+    document.querySelector(".board").classList.add("finished");
     $("done-score").textContent = view.score;
     $("completion").hidden = !view.completion_code;
     $("completion-code").textContent = view.completion_code || "";
