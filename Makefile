@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test test-random lint install install-test bench clean
+.PHONY: demo test test-random lint install install-test bench clean system-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/convlens demo --out out/demo
 
-test: $(VENV)/.installed-test
+# PostgreSQL and chromium for the study server's tests (installed when missing; those tests skip without them)
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: $(VENV)/.installed-test system-deps
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
