@@ -10,7 +10,6 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from convlens.numerics.avx import apply_miss_penalty as _apply_miss_penalty
 from convlens.metrics.advise_protocol import (
     AVX,
     AverageDropMaxClass,
@@ -27,6 +26,7 @@ from convlens.metrics.advise_protocol import (
     harmonic_avx,
 )
 from convlens.models.preprocessing import Preprocessing
+from convlens.numerics.avx import apply_miss_penalty as _apply_miss_penalty
 
 PREP = Preprocessing(size=32, resize=32)
 
