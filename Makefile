@@ -32,7 +32,7 @@ test: $(VENV)/.installed-test system-deps
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_core.py
