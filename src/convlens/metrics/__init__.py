@@ -1,12 +1,15 @@
 """Evaluation metrics: ground truth, model truth, the ADVISE (AVX) protocol and sanity checks.
 
-``convlens.metrics.registry`` maps the names used by ``convlens evaluate`` to these classes.
+Every metric has metadata (name, direction, category) and one evaluation signature,
+``metric.evaluate(MetricContext) -> MetricValue`` (:mod:`convlens.metrics.context`); most also keep a direct
+batch call. ``convlens.metrics.registry`` maps the names used by ``convlens evaluate`` to these classes.
 """
 
 from convlens.metrics.base import Direction, Metric, MetricAccumulator, MetricCategory, bootstrap_ci
+from convlens.metrics.context import MetricContext, MetricValue
 from convlens.metrics.faithfulness import DeletionAUC, DropPercent, IncreasePercent, InsertionAUC
 from convlens.metrics.localisation import BoundingBoxAccuracy, EnergyPointingGame, PointingGame, TopFractionIoU
-from convlens.metrics.registry import available_metrics, create_metric
+from convlens.metrics.registry import available_metrics, create_metric, create_metrics
 from convlens.metrics.sanity import ModelParameterRandomisation, RandomLogit
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "Metric",
     "MetricAccumulator",
     "MetricCategory",
+    "MetricContext",
+    "MetricValue",
     "ModelParameterRandomisation",
     "PointingGame",
     "RandomLogit",
@@ -27,4 +32,5 @@ __all__ = [
     "available_metrics",
     "bootstrap_ci",
     "create_metric",
+    "create_metrics",
 ]
