@@ -8,12 +8,12 @@ summation order. Those differ between torch and numpy, between torch's CPU kerne
 EfficientNet-Lite0 channels 4 and 41 of ``test_real_activations_match_adaptivekde`` ending elsewhere with
 AVX2 and AVX-512 kernels but not with ``ATEN_CPU_CAPABILITY=default``) and with the thread count (which
 also changes the activations themselves). So the tests do not count agreeing rows; they prove, row by
-row, a property that holds on every machine (:func:`assert_matches_reference`):
+row, a property that holds on every machine (``kde_reference.assert_matches``, tests/_kde_reference.py):
 
 1. at our stiffness g, our density and cost are the reference estimator's at that g (no search involved;
-   the costs agree to ``COST_NOISE``, measured ~1e-15 relative);
+   the costs agree to ``COST_NOISE`` = 1e-13, measured ~1e-15 relative);
 2. either the search ended at the reference's g — then the densities and peak counts are the same — or
-   the reference's own search compared two costs equal within ``TIE`` (a branch its rounding decided) and
+   the reference's own search compared two costs equal within ``TIE`` = 1e-12 (a branch rounding decided) and
    our g lies in the bracket of its first such comparison. Two implementations whose costs differ by at
    most ``COST_NOISE`` can take different branches only at such a comparison, since
    ``2 * COST_NOISE < TIE``; everything after it is arbitrary for both.
@@ -21,7 +21,6 @@ row, a property that holds on every machine (:func:`assert_matches_reference`):
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 
 import numpy as np
@@ -29,40 +28,10 @@ import pytest
 import torch
 from scipy.signal import find_peaks
 
-from convlens.numerics.kde import KDEResult, linspace_like_numpy, ssvkernel
+from convlens.numerics.kde import linspace_like_numpy, ssvkernel
 from convlens.numerics.peaks import count_peaks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-COST_NOISE = 1e-13  # |C_ours(g) - C_ref(g)| / |C_ref(g)|: float64 sums of <= 1000 terms agree far better
-TIE = 1e-12  # costs closer than this (relative) are compared by rounding noise
-
-
-def assert_matches_reference(result: KDEResult, rows: np.ndarray, tin: np.ndarray, convention: str,
-                             kde_reference: ModuleType) -> dict[str, list[int]]:
-    """Prove properties 1-2 of the module docstring for every row; returns the rows that ended at the
-    reference's g ("same"), elsewhere after a tie ("tie"), or failed in both ("failed")."""
-    outcome: dict[str, list[int]] = {"same": [], "tie": [], "failed": []}
-    for i, row in enumerate(rows):
-        ref = kde_reference.port(row, tin, convention)
-        assert bool(result.valid[i]) == (ref is not None), f"row {i}: ours valid={bool(result.valid[i])}"
-        if ref is None:
-            outcome["failed"].append(i)
-            continue
-        ours, g = result.density[i].numpy(), float(result.stiffness[i])
-        cost_at_g, density_at_g = ref.at(g)
-        assert abs(float(result.cost[i]) - cost_at_g) <= COST_NOISE * abs(cost_at_g), (i, result.cost[i], cost_at_g)
-        assert np.abs(ours - density_at_g).max() <= 1e-10 * np.abs(density_at_g).max(), i
-        if math.isclose(g, ref.g, rel_tol=1e-12):
-            assert count_peaks(result.density[i]) == len(find_peaks(ref.density)[0]), i
-            outcome["same"].append(i)
-            continue
-        bracket = ref.first_tie(TIE)
-        assert bracket is not None, f"row {i}: g = {g} vs the reference's {ref.g} without a tie in its search"
-        assert bracket[0] <= g <= bracket[1], (i, g, bracket)
-        outcome["tie"].append(i)
-    return outcome
-
 
 def sample_rows(seed: int, n_per_kind: int, size: int) -> np.ndarray:
     """Activation-like rows: in-range Gaussians, post-ReLU, scaled uniforms (partly out of [0, 1]),
@@ -84,7 +53,7 @@ def test_matches_adaptivekde_on_random_rows(kde_reference: ModuleType) -> None:
     x = sample_rows(seed=0, n_per_kind=7, size=49)
     tin = np.linspace(0, 1, 49)
     result = ssvkernel(torch.from_numpy(x), torch.from_numpy(tin), convention="adaptivekde")
-    outcome = assert_matches_reference(result, x, tin, "adaptivekde", kde_reference)
+    outcome = kde_reference.assert_matches(result, x, tin, "adaptivekde")
     assert len(outcome["same"]) >= 30, outcome
     assert (result.grid_points[result.valid] < 49).any(), "the coarse-grid branch was not exercised"
 
@@ -105,7 +74,7 @@ def test_matlab_convention_matches_literal_port(kde_reference: ModuleType) -> No
     x = sample_rows(seed=1, n_per_kind=6, size=64)
     tin = np.linspace(0, 1, 64)
     result = ssvkernel(torch.from_numpy(x), torch.from_numpy(tin))
-    outcome = assert_matches_reference(result, x, tin, "matlab", kde_reference)
+    outcome = kde_reference.assert_matches(result, x, tin, "matlab")
     assert len(outcome["same"]) >= 30, outcome
 
 
@@ -117,13 +86,13 @@ def test_flat_cost_decides_the_search_by_rounding(kde_reference: ModuleType) -> 
     tin = np.linspace(0, 1, 49)
     row = np.concatenate([np.zeros(46), [0.061395, 0.428423, 0.626561]])
     ref = kde_reference.port(row, tin, "adaptivekde")
-    assert ref.first_tie(TIE) == (1e-12, 1.0)  # the whole bracket: the result is decided by rounding
+    assert ref.first_tie(kde_reference.TIE) == (1e-12, 1.0)  # the whole bracket: the result is decided by rounding
     (flat_a, density_a), (flat_b, density_b), (beyond, density_c) = ref.at(0.25), ref.at(0.5), ref.at(0.9)
-    assert abs(flat_a - flat_b) <= 1e-14 * abs(flat_a)  # a few ulps: far below TIE
+    assert abs(flat_a - flat_b) <= 1e-14 * abs(flat_a)  # a few ulps: far below the tie tolerance
     np.testing.assert_allclose(density_a, density_b, rtol=1e-12)
     assert beyond < flat_a - 100 and np.corrcoef(density_a, density_c)[0, 1] < 0.999
     result = ssvkernel(torch.from_numpy(row[None]), torch.from_numpy(tin), convention="adaptivekde")
-    assert_matches_reference(result, row[None], tin, "adaptivekde", kde_reference)
+    kde_reference.assert_matches(result, row[None], tin, "adaptivekde")
 
 
 def test_conventions_differ_where_documented(kde_reference: ModuleType) -> None:
@@ -136,8 +105,8 @@ def test_conventions_differ_where_documented(kde_reference: ModuleType) -> None:
     port = ssvkernel(x, torch.from_numpy(tin), convention="adaptivekde")
     # the matlab estimate has (almost) no mass near 1, the port's has a bump there
     assert float(matlab.density[0, -1]) < 0.5 * float(port.density[0, -1])
-    assert_matches_reference(matlab, row[None], tin, "matlab", kde_reference)
-    assert_matches_reference(port, row[None], tin, "adaptivekde", kde_reference)
+    kde_reference.assert_matches(matlab, row[None], tin, "matlab")
+    kde_reference.assert_matches(port, row[None], tin, "adaptivekde")
     np.testing.assert_allclose(port.density[0].numpy(), kde_reference.adaptivekde_density(row, tin), rtol=1e-8,
                                atol=1e-10)
 
@@ -200,7 +169,7 @@ def test_failures_give_no_density(kde_reference: ModuleType) -> None:
     assert matlab.valid.tolist() == [False, True, True, True]
     assert torch.isnan(matlab.density[0]).all()
     assert count_peaks(matlab.density).tolist()[:3] == [0, 1, 1]
-    assert_matches_reference(matlab, rows, tin, "matlab", kde_reference)
+    kde_reference.assert_matches(matlab, rows, tin, "matlab")
     # a stricter reading (< 2 distinct in-range values fail) as an explicit option
     strict = ssvkernel(x, torch.from_numpy(tin), min_distinct=2)
     assert strict.valid.tolist() == [False, False, False, True]
@@ -283,6 +252,6 @@ def test_real_activations_match_adaptivekde(kde_reference: ModuleType) -> None:
     for convention in ("adaptivekde", "matlab"):
         subset = rows if convention == "adaptivekde" else rows[::2]
         result = ssvkernel(subset, torch.from_numpy(tin), convention=convention)
-        outcome = assert_matches_reference(result, subset.numpy(), tin, convention, kde_reference)
+        outcome = kde_reference.assert_matches(result, subset.numpy(), tin, convention)
         assert len(outcome["same"]) > subset.shape[0] // 5, (convention, outcome)
         assert result.valid.sum() > subset.shape[0] // 4

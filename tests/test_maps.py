@@ -1,4 +1,4 @@
-"""Map operations: normalisation and Otsu's threshold against scikit-image."""
+"""Map operations: both min-max normalisations by hand, Otsu's threshold against scikit-image, up-sampling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
-from convlens.core.maps import minmax_normalize, otsu_threshold, upsample
+from convlens.core.maps import minmax_exact, minmax_normalize, upsample
+from convlens.numerics.otsu import otsu_threshold
 
 
 def test_minmax_normalize_by_hand() -> None:
@@ -15,6 +16,17 @@ def test_minmax_normalize_by_hand() -> None:
     out = minmax_normalize(m, eps=0.0)
     torch.testing.assert_close(out, torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))
     assert minmax_normalize(torch.ones(1, 3, 3)).abs().sum() == 0  # constant map -> zeros, not NaN
+    assert float(minmax_normalize(m).max()) == pytest.approx(8 / (8 + 1e-6))  # the epsilon: max stays below 1
+
+
+def test_minmax_exact_is_matlab_rescale() -> None:
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[2.0, 2.0], [2.0, 2.0]]])
+    torch.testing.assert_close(minmax_exact(maps)[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert minmax_exact(maps)[1].abs().sum() == 0  # constant map -> lower bound 0
+    rows = torch.tensor([[4.0, 2.0, 3.0], [7.0, 7.0, 7.0]], dtype=torch.float64)
+    assert minmax_exact(rows, dims=1).tolist() == [[1.0, 0.0, 0.5], [0.0, 0.0, 0.0]]
+    big = torch.rand(4, 6, 7, generator=torch.Generator().manual_seed(0)) * 1e-5  # SISE's V_b are ~1e-5 sums
+    assert torch.equal(minmax_exact(big).amax(dim=(1, 2)), torch.ones(4))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -30,3 +42,7 @@ def test_upsample_identity_and_bilinear() -> None:
     up = upsample(m, (4, 4))
     assert up.shape == (1, 4, 4)
     assert up[0, 0, 0] == 0 and up[0, -1, -1] == 3  # align_corners=False keeps the corners' values here
+    # by hand: source coordinate (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to [0, 1]
+    row = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    expected = row[None, :] + 2 * row[:, None]  # m = x + 2 y
+    torch.testing.assert_close(up[0], expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 import torch
 import torchvision.models as tvm
@@ -9,11 +11,10 @@ from pytorch_grad_cam import ScoreCAM as PGCScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from _reference import bilinear, pearson
 from convlens.methods.scorecam import ScoreCAM
 
 
-def test_scorecam_follows_algorithm_1(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
+def test_scorecam_follows_algorithm_1(reference: ModuleType, tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
     result = ScoreCAM(tiny_cnn, layers="block2", batch_size=5).explain(tiny_images[:2], [1, 3])
     for i, c in enumerate([1, 3]):
         x = tiny_images[i]
@@ -21,12 +22,12 @@ def test_scorecam_follows_algorithm_1(tiny_cnn: nn.Module, tiny_images: torch.Te
             act = tiny_cnn.block2(tiny_cnn.pool1(tiny_cnn.block1(x[None].clone())))[0]
             scores = []
             for k in range(act.shape[0]):
-                up = bilinear(act[k], (32, 32))
+                up = reference.bilinear(act[k], (32, 32))
                 h = (up - up.min()) / (up.max() - up.min() + 1e-8)
                 scores.append(float(tiny_cnn((x * h)[None])[0, c]))
             alpha = torch.softmax(torch.tensor(scores), 0)
             cam = torch.relu(sum(alpha[k] * act[k] for k in range(act.shape[0])))
-        torch.testing.assert_close(result.maps[i], bilinear(cam, (32, 32)), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result.maps[i], reference.bilinear(cam, (32, 32)), rtol=1e-4, atol=1e-6)
     assert result.forward_passes == 1 + 2 * 16 + 2
 
 
@@ -37,7 +38,7 @@ def test_batch_equals_stacked_single_results(tiny_cnn: nn.Module, tiny_images: t
         torch.testing.assert_close(batch.maps[i], explainer.explain(tiny_images[i]).maps[0], rtol=1e-4, atol=1e-6)
 
 
-def test_matches_pytorch_grad_cam() -> None:
+def test_matches_pytorch_grad_cam(reference: ModuleType) -> None:
     torch.manual_seed(0)
     model = tvm.resnet18(weights=None).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -46,4 +47,4 @@ def test_matches_pytorch_grad_cam() -> None:
         cam.batch_size = 64
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(3), ClassifierOutputTarget(7)])
     for i in range(2):
-        assert pearson(ours[i], torch.from_numpy(np.asarray(theirs[i]))) >= 0.99
+        assert reference.pearson(ours[i], torch.from_numpy(np.asarray(theirs[i]))) >= 0.99
