@@ -41,10 +41,12 @@ from PIL import Image
 from _sections import machine_line, markdown_table, write_section
 from convlens.core.explanation import Explanation
 from convlens.core.layers import describe_layers, resolve_layers
+from convlens.core.maps import minmax_exact
 from convlens.methods.adasise import AdaSISE
 from convlens.methods.rise import RISE
 from convlens.methods.scorecam import ScoreCAM
-from convlens.methods.sise import SISE, fuse_visualization_maps, minmax_exact
+from convlens.methods.sise import SISE, fuse_visualization_maps
+from convlens.methods.sise_scoring import attribution_masks
 from convlens.models import load
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
@@ -152,7 +154,7 @@ def noise_sensitivity(
     contributions = {}
     for sel in selections:
         if sel.layer not in skipped:
-            masks = SISE.attribution_masks(sel.activations, size).flatten(1)
+            masks = attribution_masks(sel.activations, size).flatten(1)
             contributions[sel.layer] = masks / (masks.sum(1, keepdim=True) + 1e-6)
 
     def final(noise: dict[str, torch.Tensor], fusion: str) -> torch.Tensor:
