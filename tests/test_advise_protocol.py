@@ -253,3 +253,25 @@ def test_bad_input_raises() -> None:
         AVXOptions(miss_penalty="harsh")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"nn\.Module"):
         avx_protocol(object(), image, maps1, maps2)
+
+
+def test_run_metrics_share_the_avx_parameters_and_take_only_declared_run_settings() -> None:
+    from convlens.metrics.registry import create_metric, create_metrics
+
+    metrics = create_metrics(
+        ["avx", "avx_ssim", "class_sensitivity", "drop"],
+        {"avx": {"mask": "soft", "top_k": 3}, "avx_ssim": {"top_k": 2}},
+        {"score": "sigmoid", "batch_size": 8},
+    )
+    assert (metrics["avx"].options.mask, metrics["avx"].options.top_k, metrics["avx"].batch_size) == ("soft", 3, 8)
+    assert (metrics["avx_ssim"].options.mask, metrics["avx_ssim"].options.top_k) == ("soft", 2)  # its own wins
+    assert metrics["class_sensitivity"].options == metrics["avx"].options
+    # the run's metric score is the perturbation metrics' setting, not the AVX protocol's (softmax, the code's)
+    assert metrics["avx"].options.score == "softmax" and metrics["drop"].score == "sigmoid"
+    assert create_metric("avx", options=AVXOptions(mask="soft")).options.mask == "soft"
+    with pytest.raises(ValueError, match="not both"):
+        create_metric("avx", options=AVXOptions(), mask="soft")
+    with pytest.raises(ValueError, match="must be an AVXOptions"):
+        create_metric("avx", options="soft")
+    with pytest.raises(ValueError, match="does not accept"):
+        create_metric("avx", nonsense=1)

@@ -68,6 +68,8 @@ class AVXProtocolMetric(Metric):
 
     def __init__(self, options: AVXOptions | None = None, preprocessing: Preprocessing | None = None,
                  output_adapter: OutputAdapter | None = None, batch_size: int = 32) -> None:
+        if options is not None and not isinstance(options, AVXOptions):
+            raise ValueError(f"options must be an AVXOptions, got {type(options).__name__} (or give its fields)")
         self.options = options if options is not None else AVXOptions()
         self.preprocessing = preprocessing
         self.output_adapter = output_adapter
@@ -75,13 +77,16 @@ class AVXProtocolMetric(Metric):
 
     @classmethod
     def parameters(cls) -> set[str]:
-        return (super().parameters() - {"options"}) | {f.name for f in fields(AVXOptions)}
+        """The constructor's arguments and, one by one, the fields of :class:`AVXOptions`."""
+        return super().parameters() | {f.name for f in fields(AVXOptions)}
 
     @classmethod
     def _build(cls, params: dict[str, Any]) -> Metric:
         option_names = {f.name for f in fields(AVXOptions)}
         arguments = {k: v for k, v in params.items() if k not in option_names}
         options = {k: v for k, v in params.items() if k in option_names}
+        if options and "options" in arguments:
+            raise ValueError(f"give either options or its fields {sorted(options)}, not both")
         if options:
             arguments["options"] = AVXOptions(**options)
         return cls(**arguments)
