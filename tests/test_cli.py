@@ -86,7 +86,34 @@ def test_unreadable_explicit_file_writes_nothing(photos: Path, tmp_path: Path) -
 
 
 def test_listing_commands() -> None:
-    code, output = _run("methods")
-    assert code == 0 and all(m in output for m in ("gradcam", "scorecam", "rise", "ig"))
+    wide = {"COLUMNS": "220"}
+    result = runner.invoke(app, ["methods"], env=wide)
+    assert result.exit_code == 0 and all(m in result.output for m in ("gradcam", "scorecam", "rise", "ig", "inv"))
+    for name, checks in {"inv": {"perplexity": "> 0", "cluster_range": "(3, 8)", "layers": "'tail'"},
+                         "rise": {"n_masks": ">= 1", "p": "(0, 1]"}}.items():
+        result = runner.invoke(app, ["methods", name], env=wide)
+        rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
+        assert result.exit_code == 0 and all(text in rows[row] for row, text in checks.items()), result.output
+    code, output = _run("methods", "nosuch")
+    assert code == 2 and "unknown method 'nosuch'" in output
     code, output = _run("models")
     assert code == 0 and "efficientnet_lite0" in output and "resnet50" in output
+
+
+def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:
+    from convlens.models import register_model, wrap
+    from convlens.models.preprocessing import Preprocessing
+    from convlens.models.zoo import unregister_model
+
+    register_model("tiny-cli", lambda weights: wrap(tiny_cnn, Preprocessing(32, 32), list("abcde"), "tiny-cli"))
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
+    try:
+        code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method", "inv",
+                            "--layers", "depth", "--param", "num_layers=2", "--param", "embedding=pca",
+                            "--out", str(tmp_path / "out"))
+    finally:
+        unregister_model("tiny-cli")
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "out" / "cat" / "inv" / "inv.json").read_text())
+    assert manifest["layer_choice"] == {"rule": "depth", "num_layers": 2, "conv_layers": 3}
+    assert [layer["name"] for layer in manifest["layers"]] == ["block2.2", "block3.1"]  # positions 1 and 2 of 3

@@ -267,15 +267,31 @@ def test_small_layers_fall_back_without_crashing() -> None:
     five = cluster_feature_maps(rng.random((5, 4, 4)))
     assert sorted(five.silhouettes) == [3, 4]  # k <= n - 1
     assert five.perplexity == pytest.approx(4 / 3)
-    # a 2-channel-wide CNN: 2/4/8 maps per layer, through the whole pipeline
-    explanation = _explain(make_tiny_cnn(width=2), torch.randn(1, 3, 32, 32))
+    # a 2-channel-wide CNN (2/4/8 maps per layer) through the whole pipeline: both guards, checked by hand
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    explanation = _explain(make_tiny_cnn(width=2), x)
+    branches = set()
     for layer in explanation.layers:
-        assert len(layer.kept_channels) <= layer.num_channels
-        assert layer.n_clusters <= max(len(layer.kept_channels), 0)
-        assert sum(c.map_count for c in layer.all_clusters) == len(layer.kept_channels)
+        weights, channels = layer.weights, layer.num_channels
+        kept = [k for k in range(channels) if weights[k] > 76.8 / channels]  # d(K) = 76.8 / K for K < 64
+        assert layer.kept_channels.tolist() == kept
+        if len(kept) <= 3:  # one cluster per kept map, heaviest first, no embedding
+            branches.add("one per map")
+            by_weight = sorted(kept, key=lambda k: (-weights[k], k))
+            assert [c.channels for c in layer.all_clusters] == [[k] for k in by_weight]
+            assert layer.n_clusters == len(kept) and layer.embedding is None and "one cluster per map" in layer.fallback
+        else:  # 4 maps: perplexity (4 - 1) / 3 = 1 and k = 3 only
+            branches.add("embedded")
+            assert len(kept) == 4 and layer.perplexity == pytest.approx(1.0) and sorted(layer.silhouettes) == [3]
+            assert layer.n_clusters == 3 and sorted(c for cl in layer.all_clusters for c in cl.channels) == kept
+        cluster_weights = [float(weights[c.channels].sum()) for c in layer.all_clusters]
+        bound = max(max(cluster_weights) / 3, sum(cluster_weights) / len(cluster_weights) / 2)
+        assert [c.weight >= bound for c in layer.all_clusters] == [c in layer.clusters for c in layer.all_clusters]
+        branches.update({"weak removed"} if layer.weak_clusters else set())
+    assert branches == {"one per map", "embedded", "weak removed"}
 
 
-def test_same_seed_identical_clusters_also_with_parallel_layers(wide_cnn: nn.Module, wide_explanation) -> None:
+def test_same_seed_identical_clusters(wide_cnn: nn.Module, wide_explanation) -> None:
     x, first = wide_explanation
     second = _explain(wide_cnn, x, n_jobs=1)
     for a, b in zip(first.layers, second.layers, strict=True):
@@ -285,8 +301,36 @@ def test_same_seed_identical_clusters_also_with_parallel_layers(wide_cnn: nn.Mod
         for ca, cb in zip(a.clusters, b.clusters, strict=True):
             np.testing.assert_array_equal(ca.input_map, cb.input_map)
             assert ca.id == cb.id
-    parallel = _explain(wide_cnn, x, n_jobs=3)  # layers in threads: still the very same clusters
-    for a, b in zip(first.layers, parallel.layers, strict=True):
+
+
+def test_parallel_layers_run_single_threaded_numerics_and_restore_limits(
+    wide_cnn: nn.Module, wide_explanation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n_jobs=3: every worker clusters with one BLAS and one OpenMP thread (what makes the results independent
+    of n_jobs), the workers are really distinct threads, and every limit is back as it was afterwards."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    import convlens.concepts.inv as inv_module
+
+    x, first = wide_explanation
+    seen: list[tuple[int, set[tuple[str, int]]]] = []
+    original = inv_module.cluster_maps_unlimited
+
+    def recording(*args: object, **kwargs: object):
+        seen.append((threading.get_ident(), {(i["user_api"], i["num_threads"]) for i in threadpool_info()}))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inv_module, "cluster_maps_unlimited", recording)
+    before, torch_threads = threadpool_info(), torch.get_num_threads()
+    parallel = _explain(wide_cnn, x, n_jobs=3)
+    assert len(seen) == 3 and len({ident for ident, _ in seen}) == 3
+    assert threading.get_ident() not in {ident for ident, _ in seen}
+    for _, limits in seen:
+        assert {api for api, _ in limits} >= {"blas", "openmp"} and all(n == 1 for _, n in limits), limits
+    assert threadpool_info() == before and torch.get_num_threads() == torch_threads
+    for a, b in zip(first.layers, parallel.layers, strict=True):  # and so: the very same clusters
         np.testing.assert_array_equal(a.embedding, b.embedding)
         assert [c.channels for c in a.all_clusters] == [c.channels for c in b.all_clusters]
 

@@ -79,3 +79,56 @@ def test_wrap_user_module(tiny_cnn) -> None:
     loaded = wrap(tiny_cnn, prep, ["a", "b", "c", "d", "e"])
     x = prep(Image.new("RGB", (50, 40), (10, 200, 30)))
     assert x.shape == (3, 32, 32) and loaded.num_classes == 5
+
+
+def test_weights_that_do_not_fit_name_the_keys_and_the_first_shape_mismatch(tmp_path) -> None:
+    torch.manual_seed(0)
+    state = load("resnet18", num_classes=7).module.state_dict()
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"first shape mismatch: fc.weight is \[7, 512\] in the file, resnet18 has "
+                                         r"\[1000, 512\]") as info:
+        load("resnet18", weights=path, num_classes=1000)
+    assert "missing" not in str(info.value) and "\n" not in str(info.value)
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 missing key\(s\): fc.bias; 1 unexpected key\(s\): extra.weight"):
+        load("resnet18", weights=path)
+    with pytest.raises(ValueError, match=r"do not fit efficientnet_lite0: \d+ missing key\(s\): conv_stem.weight"):
+        load("efficientnet_lite0", weights=path)
+
+
+def test_empty_and_unreadable_weight_files(tmp_path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        load_state_dict(empty)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_state_dict(garbage)
+    with pytest.raises(FileNotFoundError):
+        load_state_dict(tmp_path)  # a folder
+
+
+def test_registered_models_load_by_name(tiny_cnn) -> None:
+    from convlens.models import available_models, register_model
+    from convlens.models.zoo import unregister_model
+
+    calls = []
+
+    def factory(weights):
+        calls.append(weights)
+        return wrap(tiny_cnn, Preprocessing(size=32, resize=32), list("abcde"), name="mine")
+
+    register_model("mine", factory)
+    try:
+        assert "mine" in available_models() and load("mine", weights="w.pt").module is tiny_cnn
+        assert calls == ["w.pt"]
+    finally:
+        unregister_model("mine")
+    with pytest.raises(ValueError, match="unknown model 'mine'"):
+        load("mine")
+    with pytest.raises(ValueError, match="num_classes"):
+        load("resnet18", num_classes=0)

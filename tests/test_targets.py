@@ -51,3 +51,24 @@ def test_output_adapters() -> None:
         adapt_output({"a": LOGITS, "b": LOGITS})
     with pytest.raises(ValueError, match="batch, classes"):
         adapt_output(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    ("targets", "shown"),
+    [(3.7, "3.7 (float)"), (True, "True (bool)"), ([1, 2.5], "2.5 (float) among them"), ([], "an empty sequence"),
+     (torch.tensor([1.0, 0.0]), "torch.float32 tensor"), (torch.tensor([True, False]), "torch.bool tensor"),
+     ({"a": 1}, "(dict)")],
+)
+def test_targets_of_the_wrong_type_say_what_is_accepted(targets: object, shown: str) -> None:
+    with pytest.raises(TypeError, match=r"targets must be None or 'auto' .*one class id per image; got") as info:
+        resolve_targets(LOGITS, targets)  # type: ignore[arg-type]
+    assert shown in str(info.value)
+
+
+def test_integer_targets_of_numpy_and_torch_types() -> None:
+    import numpy as np
+
+    assert resolve_targets(LOGITS, np.int64(2)).tolist() == [2, 2]
+    assert resolve_targets(LOGITS, np.array([0, 2])).tolist() == [0, 2]
+    assert resolve_targets(LOGITS, torch.tensor([2, 1])).tolist() == [2, 1]
+    assert resolve_targets(LOGITS, (1, 0)).tolist() == [1, 0]

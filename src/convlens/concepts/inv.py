@@ -244,7 +244,8 @@ class INV:
         digests = [self._digest(x[b], image_ids[b] if image_ids is not None else None) for b in range(x.shape[0])]
         start = time.perf_counter()
         x = x.to(self.device, dtype=torch.float32)
-        layers, choice = self.layer_choice(x.shape[1:])
+        with explained_input(self.model, x):  # the layer search runs the model on an input of this shape
+            layers, choice = self.layer_choice(x.shape[1:])
         logits, acts, grads, class_ids = self._forward(x, layers, targets)
         scores = self.binding.scores(logits, class_ids)
         predicted = logits.argmax(dim=1)

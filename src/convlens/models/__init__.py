@@ -8,6 +8,7 @@ from convlens.models.zoo import (
     imagenet_class_names,
     load,
     load_state_dict,
+    register_model,
     wrap,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "load",
     "load_image",
     "load_state_dict",
+    "register_model",
     "wrap",
 ]
