@@ -28,7 +28,8 @@ CSRF_META = re.compile(r'name="csrf-token" content="([^"]*)"')
 def write_inv_run(out: Path, count: int = 3, size: int = 96) -> Path:
     """``convlens explain --method inv``-shaped folder: <stem>/inv/{inv.json, input.png, ...} per image.
 
-    A tiny CNN (tests/conftest.py) explained at its three conv layers; image i is explained for class i.
+    A tiny CNN (tests/conftest.py) explained at its three conv layers; image i is scikit-image's
+    ``IMAGES[i % 5]`` rotated by ``(i // 5) x 90`` degrees, explained for class ``i % 5``.
     """
     import skimage.data
     import torch
@@ -38,17 +39,22 @@ def write_inv_run(out: Path, count: int = 3, size: int = 96) -> Path:
     from convlens.concepts import INV
 
     model = make_tiny_cnn(width=8)
-    for i, stem in enumerate(IMAGES[:count]):
-        pixels = getattr(skimage.data, stem)()
-        image = Image.fromarray(pixels[..., :3]).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    for i in range(count):
+        name, turns = IMAGES[i % len(IMAGES)], i // len(IMAGES)
+        pixels = np.asarray(getattr(skimage.data, name)())
+        if pixels.ndim == 2:  # the horse silhouette: boolean, one channel
+            pixels = np.repeat((pixels.astype(np.uint8) * 255)[..., None], 3, axis=2)
+        pixels = np.rot90(pixels[..., :3], turns)
+        image = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB").resize((size, size),
+                                                                                  Image.Resampling.BILINEAR)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             explanation = INV(model, layers=TINY_LAYERS, class_names=CLASSES).explain(
-                x, target=i, image_id=hashlib.sha256(buffer.getvalue()).hexdigest())
-        explanation.save(out / stem / "inv", image=image)
+                x, target=i % len(CLASSES), image_id=hashlib.sha256(buffer.getvalue()).hexdigest())
+        explanation.save(out / f"{name}{turns or ''}" / "inv", image=image)
     return out
 
 

@@ -62,7 +62,9 @@ def create(
         if consent is not None:
             options.consent_text = consent.read_text(encoding="utf-8").strip()
         summary = create_study(study_dir, runs, options)
-    except (StudyCreationError, ValidationError, OSError, UnicodeDecodeError) as exc:
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+    except (StudyCreationError, OSError, UnicodeDecodeError) as exc:
         _fail(str(exc))
     typer.echo(f"Study {summary['study_dir']}: {summary['rounds']} rounds + {summary['gold_rounds']} gold rounds "
                f"from {summary['images']} images; classes: {', '.join(summary['classes'])}")

@@ -13,9 +13,11 @@ are scored like any round (players cannot tell them apart).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -61,6 +63,14 @@ class StudyRuntime:
     policy: AssignmentPolicy
     writer: sessionmaker
     reader: sessionmaker
+    write_lock: Any = field(default_factory=contextlib.nullcontext)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """One writing transaction. On SQLite the process's writers queue on a lock (held through the
+        commit) instead of SQLite's busy handler, which sleeps 1, 2, 5, 10... ms between retries."""
+        with self.write_lock, self.writer.begin() as session:
+            yield session
 
     # ------------------------------------------------------------------ participants
     def register(self, consent_version: str, nickname: str | None, params: dict[str, str | None]) -> tuple[str, str]:
@@ -69,7 +79,7 @@ class StudyRuntime:
             raise GameError(409, "the consent text changed; reload the page and read it again")
         token = secrets.token_urlsafe(32)
         public_id = secrets.token_hex(8)
-        with self.writer.begin() as session:
+        with self.write() as session:
             session.add(Participant(
                 public_id=public_id, token_hash=hash_token(token), nickname=nickname,
                 prolific_pid=params.get("prolific_pid"), study_id_param=params.get("study_id"),
@@ -134,7 +144,7 @@ class StudyRuntime:
 
     def next_play(self, token: str | None, request_id: str) -> dict[str, Any]:
         """The participant's active play (resumed), or a newly assigned round, or ``done``."""
-        with self.writer.begin() as session:
+        with self.write() as session:
             participant = self.participant(session, token, lock=True)
             active = session.scalar(select(Play).where(Play.participant_id == participant.id, Play.state == "active"))
             if active is not None:
@@ -179,7 +189,7 @@ class StudyRuntime:
 
     def reveal(self, token: str | None, play_id: str, request_id: str, level: int) -> dict[str, Any]:
         """Level k -> k+1: recorded (committed) before the new image token is returned."""
-        with self.writer.begin() as session:
+        with self.write() as session:
             participant = self.participant(session, token, lock=True)
             play = self._own_play(session, participant, play_id)
             if self._replayed(session, participant, request_id, "reveal", play) is not None:
@@ -209,7 +219,7 @@ class StudyRuntime:
     def guess(self, token: str | None, play_id: str, request_id: str, class_name: str) -> dict[str, Any]:
         if class_name not in self.config.classes:
             raise GameError(422, f"unknown class {class_name[:100]!r}: choose one of the study's classes")
-        with self.writer.begin() as session:
+        with self.write() as session:
             participant = self.participant(session, token, lock=True)
             play = self._own_play(session, participant, play_id)
             if self._replayed(session, participant, request_id, "guess", play) is not None:
@@ -223,7 +233,7 @@ class StudyRuntime:
             return self.view(play, participant)
 
     def resign(self, token: str | None, play_id: str, request_id: str) -> dict[str, Any]:
-        with self.writer.begin() as session:
+        with self.write() as session:
             participant = self.participant(session, token, lock=True)
             play = self._own_play(session, participant, play_id)
             if self._replayed(session, participant, request_id, "resign", play) is not None:
@@ -238,7 +248,7 @@ class StudyRuntime:
         """The free-text description after a guess (once per play)."""
         if language not in self.config.languages:
             raise GameError(422, f"language {language!r} is not one of this study's {self.config.languages}")
-        with self.writer.begin() as session:
+        with self.write() as session:
             participant = self.participant(session, token, lock=True)
             play = self._own_play(session, participant, play_id)
             if self._replayed(session, participant, request_id, "describe", play) is not None:

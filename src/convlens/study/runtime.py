@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 from sqlalchemy import Engine, select
 
@@ -66,6 +68,7 @@ def open_runtime(study_dir: str | os.PathLike[str], db: str | None = None, migra
                                      "(it migrates before starting workers)")
     writer, reader = make_sessions(engine)
     by_id = {spec.round_id: spec for spec in rounds}
-    runtime = StudyRuntime(config, files, by_id, get_policy(config.assignment_policy), writer, reader)
+    lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    runtime = StudyRuntime(config, files, by_id, get_policy(config.assignment_policy), writer, reader, lock)
     return runtime, engine
 
