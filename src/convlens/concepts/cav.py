@@ -234,6 +234,16 @@ class MiniBatchSGDClassifier(Classifier):
             self.lm.partial_fit(xs, ys, classes=classes)
         return total / max(count, 1)
 
+    def _fit_in_batches(self, dataloader: DataLoader, labels: np.ndarray) -> None:
+        best, stale = math.inf, 0
+        for epoch in range(1, self.max_epochs + 1):
+            self.epochs = epoch
+            loss = self._epoch(dataloader, labels)
+            stale = stale + 1 if loss > best - self.tol else 0
+            best = min(best, loss)
+            if stale >= self.n_iter_no_change:
+                break
+
     def train_and_eval(
         self,
         dataloader: DataLoader,
@@ -247,16 +257,10 @@ class MiniBatchSGDClassifier(Classifier):
         if len(labels) != 2:
             raise ValueError(f"a CAV separates two sets (concept vs random); got {len(labels)} classes")
         self.lm = SGDClassifier(
-            alpha=self.alpha, loss="hinge", learning_rate="optimal", shuffle=self.shuffle, random_state=self.seed
+            alpha=self.alpha, loss="hinge", learning_rate="optimal", shuffle=self.shuffle,
+            random_state=np.random.RandomState(self.seed),  # a stream: each call shuffles differently
         )
-        best, stale = math.inf, 0
-        for epoch in range(1, self.max_epochs + 1):
-            self.epochs = epoch
-            loss = self._epoch(dataloader, labels)
-            stale = stale + 1 if loss > best - self.tol else 0
-            best = min(best, loss)
-            if stale >= self.n_iter_no_change:
-                break
+        self._fit_in_batches(dataloader, labels)
         if test_dataloader is None:
             return {"accs": math.nan, "epochs": self.epochs}
         right = total = 0

@@ -143,8 +143,9 @@ class SyntheticConcepts:
 
     ``class_objects[k]``: patches of class k's (shape, texture) object; ``distractors[k]``: patches of the
     off-diagonal pair :func:`unrelated_pair` (k), which shares neither the shape nor the texture of class
-    k; ``random``: random patches of an object's size that do not touch a class object. Every patch is
-    pasted at a random position on the same mid-grey canvas.
+    k, with any corner of the image's class object that reaches into the box painted grey; ``random``:
+    random patches of an object's size that do not touch a class object. Every patch is pasted at a
+    random position on the same mid-grey canvas.
     """
 
     class_objects: dict[int, ConceptSet]
@@ -207,10 +208,11 @@ def _scan_patches(
         item = dataset.generate(index)
         if len(objects[item.label]) < n_images:
             objects[item.label].append(_paste(_crop(item.pixels, *item.objects[0][2:]), rng, dataset.image_size))
+        without_class_object = np.where(item.mask[..., None], np.uint8(128), item.pixels)  # no fragments of it
         for shape, texture, cy, cx, r in item.objects[1:]:
             k = wanted.get((shape, texture))
             if k is not None and len(distractors[k]) < n_images:
-                distractors[k].append(_paste(_crop(item.pixels, cy, cx, r), rng, dataset.image_size))
+                distractors[k].append(_paste(_crop(without_class_object, cy, cx, r), rng, dataset.image_size))
         box = _random_box(item, rng) if len(pool) < pool_size else None
         if box is not None:
             pool.append(_paste(box, rng, dataset.image_size))

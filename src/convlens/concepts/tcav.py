@@ -156,14 +156,16 @@ class TCAVTest:
         return f"used ({'+' if self.direction == 'positive' else '-'})" if self.significant else "not significant"
 
     def row(self) -> dict[str, Any]:
-        """Flat CSV row (per-run scores space-separated)."""
+        """Flat CSV row (per-run scores space-separated); ``class``, ``concept``, ``layer``, ``significant``,
+        ``direction``, ``p_value``, ``effect_size`` are the columns ``convlens global`` reads."""
         s, m, c = self.sign_count, self.magnitude, self.comparison
         return {
-            "class_id": self.class_id, "class_name": self.class_name, "concept": self.concept, "layer": self.layer,
+            "class_id": self.class_id, "class": self.class_name, "concept": self.concept, "layer": self.layer,
             "n_concept_images": self.n_concept_images, "n_inputs": self.n_inputs, "n_random_runs": len(self.scores),
             "tcav_mean": s.value, "random_tcav_mean": s.null_mean, "random_tcav_std": s.null_std, "p_tcav": s.p,
             "magnitude_mean": m.value, "random_magnitude_mean": m.null_mean, "random_magnitude_std": m.null_std,
             "p_magnitude": m.p, "statistic": self.statistic, "t": c.t, "p": c.p, "p_holm": self.p_holm,
+            "p_value": self.p_holm,  # the verdict's p (Holm-adjusted), under the name the global report reads
             "alpha": self.alpha, "mean_difference": c.mean_difference, "effect_size": c.effect_size,
             "significant": self.significant, "direction": self.direction, "verdict": self.verdict,
             "cav_accuracy": self.cav_accuracy,
