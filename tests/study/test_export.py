@@ -120,3 +120,18 @@ def test_cli_export(study_dir: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "csv or jsonl" in bad.output
     missing = runner.invoke(cli, ["study", "export", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "study.json" in missing.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_label_pipeline_reads_the_export(study_dir: Path, tmp_path: Path, fmt: str) -> None:
+    """The contract's consumer (convlens.concepts.study_export) parses every row of both formats."""
+    reader = pytest.importorskip("convlens.concepts.study_export")
+    app = make_app(study_dir)
+    plays = _scenario(app)
+    export_study(app.state.engine, app.state.runtime.config, tmp_path / fmt, fmt)
+    app.state.engine.dispose()
+    parsed = reader.read_export(tmp_path / fmt)
+    assert parsed.invalid == [] and {p.play_id for p in parsed.plays} == set(plays.values())
+    win = next(p for p in parsed.plays if p.play_id == plays["win"])
+    assert (win.outcome, win.level, win.correct, win.description, win.language) == ("win", 2, True, TRICKY, "it")
+    assert len(parsed.rounds) == len(app.state.runtime.rounds)

@@ -164,7 +164,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         _sqlite_listeners(engine)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True)
+        return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
     raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}: use sqlite:///PATH or postgresql+psycopg://")
 
 
