@@ -8,6 +8,7 @@ import hashlib
 import io
 import re
 import shutil
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/: `study.*` and the tiny CNN, any import mode
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study.helpers import PostgresCluster
 
