@@ -256,6 +256,7 @@ def test_runner_report_holm_null_and_csv(tmp_path: Path) -> None:
     assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["scores"].split()) == 10
     cached = _tiny_run(tmp_path)  # second run: every CAV comes from the disk cache
     assert cached.counts["cavs_trained"] == 0 and cached.counts["cavs_loaded"] == 2 * (45 + 2 * 10)
+    assert cached.counts["images_forwarded"] == 0  # activations are only computed for CAVs to train
     assert [t.p_holm for t in cached.tests] == [t.p_holm for t in tests]
 
 

@@ -308,8 +308,6 @@ class TCAVRunner:
             model_id = f"{_safe(self.model_name)}-{model_digest(self.model)[:16]}"
         store = ActivationStore(self.model, layers, self.batch_size, self.activation_dir, self.reuse_activations)
         cavs = CAVCache(store, self.classifier, model_id, self.cache_dir, self.seed)
-        with timer("activations"):
-            store.add([s for entries in plan.values() for concept, randoms in entries for s in (concept, *randoms)])
         tests: list[TCAVTest] = []
         for class_id, entries in plan.items():
             with timer("gradients"):
@@ -325,6 +323,8 @@ class TCAVRunner:
             adjusted = holm([t.comparison.p for t in class_tests])
             tests += [replace(t, p_holm=float(p)) for t, p in zip(class_tests, adjusted, strict=True)]
         store.close()
+        timer.seconds["activations"] = store.seconds  # forwards happen lazily inside CAV training
+        timer.seconds["cavs"] -= store.seconds
         counts = {"images_forwarded": store.images_forwarded, "cavs_trained": cavs.trained, "cavs_loaded": cavs.loaded}
         return TCAVReport(
             self.model_name, tests, self.random_runs, self.alpha, self.statistic, dict(timer.seconds), counts

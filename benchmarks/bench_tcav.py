@@ -1,0 +1,220 @@
+"""TCAV benchmark: time per (class, concept, layer) with and without the caches, the synthetic check, calibration.
+
+On the synthetic exact-ground-truth benchmark (both shipped CNNs, two layers each, all four classes, the
+class-object and the unrelated-distractor concepts of ``convlens.concepts.concept_sets``):
+
+* timing (synthetic-vgg): plain Captum ``TCAV.interpret`` (DefaultClassifier, its on-disk activations),
+  then ``TCAVRunner`` without the activation cache (activations recomputed for every CAV), with it and a
+  cold CAV cache, and with a warm CAV cache (a second run: every CAV loaded) — the same CAVs each time
+  (concept vs N random sets, all random pairs for the null);
+* the synthetic check's table for both CNNs at the default N = 20 random runs;
+* calibration: random sets posing as concepts (K per class) and the share called significant at
+  alpha 0.05 (no correction) by the paper's test (Student t-test of the N concept-vs-random sign counts
+  against all random-vs-random sign counts, as tensorflow/tcav computes it) and by this package's test
+  (Crawford-Howell t-test of the concept's mean against the random sets' own means) on the sign count
+  and on the magnitude; the same rates for the class objects (power) and the distractors.
+
+Usage: ``python benchmarks/bench_tcav.py [--runs 20] [--images 40] [--pseudo 4] [--quick] [--no-write]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from captum.concept import TCAV, Concept
+from scipy import stats
+from torch.utils.data import DataLoader
+
+from _sections import machine_line, markdown_table, write_section
+from convlens.concepts.cav import ActivationStore, CAVCache, model_digest
+from convlens.concepts.concept_sets import ConceptSet, SyntheticConcepts, synthetic_class_inputs, synthetic_concepts
+from convlens.concepts.tcav import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.concepts.tcav_stats import compare_to_null, pseudo_concept_means
+from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
+
+LAYERS = {"synthetic-vgg": ["features.16", "features.20"], "synthetic-resnet": ["layer2", "layer3"]}
+INPUTS = 20  # test images per class (the X_k whose gradients are tested)
+
+
+def _captum_plain(name: str, data: SyntheticConcepts, inputs: dict[int, torch.Tensor], runs: int, n: int) -> float:
+    """Seconds for Captum's own TCAV on the same experimental sets (no statistics), fresh directories."""
+    model = load_synthetic_model(name).module
+    randoms = data.random.runs(n, runs)
+    concepts: dict[str, Concept] = {}
+
+    def concept(s: ConceptSet) -> Concept:
+        if s.digest not in concepts:
+            concepts[s.digest] = Concept(len(concepts), f"c{len(concepts)}", DataLoader(s.images, batch_size=64))
+        return concepts[s.digest]
+
+    pairs = [[concept(randoms[i]), concept(randoms[j])] for i in range(runs) for j in range(i + 1, runs)]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tcav = TCAV(model, LAYERS[name], model_id=name, save_path=tmp + "/")
+        start = time.perf_counter()
+        for k, x in inputs.items():
+            sets = [[concept(c), concept(r)] for c in data.for_class(k) for r in randoms]
+            tcav.interpret(x, sets + pairs, target=k)
+        return time.perf_counter() - start
+
+
+def _ours(name: str, data: SyntheticConcepts, inputs: dict[int, torch.Tensor], runs: int, **kwargs: object) -> tuple[
+    TCAVReport, float
+]:
+    loaded = load_synthetic_model(name)
+    runner = TCAVRunner(loaded.module, LAYERS[name], model_name=name, class_names=loaded.class_names,
+                        random_runs=runs, **kwargs)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    report = runner.run(inputs, {k: data.for_class(k) for k in inputs}, data.random)
+    return report, time.perf_counter() - start
+
+
+def _timing(data: SyntheticConcepts, inputs: dict[int, torch.Tensor], runs: int, n: int, cache: Path,
+            captum: bool) -> tuple[list[list[object]], dict[str, TCAVReport]]:
+    name = "synthetic-vgg"
+    rows: list[list[object]] = []
+    tests = len(inputs) * 2 * len(LAYERS[name])
+    if captum:
+        seconds = _captum_plain(name, data, inputs, runs, n)
+        rows.append(["Captum TCAV.interpret (DefaultClassifier, AV files per concept)", seconds, seconds / tests,
+                     "—", "—", "—"])
+    variants = {
+        "TCAVRunner, no activation cache, no CAV cache": {"reuse_activations": False},
+        "TCAVRunner, activation cache, cold CAV cache": {"cache_dir": cache},
+        "TCAVRunner, activation cache, warm CAV cache (2nd run)": {"cache_dir": cache},
+    }
+    reports: dict[str, TCAVReport] = {}
+    for label, kwargs in variants.items():
+        report, seconds = _ours(name, data, inputs, runs, **kwargs)
+        reports[label] = report
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items() if v >= 0.005)
+        rows.append([label, seconds, seconds / tests, report.counts["images_forwarded"],
+                     f"{report.counts['cavs_trained']} / {report.counts['cavs_loaded']}", phases])
+    return rows, reports
+
+
+def _check_rows(report: TCAVReport) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for t in report.tests:
+        role = "class object" if t.concept == t.class_name else "distractor"
+        rows.append([report.model, t.class_name, f"{t.concept} ({role})", t.layer, t.tcav_mean, t.random_mean,
+                     f"{t.magnitude.value:.3f}", f"{t.comparison.effect_size:.1f}", f"{t.comparison.p:.2g}",
+                     f"{t.p_holm:.2g}", t.verdict])
+    return rows
+
+
+def _pair_scores(sens: np.ndarray, randoms: list[ConceptSet], layer: str, cavs: CAVCache) -> tuple[np.ndarray, ...]:
+    n = len(randoms)
+    sign, magnitude = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                v, _ = cavs.direction(randoms[i], randoms[j], layer)
+                sign[i, j], magnitude[i, j] = tcav_score(sens, v), tcav_magnitude(sens, v)
+    return sign, magnitude
+
+
+def _calibrate(name: str, data: SyntheticConcepts, inputs: dict[int, torch.Tensor], runs: int, n: int,
+               pseudo: int, cache: Path) -> dict[str, dict[str, list[bool]]]:
+    """Rejections at alpha 0.05 per concept role and test (recomputed from the public pieces)."""
+    module = load_synthetic_model(name).module
+    randoms = data.random.runs(n, runs)
+    roles = {k: {"class object": [data.class_objects[k]], "distractor": [data.distractors[k]],
+                 "random set as concept": [data.random.draw(n, 1000 + 10 * k + j) for j in range(pseudo)]}
+             for k in inputs}
+    store = ActivationStore(module, LAYERS[name])
+    store.add([*randoms, *(s for by_role in roles.values() for sets in by_role.values() for s in sets)])
+    cavs = CAVCache(store, model_id=f"{name}-{model_digest(module)[:16]}", save_path=cache)
+    out: dict[str, dict[str, list[bool]]] = {}
+    for k, x in inputs.items():
+        sens = layer_sensitivities(module, x, LAYERS[name], k)
+        for layer in LAYERS[name]:
+            sign, magnitude = _pair_scores(sens[layer], randoms, layer, cavs)
+            pooled = sign[~np.eye(runs, dtype=bool)]
+            null_sign, null_magnitude = pseudo_concept_means(sign), pseudo_concept_means(magnitude)
+            for role, sets in roles[k].items():
+                for s in sets:
+                    vs = [cavs.direction(s, r, layer)[0] for r in randoms]
+                    scores = np.array([tcav_score(sens[layer], v) for v in vs])
+                    magnitudes = np.array([tcav_magnitude(sens[layer], v) for v in vs])
+                    tests = {
+                        "paper: t-test of N scores vs all random-pair scores": stats.ttest_ind(scores, pooled).pvalue,
+                        "ours, sign count": compare_to_null(scores.mean(), null_sign).p,
+                        "ours, magnitude (default)": compare_to_null(magnitudes.mean(), null_magnitude).p,
+                    }
+                    for test, p in tests.items():
+                        out.setdefault(test, {}).setdefault(role, []).append(bool(p < 0.05))
+    return out
+
+
+def _calibration_rows(results: dict[str, dict[str, dict[str, list[bool]]]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name, by_test in results.items():
+        for test, by_role in by_test.items():
+            cells = [f"{100 * np.mean(v):.0f} % ({sum(v)}/{len(v)})" for v in by_role.values()]
+            rows.append([name, test, *cells])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="random runs N (the runner's default is 20)")
+    parser.add_argument("--images", type=int, default=40, help="patches per concept set")
+    parser.add_argument("--pseudo", type=int, default=4, help="random sets posing as concepts, per class")
+    parser.add_argument("--quick", action="store_true", help="N = 10, 2 pseudo-concepts, no Captum baseline")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.pseudo = 10, 2
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(1)
+    data = synthetic_concepts(SYNTHETIC_PREPROCESSING, n_images=args.images, seed=0)
+    inputs = synthetic_class_inputs(SYNTHETIC_PREPROCESSING, count=INPUTS, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        timing, reports = _timing(data, inputs, args.runs, args.images, cache, captum=not args.quick)
+        check = {"synthetic-vgg": reports["TCAVRunner, activation cache, cold CAV cache"]}
+        check["synthetic-resnet"] = _ours("synthetic-resnet", data, inputs, args.runs, cache_dir=cache)[0]
+        calibration = {name: _calibrate(name, data, inputs, args.runs, args.images, args.pseudo, cache)
+                       for name in LAYERS}
+    body = _render(args, timing, check, calibration)
+    print(body)
+    if not args.no_write:
+        write_section("tcav", body)
+
+
+def _render(args: argparse.Namespace, timing: list[list[object]], check: dict[str, TCAVReport],
+            calibration: dict[str, dict[str, dict[str, list[bool]]]]) -> str:
+    tests = len(LAYERS["synthetic-vgg"]) * 2 * 4
+    roles = next(iter(next(iter(calibration.values())).values()))
+    return "\n".join([
+        "## TCAV (`benchmarks/bench_tcav.py`)", "", machine_line(), "",
+        f"Synthetic benchmark, 4 classes x 2 concepts (class object, unrelated distractor) x 2 layers = {tests} "
+        f"tests per CNN; {args.images} patches per concept, N = {args.runs} random sets of the same size, "
+        f"{INPUTS} test images per class, 1 torch thread. Every variant trains the same CAVs: per layer "
+        f"{args.runs * (args.runs - 1) // 2} random pairs (the null) + {args.runs} per concept.", "",
+        "### Time per (class, concept, layer), synthetic-vgg", "",
+        markdown_table(["variant", "total s", "s per test", "images forwarded", "CAVs trained / loaded",
+                        "phases (s)"], timing),
+        "", "The CNNs are tiny (a forward of 80 patches takes milliseconds), so recomputing activations for "
+        "every CAV costs little time here; the images-forwarded column is what grows with a real model. "
+        "Captum's row has no statistics and its DefaultClassifier runs sklearn's full-batch `fit` "
+        "(more epochs than the mini-batch stopping rule).", "",
+        f"### Synthetic check (N = {args.runs}, statistic: magnitude; z = effect size in null SDs)", "",
+        markdown_table(["model", "class", "concept", "layer", "TCAV mean", "random mean", "magnitude", "z", "p",
+                        "Holm p", "verdict"], [r for report in check.values() for r in _check_rows(report)]),
+        "", "### Calibration: share of tests with p < 0.05 (uncorrected)", "",
+        f"{args.pseudo} random sets per class posing as concepts (a correct test calls ~5 % or fewer "
+        "significant), the class objects (power) and the distractors, both layers.", "",
+        markdown_table(["model", "test", *roles], _calibration_rows(calibration)),
+    ])
+
+
+if __name__ == "__main__":
+    main()
