@@ -172,7 +172,9 @@ def test_activations_are_computed_once_per_distinct_image(tmp_path: Path) -> Non
     for layer in LAYERS:
         np.testing.assert_allclose(store.gather(layer, store.rows(b)), direct[layer], rtol=1e-6)
         np.testing.assert_array_equal(spilled.gather(layer, spilled.rows(b)), store.gather(layer, store.rows(b)))
-    assert any(tmp_path.glob("*.npy"))
+    assert isinstance(spilled.gather(LAYERS[0], np.arange(2)), np.ndarray) and any(tmp_path.glob("*/*.npy"))
+    spilled.close()
+    assert not any(tmp_path.glob("*/*.npy"))
 
 
 def _cache(model: torch.nn.Module, sets: list[ConceptSet], path: Path, layer: str = "block3") -> CAVCache:

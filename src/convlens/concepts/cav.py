@@ -67,8 +67,8 @@ class ActivationStore:
         model: the network (used in eval mode).
         layers: dotted module names (as in ``model.named_modules()``).
         batch_size: images per forward.
-        directory: spill activations to ``.npy`` memory maps there (memory-safe for large layers);
-            ``None`` keeps them in memory.
+        directory: spill activations to ``.npy`` memory maps in a fresh sub-directory of it
+            (memory-safe for large layers; removed by :meth:`close`); ``None`` keeps them in memory.
         reuse: ``False`` recomputes a concept's activations every time they are asked for (the cost
             without an activation cache; nothing is stored).
     """
@@ -89,6 +89,7 @@ class ActivationStore:
         self.layers = list(layers)
         self.batch_size = batch_size
         self.directory = Path(directory) if directory is not None else None
+        self._spill: Path | None = None
         self.reuse = reuse
         self.images_forwarded = 0
         self.seconds = 0.0  # time spent in forward passes
@@ -135,8 +136,10 @@ class ActivationStore:
     def _keep(self, layer: str, chunk: int, values: np.ndarray) -> np.ndarray:
         if self.directory is None:
             return values
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{hashlib.sha256(layer.encode()).hexdigest()[:12]}-{chunk}.npy"
+        if self._spill is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._spill = Path(tempfile.mkdtemp(prefix="activations-", dir=self.directory))
+        path = self._spill / f"{hashlib.sha256(layer.encode()).hexdigest()[:12]}-{chunk}.npy"
         np.save(path, values)
         return np.load(path, mmap_mode="r")
 
@@ -165,10 +168,13 @@ class ActivationStore:
         return int(self._chunks[layer][0].shape[1])
 
     def close(self) -> None:
-        """Drop the kept activations (the memory-map files stay in ``directory``)."""
+        """Drop the kept activations and delete their memory-map files."""
         self._row_of.clear()
         self._chunk_starts.clear()
         self._chunks = {layer: [] for layer in self.layers}
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
 
 
 class _Batches(Dataset[tuple[torch.Tensor, torch.Tensor]]):

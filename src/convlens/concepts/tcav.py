@@ -12,14 +12,24 @@ name returns the plain gradient of the target *logit* w.r.t. the layer output: e
 derivative of Eq. 1. Gradient x activation would weight each unit by its activation and test a
 different quantity than the paper's.
 
-:class:`TCAVRunner` runs, for every class, concept and layer, the concept against N random sets and a
-random counterpart against the same N sets (the null), then Welch's t-test, Holm's correction over all
-tests of the class and the effect size (:mod:`convlens.concepts.tcav_stats`). Costs are shared: every
-distinct image is forwarded once for all layers (:class:`~convlens.concepts.cav.ActivationStore`),
-each class's gradients are computed once per layer and reused by every CAV, random-vs-random CAVs are
-shared by every concept of the same size and every class, and CAVs are cached on disk under keys that
-hash the concept images, the model weights, the layer and the classifier settings
-(:class:`~convlens.concepts.cav.CAVCache`).
+:class:`TCAVRunner` runs, for every class, concept and layer, the concept against N random sets (the
+TCAV score and the magnitude of every run), lets each random set play the concept against the others
+(the random-vs-random null), and compares the concept's mean with the random sets' means by a two-sided
+t-test, Holm-corrected over all tests of the class, with effect sizes (:mod:`convlens.concepts.tcav_stats`
+says why this form of the paper's test and not the two-sample one, which is anti-conservative).
+
+**Statistic.** The verdict uses the *magnitude*, the mean directional derivative along the unit CAV, by
+default. The sign count saturates: when a class's gradients point one way, the TCAV score of a direction
+is ~1 or ~0, the random sets' mean scores spread over [0, 1] like a uniform variable, and a concept
+scoring 1.0 lies at most sqrt(3) null SDs from their mean — never significant after correction however
+many runs. The magnitude has no ceiling. Both are computed and written; ``statistic="sign_count"`` makes
+the paper's score decide.
+
+Costs are shared: every distinct image is forwarded once for all layers, when the first CAV that needs
+it is trained (:class:`~convlens.concepts.cav.ActivationStore`); each class's gradients are computed once
+per layer and reused by every CAV; one CAV per random pair serves both directions and every concept of
+that size and every class; and CAVs are cached on disk under keys that hash the concept images, the
+model weights, the layer and the classifier settings (:class:`~convlens.concepts.cav.CAVCache`).
 """
 
 from __future__ import annotations
@@ -326,6 +336,7 @@ class TCAVRunner:
         timer.seconds["activations"] = store.seconds  # forwards happen lazily inside CAV training
         timer.seconds["cavs"] -= store.seconds
         counts = {"images_forwarded": store.images_forwarded, "cavs_trained": cavs.trained, "cavs_loaded": cavs.loaded}
+        logger.info("TCAV %s: %d tests on layers %s; %s", self.model_name, len(tests), ", ".join(layers), counts)
         return TCAVReport(
             self.model_name, tests, self.random_runs, self.alpha, self.statistic, dict(timer.seconds), counts
         )
