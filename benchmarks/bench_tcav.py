@@ -32,7 +32,7 @@ from scipy import stats
 from torch.utils.data import DataLoader
 
 from _sections import machine_line, markdown_table, write_section
-from convlens.concepts.cav import ActivationStore, CAVCache, model_digest
+from convlens.concepts.cav import ActivationStore, CAVCache
 from convlens.concepts.concept_sets import ConceptSet, SyntheticConcepts, synthetic_class_inputs, synthetic_concepts
 from convlens.concepts.tcav import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
 from convlens.concepts.tcav_stats import compare_to_null, pseudo_concept_means
@@ -130,7 +130,7 @@ def _calibrate(name: str, data: SyntheticConcepts, inputs: dict[int, torch.Tenso
              for k in inputs}
     store = ActivationStore(module, LAYERS[name])
     store.add([*randoms, *(s for by_role in roles.values() for sets in by_role.values() for s in sets)])
-    cavs = CAVCache(store, model_id=f"{name}-{model_digest(module)[:16]}", save_path=cache)
+    cavs = CAVCache(store, model_name=name, save_path=cache)  # the runner's CAV files: loaded, not retrained
     out: dict[str, dict[str, list[bool]]] = {}
     for k, x in inputs.items():
         sens = layer_sensitivities(module, x, LAYERS[name], k)

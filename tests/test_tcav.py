@@ -136,7 +136,7 @@ def test_scores_equal_captum_tcav_from_our_cached_cavs(tmp_path: Path) -> None:
     randoms = RandomSets(_images(3, 40)).runs(12, 3)
     store = ActivationStore(model, LAYERS)
     store.add([concept, *randoms])
-    cache = CAVCache(store, model_id="tiny", save_path=tmp_path)
+    cache = CAVCache(store, model_name="tiny", save_path=tmp_path)
     inputs, target = _images(4, 9), 1
     sens = layer_sensitivities(model, inputs, LAYERS, target)
     ours = {(r.name, layer): cache.direction(concept, r, layer)[0] for r in randoms for layer in LAYERS}
@@ -180,7 +180,7 @@ def test_activations_are_computed_once_per_distinct_image(tmp_path: Path) -> Non
 def _cache(model: torch.nn.Module, sets: list[ConceptSet], path: Path, layer: str = "block3") -> CAVCache:
     store = ActivationStore(model, [layer])
     store.add(sets)
-    return CAVCache(store, model_id=f"tiny-{model_digest(model)[:16]}", save_path=path)
+    return CAVCache(store, model_name="tiny", save_path=path)  # the weight hash is part of the id
 
 
 def test_cav_cache_key_follows_concept_data_model_and_layer(tmp_path: Path) -> None:
@@ -212,6 +212,7 @@ def test_cav_cache_key_follows_concept_data_model_and_layer(tmp_path: Path) -> N
     new_model = _cache(retrained, [concept, other], tmp_path)
     new_model.direction(concept, other, "block3")
     assert (new_model.trained, new_model.loaded) == (1, 0)
+    assert new_model.model_id != first.model_id and model_digest(retrained)[:16] in new_model.model_id
 
 
 def test_concept_set_validation_and_digest() -> None:

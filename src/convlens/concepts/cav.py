@@ -307,8 +307,9 @@ class CAVCache:
     Args:
         store: activations of every concept and random set (:class:`ActivationStore`).
         classifier: a :class:`captum.concept.Classifier`; default :class:`MiniBatchSGDClassifier`.
-        model_id: model name plus weight hash (see :func:`model_digest`); the classifier's settings are
-            appended, so the directory changes with the model's weights and the classifier.
+        model_name: readable part of the model id; the id is ``<name>-<weights hash>-<classifier hash>``
+            (:func:`model_digest` of ``store.model``, the classifier's ``cache_key``), so the CAV directory
+            changes with any weight or buffer of the model and with the classifier settings.
         save_path: root directory of the CAV files; ``None`` keeps CAVs in memory only.
         seed: seed of the train/held-out split.
     """
@@ -317,14 +318,15 @@ class CAVCache:
         self,
         store: ActivationStore,
         classifier: Classifier | None = None,
-        model_id: str = "model",
+        model_name: str = "model",
         save_path: str | os.PathLike[str] | None = None,
         seed: int = 0,
     ) -> None:
         self.store = store
         self.classifier = classifier if classifier is not None else MiniBatchSGDClassifier(seed=seed)
         key = getattr(self.classifier, "cache_key", type(self.classifier).__qualname__)
-        self.model_id = f"{model_id}-{hashlib.sha256(str(key).encode()).hexdigest()[:8]}"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name) or "model"
+        self.model_id = f"{name}-{model_digest(store.model)[:16]}-{hashlib.sha256(str(key).encode()).hexdigest()[:8]}"
         self.save_path = str(save_path) if save_path is not None else None
         self.seed = seed
         self.trained = 0

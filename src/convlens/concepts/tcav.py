@@ -53,7 +53,7 @@ from captum.attr import LayerGradientXActivation
 from captum.concept import Classifier
 from torch import nn
 
-from convlens.concepts.cav import ActivationStore, CAVCache, model_digest
+from convlens.concepts.cav import ActivationStore, CAVCache
 from convlens.concepts.concept_sets import ConceptSet, RandomSets
 from convlens.concepts.tcav_stats import NullComparison, compare_to_null, holm, pseudo_concept_means
 from convlens.core.hooks import eval_mode
@@ -314,10 +314,9 @@ class TCAVRunner:
         first = next(iter(plan.values()))[0][0]
         layers = resolve_layers(self.model, self.layer_spec, tuple(first.images.shape[1:]))
         timer = _Timer()
-        with timer("model_hash"):
-            model_id = f"{_safe(self.model_name)}-{model_digest(self.model)[:16]}"
         store = ActivationStore(self.model, layers, self.batch_size, self.activation_dir, self.reuse_activations)
-        cavs = CAVCache(store, self.classifier, model_id, self.cache_dir, self.seed)
+        with timer("model_hash"):
+            cavs = CAVCache(store, self.classifier, self.model_name, self.cache_dir, self.seed)
         tests: list[TCAVTest] = []
         for class_id, entries in plan.items():
             with timer("gradients"):
@@ -410,6 +409,3 @@ class TCAVRunner:
             statistic=self.statistic, alpha=self.alpha,
         )
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
