@@ -132,3 +132,22 @@ def test_registered_models_load_by_name(tiny_cnn) -> None:
         load("mine")
     with pytest.raises(ValueError, match="num_classes"):
         load("resnet18", num_classes=0)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (600, 400), (257, 256), (225, 301), (512, 512), (230, 200)])
+def test_preprocessing_equals_the_torchvision_pipeline(interpolation: str, size: tuple[int, int]) -> None:
+    """The literal torchvision ImageNet pipeline (what timm and torchvision evaluate pretrained models with):
+    Resize(short side) -> CenterCrop -> ToTensor -> Normalize, on odd and even aspect ratios."""
+    import torchvision.transforms as T
+
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+             "nearest": T.InterpolationMode.NEAREST}
+    photo = Image.fromarray(skimage.data.chelsea()).resize(size, Image.Resampling.BILINEAR)
+    prep = Preprocessing(224, 256, interpolation)
+    reference = T.Compose([
+        T.Resize(256, interpolation=modes[interpolation]), T.CenterCrop(224), T.ToTensor(),
+        T.Normalize(prep.mean, prep.std),
+    ])(photo)
+    torch.testing.assert_close(prep(photo), reference, rtol=0, atol=1e-6)
+    assert prep.display(photo).size == (224, 224)

@@ -32,13 +32,21 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def display(self, image: Image.Image) -> Image.Image:
-        """Resized and centre-cropped RGB image (what the model sees, before normalisation)."""
+        """Resized and centre-cropped RGB image (what the model sees, before normalisation).
+
+        Exactly torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on PIL images (the pipeline timm and
+        torchvision evaluate pretrained models with): the short side becomes ``resize``, the long side
+        ``int(resize * long / short)`` (truncated), and the crop offsets are ``round((side - size) / 2)``.
+        """
         image = image.convert("RGB")
         w, h = image.size
-        scale = self.resize / min(w, h)
-        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_w, new_h = max(self.size, new_w), max(self.size, new_h)  # never smaller than the crop
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
+        left, top = round((new_w - self.size) / 2.0), round((new_h - self.size) / 2.0)
         return image.crop((left, top, left + self.size, top + self.size))
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
