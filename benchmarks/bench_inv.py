@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from _sections import machine_line, markdown_table, write_section
-from convlens.concepts import INV, InvExplanation, cluster_feature_maps
+from convlens.concepts import INV, InvExplanation
+from convlens.concepts.clustering import cluster_feature_maps
 from convlens.core.hooks import LayerCapture
 from convlens.models import load
 

@@ -16,31 +16,20 @@ objects), ``manifest`` (``inv.json``: the versioned file format the study server
 (the layer-by-layer page).
 """
 
-from convlens.concepts.clustering import INV_SEED, ClusteringResult, cluster_feature_maps, embed_2d, minmax_rows
 from convlens.concepts.inv import INV, INVParams
-from convlens.concepts.layers import ConvLayer, find_conv_layers
-from convlens.concepts.manifest import FORMAT_VERSION, ManifestError, image_digest, load_inv_explanation
+from convlens.concepts.manifest import FORMAT_VERSION, ManifestError, load_inv_explanation
 from convlens.concepts.results import InvCluster, InvExplanation, InvLayer
-from convlens.concepts.weights import channel_weights, prune_threshold, weak_cluster_threshold
 
+# The public surface: the explainer, its parameters, its results and their reader. INV's building blocks
+# (weights, clustering, layer discovery, image digests) are documented in their modules and imported
+# from there (e.g. ``convlens.concepts.clustering.cluster_feature_maps``).
 __all__ = [
     "FORMAT_VERSION",
     "INV",
-    "INV_SEED",
-    "ClusteringResult",
-    "ConvLayer",
     "INVParams",
     "InvCluster",
     "InvExplanation",
     "InvLayer",
     "ManifestError",
-    "channel_weights",
-    "cluster_feature_maps",
-    "embed_2d",
-    "find_conv_layers",
-    "image_digest",
     "load_inv_explanation",
-    "minmax_rows",
-    "prune_threshold",
-    "weak_cluster_threshold",
 ]
