@@ -20,7 +20,7 @@ from convlens.concepts.manifest import MANIFEST, read_manifest
 from convlens.concepts.results import InvExplanation
 from convlens.core.files import atomic_write_text
 
-__all__ = ["PAGE_NAME", "render_inv_page", "save_with_page"]
+__all__ = ["render_inv_page", "save_with_page"]
 
 PAGE_NAME = "index.html"
 

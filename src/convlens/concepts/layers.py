@@ -43,7 +43,7 @@ from torch import nn
 
 from convlens.core.hooks import eval_mode
 
-__all__ = ["LAYER_RULES", "ConvLayer", "choose_conv_layers", "find_conv_layers", "is_activation", "is_normalization"]
+__all__ = ["LAYER_RULES", "ConvLayer", "choose_conv_layers", "find_conv_layers"]
 
 LAYER_RULES: tuple[str, ...] = ("tail", "depth", "convs")
 

@@ -69,9 +69,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "ManifestError",
     "image_digest",
-    "is_inv_folder",
     "load_inv_explanation",
-    "manifest_of",
     "read_manifest",
     "save_inv_explanation",
 ]
@@ -98,8 +96,8 @@ def save_inv_explanation(explanation: InvExplanation, directory: str | os.PathLi
     INV authors' explainer overlays) and ``input.png``.
     """
     display = _display_image(image, explanation.input_size) if image is not None else None
-    with atomic_directory(directory, replaceable=_replaceable) as tmp:
-        manifest = manifest_of(explanation)
+    with atomic_directory(directory, replaceable=_is_inv_folder) as tmp:
+        manifest = _manifest_of(explanation)
         if display is not None:
             display.save(tmp / "input.png")
             manifest["files"] = {"input": "input.png"}
@@ -139,7 +137,7 @@ def _save_layer(layer: InvLayer, entry: dict[str, Any], folder: Path, display: A
             cluster_entry["files"]["overlay"] = f"{entry['dir']}/{stem}.png"
 
 
-def manifest_of(explanation: InvExplanation) -> dict[str, Any]:
+def _manifest_of(explanation: InvExplanation) -> dict[str, Any]:
     """The manifest (without file entries, which :func:`save_inv_explanation` adds) of ``explanation``."""
     return {
         "format": FORMAT,
@@ -275,7 +273,7 @@ def _array(directory: Path, files: dict[str, str], key: str) -> Any:
     return np.load(path, allow_pickle=False)
 
 
-def is_inv_folder(path: Path) -> bool:
+def _is_inv_folder(path: Path) -> bool:
     """True if ``path`` is an empty folder or one holding a convlens INV manifest (so it may be replaced)."""
     if not path.is_dir():
         return False
@@ -287,8 +285,6 @@ def is_inv_folder(path: Path) -> bool:
         return False
     return True
 
-
-_replaceable = is_inv_folder
 
 
 # ----------------------------------------------------------------------------------------------- images

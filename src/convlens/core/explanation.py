@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from convlens.core.files import atomic_directory  # re-exported: results are written with it
+from convlens.core.files import atomic_directory  # noqa: F401 - its old home; import it from core.files
 from convlens.core.maps import minmax_normalize
 
-__all__ = ["Explanation", "atomic_directory"]
+__all__ = ["Explanation"]
 
 
 def _jsonable(value: Any) -> Any:

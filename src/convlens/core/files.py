@@ -21,16 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = [
-    "OLD_PREFIX",
-    "TMP_PREFIX",
-    "OutputLock",
-    "atomic_directory",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "current_umask",
-    "remove_stale_temporaries",
-]
+__all__ = ["OutputLock", "atomic_directory", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries"]
 
 TMP_PREFIX = ".convlens-tmp-"
 OLD_PREFIX = ".convlens-old-"

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 __all__ = [
+    "SCORE_KINDS",
     "OutputAdapter",
     "ScoreKind",
     "TargetSpec",
     "adapt_output",
+    "class_id_from_name",
     "class_scores",
     "resolve_targets",
 ]

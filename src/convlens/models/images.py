@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageLoadError", "load_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageLoadError", "load_image"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb limit (~ 0.25 GiB of RGB at 8 bit)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

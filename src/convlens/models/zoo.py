@@ -26,14 +26,13 @@ from torch import nn
 from convlens.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
 
 __all__ = [
-    "EFFICIENTNET_LITE0_STAGE_REPEATS",
     "LoadedModel",
+    "ModelFactory",
     "available_models",
     "imagenet_class_names",
     "load",
     "load_state_dict",
     "load_weights_into",
-    "lukemelas_to_timm_lite0",
     "register_model",
     "unregister_model",
     "wrap",

@@ -29,16 +29,7 @@ from convlens.core.layers import resolve_layers
 from convlens.core.params import MethodParams, ParamError, ParamSpec, param
 from convlens.methods.registry import METHODS, get_method
 
-__all__ = [
-    "CONCEPT_METHODS",
-    "CommonSettings",
-    "ExplainerSpec",
-    "build_explainers",
-    "explainer_names",
-    "get_explainer_spec",
-    "params_class",
-    "parse_method_params",
-]
+__all__ = ["ExplainerSpec", "build_explainers", "explainer_names", "get_explainer_spec", "parse_method_params"]
 
 CONCEPT_METHODS: dict[str, type[INV]] = {"inv": INV}
 _BASE_ARGUMENTS = {"self", "model", "layers", "score", "output_adapter", "batch_size", "class_names", "params"}

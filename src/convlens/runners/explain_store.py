@@ -32,17 +32,7 @@ from typing import Any
 from convlens.core.files import OutputLock, atomic_directory, atomic_write_text, remove_stale_temporaries
 from convlens.runners.explain_image import IMAGE_FORMAT, IMAGE_RECORD
 
-__all__ = [
-    "PAGE",
-    "RUN_FORMAT",
-    "SUMMARY",
-    "ExplainStore",
-    "OutputFolderError",
-    "check_output_folder",
-    "is_explain_output",
-    "owned_image_record",
-    "stem_of",
-]
+__all__ = ["PAGE", "SUMMARY", "ExplainStore", "OutputFolderError", "check_output_folder", "is_explain_output"]
 
 PAGE = "index.html"
 SUMMARY = "results.json"
