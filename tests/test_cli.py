@@ -111,9 +111,16 @@ def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:
         code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method", "inv",
                             "--layers", "depth", "--param", "num_layers=2", "--param", "embedding=pca",
                             "--out", str(tmp_path / "out"))
+        mixed, mixed_output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method",
+                                   "gradcam,inv", "--param", "inv.layers=depth", "--param", "inv.num_layers=2",
+                                   "--param", "inv.embedding=pca", "--out", str(tmp_path / "mixed"))
     finally:
         unregister_model("tiny-cli")
     assert code == 0, output
     manifest = json.loads((tmp_path / "out" / "cat" / "inv" / "inv.json").read_text())
     assert manifest["layer_choice"] == {"rule": "depth", "num_layers": 2, "conv_layers": 3}
     assert [layer["name"] for layer in manifest["layers"]] == ["block2.2", "block3.1"]  # positions 1 and 2 of 3
+    assert mixed == 0, mixed_output
+    record = json.loads((tmp_path / "mixed" / "cat" / "result.json").read_text())
+    assert [r["method"] for r in record["results"]] == ["gradcam", "inv"]
+    assert record["results"][1]["layer_choice"]["rule"] == "depth" and record["results"][0]["layers"] == ["block3"]
