@@ -173,6 +173,8 @@ def main() -> None:
     if args.quick:
         args.runs, args.pseudo = 10, 2
     warnings.filterwarnings("ignore", category=UserWarning)
+    # scipy on the paper's test when all N concept scores are equal (e.g. all 1.0)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message="Precision loss")
     torch.set_num_threads(1)
     data = synthetic_concepts(SYNTHETIC_PREPROCESSING, n_images=args.images, seed=0)
     inputs = synthetic_class_inputs(SYNTHETIC_PREPROCESSING, count=INPUTS, seed=0)

@@ -254,6 +254,7 @@ def test_runner_report_holm_null_and_csv(tmp_path: Path) -> None:
         sign = "+" if t.magnitude.mean_difference > 0 else "-"
         assert t.verdict == ("not significant" if t.p_holm >= 0.05 else f"used ({sign})")
     assert report.counts["cavs_trained"] == 2 * (45 + 2 * 10)  # per layer: 45 random pairs + 2 concepts x 10 runs
+    assert all(0 <= seconds < 120 for seconds in report.timings.values()) and report.timings["activations"] > 0
     rows = list(csv.DictReader(report.to_csv(tmp_path / "tcav.csv").open()))
     assert len(rows) == 4 and float(rows[0]["p_holm"]) == pytest.approx(tests[0].p_holm)
     assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["scores"].split()) == 10

@@ -100,7 +100,7 @@ class ActivationStore:
 
     def forward(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """Activations (N, F) float32 per layer for ``images``, in batches (no caching)."""
-        start = time.perf_counter()
+        began = time.perf_counter()
         device = next(self.model.parameters(), torch.empty(0)).device
         out: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
         with eval_mode(self.model), torch.no_grad():
@@ -111,7 +111,7 @@ class ActivationStore:
                 for layer, act in zip(self.layers, acts, strict=True):
                     out[layer].append(act.reshape(act.shape[0], -1).float().cpu().numpy())
         self.images_forwarded += int(images.shape[0])
-        self.seconds += time.perf_counter() - start
+        self.seconds += time.perf_counter() - began
         return {layer: np.concatenate(parts) for layer, parts in out.items()}
 
     def add(self, concepts: Sequence[ConceptSet]) -> None:
