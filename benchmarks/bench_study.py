@@ -37,6 +37,13 @@ from convlens.study.creation import CreateOptions, create_study
 from study.conftest import CLASSES, write_inv_run
 from study.helpers import LiveServer, PostgresCluster, lost_and_duplicated, run_load
 
+NOTE = (
+    "Reading: the simulated players have no think time, so all of them queue on one durable writer and the "
+    "latency is mostly waiting (p50 ≈ players / throughput, Little's law); a person needs seconds per action, "
+    "so this load stands for hundreds of simultaneous players. Client and server share the machine's 2 cores "
+    "with other jobs (load average above), so the ratios are conservative."
+)
+
 
 def bare_insert_rate(url: str, count: int) -> float:
     """Durable single-row transactions per second on the server's engine settings."""
@@ -173,6 +180,8 @@ def main() -> None:
         "",
         markdown_table(["database", "workers", "bare inserts/s", "server submissions/s", "server / bare",
                         "p50 ms", "p95 ms", "acknowledged", "lost / duplicated"], rows),
+        "",
+        NOTE,
         "",
         f"Fault run: the same load, SIGKILL after {args.players * args.submissions // 2} acknowledged "
         "submissions, restart on the same database, each player's unanswered request retried with its "
