@@ -66,7 +66,7 @@ def tiny_images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=g)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_model() -> Callable[..., TinyCNN]:
     """The tiny CNN factory ``make_model(seed=0, num_classes=5, width=8)`` for tests that need several."""
     return make_tiny_cnn

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_tiny_cnn
 from convlens.concepts import INV
 from convlens.concepts.clustering import cluster_feature_maps, minmax_rows
 from convlens.concepts.layers import find_conv_layers
@@ -56,8 +55,8 @@ def _literal_weights(acts: np.ndarray, grads: np.ndarray, weighting: str) -> tup
 
 
 @pytest.fixture(scope="module")
-def wide_cnn() -> nn.Module:
-    return make_tiny_cnn(seed=3, width=64)  # 64/128/256 channels: > 30 kept maps per layer, no fallback
+def wide_cnn(make_model) -> nn.Module:
+    return make_model(seed=3, width=64)  # 64/128/256 channels: > 30 kept maps per layer, no fallback
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +124,8 @@ def test_explicit_layers_are_explained_in_forward_order(tiny_cnn: nn.Module, tin
 
 # ----------------------------------------------------------------------------------------------- weights
 @pytest.mark.parametrize("weighting", ["guided", "gradcam"])
-def test_weights_match_literal_recomputation(weighting: str, tiny_images: torch.Tensor) -> None:
-    model = make_tiny_cnn(seed=1, width=8)
+def test_weights_match_literal_recomputation(weighting: str, tiny_images: torch.Tensor, make_model) -> None:
+    model = make_model(seed=1, width=8)
     x = tiny_images[1:2]
     explanation = _explain(model, x, weighting=weighting)
     xg = x.clone().requires_grad_(True)
@@ -248,7 +247,7 @@ def test_silhouette_choice_and_k_range(wide_explanation) -> None:
         assert silhouette_score(layer.embedding, layer.labels) == pytest.approx(best, rel=1e-9)
 
 
-def test_small_layers_fall_back_without_crashing() -> None:
+def test_small_layers_fall_back_without_crashing(make_model) -> None:
     rng = np.random.default_rng(0)
     assert cluster_feature_maps(np.zeros((0, 4, 4))).n_clusters == 0
     two = cluster_feature_maps(rng.random((2, 4, 4)))
@@ -258,7 +257,7 @@ def test_small_layers_fall_back_without_crashing() -> None:
     assert five.perplexity == pytest.approx(4 / 3)
     # a 2-channel-wide CNN (2/4/8 maps per layer) through the whole pipeline: both guards, checked by hand
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    explanation = _explain(make_tiny_cnn(width=2), x)
+    explanation = _explain(make_model(width=2), x)
     branches = set()
     for layer in explanation.layers:
         weights, channels = layer.weights, layer.num_channels
