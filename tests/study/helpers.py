@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import pwd
 import random
@@ -66,6 +67,7 @@ class PostgresCluster:
             os.chown(base, user.pw_uid, user.pw_gid)
             run_as = ["runuser", "-u", "postgres", "--"]
         cluster = cls(bindir, base, run_as)
+        atexit.register(cluster.stop)  # also when the run is interrupted (idempotent)
         try:
             cluster._start()
         except (subprocess.CalledProcessError, OSError) as exc:
@@ -97,6 +99,9 @@ class PostgresCluster:
         return self.url(name)
 
     def stop(self) -> None:
+        if not (self.base / "data" / "postmaster.pid").exists():
+            shutil.rmtree(self.base, ignore_errors=True)
+            return
         try:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), "-m", "immediate", "-w", "stop")
         finally:
