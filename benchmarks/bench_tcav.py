@@ -204,10 +204,10 @@ def _render(args: argparse.Namespace, timing: list[list[object]], check: dict[st
         "### Time per (class, concept, layer), synthetic-vgg", "",
         markdown_table(["variant", "total s", "s per test", "images forwarded", "CAVs trained / loaded",
                         "phases (s)"], timing),
-        "", "The CNNs are tiny (a forward of 80 patches takes milliseconds), so recomputing activations for "
-        "every CAV costs little time here; the images-forwarded column is what grows with a real model. "
-        "Captum's row has no statistics and its DefaultClassifier runs sklearn's full-batch `fit` "
-        "(more epochs than the mini-batch stopping rule).", "",
+        "", "With the activation cache every distinct image is forwarded once; without it, the 80 images of "
+        "each CAV's two sets are forwarded again for every CAV. Captum's row has no statistics; its "
+        "DefaultClassifier runs sklearn's full-batch `fit` (more epochs than the mini-batch stopping rule) and "
+        "it writes and reads activation files per concept. One run on a shared 2-core machine.", "",
         f"### Synthetic check (N = {args.runs}, statistic: magnitude; z = effect size in null SDs)", "",
         markdown_table(["model", "class", "concept", "layer", "TCAV mean", "random mean", "magnitude", "z", "p",
                         "Holm p", "verdict"], [r for report in check.values() for r in _check_rows(report)]),
