@@ -8,18 +8,10 @@ refused before anything runs, with the range in the message.
 Besides its ``Params``, every explainer takes three *common* settings: ``score`` (logit / softmax /
 sigmoid), ``batch_size`` (sampling methods) and ``layers`` (a layer spec; INV also knows ``tail``,
 ``depth`` and ``convs``), settable per method with ``--param METHOD.KEY=VALUE``.
-
-Transition: a method not yet given its own ``Params`` (its knobs are still ``__init__`` arguments) gets
-one made from its ``__init__`` signature along the MRO (:func:`params_class`), with the same parsing
-and type checks but no ranges. Remove :func:`_signature_params` once every method declares ``Params``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,7 +24,6 @@ from convlens.methods.registry import METHODS, get_method
 __all__ = ["ExplainerSpec", "build_explainers", "explainer_names", "get_explainer_spec", "parse_method_params"]
 
 CONCEPT_METHODS: dict[str, type[INV]] = {"inv": INV}
-_BASE_ARGUMENTS = {"self", "model", "layers", "score", "output_adapter", "batch_size", "class_names", "params"}
 
 
 @dataclass(frozen=True)
@@ -77,50 +68,7 @@ def get_explainer_spec(name: str) -> ExplainerSpec:
         cls = get_method(name)
     except ValueError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(explainer_names())}") from None
-    return ExplainerSpec(cls.name, cls, "saliency", params_class(cls))
-
-
-def params_class(cls: type) -> type[MethodParams]:
-    """The class's own ``Params`` if it declares parameters, else one made from its ``__init__`` signature."""
-    own = getattr(cls, "Params", None)
-    if own is not None and dataclasses.fields(own):
-        return own
-    return _signature_params(cls)
-
-
-def _signature_params(cls: type) -> type[MethodParams]:
-    """A MethodParams subclass with one field per keyword argument of the ``__init__`` methods along the MRO
-    (transition for methods without their own ``Params``; arguments of other types, e.g. tensors, are left out)."""
-    fields: dict[str, tuple[str, Any, Any]] = {}
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None or klass is object:
-            continue
-        try:
-            hints = typing.get_type_hints(init)
-        except Exception:  # unresolvable annotations: such arguments are simply not settable
-            hints = {}
-        for argument in inspect.signature(init).parameters.values():
-            hint, default = hints.get(argument.name), argument.default
-            if (argument.name in _BASE_ARGUMENTS or argument.name in fields or default is inspect.Parameter.empty
-                    or hint is None or not _text_settable(hint) or isinstance(default, list | dict | set)):
-                continue
-            fields[argument.name] = (argument.name, hint, param(default, f"{klass.__name__} argument"))
-    namespace = {"method": getattr(cls, "name", cls.__name__), "__module__": __name__}
-    made = dataclasses.make_dataclass(
-        f"{cls.__name__}SignatureParams", list(fields.values()), bases=(MethodParams,), frozen=True, namespace=namespace
-    )
-    return typing.cast(type[MethodParams], made)
-
-
-def _text_settable(hint: Any) -> bool:
-    """Types MethodParams can parse from command-line text."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return True
-    if origin in (types.UnionType, typing.Union, tuple):
-        return all(a is Ellipsis or a is type(None) or _text_settable(a) for a in typing.get_args(hint))
-    return hint in (int, float, bool, str)
+    return ExplainerSpec(cls.name, cls, "saliency", cls.Params)
 
 
 def parse_method_params(
