@@ -2,7 +2,10 @@
 
 The server computes the *eligible* rounds — not yet played by this participant, and (for non-gold rounds)
 assigned fewer than ``plays_per_round`` times — and asks the policy to pick one with a random generator
-seeded by (study seed, participant, play number), so every assignment can be replayed for an audit. The
+seeded by (study seed, participant number, play number), so every assignment can be replayed for an audit
+(the participant number is the participant's database row id, in order of registration: a replay of the
+same players in the same order — e.g. the simulated crowd of :mod:`convlens.study.simulate` — gets the
+same assignments, which a random public id would prevent). The
 pick is then claimed atomically (``UPDATE rounds SET assigned = assigned + 1 WHERE assigned < cap``), so
 concurrent players never push a round past its cap; if the claim fails the policy is asked again.
 
@@ -10,9 +13,11 @@ Gold rounds are eligible for every participant (no cap: each participant's atten
 compete with the normal rounds on equal terms under the uniform policy, so they are mixed into each
 participant's random order at the rate ``gold rounds / eligible rounds``.
 
-A new policy (e.g. one favouring rounds whose labels are least settled) subclasses
-:class:`AssignmentPolicy` and registers itself with :func:`register_policy`; ``study.json``'s
-``assignment_policy`` names it.
+Policies: ``uniform`` (:class:`UniformPolicy`) and ``least-settled`` (:class:`LeastSettledPolicy`: the
+next play goes to the round where one more play is worth most, by the measure of
+:mod:`convlens.study.settle`). A new policy subclasses :class:`AssignmentPolicy` (``needs_history = True``
+to receive each candidate's finished plays) and registers itself with :func:`register_policy`;
+``study.json``'s ``assignment_policy`` names it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ __all__ = [
     "POLICIES",
     "AssignmentPolicy",
     "Candidate",
+    "LeastSettledPolicy",
+    "PastPlay",
     "UniformPolicy",
     "get_policy",
     "participant_rng",
@@ -35,8 +42,17 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class PastPlay:
+    """A finished play of a round: outcome (win | lose | resign), reveal level, description (or None)."""
+
+    outcome: str
+    level: int
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """An eligible round as the policy sees it."""
+    """An eligible round as the policy sees it (``history`` only for policies that need it)."""
 
     round_id: str
     gold: bool
@@ -44,12 +60,15 @@ class Candidate:
     cluster_id: str | None
     image_id: str
     layer: str | None
+    true_class: str | None = None
+    history: tuple[PastPlay, ...] = ()
 
 
 class AssignmentPolicy(ABC):
     """Chooses the next round among eligible candidates (never empty when called)."""
 
     name: str = ""
+    needs_history: bool = False
 
     @abstractmethod
     def choose(self, candidates: Sequence[Candidate], rng: random.Random, participant: str) -> Candidate:
@@ -66,7 +85,42 @@ class UniformPolicy(AssignmentPolicy):
         return ordered[rng.randrange(len(ordered))]
 
 
-POLICIES: dict[str, Callable[[], AssignmentPolicy]] = {"uniform": UniformPolicy}
+class LeastSettledPolicy(AssignmentPolicy):
+    """The next play goes to the round whose label is least settled, weighted by the chance that a play
+    gives a description at all (:func:`convlens.study.settle.play_value`); ties (e.g. all unplayed
+    rounds) go to the round assigned least, then at random. Gold rounds are mixed in at the uniform
+    policy's rate: with probability ``gold candidates / candidates`` a random gold round.
+
+    The plays-per-round cap still bounds every round; the policy decides where the plays go first, so
+    a study that stops at a budget of plays (participants x rounds per player) spends it on the rounds
+    that need it.
+    """
+
+    name = "least-settled"
+    needs_history = True
+
+    def value(self, candidate: Candidate) -> float:
+        from convlens.study.settle import play_value, round_evidence
+
+        plays = ((p.outcome, p.level, p.description) for p in candidate.history)
+        return play_value(round_evidence(plays, candidate.true_class or ""))
+
+    def choose(self, candidates: Sequence[Candidate], rng: random.Random, participant: str) -> Candidate:
+        ordered = sorted(candidates, key=lambda c: c.round_id)
+        gold = [c for c in ordered if c.gold]
+        normal = [c for c in ordered if not c.gold]
+        if not normal or (gold and rng.random() < len(gold) / len(ordered)):
+            return gold[rng.randrange(len(gold))]
+        values = {c.round_id: self.value(c) for c in normal}
+        top = max(values.values())
+        best = [c for c in normal if values[c.round_id] >= top - 1e-12]
+        fewest = min(c.assigned for c in best)
+        best = [c for c in best if c.assigned == fewest]
+        return best[rng.randrange(len(best))]
+
+
+POLICIES: dict[str, Callable[[], AssignmentPolicy]] = {"uniform": UniformPolicy,
+                                                       "least-settled": LeastSettledPolicy}
 
 
 def register_policy(name: str, factory: Callable[[], AssignmentPolicy]) -> None:
@@ -79,7 +133,7 @@ def get_policy(name: str) -> AssignmentPolicy:
     return POLICIES[name]()
 
 
-def participant_rng(seed: int, participant: str, play_number: int, attempt: int = 0) -> random.Random:
-    """Deterministic generator for one assignment (study seed, participant public id, play number, retry)."""
+def participant_rng(seed: int, participant: str | int, play_number: int, attempt: int = 0) -> random.Random:
+    """Deterministic generator for one assignment (study seed, participant number, play number, retry)."""
     digest = hashlib.sha256(f"{seed}:{participant}:{play_number}:{attempt}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from convlens.study.assignment import AssignmentPolicy, Candidate, participant_rng
+from convlens.study.assignment import AssignmentPolicy, Candidate, PastPlay, participant_rng
 from convlens.study.config import RoundSpec, StudyConfig, StudyFiles
 from convlens.study.db import Event, Participant, Play, Round, utcnow
 
@@ -171,7 +171,19 @@ class StudyRuntime:
         played = select(Play.round_id).where(Play.participant_id == participant.id)
         cap = self.config.plays_per_round
         rows = session.scalars(select(Round).where(Round.id.not_in(played), Round.gold | (Round.assigned < cap)))
-        return [Candidate(r.id, r.gold, r.assigned, r.cluster_id, r.image_id, r.layer) for r in rows]
+        history = self._history(session, cap) if self.policy.needs_history else {}
+        return [Candidate(r.id, r.gold, r.assigned, r.cluster_id, r.image_id, r.layer, r.true_class,
+                          tuple(history.get(r.id, ()))) for r in rows]
+
+    @staticmethod
+    def _history(session: Session, cap: int) -> dict[str, list[PastPlay]]:
+        """Finished plays of the non-gold rounds still under their cap, in play order."""
+        query = (select(Play.round_id, Play.state, Play.level, Play.description).join(Round, Play.round_id == Round.id)
+                 .where(~Round.gold, Round.assigned < cap, Play.state != "active").order_by(Play.id))
+        history: dict[str, list[PastPlay]] = {}
+        for round_id, state, level, description in session.execute(query):
+            history.setdefault(round_id, []).append(PastPlay(state, level, description))
+        return history
 
     def _assign(self, session: Session, participant: Participant, number: int) -> str | None:
         candidates = self._candidates(session, participant)
@@ -179,7 +191,7 @@ class StudyRuntime:
         for attempt in range(ASSIGN_ATTEMPTS):
             if not candidates:
                 return None
-            rng = participant_rng(self.config.assignment_seed, participant.public_id, number, attempt)
+            rng = participant_rng(self.config.assignment_seed, participant.id, number, attempt)
             chosen = self.policy.choose(candidates, rng, participant.public_id)
             claim = update(Round).where(Round.id == chosen.round_id, Round.gold | (Round.assigned < cap))
             if session.execute(claim.values(assigned=Round.assigned + 1)).rowcount == 1:
