@@ -194,6 +194,93 @@ def pgc_scorecam_seconds(model: torch.nn.Module, layer: str, x: torch.Tensor, ta
     return time.perf_counter() - t0
 
 
+def make_explainers(loaded: Any, batch: int, x: torch.Tensor) -> dict[str, SISE]:
+    """One explainer per configuration, as the CLI does; layer discovery (one dummy forward per model and input
+    size) and a warm-up explanation (first autograd pass, allocator) happen before any clock starts."""
+    explainers = {
+        "sise": SISE(loaded, batch_size=batch, keep_mask_scores=True),
+        "adasise": AdaSISE(loaded, batch_size=batch),
+        "gp": SISE(loaded, batch_size=batch, fast=True, fast_scores="gp"),
+        "medoid": SISE(loaded, batch_size=batch, fast=True, fast_scores="medoid"),
+    }
+    for explainer in explainers.values():
+        explainer.layers_for(x[None])
+    SISE(loaded, mu=1.0, batch_size=batch).explain(x)  # warm-up, untimed
+    return explainers
+
+
+def bench_sise_calls(explainer: SISE, model: torch.nn.Module, x: torch.Tensor, batch: int, sise_repeats: int
+                     ) -> tuple[Explanation, dict[str, Any], float]:
+    """SISE calls alternated with bare-model runs of the same forwards (robust to a changing load): the last
+    explanation, the row of its best call, and the best bare-model time per forward."""
+    n_masked = sum(sel.n_scored for sel in explainer.select_feature_maps(x)[0])
+    bare_runs, sise_runs, peaks = [bare_model_seconds(model, x, n_masked, batch)], [], []
+    for _ in range(sise_repeats):
+        with PeakRSS() as memory:
+            sise, wall, cpu = timed(lambda: explainer.explain(x))
+        sise_runs.append((wall, sise.timings["masked_forwards"], cpu))
+        peaks.append(memory.growth_gb)
+        bare_runs.append(bare_model_seconds(model, x, n_masked, batch))
+    wall, masked_phase, cpu = min(sise_runs)
+    row = {
+        "wall": wall,
+        "bare_model": min(bare_runs),
+        "runs": {"sise": [round(r[0], 2) for r in sise_runs], "bare": [round(b, 2) for b in bare_runs]},
+        "cpu": cpu,
+        "masked_phase": masked_phase,
+        "masked": sum(sise.extras["masked_forwards"]),
+        "kept": sum(v[0] for v in sise.extras["kept_masks"].values()),
+        "constant": sum(v[0] for v in sise.extras["constant_masks"].values()),
+        "memory_gb": max(peaks),
+        "target": int(sise.targets[0]),
+    }
+    return sise, row, min(bare_runs) / n_masked
+
+
+def bench_image(name: str, photo: str, explainers: dict[str, SISE], model: torch.nn.Module, x: torch.Tensor,
+                batch: int, repeats: int, sise_repeats: int) -> tuple[dict[str, Any], list[float]]:
+    """SISE, Ada-SISE and both fast modes on one photo: the row and the per-forward times measured on the way."""
+    row: dict[str, Any] = {"image": photo}
+    sise, row["sise"], bare_forward = bench_sise_calls(explainers["sise"], model, x, batch, sise_repeats)
+    t_forward = [bare_forward, per_image_forward_seconds(model, x, batch, repeats)]
+    ada, wall, _ = timed(lambda: explainers["adasise"].explain(x))
+    row["adasise"] = {
+        "wall": wall,
+        "masked": sum(ada.extras["masked_forwards"]),
+        "kept": sum(v[0] for v in ada.extras["kept_masks"].values()),
+    }
+    row["fast"] = {}
+    for scores in ("gp", "medoid"):
+        fast, wall, _ = timed(lambda s=scores: explainers[s].explain(x))
+        row["fast"][scores] = {
+            "wall": wall,
+            "masked": sum(fast.extras["masked_forwards"]),
+            "r": {f: pearson(refuse(fast, f), refuse(sise, f)) for f in FUSIONS},
+        }
+    assert torch.allclose(refuse(sise, "paper"), sise.maps[0])  # the re-fusion reproduces the run
+    if name == "efficientnet_lite0":
+        row["noise"] = noise_sensitivity(explainers["sise"], x, sise)
+    return row, t_forward
+
+
+def bench_baselines(name: str, loaded: Any, x: torch.Tensor, target: int, quick: bool, batch: int
+                    ) -> dict[str, dict[str, Any]]:
+    """RISE (4000 masks) and Score-CAM (convlens, pytorch-grad-cam) on the last block (first image)."""
+    model = loaded.module
+    last = resolve_layers(model, "last", tuple(x.shape))[0]
+    n_rise = 512 if quick and name in QUICK_CAM_LAYER else 4000
+    _, wall, _ = timed(lambda: RISE(loaded, n_masks=n_rise, batch_size=batch).explain(x, target))
+    result: dict[str, dict[str, Any]] = {"rise": {"wall": wall * 4000 / n_rise, "measured_masks": n_rise}}
+    cam_layer = QUICK_CAM_LAYER.get(name, last) if quick else last
+    # Score-CAM's forwards = the layer's channels; the per-forward cost is the model's
+    shapes = describe_layers(model, tuple(x.shape))
+    scale = shapes[last].shape[0] / shapes[cam_layer].shape[0]
+    _, wall, _ = timed(lambda: ScoreCAM(loaded, layers=cam_layer, batch_size=batch).explain(x, target))
+    result["scorecam"] = {"wall": wall * scale, "layer": cam_layer, "scale": scale, "forwards": shapes[last].shape[0]}
+    result["pgc_scorecam"] = {"wall": pgc_scorecam_seconds(model, cam_layer, x, target, batch) * scale}
+    return result
+
+
 def bench_model(
     name: str, n_images: int, quick: bool, batch_arg: int, repeats: int, sise_repeats: int
 ) -> dict[str, Any]:
@@ -206,116 +293,92 @@ def bench_model(
     batch = min(rates, key=rates.get)
     result: dict[str, Any] = {"model": name, "batch": batch, "per_batch": rates, "images": [], "quick": quick}
     t_forward = [rates[batch]]
-    # one explainer per configuration, as the CLI does; layer discovery (one dummy forward per model and
-    # input size) happens before the clock starts
-    explainers = {
-        "sise": SISE(loaded, batch_size=batch, keep_mask_scores=True),
-        "adasise": AdaSISE(loaded, batch_size=batch),
-        "gp": SISE(loaded, batch_size=batch, fast=True, fast_scores="gp"),
-        "medoid": SISE(loaded, batch_size=batch, fast=True, fast_scores="medoid"),
-    }
-    for explainer in explainers.values():
-        explainer.layers_for(xs[0][None])
-    SISE(loaded, mu=1.0, batch_size=batch).explain(xs[0])  # warm-up (first autograd pass, allocator), untimed
-
+    explainers = make_explainers(loaded, batch, xs[0])
     for index, x in enumerate(xs):
-        row: dict[str, Any] = {"image": PHOTOS[index]}
-        n_masked = sum(sel.n_scored for sel in explainers["sise"].select_feature_maps(x)[0])
-        # alternate bare-model runs and SISE runs; compare the best of each (robust to a changing load)
-        bare_runs, sise_runs, peaks = [bare_model_seconds(model, x, n_masked, batch)], [], []
-        for _ in range(sise_repeats):
-            with PeakRSS() as memory:
-                sise, wall, cpu = timed(lambda x=x: explainers["sise"].explain(x))
-            sise_runs.append((wall, sise.timings["masked_forwards"], cpu))
-            peaks.append(memory.growth_gb)
-            bare_runs.append(bare_model_seconds(model, x, n_masked, batch))
-        wall, masked_phase, cpu = min(sise_runs)
-        t_forward += [min(bare_runs) / n_masked, per_image_forward_seconds(model, x, batch, repeats)]
-        row["sise"] = {
-            "wall": wall,
-            "bare_model": min(bare_runs),
-            "runs": {"sise": [round(r[0], 2) for r in sise_runs], "bare": [round(b, 2) for b in bare_runs]},
-            "cpu": cpu,
-            "masked_phase": masked_phase,
-            "masked": sum(sise.extras["masked_forwards"]),
-            "kept": sum(v[0] for v in sise.extras["kept_masks"].values()),
-            "constant": sum(v[0] for v in sise.extras["constant_masks"].values()),
-            "memory_gb": max(peaks),
-            "target": int(sise.targets[0]),
-        }
-        ada, wall, cpu = timed(lambda x=x: explainers["adasise"].explain(x))
-        row["adasise"] = {
-            "wall": wall,
-            "masked": sum(ada.extras["masked_forwards"]),
-            "kept": sum(v[0] for v in ada.extras["kept_masks"].values()),
-        }
-        row["fast"] = {}
-        for scores in ("gp", "medoid"):
-            fast, wall, cpu = timed(lambda x=x, s=scores: explainers[s].explain(x))
-            row["fast"][scores] = {
-                "wall": wall,
-                "masked": sum(fast.extras["masked_forwards"]),
-                "r": {f: pearson(refuse(fast, f), refuse(sise, f)) for f in FUSIONS},
-            }
-        assert torch.allclose(refuse(sise, "paper"), sise.maps[0])  # the re-fusion reproduces the run
-        if name == "efficientnet_lite0":
-            row["noise"] = noise_sensitivity(explainers["sise"], x, sise)
+        row, forward_times = bench_image(name, PHOTOS[index], explainers, model, x, batch, repeats, sise_repeats)
+        t_forward += forward_times
         result["images"].append(row)
         print(name, row, flush=True)
-
-    # baselines on the first image
-    x, target = xs[0], result["images"][0]["sise"]["target"]
-    last = resolve_layers(model, "last", tuple(x.shape))[0]
-    n_rise = 512 if quick and name in QUICK_CAM_LAYER else 4000
-    _, wall, _ = timed(lambda: RISE(loaded, n_masks=n_rise, batch_size=batch).explain(x, target))
-    result["rise"] = {"wall": wall * 4000 / n_rise, "measured_masks": n_rise}
-    cam_layer = QUICK_CAM_LAYER.get(name, last) if quick else last
-    # Score-CAM's forwards = the layer's channels; the per-forward cost is the model's
-    shapes = describe_layers(model, tuple(x.shape))
-    scale = shapes[last].shape[0] / shapes[cam_layer].shape[0]
-    _, wall, _ = timed(lambda: ScoreCAM(loaded, layers=cam_layer, batch_size=batch).explain(x, target))
-    result["scorecam"] = {"wall": wall * scale, "layer": cam_layer, "scale": scale, "forwards": shapes[last].shape[0]}
-    result["pgc_scorecam"] = {"wall": pgc_scorecam_seconds(model, cam_layer, x, target, batch) * scale}
+    x = xs[0]
+    result |= bench_baselines(name, loaded, x, result["images"][0]["sise"]["target"], quick, batch)
     t_forward.append(per_image_forward_seconds(model, x, batch, repeats))
     result["t_forward"] = min(t_forward)
     print(name, {k: v for k, v in result.items() if k != "images"}, flush=True)
     return result
 
 
+COST_HEADER = ["model", "image", "masks kept / constant / forwards", "SISE s", "masked phase s", "forwards x t_fwd s",
+               "ratio", "masked-phase ratio", "ratio vs bare model run"]
+COST_TEXT = (
+    "**SISE cost vs the model's forward cost.** Masks: kept by Eq. 7 / constant maps not scored (their "
+    "Omega is the zero mask, so skipping them is exact) / masked forwards run. Ratio = SISE wall time / "
+    "(masked forwards x best per-image forward time), target <= 1.15. The masked-phase ratio leaves out "
+    "the fixed per-image cost (the target-score forward and phase 2's forward + backward, at batch 1). "
+    "SISE times are the best of 3 calls (ResNet-50 in --quick: 2). On a shared machine the best forward "
+    "time is rarely what a long run gets: the last column divides by the best of the bare model's runs "
+    "of the same number of forwards (same batch size, same image), alternated with the SISE calls."
+)
+METHODS_HEADER = ["model", "SISE", "RISE 4000", "Score-CAM convlens", "Score-CAM pytorch-grad-cam", "SISE/RISE",
+                  "SISE/Score-CAM (convlens / pgc)", "forwards SISE / RISE / Score-CAM"]
+METHODS_TEXT = (
+    "**SISE vs RISE (4000 masks) vs Score-CAM** (last block; first image; seconds). Paper, T4, ResNet-50: "
+    "SISE/RISE = 0.35, SISE/Score-CAM = 0.51."
+)
+FAST_TEXT = (
+    "**fast=True** (fast_factor 2: per block, one medoid scored per group of ~2 similar masks; the other "
+    "masks get a Gaussian-process-interpolated score (`gp`) or their medoid's (`medoid`)). Forwards: the "
+    "paper's count (Eq. 7 kept) / full convlens SISE -> fast. Pearson r of the final map vs full SISE's, "
+    "for fusion paper / code / simple (re-fused from the same per-block maps)."
+)
+NOISE_TEXT = (
+    "**How much score error each fusion tolerates**: Pearson r of the final map vs the clean one when "
+    "every mask score (a softmax probability) gets Gaussian noise of std sigma (3 seeds, no forwards)."
+)
+
+
+def image_rows(model: str, t_fwd: float, row: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    """One photo's rows of the cost, Ada-SISE, fast-mode and noise tables."""
+    s, a, image = row["sise"], row["adasise"], row["image"]
+    ideal = s["masked"] * t_fwd
+    tables: dict[str, list[list[Any]]] = {"cost": [], "ada": [], "fast": [], "noise": []}
+    tables["cost"].append([
+        model, image, f"{s['kept']} / {s['constant']} / {s['masked']}", f"{s['wall']:.1f}", f"{s['masked_phase']:.1f}",
+        f"{ideal:.1f}", f"**{s['wall'] / ideal:.3f}**", f"{s['masked_phase'] / ideal:.3f}",
+        f"{s['wall'] / s['bare_model']:.3f}",
+    ])
+    tables["ada"].append([model, image, f"{s['kept']} -> {a['kept']}", f"{s['masked']} -> {a['masked']}",
+                          f"{s['wall']:.1f} -> {a['wall']:.1f}", f"{1 - a['wall'] / s['wall']:.0%}"])
+    for scores, f in row["fast"].items():
+        n = max(f["masked"], 1)
+        fewer = f"{s['kept'] / n:.2f}x / {s['masked'] / n:.2f}x"
+        r = " / ".join(f"{f['r'][k]:.3f}" for k in FUSIONS)
+        tables["fast"].append([model, image, scores, f"{s['kept']} / {s['masked']} -> {f['masked']}", fewer, r,
+                               f"{f['wall']:.1f}"])
+    for sigma, by_fusion in row.get("noise", {}).items():
+        tables["noise"].append([model, image, sigma, *(f"{np.mean(v):.3f} (min {np.min(v):.3f})"
+                                                       for v in by_fusion.values())])
+    return tables
+
+
+def methods_row(res: dict[str, Any]) -> list[Any]:
+    """A model's row of the SISE vs RISE vs Score-CAM table."""
+    first, first_forwards = res["images"][0]["sise"]["wall"], res["images"][0]["sise"]["masked"]
+    rise, cam, pgc = res["rise"], res["scorecam"], res["pgc_scorecam"]
+    note_rise = "" if rise["measured_masks"] == 4000 else f" (extrapolated from {rise['measured_masks']} masks)"
+    note_cam = "" if cam["scale"] == 1 else f" (extrapolated from {cam['layer']} x{cam['scale']:.0f})"
+    return [res["model"], f"{first:.1f}", f"{rise['wall']:.1f}{note_rise}", f"{cam['wall']:.1f}{note_cam}",
+            f"{pgc['wall']:.1f}{note_cam}", f"{first / rise['wall']:.2f}",
+            f"{first / cam['wall']:.2f} / {first / pgc['wall']:.2f}", f"{first_forwards} / 4000 / {cam['forwards']}"]
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    cost, methods, ada, fast, noise = [], [], [], [], []
+    tables: dict[str, list[list[Any]]] = {"cost": [], "ada": [], "fast": [], "noise": []}
     memory_line = ""
     for res in results:
-        model, t_fwd = res["model"], res["t_forward"]
         for row in res["images"]:
-            s, a, image = row["sise"], row["adasise"], row["image"]
-            ideal = s["masked"] * t_fwd
-            masks = f"{s['kept']} / {s['constant']} / {s['masked']}"
-            ratio, phase_ratio = f"**{s['wall'] / ideal:.3f}**", f"{s['masked_phase'] / ideal:.3f}"
-            adjacent = f"{s['wall'] / s['bare_model']:.3f}"
-            cost.append([model, image, masks, f"{s['wall']:.1f}", f"{s['masked_phase']:.1f}", f"{ideal:.1f}", ratio,
-                         phase_ratio, adjacent])
-            saved = f"{1 - a['wall'] / s['wall']:.0%}"
-            ada.append([model, image, f"{s['kept']} -> {a['kept']}", f"{s['masked']} -> {a['masked']}",
-                        f"{s['wall']:.1f} -> {a['wall']:.1f}", saved])
-            for scores, f in row["fast"].items():
-                n = max(f["masked"], 1)
-                fewer = f"{s['kept'] / n:.2f}x / {s['masked'] / n:.2f}x"
-                r = " / ".join(f"{f['r'][k]:.3f}" for k in FUSIONS)
-                fast.append([model, image, scores, f"{s['kept']} / {s['masked']} -> {f['masked']}", fewer, r,
-                             f"{f['wall']:.1f}"])
-            for sigma, by_fusion in row.get("noise", {}).items():
-                cells = [f"{np.mean(v):.3f} (min {np.min(v):.3f})" for v in by_fusion.values()]
-                noise.append([model, image, sigma, *cells])
-        first, first_forwards = res["images"][0]["sise"]["wall"], res["images"][0]["sise"]["masked"]
-        rise, cam, pgc = res["rise"], res["scorecam"], res["pgc_scorecam"]
-        note_rise = "" if rise["measured_masks"] == 4000 else f" (extrapolated from {rise['measured_masks']} masks)"
-        note_cam = "" if cam["scale"] == 1 else f" (extrapolated from {cam['layer']} x{cam['scale']:.0f})"
-        methods.append([model, f"{first:.1f}", f"{rise['wall']:.1f}{note_rise}", f"{cam['wall']:.1f}{note_cam}",
-                        f"{pgc['wall']:.1f}{note_cam}", f"{first / rise['wall']:.2f}",
-                        f"{first / cam['wall']:.2f} / {first / pgc['wall']:.2f}",
-                        f"{first_forwards} / 4000 / {cam['forwards']}"])
-        if model == "resnet50":
+            for key, rows in image_rows(res["model"], res["t_forward"], row).items():
+                tables[key] += rows
+        if res["model"] == "resnet50":
             peak = max(r["sise"]["memory_gb"] for r in res["images"])
             memory_line = (
                 f"Peak memory of SISE on ResNet-50 (RSS growth during the call, batch {res['batch']}): "
@@ -326,64 +389,22 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"(by batch size: {', '.join(f'{b}: {v * 1000:.0f}' for b, v in r['per_batch'].items())} ms)"
         for r in results
     )
-    mode = "quick" if args.quick else "full"
     sections = [
         "## SISE and Ada-SISE (`benchmarks/bench_sise.py`)",
-        machine_line() + f" · {mode} run · EfficientNet-Lite0 (pretrained), ResNet-50 (random weights)",
+        machine_line() + f" · {'quick' if args.quick else 'full'} run · EfficientNet-Lite0 (pretrained), "
+        "ResNet-50 (random weights)",
         f"Best per-image forward time of the bare model (same run, channels-last, inference mode): {fwd_line}.",
-        "**SISE cost vs the model's forward cost.** Masks: kept by Eq. 7 / constant maps not scored (their "
-        "Omega is the zero mask, so skipping them is exact) / masked forwards run. Ratio = SISE wall time / "
-        "(masked forwards x best per-image forward time), target <= 1.15. The masked-phase ratio leaves out "
-        "the fixed per-image cost (the target-score forward and phase 2's forward + backward, at batch 1). "
-        "SISE times are the best of 3 calls (ResNet-50 in --quick: 2). On a shared machine the best forward "
-        "time is rarely what a long run gets: the last column divides by the best of the bare model's runs "
-        "of the same number of forwards (same batch size, same image), alternated with the SISE calls.",
-        markdown_table(
-            [
-                "model",
-                "image",
-                "masks kept / constant / forwards",
-                "SISE s",
-                "masked phase s",
-                "forwards x t_fwd s",
-                "ratio",
-                "masked-phase ratio",
-                "ratio vs bare model run",
-            ],
-            cost,
-        ),
-        "**SISE vs RISE (4000 masks) vs Score-CAM** (last block; first image; seconds). Paper, T4, ResNet-50: "
-        "SISE/RISE = 0.35, SISE/Score-CAM = 0.51.",
-        markdown_table(
-            [
-                "model",
-                "SISE",
-                "RISE 4000",
-                "Score-CAM convlens",
-                "Score-CAM pytorch-grad-cam",
-                "SISE/RISE",
-                "SISE/Score-CAM (convlens / pgc)",
-                "forwards SISE / RISE / Score-CAM",
-            ],
-            methods,
-        ),
+        COST_TEXT, markdown_table(COST_HEADER, tables["cost"]),
+        METHODS_TEXT, markdown_table(METHODS_HEADER, [methods_row(res) for res in results]),
         "**Ada-SISE vs SISE** (mu = 0). Paper: up to 30 % faster.",
-        markdown_table(["model", "image", "kept masks", "masked forwards", "seconds", "time saved"], ada),
-        "**fast=True** (fast_factor 2: per block, one medoid scored per group of ~2 similar masks; the other "
-        "masks get a Gaussian-process-interpolated score (`gp`) or their medoid's (`medoid`)). Forwards: the "
-        "paper's count (Eq. 7 kept) / full convlens SISE -> fast. Pearson r of the final map vs full SISE's, "
-        "for fusion paper / code / simple (re-fused from the same per-block maps).",
-        markdown_table(
-            ["model", "image", "scores", "forwards", "fewer (vs paper / vs full)", "r paper / code / simple", "fast s"],
-            fast,
-        ),
+        markdown_table(["model", "image", "kept masks", "masked forwards", "seconds", "time saved"], tables["ada"]),
+        FAST_TEXT,
+        markdown_table(["model", "image", "scores", "forwards", "fewer (vs paper / vs full)",
+                        "r paper / code / simple", "fast s"], tables["fast"]),
     ]
-    if noise:
-        sections += [
-            "**How much score error each fusion tolerates**: Pearson r of the final map vs the clean one when "
-            "every mask score (a softmax probability) gets Gaussian noise of std sigma (3 seeds, no forwards).",
-            markdown_table(["model", "image", "sigma", *(f"r {f}" for f in FUSIONS)], noise),
-        ]
+    if tables["noise"]:
+        sections += [NOISE_TEXT, markdown_table(["model", "image", "sigma", *(f"r {f}" for f in FUSIONS)],
+                                                tables["noise"])]
     return "\n\n".join([*sections, memory_line])
 
 

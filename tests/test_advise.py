@@ -280,7 +280,7 @@ def test_params_record_and_build_the_avx_options(make_model) -> None:
 
 @pytest.mark.slow
 def test_default_layers_versus_the_paper() -> None:
-    """'last' vs the paper's layers (spec 3.1) on torchvision/timm models (random weights)."""
+    """'last' vs the paper's layers (imMain.m l.22-56) on torchvision/timm models (random weights)."""
     import timm
     import torchvision.models as tvm
 
