@@ -40,6 +40,6 @@ bench: $(VENV)/.installed-test
 clean:
 	rm -rf out .pytest_cache
 
-# The suite in a random order (pytest-randomly; the seed is printed, rerun with -p randomly -p "randomly_seed=N").
+# The suite in a random order (pytest-randomly; the seed is printed, rerun with -p randomly --randomly-seed=N).
 test-random: $(VENV)/.installed-test
 	$(PY) -m pytest -q -p randomly
