@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from convlens.cli.crowd import recovery_command, simulate_command
+
 __all__ = ["serve", "study_app"]
 
 console = Console(stderr=True)
@@ -95,6 +97,10 @@ def export(
     except (FileNotFoundError, ValueError, StudyDatabaseError, SQLAlchemyError) as exc:
         _fail(str(exc).splitlines()[0])
     typer.echo(f"Exported {len(files)} files to {target}")
+
+
+study_app.command("simulate")(simulate_command)
+study_app.command("recovery")(recovery_command)
 
 
 def serve(
