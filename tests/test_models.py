@@ -134,20 +134,11 @@ def test_registered_models_load_by_name(tiny_cnn) -> None:
         load("resnet18", num_classes=0)
 
 
-_ONE_PIXEL_WIDER = pytest.mark.xfail(
-    strict=True, reason="known deviation: long side rounded, not truncated (Preprocessing.display); fix pending"
-)
-
-
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
-@pytest.mark.parametrize("size", [
-    pytest.param((451, 300), marks=_ONE_PIXEL_WIDER), pytest.param((300, 451), marks=_ONE_PIXEL_WIDER),
-    (600, 400), (257, 256), (225, 301), (512, 512), (230, 200),
-])
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (600, 400), (257, 256), (225, 301), (512, 512), (230, 200)])
 def test_preprocessing_equals_the_torchvision_pipeline(interpolation: str, size: tuple[int, int]) -> None:
     """The literal torchvision ImageNet pipeline (what timm and torchvision evaluate pretrained models with):
-    Resize(short side) -> CenterCrop -> ToTensor -> Normalize, on odd and even aspect ratios. The strict
-    xfail cases are the 1-px deviation documented in Preprocessing.display: they fail the day it is fixed."""
+    Resize(short side) -> CenterCrop -> ToTensor -> Normalize, on odd and even aspect ratios."""
     import torchvision.transforms as T
 
     modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,

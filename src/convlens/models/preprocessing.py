@@ -34,18 +34,19 @@ class Preprocessing:
     def display(self, image: Image.Image) -> Image.Image:
         """Resized and centre-cropped RGB image (what the model sees, before normalisation).
 
-        Known deviation from torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` (which timm and
-        torchvision evaluate pretrained models with): the long side is *rounded* here (torchvision
-        truncates) and the crop offset floored (torchvision rounds), so some aspect ratios (e.g. 451 x 300,
-        scikit-image's chelsea) are resized 1 px wider. Matching torchvision changes every result on such
-        images, so it waits for a decision (tests/test_models.py: the strict xfail cases).
+        Exactly torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on PIL images (the pipeline timm and
+        torchvision evaluate pretrained models with): the short side becomes ``resize``, the long side
+        ``int(resize * long / short)`` (truncated), and the crop offsets are ``round((side - size) / 2)``.
         """
         image = image.convert("RGB")
         w, h = image.size
-        scale = self.resize / min(w, h)
-        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_w, new_h = max(self.size, new_w), max(self.size, new_h)  # never smaller than the crop
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
+        left, top = round((new_w - self.size) / 2.0), round((new_h - self.size) / 2.0)
         return image.crop((left, top, left + self.size, top + self.size))
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
