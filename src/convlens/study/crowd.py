@@ -143,14 +143,14 @@ class CrowdModel:
     concepts_per_class: int = 3
     trends: bool = True
     trend_strength: float = 0.8
-    clarity: tuple[float, float] = (0.45, 0.9)
+    clarity: tuple[float, float] = (0.55, 0.95)
     guess: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
-    correct: tuple[float, ...] = (0.45, 0.55, 0.65, 0.72, 0.8, 0.85)
+    correct: tuple[float, ...] = (0.5, 0.6, 0.7, 0.78, 0.85, 0.9)
     skill: float = 0.1
     resign: float = 0.03
     resign_last: float = 0.25
     describe: float = 0.9
-    other: float = 0.15
+    other: float = 0.1
     inflection: float = 0.25
     synonym: float = 0.2
     typo: float = 0.06
