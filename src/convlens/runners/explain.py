@@ -5,7 +5,9 @@ device, model and weights, explicitly named files, the output folder) and loads 
 written, and any problem is one :class:`ExplainError`. :func:`execute_explain` then writes, image by
 image (:func:`~convlens.runners.explain_image.explain_image`), through the output folder's store
 (:mod:`convlens.runners.explain_store`: naming, resume, atomic folders, clean-up, lock), and finally
-``index.html`` and ``results.json``. :func:`run_explain` does both.
+``index.html`` and ``results.json``. :func:`run_explain` does both. Where the images are explained is an
+*engine* (:data:`ExplainEngine`): this process by default (:func:`embedded_explain_engine`), or Ray workers
+(:mod:`convlens.runners.ray_engine`); the store, the resume and the report are the same either way.
 
 In a folder, images are the files with an image suffix (``.jpg``, ``.png``, ...; unreadable ones are
 listed and skipped); hidden files and folders, the output folder and any folder a ``convlens explain``
@@ -18,8 +20,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,11 +47,14 @@ from convlens.runners.explain_store import (
 
 __all__ = [
     "ExplainConfig",
+    "ExplainEngine",
     "ExplainError",
     "ExplainPlan",
     "ExplainProgress",
     "ExplainResult",
+    "ImageJob",
     "collect_inputs",
+    "embedded_explain_engine",
     "execute_explain",
     "prepare_explain",
     "run_explain",
@@ -122,6 +128,15 @@ class ExplainResult:
     def exit_code(self) -> int:
         """0: every image explained; 1: some (or all) images skipped."""
         return 0 if self.records and not self.skipped else 1
+
+
+# A job fills the fresh folder it is given with one image's files and returns the image's record; it raises
+# ImageLoadError for an unusable image. An engine yields ``(position in paths, job)`` for every path it is
+# given, in any order (convlens.runners.ray_engine spreads the images over a Ray cluster).
+ImageJob = Callable[[Path], dict[str, Any]]
+ExplainEngine = Callable[
+    [ExplainPlan, ImageSettings, Sequence[Path], ExplainProgress], Iterator[tuple[int, ImageJob]]
+]
 
 
 def run_explain(config: ExplainConfig, progress: ExplainProgress | None = None) -> ExplainResult:
@@ -248,56 +263,84 @@ def _scan(root: Path, out: Path) -> list[Path]:
     return found
 
 
-def execute_explain(plan: ExplainPlan, progress: ExplainProgress | None = None) -> ExplainResult:
-    """Explain every input of ``plan`` into its output folder (see the module docstring)."""
+def embedded_explain_engine(
+    plan: ExplainPlan, settings: ImageSettings, paths: Sequence[Path], progress: ExplainProgress
+) -> Iterator[tuple[int, ImageJob]]:
+    """This process, one image after the other: each job explains its image into the folder it is given."""
+    for position, path in enumerate(paths):
+        yield position, partial(explain_image, path, plan.loaded, plan.explainers, settings)
+
+
+def execute_explain(
+    plan: ExplainPlan, progress: ExplainProgress | None = None, engine: ExplainEngine = embedded_explain_engine
+) -> ExplainResult:
+    """Explain every input of ``plan`` into its output folder (see the module docstring).
+
+    ``engine`` turns the images still to do into jobs (:data:`ExplainEngine`), in any order; the default
+    explains them here, lazily. Records and skipped inputs are reported in input order whatever the engine.
+    """
     progress = progress or _Silent()
     config = plan.config
     out = Path(config.out)
     store = ExplainStore(out, plan.config_hash, config.resume)
     settings = ImageSettings(plan.target, plan.config_hash)
-    records: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    records: dict[int, dict[str, Any]] = {}
+    skipped: dict[int, dict[str, str]] = {}
     try:
         with store.open(on_wait=lambda: progress.waiting(out)) as removed:
             progress.start(len(plan.inputs))
             with report_progress(progress.forwards):
-                for path in plan.inputs:
-                    _one_image(path, plan, store, settings, records, skipped, progress)
+                todo = _place_inputs(plan, store, records, skipped, progress)
+                for position, job in engine(plan, settings, [path for _, path, _ in todo], progress):
+                    index, path, name = todo[position]
+                    try:
+                        records[index] = store.write(name, job) | {"dir": name}
+                    except ImageLoadError as exc:
+                        _skip(skipped, index, {"path": str(path), "error": str(exc)}, progress)
                     progress.image_done()
-            render_explain_report(out / PAGE, _page_context(plan, records, skipped))
+            ordered = [records[i] for i in sorted(records)]
+            skipped_list = [skipped[i] for i in sorted(skipped)]
+            render_explain_report(out / PAGE, _page_context(plan, ordered, skipped_list))
             store.write_summary({
-                "images": [r["dir"] for r in records],
-                "inputs": [{"image": r["image"], "dir": r["dir"]} for r in records],
-                "skipped": skipped, "config_hash": plan.config_hash,
+                "images": [r["dir"] for r in ordered],
+                "inputs": [{"image": r["image"], "dir": r["dir"]} for r in ordered],
+                "skipped": skipped_list, "config_hash": plan.config_hash,
             })
     except OutputFolderError as exc:
         raise ExplainError(str(exc)) from exc
-    return ExplainResult(out, records, skipped, removed)
+    return ExplainResult(out, ordered, skipped_list, removed)
 
 
-def _one_image(
-    path: Path, plan: ExplainPlan, store: ExplainStore, settings: ImageSettings, records: list[dict[str, Any]],
-    skipped: list[dict[str, str]], progress: ExplainProgress,
-) -> None:
-    try:
-        digest = file_digest(path)
-    except OSError as exc:
-        skipped.append({"path": str(path), "error": f"{path}: cannot read ({exc.strerror or exc})"})
-        progress.skipped(skipped[-1]["error"])
-        return
-    name, done = store.locate(path, digest)
-    if name is None:
-        skipped.append({"path": str(path), "error": f"{path}: every folder name for it in {store.out} is taken"})
-        progress.skipped(skipped[-1]["error"])
-        return
-    if done is None:
+def _place_inputs(
+    plan: ExplainPlan, store: ExplainStore, records: dict[int, dict[str, Any]], skipped: dict[int, dict[str, str]],
+    progress: ExplainProgress,
+) -> list[tuple[int, Path, str]]:
+    """Name every input's folder (in input order); record the reusable ones and the unreadable ones; return
+    ``(input index, path, folder name)`` of the images still to explain."""
+    todo = []
+    for index, path in enumerate(plan.inputs):
         try:
-            done = store.write(name, lambda tmp: explain_image(path, plan.loaded, plan.explainers, settings, tmp))
-        except ImageLoadError as exc:
-            skipped.append({"path": str(path), "error": str(exc)})
-            progress.skipped(str(exc))
-            return
-    records.append(done | {"dir": name})
+            digest = file_digest(path)
+        except OSError as exc:
+            message = f"{path}: cannot read ({exc.strerror or exc})"
+            _skip(skipped, index, {"path": str(path), "error": message}, progress)
+            continue
+        name, done = store.locate(path, digest)
+        if name is None:
+            message = f"{path}: every folder name for it in {store.out} is taken"
+            _skip(skipped, index, {"path": str(path), "error": message}, progress)
+        elif done is None:
+            todo.append((index, path, name))
+            continue
+        else:
+            records[index] = done | {"dir": name}
+        progress.image_done()
+    return todo
+
+
+def _skip(skipped: dict[int, dict[str, str]], index: int, entry: dict[str, str], progress: ExplainProgress) -> None:
+    skipped[index] = entry
+    progress.skipped(entry["error"])
 
 
 def _page_context(plan: ExplainPlan, records: list[dict[str, Any]], skipped: list[dict[str, str]]) -> dict[str, Any]:
