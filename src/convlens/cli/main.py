@@ -17,6 +17,7 @@ from convlens.cli.explain import console, execute, explain
 from convlens.cli.labels import global_command, labels_command
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
+from convlens.cli.tcav import tcav_command
 from convlens.runners.explain import ExplainConfig
 from convlens.runners.explain_methods import ExplainerSpec
 
@@ -127,6 +128,7 @@ app.add_typer(study_app, name="study")
 app.command(name="serve")(serve_command)
 app.command(name="labels")(labels_command)
 app.command(name="global")(global_command)
+app.command(name="tcav")(tcav_command)
 
 if __name__ == "__main__":
     app()

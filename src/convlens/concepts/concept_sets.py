@@ -21,7 +21,8 @@ objects, each pasted at a random place on the same mid-grey canvas.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -129,9 +130,25 @@ class RandomSets:
             self._sets[key] = ConceptSet(f"random-{index}-n{size}", self.pool[rows])
         return self._sets[key]
 
-    def runs(self, size: int, count: int) -> list[ConceptSet]:
-        """Random sets 0 .. count-1 of ``size`` images."""
-        return [self.draw(size, i) for i in range(count)]
+    def runs(self, size: int, count: int, exclude: Collection[str] = ()) -> list[ConceptSet]:
+        """``count`` distinct random sets of ``size`` images: sets 0, 1, 2, ... in order, skipping a set that
+        repeats an earlier one or whose digest is in ``exclude`` (e.g. the concept's own: a CAV needs two
+        different sets). With a pool much larger than ``size`` nothing is skipped: sets 0 .. count-1."""
+        if math.comb(self.pool.shape[0], size) < count + len(exclude):
+            raise ValueError(f"a pool of {self.pool.shape[0]} images has fewer than {count} distinct sets of {size} "
+                             f"images besides the {len(exclude)} excluded")
+        sets: list[ConceptSet] = []
+        seen = set(exclude)
+        index = 0
+        while len(sets) < count:
+            if index >= 100 * (count + len(exclude)) + 1000:
+                raise ValueError(f"could not draw {count} distinct sets of {size} from a pool of {self.pool.shape[0]}")
+            drawn = self.draw(size, index)
+            index += 1
+            if drawn.digest not in seen:
+                seen.add(drawn.digest)
+                sets.append(drawn)
+        return sets
 
 
 # --- synthetic benchmark concepts -------------------------------------------------------------------------

@@ -308,7 +308,8 @@ class TCAVRunner:
     ) -> TCAVReport:
         """Test every concept of ``concepts[k]`` for class k on the images ``class_inputs[k]``.
 
-        Random sets of each concept's size come from ``random_sets`` (one pool, or one per class).
+        Random sets of each concept's size come from ``random_sets`` (one pool, or one per class): the first
+        N distinct sets that differ from the concept (:meth:`RandomSets.runs`).
         """
         plan = self._plan(class_inputs, concepts, random_sets)
         first = next(iter(plan.values()))[0][0]
@@ -321,13 +322,14 @@ class TCAVRunner:
         for class_id, entries in plan.items():
             with timer("gradients"):
                 sens = layer_sensitivities(self.model, class_inputs[class_id], layers, class_id, self.batch_size)
-            nulls: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+            nulls: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
             class_tests = []
             for concept, randoms in entries:
+                key = tuple(r.digest for r in randoms)  # concepts of one size share their random sets (and null)
                 for layer in layers:
-                    if (layer, concept.size) not in nulls:
-                        nulls[layer, concept.size] = self._null(sens[layer], randoms, layer, cavs, timer)
-                    null = nulls[layer, concept.size]
+                    if (layer, key) not in nulls:
+                        nulls[layer, key] = self._null(sens[layer], randoms, layer, cavs, timer)
+                    null = nulls[layer, key]
                     class_tests.append(self._test(class_id, concept, randoms, layer, sens[layer], null, cavs, timer))
             adjusted = holm([t.comparison.p for t in class_tests])
             tests += [replace(t, p_holm=float(p)) for t, p in zip(class_tests, adjusted, strict=True)]
@@ -356,7 +358,7 @@ class TCAVRunner:
             if len(set(names)) != len(names):
                 raise ValueError(f"class {class_id}: concept names must be unique, got {names}")
             pool = random_sets[class_id] if isinstance(random_sets, Mapping) else random_sets
-            plan[class_id] = [(s, pool.runs(s.size, self.random_runs)) for s in sets]
+            plan[class_id] = [(s, pool.runs(s.size, self.random_runs, exclude=(s.digest,))) for s in sets]
         return plan
 
     @staticmethod

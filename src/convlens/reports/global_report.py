@@ -92,16 +92,41 @@ def read_tcav(path: Path | None) -> dict[tuple[str, str], list[dict[str, str]]]:
     return dict(found)
 
 
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _details(row: dict[str, str], keys: Sequence[str]) -> str:
+    """``key=value`` pairs, numbers to 3 significant digits."""
+    shown = [(k, row[k]) for k in keys if row.get(k)]
+    return ", ".join(f"{k}={v if _float(v) is None else format(_float(v), '.3g')}" for k, v in shown)
+
+
 def tcav_verdict(rows: Sequence[dict[str, str]] | None) -> str:
-    """'yes (layer, p, effect)' for significant layers, 'no (n layers tested)', or 'not tested'."""
+    """'yes: layer (direction, p, effect)' per significant layer; 'no (n layers tested)' with the smallest
+    p; 'not tested: <reason>' for a concept ``convlens tcav`` skipped; or 'not tested'."""
     if not rows:
         return "not tested"
-    significant = [r for r in rows if str(r.get("significant", "")).strip().lower() in ("true", "1", "yes")]
+    tested = [r for r in rows if str(r.get("significant", "")).strip()]
+    if not tested:
+        reason = next((r["verdict"] for r in rows if str(r.get("verdict", "")).startswith("skipped: ")), "")
+        return f"not tested: {reason.removeprefix('skipped: ')}" if reason else "not tested"
+    significant = [r for r in tested if str(r.get("significant", "")).strip().lower() in ("true", "1", "yes")]
     if not significant:
-        return f"no ({len(rows)} layer{'s' if len(rows) != 1 else ''} tested)"
+        head = f"no ({len(tested)} layer{'s' if len(tested) != 1 else ''} tested)"
+        scored = [r for r in tested if _float(r.get("p_value")) is not None]
+        if not scored:
+            return head
+        best = min(scored, key=lambda r: _float(r["p_value"]) or 0.0)
+        extra = _details(best, ("direction", "effect_size"))
+        return f"{head}: smallest {_details(best, ('p_value',))} at {best.get('layer', '?')}" + (
+            f" ({extra})" if extra else "")
     parts = []
     for r in significant:
-        extra = ", ".join(f"{k}={r[k]}" for k in ("direction", "p_value", "effect_size") if r.get(k))
+        extra = _details(r, ("direction", "p_value", "effect_size"))
         parts.append(f"{r.get('layer', '?')}" + (f" ({extra})" if extra else ""))
     return "yes: " + "; ".join(parts)
 

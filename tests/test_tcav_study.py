@@ -1,0 +1,335 @@
+"""``convlens tcav`` on a study's own concepts: the concept sets against a literal re-computation, the
+skipping rules, the command end to end on a small labels folder built here from tiny INV runs, bad input,
+and the verdicts in the global report.
+
+The labels folder: two classes, four images each (scikit-image pictures, rotated), a tiny CNN explained by
+INV at its three conv layers; every cluster is played by hand-written plays — heaviest cluster of a layer
+"stripes", the others "fur", each with one extra right guess of the other label at level 5 (so clusters
+carry both labels, and the level of a region must come from its own label's plays).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from convlens.cli.main import app
+from convlens.concepts.concept_sets import RandomSets
+from convlens.concepts.label_files import read_labels
+from convlens.concepts.label_pipeline import LabelSettings, run_labels
+from convlens.concepts.study_concepts import (
+    StudyConceptError,
+    build_study_concepts,
+    check_model,
+    concept_size,
+    model_input,
+)
+from convlens.concepts.tcav_stats import holm
+from convlens.models import LoadedModel, register_model
+from convlens.models.preprocessing import Preprocessing
+from convlens.models.zoo import unregister_model
+from convlens.reports.global_report import build_global, tcav_verdict
+from convlens.study.reveal import REVEAL_PERCENTAGES, reveal_image
+from labels_helpers import ToyEmbedder, make_play, write_export
+
+CLASSES = ["cat", "coffee", "astronaut", "rocket", "horse"]
+PICTURES = {"cat": "chelsea", "coffee": "coffee"}
+LAYERS = ["block1.2", "block2.2", "block3.1"]
+SIZE = 64
+MODEL = "tcav-study-tiny"
+PREP = Preprocessing(size=SIZE, resize=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+TABLE = {"stripes": [1.0, 0.0, 0.0], "fur": [0.0, 1.0, 0.0]}
+SIGMA_BY_FACTOR = {2: 3.0, 4: 6.0, 8: 12.0, 16: 16.0, 32: 24.0}  # spec 4.4 (heatmap_utils.py)
+
+
+def _loaded(make_model: Any, seed: int = 0) -> LoadedModel:
+    return LoadedModel(MODEL, make_model(seed=seed, num_classes=5, width=8), PREP, list(CLASSES), True, "test")
+
+
+def _pictures() -> list[tuple[str, str, Image.Image]]:
+    import skimage.data
+
+    found = []
+    for class_name, picture in PICTURES.items():
+        pixels = np.asarray(getattr(skimage.data, picture)())[..., :3]
+        for turns in range(4):
+            image = Image.fromarray(np.ascontiguousarray(np.rot90(pixels, turns))).resize(
+                (SIZE, SIZE), Image.Resampling.BILINEAR)
+            found.append((class_name, f"{picture}{turns}", image))
+    return found
+
+
+def _inv_run(root: Path, make_model: Any) -> Path:
+    """``convlens explain --method inv``-shaped run: <name>/inv/{inv.json, input.png, ...}."""
+    from convlens.concepts import INV
+
+    inv = INV(_loaded(make_model), layers=LAYERS)
+    for class_name, name, image in _pictures():
+        x = PREP(image)[None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            explanation = inv.explain(x, target=CLASSES.index(class_name),
+                                      image_id=hashlib.sha256(np.asarray(image).tobytes()).hexdigest())
+        explanation.save(root / name / "inv", image=image)
+    return root
+
+
+def _levels(depth: int, index: int) -> list[int]:
+    """Levels of a cluster's plays of its main label: mean depth + index/2 (ceil tested by hand)."""
+    return [depth, min(depth + index, 5)]
+
+
+def _export(root: Path, run: Path, label_of: Any) -> Path:
+    from convlens.concepts import load_inv_explanation
+
+    rounds, plays = [], []
+    for folder in sorted(run.glob("*/inv")):
+        e = load_inv_explanation(folder)
+        for depth, layer in enumerate(e.layers):
+            for c in layer.clusters:
+                r = {"round_id": f"r-{c.id}", "cluster_id": c.id, "image_id": e.image_id,
+                     "image_name": folder.parent.name, "layer": layer.name, "layer_depth": depth, "n_layers": 3,
+                     "cluster_index": c.index, "cluster_weight": c.weight, "fmap_count": len(c.channels),
+                     "true_class": e.target_name, "gold": False, "inv_run": "run"}
+                rounds.append(r)
+                main = label_of(e.target_name, depth, c.index)
+                other = "" if not main else "fur" if main == "stripes" else "stripes"
+                for i, level in enumerate(_levels(depth, c.index)):
+                    plays.append(make_play(f"{c.id}-{i}", r, "win", level, main))
+                plays.append(make_play(f"{c.id}-x", r, "win", 5, other))
+    study = {"study_id": "tcav-test", "classes": CLASSES[:2], "inv_runs": [{"name": "run", "path": str(run)}],
+             "reveal_levels": {str(i): q for i, q in enumerate(REVEAL_PERCENTAGES)}}
+    return write_export(root / "export", rounds, plays, study)
+
+
+def _default_label(class_name: str, depth: int, index: int) -> str:
+    return "stripes" if index == 0 else "fur"
+
+
+def _labels(root: Path, run: Path, label_of: Any = _default_label) -> Path:
+    export = _export(root, run, label_of)
+    run_labels(export, root / "labels", ToyEmbedder(TABLE), settings=LabelSettings(n_bootstrap=10))
+    return root / "labels"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory, make_model: Any) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tcav-study")
+    run = _inv_run(root / "run", make_model)
+    return run, _labels(root, run)
+
+
+@pytest.fixture
+def registered(make_model: Any) -> Any:
+    register_model(MODEL, lambda weights: _loaded(make_model, seed=0 if weights is None else 1))
+    yield
+    unregister_model(MODEL)
+
+
+def _literal_reveal(image: np.ndarray, cluster_map: np.ndarray, percent: float) -> np.ndarray:
+    """Spec 4.4 written out: tile the h x h map by f = H / h, keep the top ``percent`` % (percentile
+    threshold), blur the binary mask with scikit-image (sigma by f, truncate 1.5), multiply, truncate."""
+    from skimage.filters import gaussian
+
+    factor = image.shape[0] // cluster_map.shape[0]
+    tiled = np.kron(np.asarray(cluster_map, dtype=np.float64), np.ones((factor, factor)))
+    mask = (tiled >= np.percentile(tiled, 100 - percent)).astype(np.float64)
+    soft = gaussian(mask, sigma=SIGMA_BY_FACTOR.get(factor, 3.0), truncate=1.5, mode="nearest", preserve_range=True)
+    return (image.astype(np.float64) * soft[..., None]).astype(np.uint8)
+
+
+def _by_hand_levels(labels_dir: Path) -> dict[tuple[str, str], int]:
+    """(cluster, best label) -> ceil(mean level of that label's plays), from the audit trail."""
+    levels: dict[tuple[str, str], list[int]] = {}
+    with (labels_dir / "audit.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["label"]:
+                levels.setdefault((row["cluster_id"], row["label"]), []).append(int(row["level"]))
+    return {k: math.ceil(sum(v) / len(v)) for k, v in levels.items()}
+
+
+def test_concept_images_are_the_game_reveal_at_the_guessing_level(study: tuple[Path, Path], make_model: Any) -> None:
+    _, labels_dir = study
+    folder = read_labels(labels_dir)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4, 8), random_runs=5)
+    levels = _by_hand_levels(labels_dir)
+    best = {row["cluster_id"]: row["best_labels"] for row in folder.clusters}
+    tested = [(name, c) for name, k in concepts.class_ids.items() for c in concepts.concepts[k]]
+    assert sorted((n, c.name) for n, c in tested) == [("cat", "fur"), ("cat", "stripes"), ("coffee", "fur"),
+                                                      ("coffee", "stripes")]
+    for name, concept in tested:
+        regions = concepts.regions[(name, concept.name)]
+        assert concept.size == len(regions) == 8
+        for region, tensor in zip(regions, concept.images, strict=True):
+            assert best[region.cluster_id] == concept.name  # a cluster whose best label is the concept
+            assert region.level == levels[(region.cluster_id, concept.name)]  # its own label's plays only
+            inv = concepts.images[region.image_id]
+            pixels = np.asarray(Image.open(inv.folder / "input.png").convert("RGB"))
+            cluster_map = np.load(next(inv.folder.glob(f"L*_{region.layer}/c{region.cluster_id.rsplit(':', 1)[1]}"
+                                                       "_feature.npy")))
+            literal = _literal_reveal(pixels, cluster_map, REVEAL_PERCENTAGES[region.level])
+            expected = torch.from_numpy(literal.astype(np.float32) / 255.0).permute(2, 0, 1)
+            assert torch.equal(tensor, expected)  # mean 0, std 1: the model's input is the revealed picture / 255
+
+
+def test_input_png_is_the_models_view(study: tuple[Path, Path], make_model: Any) -> None:
+    """The INV input was PREP(image); input.png through model_input gives the same tensor, and the model
+    reproduces every run's recorded score; another model's weights do not."""
+    _, labels_dir = study
+    concepts = build_study_concepts(read_labels(labels_dir), model_input(PREP), reveal_image, sizes=(4,),
+                                    random_runs=5)
+    originals = {name: image for _, name, image in _pictures()}
+    for image in concepts.images.values():
+        x = PREP(originals[image.folder.parent.name])
+        assert torch.equal(model_input(PREP)(image.pixels), x)
+    assert all(c.matches for c in check_model(_loaded(make_model).module, concepts.images, model_input(PREP)))
+    assert not any(c.matches for c in check_model(_loaded(make_model, 1).module, concepts.images, model_input(PREP)))
+
+
+def test_pool_holds_every_labelled_region_of_the_class(study: tuple[Path, Path]) -> None:
+    _, labels_dir = study
+    folder = read_labels(labels_dir)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4,), random_runs=5)
+    for name, k in concepts.class_ids.items():
+        labelled = [r for r in folder.clusters if r["class"] == name and r["best_labels"]]
+        assert concepts.pools[name] == len(labelled) == concepts.random_sets[k].pool.shape[0]
+        concept_rows = {tuple(t.flatten()[:50].tolist()) for c in concepts.concepts[k] for t in c.images}
+        pool_rows = {tuple(t.flatten()[:50].tolist()) for t in concepts.random_sets[k].pool}
+        assert concept_rows <= pool_rows  # the concept's regions are drawn from the pool too
+
+
+def test_sizes_and_skipping_rules() -> None:
+    assert concept_size(25, 100, (10, 20, 40)) == 20  # largest size the concept fills
+    assert concept_size(25, 30, (10, 20, 40)) == 10  # the pool must be twice as large
+    assert concept_size(9, 100, (10, 20, 40)) is None and concept_size(10, 19, (10, 20)) is None
+    assert concept_size(2, 4, (2,), random_runs=5) == 2  # C(4, 2) = 6 > 5 distinct random sets
+    assert concept_size(2, 4, (2,), random_runs=6) is None
+
+
+def test_random_sets_are_distinct_and_never_the_concept() -> None:
+    pool = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    sets = RandomSets(pool, seed=3)
+    first = sets.draw(2, 0)
+    runs = sets.runs(2, 5, exclude=(first.digest,))
+    digests = [s.digest for s in runs]
+    assert len(set(digests)) == 5 and first.digest not in digests  # 6 pairs: all but the excluded one
+    with pytest.raises(ValueError, match="fewer than 6 distinct sets"):
+        sets.runs(2, 6, exclude=(first.digest,))
+    big = RandomSets(torch.randn(50, 3, 2, 2), seed=1)
+    assert [s.digest for s in big.runs(5, 4)] == [big.draw(5, i).digest for i in range(4)]  # nothing skipped
+
+
+def test_small_labels_are_skipped_with_their_reason(study: tuple[Path, Path]) -> None:
+    _, labels_dir = study
+    concepts = build_study_concepts(read_labels(labels_dir), model_input(PREP), reveal_image, sizes=(12,),
+                                    random_runs=5)
+    skipped = {(s.class_name, s.label): s for s in concepts.skipped}
+    stripes = skipped[("cat", "stripes")]  # one "stripes" cluster per layer and image: 12 at most
+    assert stripes.regions == concepts.available.get(("cat", "stripes"), stripes.regions) <= 12
+    assert "fewer than the smallest concept size 12" in stripes.reason or "pool" in stripes.reason
+    described = concepts.describe()
+    assert {(s["class_name"], s["label"]) for s in described["skipped"]} == set(skipped)
+
+
+def _cli(*args: str) -> Any:
+    return CliRunner().invoke(app, ["tcav", *args])
+
+
+def test_cli_end_to_end_and_the_global_report(study: tuple[Path, Path], tmp_path: Path, registered: None) -> None:
+    _, labels_dir = study
+    labels = tmp_path / "labels"
+    shutil.copytree(labels_dir, labels)
+    out = tmp_path / "tcav"
+    result = _cli(str(labels), "--out", str(out), "--sizes", "4,8", "--random-runs", "5")
+    assert result.exit_code == 0, result.output
+    assert "warning: TCAV with 5 random runs" in result.output
+    with (out / "tcav.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    tests = [r for r in rows if r["layer"]]
+    assert sorted({(r["class"], r["concept"], r["layer"]) for r in tests}) == sorted(
+        (c, label, layer) for c in PICTURES for label in ("fur", "stripes") for layer in LAYERS)
+    for name in PICTURES:  # Holm over all tests of a class, recomputed from the raw p values
+        mine = [r for r in tests if r["class"] == name]
+        assert np.allclose(holm([float(r["p"]) for r in mine]), [float(r["p_value"]) for r in mine])
+        for r in mine:
+            assert r["significant"] == str(float(r["p_value"]) < 0.05)
+            assert r["direction"] == ("positive" if float(r["mean_difference"]) > 0 else "negative")
+    manifest = json.loads((out / "tcav.json").read_text())
+    assert manifest["model"]["name"] == MODEL and manifest["model"]["check"]["all_match"]
+    assert manifest["layers"] == LAYERS and manifest["random_runs"] == 5
+    assert manifest["concepts"]["classes"]["cat"]["concepts"]["stripes"]["size"] == 8
+    assert (labels / "tcav.csv").read_text() == (out / "tcav.csv").read_text()  # placed for convlens global
+    build_global(labels, tmp_path / "global", n_bootstrap=10)
+    page = (tmp_path / "global" / "cat" / "index.html").read_text()
+    for label in ("fur", "stripes"):
+        mine = [r for r in tests if r["class"] == "cat" and r["concept"] == label]
+        smallest = min(mine, key=lambda r: float(r["p_value"]))
+        assert f"p_value={float(smallest['p_value']):.3g}" in page  # the verdict cell shows p and effect
+        assert f"effect_size={float(smallest['effect_size']):.3g}" in page
+
+
+def test_verdict_cell_texts() -> None:
+    rows = [{"layer": "L0", "significant": "true", "direction": "positive", "p_value": "0.000123456", "effect_size":
+             "4.56789"}, {"layer": "L1", "significant": "false", "direction": "negative", "p_value": "0.5",
+                          "effect_size": "-0.2"}]
+    assert tcav_verdict(rows) == "yes: L0 (direction=positive, p_value=0.000123, effect_size=4.57)"
+    assert tcav_verdict(rows[1:]) == ("no (1 layer tested): smallest p_value=0.5 at L1 (direction=negative, "
+                                      "effect_size=-0.2)")
+    skipped = [{"layer": "", "significant": "", "verdict": "skipped: 3 distinct region(s), fewer than 10"}]
+    assert tcav_verdict(skipped) == "not tested: 3 distinct region(s), fewer than 10"
+    assert tcav_verdict(None) == "not tested"
+
+
+def _fails(args: list[str], out: Path, message: str) -> None:
+    result = _cli(*args, "--out", str(out), "--sizes", "4", "--random-runs", "5")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("error:") == 1, result.output
+    assert not out.exists()  # nothing written
+
+
+def test_bad_input_gives_one_line_and_exit_2(study: tuple[Path, Path], tmp_path: Path, registered: None) -> None:
+    run, labels_dir = study
+    unlabelled = _labels(tmp_path / "u", run, lambda *_: "")  # plays without descriptions
+    _fails([str(unlabelled)], tmp_path / "o1", "no labelled cluster")
+    one = _labels(tmp_path / "one", run, lambda c, d, i: "stripes" if c == "coffee" else _default_label(c, d, i))
+    _fails([str(one)], tmp_path / "o2", "class 'coffee' has one concept ('stripes')")
+    assert _cli(str(one), "--out", str(tmp_path / "o3"), "--sizes", "4", "--random-runs", "5", "--classes",
+                "cat").exit_code == 0  # leaving it out works
+    moved = tmp_path / "moved"
+    shutil.copytree(labels_dir, moved)
+    manifest = json.loads((moved / "labels.json").read_text())
+    manifest["inv_runs"] = {"run": str(tmp_path / "nowhere")}
+    (moved / "labels.json").write_text(json.dumps(manifest))
+    _fails([str(moved)], tmp_path / "o4", "INV run 'run' not found")
+    _fails([str(labels_dir), "--weights", "other.pt"], tmp_path / "o5", "does not reproduce the INV runs")
+    _fails([str(tmp_path / "missing")], tmp_path / "o6", "no such folder")
+    _fails([str(labels_dir), "--classes", "dog"], tmp_path / "o7", "not in the labels folder")
+    _fails([str(labels_dir), "--layers", "block9"], tmp_path / "o8", "--layers")
+
+
+def test_a_run_without_a_recorded_model_needs_model(study: tuple[Path, Path], tmp_path: Path,
+                                                    registered: None) -> None:
+    run, labels_dir = study
+    anonymous = tmp_path / "run"
+    shutil.copytree(run, anonymous)
+    for path in anonymous.glob("*/inv/inv.json"):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "model": None}))
+    _fails([str(labels_dir), "--inv-root", str(anonymous)], tmp_path / "o1", "pass --model")
+    result = _cli(str(labels_dir), "--inv-root", str(anonymous), "--model", MODEL, "--out", str(tmp_path / "o2"),
+                  "--sizes", "4", "--random-runs", "5", "--no-place", "--layers", "block3.1")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(StudyConceptError, match="concept sizes"):
+        build_study_concepts(read_labels(labels_dir), model_input(PREP), reveal_image, sizes=(1,))
