@@ -48,17 +48,22 @@ def report_progress(callback: Callable[[int], None]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def channels_last_model(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Convert 4-D parameters to channels-last for the body and back to contiguous afterwards."""
+    """Convert 4-D parameters to channels-last for the body and back to their own strides afterwards.
+
+    Exactly back: a (C, 1, k, k) depthwise weight is "contiguous" in both layouts, so ``.contiguous()``
+    would keep the channels-last strides, which select other convolution kernels (results 1 ulp apart).
+    """
     if not enabled:
         yield model
         return
-    converted = [p for p in model.parameters() if p.ndim == 4 and p.is_contiguous()]
+    strides = [(p, p.stride()) for p in model.parameters() if p.ndim == 4]
     model.to(memory_format=torch.channels_last)
     try:
         yield model
     finally:
-        for p in converted:
-            p.data = p.data.contiguous()
+        for p, stride in strides:
+            if p.data.stride() != stride:
+                p.data = torch.empty_strided(p.shape, stride, dtype=p.dtype, device=p.device).copy_(p.data)
 
 
 def _one_image(x: torch.Tensor) -> torch.Tensor:
