@@ -15,8 +15,26 @@ from rich.markup import escape
 from rich.table import Table
 
 from convlens.cli.common import CliError, parse_literal
+from convlens.cli.engines import (
+    AddressOption,
+    EngineChoice,
+    EngineOption,
+    GpusOption,
+    ThreadsOption,
+    WorkersOption,
+    engine_session,
+    ray_options,
+)
 from convlens.cli.explain import parse_params
-from convlens.runners.evaluate import PRESETS, EvaluationConfig, EvaluationError, run_evaluation
+from convlens.runners.evaluate import (
+    PRESETS,
+    Engine,
+    EvaluationConfig,
+    EvaluationError,
+    embedded_engine,
+    run_evaluation,
+)
+from convlens.runners.ray_engine import RayEngineError  # no Ray import: Ray loads only for --engine ray
 from convlens.runners.store import SettingsMismatchError
 
 __all__ = ["DEFAULT_METRICS", "evaluate", "parse_metric_params"]
@@ -83,19 +101,21 @@ def evaluate(
     ] = None,
     targets: Annotated[str, typer.Option(help="label (each annotated class) or predicted.")] = "label",
     param: Annotated[list[str] | None, typer.Option(help="Method parameter METHOD.KEY=VALUE (repeatable).")] = None,
-    metric_param: Annotated[
-        list[str] | None, typer.Option(help="Metric parameter METRIC.KEY=VALUE (repeatable).")
-    ] = None,
-    metric_score: Annotated[
-        str | None, typer.Option(help="Score judged by model-truth metrics: softmax | sigmoid | logit.")
-    ] = None,
+    metric_param: Annotated[list[str] | None, typer.Option(help="Metric parameter METRIC.KEY=VALUE (repeat).")] = None,
+    metric_score: Annotated[str | None, typer.Option(help="Model-truth metrics' score: softmax|sigmoid|logit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     samples: Annotated[int, typer.Option(help="Overlays shown in the report for the first N images.")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Discard a previous run in --out made with other settings.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+    engine: EngineOption = "embedded",
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = None,
+    threads_per_worker: ThreadsOption = 1,
+    ray_address: AddressOption = None,
 ) -> None:
     """Evaluate methods on a dataset: per-image CSV, summary (mean, 95 % CI) as Markdown/CSV/HTML; resumable."""
+    choice = _engine_choice(engine, workers, gpus_per_worker, threads_per_worker, ray_address, device)
     chosen = _preset(preset)
     if data is None:
         _no_data(preset, chosen)
@@ -111,9 +131,9 @@ def evaluate(
         data_format=data_format, annotations=annotations, images=images, split=split, limit=limit,  # type: ignore[arg-type]
         targets=targets, method_params=method_params, metric_params=metric_params,  # type: ignore[arg-type]
         metric_score=metric_score or (chosen["metric_score"] if chosen else "softmax"),  # type: ignore[arg-type]
-        batch_size=batch_size, device=device, n_samples=samples, overwrite=overwrite, preset=preset,
+        batch_size=batch_size, device=choice.driver_device, n_samples=samples, overwrite=overwrite, preset=preset,
     )
-    _run(config, progress)
+    _run(config, progress, choice)
 
 
 def _preset(name: str | None) -> dict[str, Any] | None:
@@ -164,10 +184,11 @@ def _parameters(
     return {k: v for k, v in method_params.items() if v}, metric_params
 
 
-def _run(config: EvaluationConfig, progress: bool) -> None:
+def _run(config: EvaluationConfig, progress: bool, choice: EngineChoice) -> None:
     try:
-        result = run_evaluation(config, show_progress=progress)
-    except (EvaluationError, SettingsMismatchError) as exc:
+        with engine_session(choice):
+            result = run_evaluation(config, show_progress=progress, engine=_engine(choice))
+    except (EvaluationError, SettingsMismatchError, CliError, RayEngineError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         out = escape(str(config.out))
@@ -179,6 +200,21 @@ def _run(config: EvaluationConfig, progress: bool) -> None:
         console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})")
     typer.echo(f"{result.n_images} images; tables: {result.files['summary_md']}, {result.files['per_image']}; "
                f"report: {result.files['report']}")
+
+
+def _engine_choice(*options: Any) -> EngineChoice:
+    try:
+        return ray_options(*options)
+    except CliError as exc:
+        _fail(str(exc))
+
+
+def _engine(choice: EngineChoice) -> Engine:
+    if choice.ray is None:
+        return embedded_engine
+    from convlens.runners.ray_engine import RayEvaluateEngine
+
+    return RayEvaluateEngine(choice.ray)
 
 
 def _registered(method: str) -> bool:

@@ -17,15 +17,28 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from convlens.cli.common import CliError, fail
+from convlens.cli.engines import (
+    AddressOption,
+    EngineChoice,
+    EngineOption,
+    GpusOption,
+    ThreadsOption,
+    WorkersOption,
+    engine_session,
+    ray_options,
+)
 from convlens.core.params import ParamError
 from convlens.runners.explain import (
     ExplainConfig,
+    ExplainEngine,
     ExplainError,
     ExplainResult,
+    embedded_explain_engine,
     execute_explain,
     prepare_explain,
 )
 from convlens.runners.explain_methods import parse_method_params
+from convlens.runners.ray_engine import RayEngineError  # no Ray import: Ray loads only for --engine ray
 
 __all__ = ["explain", "parse_params", "run_command"]
 
@@ -56,7 +69,9 @@ class _RichProgress:
         self.progress.console.print(f"waiting: another convlens run is writing to {escape(str(out))} ...")
 
 
-def run_command(config: ExplainConfig, output: Console | None = None) -> ExplainResult:
+def run_command(
+    config: ExplainConfig, output: Console | None = None, engine: ExplainEngine = embedded_explain_engine
+) -> ExplainResult:
     """Run ``config`` with progress bars on ``output``; ExplainError / OSError / KeyboardInterrupt propagate."""
     output = output or console
     plan = prepare_explain(config)  # every check first: a bad input shows no progress bar
@@ -65,17 +80,21 @@ def run_command(config: ExplainConfig, output: Console | None = None) -> Explain
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=output, transient=False) as progress:
-        result = execute_explain(plan, _RichProgress(progress))
+        result = execute_explain(plan, _RichProgress(progress), engine)
     page = escape(str(result.out / "index.html"))
     output.print(f"[green]wrote[/] {page} ({len(result.records)} image(s), {len(result.skipped)} skipped)")
     return result
 
 
-def execute(config: ExplainConfig) -> ExplainResult:
-    """:func:`run_command` with the command line's error handling: exits 2 (bad input) or 130 (Ctrl-C)."""
+def execute(config: ExplainConfig, choice: EngineChoice | None = None) -> ExplainResult:
+    """:func:`run_command` with the command line's error handling: exits 2 (bad input) or 130 (Ctrl-C).
+
+    ``choice``: the engine (default: this process)."""
+    choice = choice or EngineChoice(None, config.device)
     try:
-        return run_command(config)
-    except (ExplainError, CliError) as exc:
+        with engine_session(choice):
+            return run_command(config, engine=_engine(choice))
+    except (ExplainError, CliError, RayEngineError) as exc:
         fail(console, str(exc))
     except OSError as exc:
         fail(console, f"cannot write the results: {exc}")
@@ -102,13 +121,31 @@ def explain(
     ] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help="Show each layer's/block's map.")] = False,
     resume: Annotated[bool, typer.Option(help="Skip images already explained with the same settings.")] = True,
+    engine: EngineOption = "embedded",
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = None,
+    threads_per_worker: ThreadsOption = 1,
+    ray_address: AddressOption = None,
 ) -> None:
     """Explain images: overlays, .npy maps, results JSON and index.html with all maps side by side."""
+    try:
+        choice = ray_options(engine, workers, gpus_per_worker, threads_per_worker, ray_address, device)
+    except CliError as exc:
+        fail(console, str(exc))
     config = ExplainConfig(
         inputs=inputs, model=model, weights=weights, methods=method.split(","), target=target, layers=layers,
-        out=out, device=device, batch_size=batch_size, params=param or [], per_block=per_block, resume=resume,
+        out=out, device=choice.driver_device, batch_size=batch_size, params=param or [], per_block=per_block,
+        resume=resume,
     )
-    raise typer.Exit(code=execute(config).exit_code)
+    raise typer.Exit(code=execute(config, choice).exit_code)
+
+
+def _engine(choice: EngineChoice) -> ExplainEngine:
+    if choice.ray is None:
+        return embedded_explain_engine
+    from convlens.runners.ray_engine import RayExplainEngine
+
+    return RayExplainEngine(choice.ray)
 
 
 def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
