@@ -26,14 +26,7 @@ from convlens.cli.engines import (
     ray_options,
 )
 from convlens.cli.explain import parse_params
-from convlens.runners.evaluate import (
-    PRESETS,
-    Engine,
-    EvaluationConfig,
-    EvaluationError,
-    embedded_engine,
-    run_evaluation,
-)
+from convlens.runners.evaluate import PRESETS, Engine, EvaluationConfig, EvaluationError, run_evaluation
 from convlens.runners.ray_engine import RayEngineError  # no Ray import: Ray loads only for --engine ray
 from convlens.runners.store import SettingsMismatchError
 
@@ -187,7 +180,7 @@ def _parameters(
 def _run(config: EvaluationConfig, progress: bool, choice: EngineChoice) -> None:
     try:
         with engine_session(choice):
-            result = run_evaluation(config, show_progress=progress, engine=_engine(choice))
+            result = run_evaluation(config, show_progress=progress, **_engine(choice))
     except (EvaluationError, SettingsMismatchError, CliError, RayEngineError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -209,12 +202,13 @@ def _engine_choice(*options: Any) -> EngineChoice:
         _fail(str(exc))
 
 
-def _engine(choice: EngineChoice) -> Engine:
+def _engine(choice: EngineChoice) -> dict[str, Engine]:
+    """``run_evaluation``'s engine argument: none for the embedded default."""
     if choice.ray is None:
-        return embedded_engine
+        return {}
     from convlens.runners.ray_engine import RayEvaluateEngine
 
-    return RayEvaluateEngine(choice.ray)
+    return {"engine": RayEvaluateEngine(choice.ray)}
 
 
 def _registered(method: str) -> bool:
