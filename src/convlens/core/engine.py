@@ -8,7 +8,8 @@ time here. The engine
 * writes each masked chunk into one pre-allocated buffer (``torch.mul(..., out=)``), so the hot loop
   allocates nothing but the model's own activations;
 * runs under ``torch.inference_mode`` in eval mode (the model's flags are restored), optionally with
-  channels-last memory format (faster convolutions on recent CPUs and GPUs) and autocast on CUDA;
+  channels-last memory format (faster convolutions on recent CPUs and GPUs), bf16/fp16 autocast and a
+  compiled model (:mod:`convlens.core.acceleration`: off unless asked);
 * returns only the requested target scores (N x T), and optionally hands each chunk with its scores
   to ``on_chunk`` for streaming accumulation (RISE's saliency sum).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from convlens.core.acceleration import autocast, engine_forward, engine_precision, to_device
 from convlens.core.hooks import eval_mode
 from convlens.core.targets import OutputAdapter, ScoreKind, adapt_output, class_scores
 
@@ -87,7 +89,10 @@ class MaskedForwardEngine:
         batch_size: masked inputs per forward pass.
         output_adapter: maps the raw model output to (B, classes) logits.
         channels_last: use channels-last memory format (default: on for CPU and CUDA).
-        autocast: bf16/fp16 autocast on CUDA (ignored on CPU).
+        autocast: fp16 autocast on CUDA (ignored on CPU); ``precision`` says more.
+        precision: ``fp32`` / ``bf16`` / ``fp16`` autocast of the masked forwards (default: the ambient
+            :func:`convlens.core.acceleration.accelerated` setting, fp32 unless asked).
+        compile: ``torch.compile`` the model for the masked forwards (True or a mode; default: ambient, off).
     """
 
     model: nn.Module
@@ -96,6 +101,8 @@ class MaskedForwardEngine:
     output_adapter: OutputAdapter | None = None
     channels_last: bool = True
     autocast: bool = False
+    precision: str | None = None
+    compile: bool | str | None = None
     forward_passes: int = field(default=0, init=False)
 
     def _device(self) -> torch.device:
@@ -150,13 +157,14 @@ class MaskedForwardEngine:
         buffer = torch.empty((self.batch_size, *x.shape), device=device, dtype=x.dtype).to(
             memory_format=memory_format
         )
-        use_autocast = self.autocast and device.type == "cuda"
+        precision = engine_precision(self.precision, self.autocast, device)
+        forward = engine_forward(self.model, self.compile)
         progress = _progress.get()
         outputs: list[torch.Tensor] = []
         # parameters change memory format outside inference mode, so they never become inference tensors
         with eval_mode(self.model), channels_last_model(self.model, self.channels_last), torch.inference_mode():
             for chunk in self._chunks(masks):
-                chunk = chunk.to(device=device, dtype=x.dtype, non_blocking=True)
+                chunk = to_device(chunk, device, x.dtype)  # pinned, asynchronous from CPU to CUDA
                 n = chunk.shape[0]
                 if n > buffer.shape[0]:
                     buffer = torch.empty((n, *x.shape), device=device, dtype=x.dtype).to(
@@ -166,8 +174,8 @@ class MaskedForwardEngine:
                 torch.mul(delta, chunk, out=batch)
                 if base is not None:
                     batch.add_(base)
-                with torch.autocast("cuda", enabled=use_autocast):
-                    logits = adapt_output(self.model(batch), self.output_adapter)
+                with autocast(device, precision):
+                    logits = adapt_output(forward(batch), self.output_adapter)
                 scores = class_scores(logits.float(), ids.expand(n, -1), self.score)
                 self.forward_passes += n
                 if on_chunk is not None:

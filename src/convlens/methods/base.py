@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from convlens.core.acceleration import current_acceleration, memory_batch_size, to_device
 from convlens.core.binding import ModelBinding
 from convlens.core.explanation import Explanation
 from convlens.core.hooks import forward_with_grads
@@ -64,6 +65,8 @@ class Explainer(abc.ABC):
     default_layers: ClassVar[LayerSpec] = "last"
     default_score: ClassVar[ScoreKind] = "logit"
     Params: ClassVar[type[MethodParams]] = NoParams
+    # ``batch_size`` counts inference-only forwards (so "auto" may size it from inference memory)
+    masked_batches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -131,10 +134,28 @@ class Explainer(abc.ABC):
         """Explain a batch ``x`` (B, C, H, W) — or one image (C, H, W) — for ``targets``.
 
         ``targets``: None/"auto" (predicted class), an int or class name for all images, or one
-        class id per image.
+        class id per image. Within :func:`convlens.core.acceleration.accelerated`, the masked forwards use
+        its precision and batch size (recorded in ``params``); a CPU image goes to a GPU through pinned memory.
         """
-        x = as_image_batch(x)
-        x = x.to(self.device, dtype=torch.float32)
+        x = to_device(as_image_batch(x), self.device, torch.float32)
+        chosen = self._accelerated_batch_size(x)
+        if chosen is None or chosen == self.batch_size:
+            return self._explain_batch(x, targets)
+        default, self.batch_size = self.batch_size, chosen
+        try:
+            return self._explain_batch(x, targets)
+        finally:
+            self.batch_size = default
+
+    def _accelerated_batch_size(self, x: torch.Tensor) -> int | None:
+        """The ambient batch size: an int, or ``"auto"`` sized from free GPU memory (masked-forward methods)."""
+        acceleration = current_acceleration()
+        if acceleration.batch_size == "auto" and self.masked_batches:
+            return memory_batch_size(self.model, x[0], acceleration.precision, acceleration.memory_fraction,
+                                     acceleration.max_batch_size)
+        return acceleration.batch_size if isinstance(acceleration.batch_size, int) else None
+
+    def _explain_batch(self, x: torch.Tensor, targets: TargetSpec) -> Explanation:
         start = time.perf_counter()
         logits = self.logits(x)
         class_ids = self.binding.targets(logits, targets)
@@ -150,7 +171,7 @@ class Explainer(abc.ABC):
             targets=class_ids.detach().cpu(),
             scores=base_scores.detach().float().cpu(),
             method=self.name,
-            params=self.params(),
+            params=self.params() | _precision_record(),
             layer_maps=out.get("layer_maps", {}),
             layers=list(self._layers or []) if self.uses_layers else [],
             timings=timings,
@@ -170,6 +191,12 @@ class Explainer(abc.ABC):
     @abc.abstractmethod
     def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
         """Compute maps for the batch ``x`` and per-sample ``class_ids``."""
+
+
+def _precision_record() -> dict[str, str]:
+    """``{"precision": ...}`` when the masked forwards ran in reduced precision (nothing for fp32)."""
+    precision = current_acceleration().precision
+    return {} if precision == "fp32" else {"precision": precision}
 
 
 def combine_layer_maps(

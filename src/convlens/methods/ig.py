@@ -43,6 +43,7 @@ class IntegratedGradients(Explainer):
     uses_layers = False
     default_score = "logit"
     Params: ClassVar[type[MethodParams]] = IGParams
+    masked_batches: ClassVar[bool] = False  # its batches carry a backward pass: never sized from inference memory
     config: IGParams
 
     def __init__(self, model: Any, baseline: float | torch.Tensor | None = None, **kwargs: Any) -> None:

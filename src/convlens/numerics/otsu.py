@@ -42,7 +42,7 @@ def code_otsu_threshold(vis_map: torch.Tensor, bins: int = 256, tau: float = 1.5
     4. Bottleneck rule: if fewer than 10 % of the pixels fall in bins ``>= round(tau · t)`` (Python's
        round, half to even) the threshold is ``tau · t / bins``, else ``t / bins``.
     """
-    q = torch.round(vis_map.detach().double().flatten() * bins)
+    q = torch.round(vis_map.detach().double().flatten().cpu() * bins)  # on the CPU, like otsu_threshold
     q = q[(q >= 0) & (q <= bins)]
     hist = torch.bincount(q.long().clamp_max(bins - 1), minlength=bins).double()
     levels = torch.arange(bins, dtype=torch.float64)
