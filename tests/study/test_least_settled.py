@@ -19,12 +19,14 @@ from sqlalchemy import select
 from convlens.study.assignment import POLICIES, Candidate, LeastSettledPolicy, PastPlay
 from convlens.study.db import Play
 from convlens.study.settle import (
+    confidence,
     content_words,
+    description_rate,
     fold_typos,
+    knowledge_gradient,
     one_edit_apart,
     play_value,
     round_evidence,
-    unsettled_probability,
 )
 from study.conftest import ApiPlayer, make_app
 
@@ -53,7 +55,9 @@ def test_one_edit_apart_is_osa_distance_one(a: str, b: str) -> None:
 
 def test_content_words_clean_like_the_label_pipeline() -> None:
     assert content_words("The CAT's <b>Stripes</b>, striped!! 🐯", "cat") == frozenset({"stripe"})
-    assert content_words("I think the wheels", "rocket") == frozenset({"think", "wheel"})
+    assert content_words("I think it looks like wheels", "rocket") == frozenset({"wheel"})  # hedges dropped
+    assert content_words("I think the wheels", "rocket", drop_hedges=False) == frozenset({"think", "wheel"})
+    assert content_words("just a guess", "") == content_words("no idea", "") == frozenset()
     assert content_words("cats", "cat") == frozenset()  # nothing but the class name
     assert content_words("the left side", "side") == frozenset()  # "left": an authors' stop-word
 
@@ -71,25 +75,34 @@ def _beta_cdf_half(a: float, b: float) -> float:
     return value / beta_function(a, b)
 
 
-def test_unsettled_probability_by_hand() -> None:
-    assert unsettled_probability(0, 0, 0) == 1.0  # no description: no label at all
-    assert unsettled_probability(1, 0, 1) == pytest.approx(0.25)  # Beta(2, 1): (1/2)^2
-    assert unsettled_probability(2, 0, 2) == pytest.approx(0.125)  # Beta(3, 1): (1/2)^3
-    assert unsettled_probability(1, 1, 2) == pytest.approx(0.5)
-    assert unsettled_probability(2, 1, 3) == pytest.approx(5 / 16)  # Beta(3, 2): (C(4,3) + C(4,4)) / 2^4
-    assert unsettled_probability(1.7, 1.05, 3) == pytest.approx(_beta_cdf_half(2.7, 2.05), rel=1e-6)
+def test_confidence_and_knowledge_gradient_by_hand() -> None:
+    assert confidence(0, 0) == pytest.approx(0.5)
+    assert confidence(1, 0) == pytest.approx(0.75)  # Beta(2, 1): P(theta > 1/2) = 1 - (1/2)^2
+    assert confidence(2, 0) == pytest.approx(0.875)
+    assert confidence(1, 2) == pytest.approx(11 / 16)  # Beta(2, 3): symmetric to 2-1
+    assert confidence(1.25, 1) == pytest.approx(1 - _beta_cdf_half(2.25, 2), rel=1e-6)
+    assert knowledge_gradient(0, 0) == pytest.approx(0.25)  # 0.75 - 0.5
+    assert knowledge_gradient(1, 1) == pytest.approx(11 / 16 - 0.5)
+    assert knowledge_gradient(1, 0) == pytest.approx(0.875 - 0.75)  # the rival side would only lower it
+    assert knowledge_gradient(2, 0) == pytest.approx(0.9375 - 0.875)
+    five_four = 1 - _beta_cdf_half(6, 5)
+    assert knowledge_gradient(5, 4) == pytest.approx(1 - _beta_cdf_half(7, 5) - five_four, rel=1e-6)
+    assert knowledge_gradient(5, 4) < knowledge_gradient(1, 0)  # a long dispute yields to a fresh question
 
 
 def test_round_evidence_by_hand() -> None:
     plays = [("win", 0, "stripes"), ("win", 0, "dark stripes"), ("win", 2, "wheels"), ("lose", 0, "wheel"),
-             ("resign", 5, "ignored"), ("win", 1, None), ("win", 3, "the left")]
+             ("resign", 5, "ignored"), ("win", 1, None), ("win", 3, "the left"), ("win", 0, "just a guess"),
+             ("win", 4, "i think it looks like stripes")]
     evidence = round_evidence(plays, "cat")
-    assert (evidence.plays, evidence.described) == (7, 4)  # no text, stop-words only and the resign: none
-    assert evidence.votes == pytest.approx({"stripe": 2.0, "dark": 1.0, "wheel": 0.8 + 0.25})
-    assert (evidence.leader, evidence.leader_weight) == ("stripe", 2.0)
-    assert (evidence.rival, evidence.rival_weight) == ("wheel", pytest.approx(1.05))  # "dark" goes with the leader
-    expected = (4 + 1) / (7 + 2) * _beta_cdf_half(3.0, 2.05)
-    assert play_value(evidence) == pytest.approx(expected, rel=1e-6)
+    assert (evidence.plays, evidence.described) == (9, 5)  # no text, stop-words/hedges only, the resign: none
+    assert evidence.votes == pytest.approx({"stripe": 3.0, "dark": 1.0, "wheel": 1.25})  # wrong guess: 1/4
+    assert (evidence.leader, evidence.leader_weight) == ("stripe", 3.0)
+    assert (evidence.rival, evidence.rival_weight) == ("wheel", 1.25)  # "dark" goes with the leader
+    rate = 0.8
+    gain = 1 - _beta_cdf_half(5.0, 2.25) - (1 - _beta_cdf_half(4.0, 2.25))  # one more for the leader
+    assert play_value(evidence, rate) == pytest.approx((5 + 4 * rate) / (9 + 4) * gain, rel=1e-6)
+    assert description_rate([evidence, round_evidence([("resign", 0, None)])]) == pytest.approx((5 + 1) / (10 + 2))
 
 
 def _candidate(name: str, *descriptions: str | None, assigned: int | None = None, gold: bool = False) -> Candidate:
@@ -100,24 +113,36 @@ def _candidate(name: str, *descriptions: str | None, assigned: int | None = None
 
 def test_hand_values_of_typical_rounds() -> None:
     policy = LeastSettledPolicy()
-    assert policy.value(_candidate("fresh")) == pytest.approx(0.5)  # 1 x 1/2
-    assert policy.value(_candidate("split", "stripes", "wheels")) == pytest.approx(0.375)  # 1/2 x 3/4
-    assert policy.value(_candidate("one", "stripes")) == pytest.approx(0.25 * 2 / 3)
-    assert policy.value(_candidate("agree", "stripes", "striped")) == pytest.approx(0.125 * 3 / 4)
-    assert policy.value(_candidate("typo", "stripes", "stripes", "stirpes")) == pytest.approx(1 / 16 * 4 / 5)
-    assert policy.value(_candidate("hopeless", *[None] * 6)) == pytest.approx(1 / 8)  # 1 x (0 + 1) / (6 + 2)
+
+    def value(candidate: Candidate, rate: float = 1.0) -> float:
+        return play_value(policy.evidence(candidate), rate)
+
+    assert value(_candidate("fresh")) == pytest.approx(0.25)
+    assert value(_candidate("split", "stripes", "wheels")) == pytest.approx(0.1875)
+    assert value(_candidate("one", "stripes")) == pytest.approx(0.125)
+    assert value(_candidate("agree", "stripes", "striped")) == pytest.approx(0.0625)
+    assert value(_candidate("typo", "stripes", "stripes", "stirpes")) == pytest.approx(0.96875 - 0.9375)  # 3-0
+    assert value(_candidate("hopeless", *[None] * 6)) == pytest.approx(4 / 10 * 0.25)
+    assert value(_candidate("hopeless", *[None] * 6), rate=0.5) == pytest.approx(2 / 10 * 0.25)
 
 
 @pytest.mark.parametrize(("names", "expected"), [
-    (["fresh", "split", "one", "agree"], "fresh"),  # a round without any label first
-    (["split", "one", "agree"], "split"),  # then the most contested
-    (["one", "agree", "hopeless"], "one"),  # 0.167 > 0.125 (six resigns) > 0.094
-    (["agree", "hopeless"], "hopeless"),  # nobody described it yet, but it loses priority with every resign
+    # rate (5 + 1) / (5 + 2) = 6/7: fresh 6/7 x 0.25 = 0.214 > split 0.905 x 0.1875 = 0.170 > one 0.886 x
+    # 0.125 = 0.111 > agree 0.905 x 0.0625 = 0.057
+    (["fresh", "split", "one", "agree"], "fresh"),
+    (["split", "one", "agree"], "split"),
+    # rate (3 + 1) / (9 + 2) = 0.364: one 0.491 x 0.125 = 0.061 > hopeless 0.145 x 0.25 = 0.0364 ~ agree
+    # 0.576 x 0.0625 = 0.0360
+    (["one", "agree", "hopeless"], "one"),
+    # rate 3/10: agree 0.533 x 0.0625 = 0.033 > hopeless 0.12 x 0.25 = 0.030 (six plays, no description)
+    (["agree", "hopeless"], "agree"),
+    # rate (2 + 1) / (4 + 2) = 0.5: two resigns 2/6 x 0.25 = 0.083 > agree 4/6 x 0.0625 = 0.042
+    (["agree", "resigned"], "resigned"),
 ])
 def test_which_round_is_chosen_next(names: list[str], expected: str) -> None:
     pool = {"fresh": _candidate("fresh"), "split": _candidate("split", "stripes", "wheels"),
             "one": _candidate("one", "stripes"), "agree": _candidate("agree", "stripes", "striped"),
-            "hopeless": _candidate("hopeless", *[None] * 6)}
+            "hopeless": _candidate("hopeless", *[None] * 6), "resigned": _candidate("resigned", None, None)}
     candidates = [pool[n] for n in names]
     for seed in range(20):
         assert LeastSettledPolicy().choose(candidates, random.Random(seed), "p").round_id == expected

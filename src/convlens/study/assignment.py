@@ -27,6 +27,10 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from convlens.study.settle import RoundEvidence
 
 __all__ = [
     "POLICIES",
@@ -86,9 +90,10 @@ class UniformPolicy(AssignmentPolicy):
 
 
 class LeastSettledPolicy(AssignmentPolicy):
-    """The next play goes to the round whose label is least settled, weighted by the chance that a play
-    gives a description at all (:func:`convlens.study.settle.play_value`); ties (e.g. all unplayed
-    rounds) go to the round assigned least, then at random. Gold rounds are mixed in at the uniform
+    """The next play goes to the round where one more description can do most for its label (the optimistic
+    knowledge gradient of its leading word vs its rival), weighted by the chance that a play gives a
+    description at all (:func:`convlens.study.settle.play_value`); ties (e.g. all unplayed rounds) go to
+    the round assigned least, then at random. Gold rounds are mixed in at the uniform
     policy's rate: with probability ``gold candidates / candidates`` a random gold round.
 
     The plays-per-round cap still bounds every round; the policy decides where the plays go first, so
@@ -98,12 +103,22 @@ class LeastSettledPolicy(AssignmentPolicy):
 
     name = "least-settled"
     needs_history = True
+    drop_hedges = True
 
-    def value(self, candidate: Candidate) -> float:
-        from convlens.study.settle import play_value, round_evidence
+    def evidence(self, candidate: Candidate) -> RoundEvidence:
+        from convlens.study.settle import round_evidence
 
         plays = ((p.outcome, p.level, p.description) for p in candidate.history)
-        return play_value(round_evidence(plays, candidate.true_class or ""))
+        return round_evidence(plays, candidate.true_class or "", self.drop_hedges)
+
+    def values(self, candidates: Sequence[Candidate]) -> dict[str, float]:
+        """round id -> value of one more play (:func:`convlens.study.settle.play_value`), the description
+        rate taken over ``candidates``."""
+        from convlens.study.settle import description_rate, play_value
+
+        evidence = {c.round_id: self.evidence(c) for c in candidates}
+        rate = description_rate(evidence.values())
+        return {round_id: play_value(e, rate) for round_id, e in evidence.items()}
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random, participant: str) -> Candidate:
         ordered = sorted(candidates, key=lambda c: c.round_id)
@@ -111,7 +126,7 @@ class LeastSettledPolicy(AssignmentPolicy):
         normal = [c for c in ordered if not c.gold]
         if not normal or (gold and rng.random() < len(gold) / len(ordered)):
             return gold[rng.randrange(len(gold))]
-        values = {c.round_id: self.value(c) for c in normal}
+        values = self.values(normal)
         top = max(values.values())
         best = [c for c in normal if values[c.round_id] >= top - 1e-12]
         fewest = min(c.assigned for c in best)
