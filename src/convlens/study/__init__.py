@@ -10,8 +10,12 @@ Modules: ``config`` (study.json / rounds.json / secrets.json), ``db`` (SQLAlchem
 Alembic upgrade; migrations in ``migrations/``), ``game`` (the rules, one transaction per action,
 scoring), ``assignment`` (pluggable policy, uniform by default), ``queries`` (leaderboard, stats, admin
 progress), ``schemas`` (pydantic request models), ``security`` (CSRF, admin token, headers, body limit),
-``api`` / ``pages`` (routes), ``runtime`` (opening a study on a database). Nothing here imports torch
-except study creation (which reads INV runs through :func:`convlens.concepts.load_inv_explanation`).
+``api`` / ``pages`` (routes), ``runtime`` (opening a study on a database), ``settle`` (how settled a round's
+label is: the ``least-settled`` policy's measure). A simulated crowd (``crowd``: planted concepts, players'
+behaviour and words; ``simulate``: its participants play the server over HTTP; ``crowd_eval``: planted
+concepts and trends vs the labels found) tests and measures the whole loop: ``convlens study simulate``.
+Nothing here imports torch except study creation (which reads INV runs through
+:func:`convlens.concepts.load_inv_explanation`).
 """
 
 from __future__ import annotations
