@@ -195,3 +195,24 @@ def test_same_seed_same_plays_in_process_and_on_uvicorn(small_study: Path, tmp_p
     logs.append(_logged(simulate(served_study, plans[11], participants=6, budget=25)))  # uvicorn, own process
     assert len(logs[0]) == 25 and logs[0] == logs[1] == logs[3]
     assert logs[2] != logs[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["study", "simulate", "{tmp}/missing"], "no study.json"),
+    (["study", "simulate", "{study}", "--participants", "0"], "must be >= 1"),
+    (["study", "simulate", "{study}", "--trend-strength", "2"], "--trend-strength must be in 0..1"),
+    (["study", "simulate", "{study}", "--concepts-per-class", "1"], "at least two concepts per class"),
+    (["study", "recovery", "{tmp}/missing.json", "{tmp}"], "FileNotFoundError"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(small_study: Path, tmp_path: Path, args: list[str],
+                                              message: str) -> None:
+    from typer.testing import CliRunner
+
+    from convlens.cli.main import app
+
+    study = _fresh(small_study, tmp_path, "cli")
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path, study=study) for a in args])
+    text = " ".join(result.output.split())  # rich wraps long lines at the terminal width
+    assert result.exit_code == 2 and text.startswith("error:") and message in text, result.output
+    assert "Traceback" not in result.output and text.count("error:") == 1
+    assert not (study / "simulation").exists()
