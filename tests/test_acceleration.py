@@ -6,7 +6,12 @@ test_cuda.py (skipped here)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +173,28 @@ def test_to_device_on_cpu_is_a_plain_copy() -> None:
     x = torch.arange(6, dtype=torch.float64).reshape(2, 3)
     y = to_device(x, torch.device("cpu"), torch.float32)
     assert y.dtype == torch.float32 and torch.equal(y, x.float()) and not y.is_pinned()
+
+
+def test_bench_gpu_runs_end_to_end_in_quick_mode(tmp_path: Path) -> None:
+    """benchmarks/bench_gpu.py, the script prepared for a GPU machine, on this CPU with tiny settings: every
+    (method, precision) measured with its map agreement, a report made from the JSON, and a CPU run is never
+    written into BENCHMARKS.md."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+    out = tmp_path / "gpu.json"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), "--quick", "--models", "efficientnet_lite0", "--json", str(out),
+                    "--no-write"], check=True, timeout=300, env=env, capture_output=True)
+    data = json.loads(out.read_text())
+    (entry,) = data["models"]
+    runs = {(run["method"], run["precision"]): run for run in entry["runs"]}
+    assert set(runs) == {(m, p) for m in ("sise", "rise") for p in ("fp32", "bf16")}
+    assert runs[("rise", "fp32")]["masked_forwards"] == [16]  # the quick settings' 16 masks
+    for (_, precision), run in runs.items():
+        assert all(s > 0 for s in run["seconds"]) and run["batch_size"] == 8
+        assert all(0.9 <= r <= 1.0 + 1e-9 for r in run["pearson_vs_fp32"])
+        if precision == "fp32":
+            assert run["pearson_vs_fp32"] == [pytest.approx(1.0)]
+    refused = subprocess.run([sys.executable, str(script), "--report", str(out)], timeout=120, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "not written" in refused.stderr
+    assert "### efficientnet_lite0" in refused.stdout and "| sise | bf16 |" in refused.stdout

@@ -1,0 +1,161 @@
+"""Scaling on this machine: the embedded engine vs ``--engine ray`` with 1 and 2 actors.
+
+The same synthetic-benchmark images (``convlens.data.synthetic``, split test, seed 0; the committed
+``synthetic-vgg`` CNN) go through ``convlens.runners.evaluate`` once per method (SISE, RISE) and engine:
+
+* embedded: this process, ``--threads`` (2) torch threads;
+* Ray, 1 actor and 2 actors, one torch thread (one CPU) each, on a local Ray started once for all runs.
+
+Each run writes into a fresh folder; the only metric is EBPG (no forwards), so the time is the
+explanations' plus the engine's. Reported: wall images/s; steady images/s (from the first result to the
+last, i.e. without the actors' start-up); the scaling efficiency from 1 to 2 actors (steady images/s of
+2 actors / (2 x 1 actor's)); and Ray's fixed costs: ``ray.init`` and the time to the first result minus
+one image's steady time (actor start, model shipped and deserialised). The load average is recorded: the
+2 cores are shared, so a busy machine lowers the 2-actor figure.
+
+Usage: python benchmarks/bench_ray.py [--images 20] [--rise-masks 1000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from _sections import machine_line, markdown_table, write_section
+from convlens.runners.evaluate import Engine, EvaluationConfig, embedded_engine, run_evaluation
+from convlens.runners.ray_engine import RayEvaluateEngine, RayOptions
+
+METHODS = ("sise", "rise")
+
+
+@dataclass
+class Timing:
+    """One run: wall seconds and each stored result's time since the run started."""
+
+    wall: float
+    arrivals: list[float]
+
+    @property
+    def images(self) -> int:
+        return len(self.arrivals)
+
+    @property
+    def wall_rate(self) -> float:
+        return self.images / self.wall
+
+    @property
+    def steady_rate(self) -> float:
+        """Images per second between the first and the last result (n - 1 images in that span)."""
+        span = self.arrivals[-1] - self.arrivals[0]
+        return (self.images - 1) / span if span > 0 else float("nan")
+
+    @property
+    def first(self) -> float:
+        return self.arrivals[0]
+
+
+def timed_run(method: str, args: argparse.Namespace, engine: Engine, out: Path) -> Timing:
+    config = EvaluationConfig(
+        model="synthetic-vgg", methods=[method], data="synthetic", limit=args.images, metrics=["ebpg"], out=out,
+        method_params={"rise": {"n_masks": args.rise_masks}}, n_samples=0,
+    )
+    arrivals: list[float] = []
+    start = time.perf_counter()
+
+    def progress(done: int, total: int, image_id: str) -> None:
+        arrivals.append(time.perf_counter() - start)
+
+    run_evaluation(config, progress=progress, engine=engine)
+    return Timing(time.perf_counter() - start, arrivals)
+
+
+def measure(args: argparse.Namespace, work: Path) -> tuple[dict[tuple[str, str], Timing], float, list[float]]:
+    """Every (method, engine) run, the ``ray.init`` seconds, and the load averages seen before each run."""
+    import ray
+
+    loads = [os.getloadavg()[0]]
+    torch.set_num_threads(args.threads)
+    results: dict[tuple[str, str], Timing] = {}
+    for method in METHODS:
+        results[(method, "embedded")] = timed_run(method, args, embedded_engine, work / f"{method}-embedded")
+        loads.append(os.getloadavg()[0])
+    torch.set_num_threads(1)  # the driver only stores results while the actors work
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_seconds = time.perf_counter() - start
+    try:
+        for method in METHODS:
+            for workers in (1, 2):
+                engine = RayEvaluateEngine(RayOptions(workers=workers, threads_per_worker=1))
+                results[(method, f"ray-{workers}")] = timed_run(method, args, engine, work / f"{method}-{workers}")
+                loads.append(os.getloadavg()[0])
+    finally:
+        ray.shutdown()
+    return results, init_seconds, loads
+
+
+def report(results: dict[tuple[str, str], Timing], init_seconds: float, loads: list[float],
+           args: argparse.Namespace) -> str:
+    rows = []
+    labels = {"embedded": f"embedded (1 process, {args.threads} threads)", "ray-1": "Ray, 1 actor x 1 thread",
+              "ray-2": "Ray, 2 actors x 1 thread"}
+    efficiency = {}
+    for method in METHODS:
+        one, two = results[(method, "ray-1")], results[(method, "ray-2")]
+        efficiency[method] = two.steady_rate / (2 * one.steady_rate)
+        for engine, label in labels.items():
+            timing = results[(method, engine)]
+            first = timing.first - 1 / timing.steady_rate if engine != "embedded" else float("nan")
+            scaling = f"{efficiency[method]:.2f}" if engine == "ray-2" else ""
+            rows.append([method, label, f"{timing.wall:.1f}", f"{timing.wall_rate:.2f}", f"{timing.steady_rate:.2f}",
+                         "" if engine == "embedded" else f"{first:.1f}", scaling])
+    table = markdown_table(["method", "engine", "wall s", "images/s (wall)", "images/s (steady)",
+                            "actor start-up s", "scaling 1->2"], rows)
+    busy = max(loads)
+    verdict = (
+        f"The load average (1 min) was {min(loads):.1f}-{busy:.1f} on {os.cpu_count()} cores during the runs"
+        + (": the machine was busy with other work, so the 2-actor figures are not a fair scaling measurement."
+           if busy > 2.5 else ".")
+    )
+    return "\n".join([
+        "## Ray engine scaling (`benchmarks/bench_ray.py`)",
+        "",
+        machine_line(),
+        "",
+        f"{args.images} synthetic-benchmark images (64 x 64, split test, seed 0), `synthetic-vgg`, one "
+        f"`convlens evaluate` run per method and engine into a fresh folder, EBPG only; SISE with the paper's "
+        f"settings, RISE with {args.rise_masks} masks. Steady = from the first stored result to the last. "
+        f"Ray's fixed cost: `ray.init` (local, 2 CPUs) took {init_seconds:.1f} s, once; the actor start-up "
+        "column is the time to the first result minus one image's steady time (worker processes, torch import, "
+        "model deserialised). Scaling efficiency from 1 to 2 actors (steady): "
+        + ", ".join(f"{m} {e:.2f}" for m, e in efficiency.items()) + " (goal >= 0.8).",
+        "",
+        table,
+        "",
+        verdict,
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--rise-masks", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the embedded engine")
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as work:
+        results, init_seconds, loads = measure(args, Path(work))
+    section = report(results, init_seconds, loads, args)
+    print(section)
+    if not args.no_write:
+        write_section("ray", section)
+
+
+if __name__ == "__main__":
+    main()
