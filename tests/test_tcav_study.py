@@ -210,6 +210,17 @@ def test_pool_holds_every_labelled_region_of_the_class(study: tuple[Path, Path])
         assert concept_rows <= pool_rows  # the concept's regions are drawn from the pool too
 
 
+def test_study_pool_is_every_labelled_region_of_the_study(study: tuple[Path, Path]) -> None:
+    _, labels_dir = study
+    folder = read_labels(labels_dir)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4,), random_runs=5,
+                                    random_pool="study")
+    pools = [concepts.random_sets[k] for k in concepts.class_ids.values()]
+    assert pools[0] is pools[1]  # one pool: its random-vs-random CAVs serve every class
+    assert pools[0].pool.shape[0] == len([r for r in folder.clusters if r["best_labels"]])
+    assert concepts.describe()["random_pool"] == "study"
+
+
 def test_sizes_and_skipping_rules() -> None:
     assert concept_size(25, 100, (10, 20, 40)) == 20  # largest size the concept fills
     assert concept_size(25, 30, (10, 20, 40)) == 10  # the pool must be twice as large
@@ -307,6 +318,8 @@ def test_bad_input_gives_one_line_and_exit_2(study: tuple[Path, Path], tmp_path:
     _fails([str(one)], tmp_path / "o2", "class 'coffee' has one concept ('stripes')")
     assert _cli(str(one), "--out", str(tmp_path / "o3"), "--sizes", "4", "--random-runs", "5", "--classes",
                 "cat").exit_code == 0  # leaving it out works
+    assert _cli(str(one), "--out", str(tmp_path / "o3b"), "--sizes", "4", "--random-runs", "5", "--random-pool",
+                "study", "--layers", "block3.1").exit_code == 0  # random sets from the whole study need no second
     moved = tmp_path / "moved"
     shutil.copytree(labels_dir, moved)
     manifest = json.loads((moved / "labels.json").read_text())

@@ -1,11 +1,12 @@
 """``convlens tcav LABELS_DIR --out DIR``: are the crowd's concepts concepts the model uses? (Kim et al. 2018)
 
 Reads a labels folder (``convlens labels``), builds concept sets from the study's own revealed regions
-(:mod:`convlens.concepts.study_concepts`: masked images at the level where players guessed, random sets
-from the class's labelled regions) and runs :class:`~convlens.concepts.tcav.TCAVRunner` on every
-(class, concept, layer): N random sets, the random-vs-random null, a two-sided Crawford-Howell t-test,
-Holm over all tests of a class, effect sizes. Layer attribution: the plain gradient of the class logit
-w.r.t. the layer output (Kim et al. Eq. 1; Captum TCAV's default). Writes into DIR:
+(:mod:`convlens.concepts.study_concepts`: masked images at the level where players guessed; random sets
+from the class's labelled regions, or the whole study's with ``--random-pool study``) and runs
+:class:`~convlens.concepts.tcav.TCAVRunner` on every (class, concept, layer): N random sets, the
+random-vs-random null, a two-sided Crawford-Howell t-test, Holm over all tests of a class, effect sizes.
+Layer attribution: the plain gradient of the class logit w.r.t. the layer output (Kim et al. Eq. 1;
+Captum TCAV's default). Writes into DIR:
 
 * ``tcav.csv`` — one row per test, plus one row per skipped concept (``verdict`` "skipped: <reason>");
 * ``tcav.json`` — settings, the model and its check against the INV runs, the construction, the regions
@@ -67,6 +68,7 @@ class TcavSettings:
     seed: int = 0
     batch_size: int = 64
     place: bool = True
+    random_pool: str = "class"
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -91,6 +93,8 @@ def _check(settings: TcavSettings) -> None:
         raise CliError(f"--statistic must be one of {', '.join(STATISTICS)}, got {settings.statistic!r}")
     if not settings.sizes or min(settings.sizes) < 2:
         raise CliError(f"--sizes: concept sizes must be integers >= 2, got {list(settings.sizes)}")
+    if settings.random_pool not in ("class", "study"):
+        raise CliError(f"--random-pool must be class or study, got {settings.random_pool!r}")
     if settings.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {settings.batch_size}")
     if settings.device not in ("cpu", "cuda") and not settings.device.startswith("cuda:"):
@@ -171,8 +175,9 @@ def _prepare(settings: TcavSettings) -> tuple[Any, Any, list[str], dict[str, Any
 
     _check(settings)
     folder = read_labels(settings.labels_dir)
-    classes = chosen_classes(folder, settings.classes)
-    images = find_study_images(folder, needed_images(folder, classes), settings.inv_root)
+    classes = chosen_classes(folder, settings.classes, settings.random_pool)
+    pooled = classes if settings.random_pool == "class" else chosen_classes(folder, None, "study")
+    images = find_study_images(folder, needed_images(folder, pooled), settings.inv_root)
     recorded = sorted({i.explanation.model for i in images.values() if i.explanation.model})
     name = _model_name(settings, recorded)
     model = _load_model(name, settings.weights, settings.device)
@@ -180,7 +185,7 @@ def _prepare(settings: TcavSettings) -> tuple[Any, Any, list[str], dict[str, Any
     concepts = build_study_concepts(folder, to_input, reveal_image, percentages=REVEAL_PERCENTAGES,
                                     sizes=settings.sizes, random_runs=settings.random_runs, seed=settings.seed,
                                     classes=settings.classes,
-                                    inv_root=settings.inv_root, images=images)
+                                    inv_root=settings.inv_root, images=images, random_pool=settings.random_pool)
     check = _verify(model, concepts.images, to_input, name, settings.weights)
     layers = _layers(settings, model, concepts)
     info = {"name": name, "source": model.source, "weights": settings.weights, "recorded_by_inv_runs": recorded,
@@ -221,6 +226,7 @@ def _manifest(settings: TcavSettings, report: Any, concepts: Any, layers: list[s
         "labels": str(settings.labels_dir.resolve()), "model": model, "layers": layers,
         "layer_attribution": LAYER_ATTRIBUTION, "test": TEST, "random_runs": settings.random_runs,
         "alpha": settings.alpha, "statistic": settings.statistic, "seed": settings.seed,
+        "random_pool": settings.random_pool,
         "concepts": concepts.describe(), "counts": {**report.counts, "tests": tests,
                                                     "significant": sum(t.significant for t in report.tests),
                                                     "skipped": len(concepts.skipped)},
@@ -297,6 +303,8 @@ def tcav_command(
     seed: Annotated[int, typer.Option(help="Seed of concept sampling, random sets and CAV training.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward/backward pass.")] = 64,
     place: Annotated[bool, typer.Option("--place/--no-place", help="Copy tcav.csv into LABELS_DIR.")] = True,
+    random_pool: Annotated[str, typer.Option(
+        help="class: random regions of the concept's class (what the label adds) | study: of every class.")] = "class",
 ) -> None:
     """TCAV: is each crowd concept of a class used by the model for that class? (per layer, Holm, effect sizes)"""
     try:
@@ -304,7 +312,7 @@ def tcav_command(
     except ValueError:
         fail(console, f"--sizes {sizes!r}: expected comma-separated integers")
     settings = TcavSettings(labels_dir, out, _split(layers), random_runs, alpha, statistic, size_list,
-                            _split(classes), model, weights, inv_root, device, seed, batch_size, place)
+                            _split(classes), model, weights, inv_root, device, seed, batch_size, place, random_pool)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)

@@ -16,8 +16,10 @@ sizes (default 10, 20, 40) that the concept fills and that leaves the class's po
 large. Few sizes keep the null cheap: it costs N(N-1)/2 CAVs per layer per distinct size. A label with
 too few regions is skipped, with the reason recorded (:class:`SkippedConcept`).
 
-**Random sets** (class k): the same construction, drawn from the *pool* of every labelled region of class
-k (each cluster with a best label, at that label's level; the concept's own regions included).
+**Random sets** (class k): the same construction, drawn from a *pool* of regions: by default
+(``random_pool="class"``) every labelled region of class k (each cluster with a best label, at that
+label's level; the concept's own regions included); with ``random_pool="study"`` every labelled region
+of every class of the study (one pool for all classes, whose random-vs-random CAVs are then shared).
 
 **Inputs** X_k: the study's images of class k (the full ``input.png``), whose class-k gradients TCAV tests.
 
@@ -27,16 +29,21 @@ region blown up 7 times, a scale the model never saw) or pasted on a canvas (a c
 as every concept and random image is made the same way (black outside a revealed region), a CAV can
 only separate them by what is revealed, not by how the picture was made.
 
-*Why the class's own regions as random pool.* INV's clusters are chosen by class-k gradients: every
+*Why the class's own regions as default pool.* INV's clusters are chosen by class-k gradients: every
 region of a class-k image is where the network found class-k evidence. Random regions of *other*
-classes would make almost any label of class k look "used" — the test would answer "are class-k regions
-used for class k", true by construction. Drawn from the class's own labelled regions, the test asks what
-the crowd's label adds: are the regions the crowd calls L used for class k more (direction ``positive``)
-or less (``negative``) than the class's revealed regions at large? Under H0 (the label picks regions as
-a random draw would) the concept is exchangeable with the random sets — the case the random-vs-random
-null of :mod:`convlens.concepts.tcav_stats` is built for. Hence a class needs two labels or more; a label
-covering most of its class's regions is tested against sets that are mostly itself (little power, still
-a valid test). Clusters without a best label are left out: no label was given at any level.
+classes make labels of class k look "used" for want of a fair comparison: they carry the other classes'
+evidence, which pushes class k down, so even class-k regions without any class-k evidence come out
+"used (+)" (on the synthetic benchmark, regions showing no class object did, against other classes'
+regions: ``benchmarks/bench_tcav.py``). Drawn from the class's own labelled regions, the test asks what
+the crowd's label adds: are the regions the crowd calls L used for class k more (direction
+``positive``) or less (``negative``) than the class's revealed regions at large? Under H0 (the label
+picks regions as a random draw would) the concept is exchangeable with the random sets — the case the
+random-vs-random null of :mod:`convlens.concepts.tcav_stats` is built for. Hence a class needs two
+labels or more; a label covering most of its class's regions is tested against sets that are mostly
+itself (little power, still a valid test). ``random_pool="study"`` is Kim et al.'s reading (random
+counterexamples from everywhere): "used (+)" then means used for class k more than random study
+regions, with the other-classes caveat above diluted by the class's own share of the study. Clusters
+without a best label are left out: no label was given at any level.
 """
 
 from __future__ import annotations
@@ -44,25 +51,34 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from convlens.concepts.concept_sets import ConceptSet, RandomSets, tensor_digest
 from convlens.concepts.label_files import SEP, LabelsFolder
-from convlens.concepts.manifest import load_inv_explanation, read_manifest
-from convlens.concepts.results import InvExplanation
-from convlens.core.hooks import eval_mode
-from convlens.models.preprocessing import Preprocessing
+from convlens.concepts.study_regions import (
+    ModelCheck,
+    Region,
+    Reveal,
+    StudyConceptError,
+    StudyImage,
+    check_model,
+    find_study_images,
+    label_regions,
+    model_input,
+    needed_images,
+    reveal_percentages,
+)
 
 __all__ = [
     "CONSTRUCTION",
     "DEFAULT_SIZES",
+    "RANDOM_POOLS",
     "ModelCheck",
     "Region",
     "SkippedConcept",
@@ -81,32 +97,15 @@ __all__ = [
 ]
 
 DEFAULT_SIZES: tuple[int, ...] = (10, 20, 40)
+RANDOM_POOLS = ("class", "study")
 CONSTRUCTION = (
     "concept (class k, label L): the clusters of class k whose best labels include L; each gives the INV "
     "run's input.png revealed through the cluster map by Deep Reveal's mask at level ceil(mean level of the "
     "plays that gave L in that cluster), normalised like the model's input; distinct images, sampled (seeded) "
     "to the largest common size the concept fills with a pool at least twice as large. Random sets: the same "
-    "construction over every labelled region of class k (pool). Inputs: the study's images of class k."
+    "construction over every labelled region of class k (random_pool 'class') or of the study ('study'). "
+    "Inputs: the study's images of class k."
 )
-Reveal = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
-
-
-class StudyConceptError(ValueError):
-    """A labels folder, INV run or option that cannot give concept sets (the message says why)."""
-
-
-@dataclass(frozen=True)
-class Region:
-    """One revealed region: cluster ``cluster_id`` (best label ``label``) at reveal ``level`` (``percent`` %)."""
-
-    class_name: str
-    label: str
-    cluster_id: str
-    image_id: str
-    layer: str
-    inv_run: str
-    level: int
-    percent: float
 
 
 @dataclass(frozen=True)
@@ -117,16 +116,6 @@ class SkippedConcept:
     label: str
     regions: int
     reason: str
-
-
-@dataclass
-class StudyImage:
-    """A study image: its INV folder, explanation and ``input.png`` pixels (H, W, 3) uint8."""
-
-    image_id: str
-    folder: Path
-    explanation: InvExplanation
-    pixels: np.ndarray
 
 
 @dataclass
@@ -146,6 +135,7 @@ class StudyConcepts:
     sizes: tuple[int, ...]
     seed: int
     random_runs: int = 20
+    random_pool: str = "class"
 
     @property
     def class_names(self) -> list[str]:
@@ -172,117 +162,9 @@ class StudyConcepts:
             classes[name] = {"class_id": k, "inputs": 0 if inputs is None else int(inputs.shape[0]),
                              "pool": self.pools.get(name, 0),
                              "concepts": concepts}
-        return {"construction": CONSTRUCTION, "reveal_percentages": self.percentages, "sizes": list(self.sizes),
+        return {"construction": CONSTRUCTION, "random_pool": self.random_pool,
+                "reveal_percentages": self.percentages, "sizes": list(self.sizes),
                 "seed": self.seed, "classes": classes, "skipped": [asdict(s) for s in self.skipped]}
-
-
-def model_input(preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
-    """(H, W, 3) uint8 pixels already at the model's input size -> the model's (3, H, W) input: the
-    arithmetic of ``Preprocessing.__call__`` after its resize and crop (float32 / 255, then normalise)."""
-
-    def convert(pixels: np.ndarray) -> torch.Tensor:
-        array = np.asarray(pixels, dtype=np.float32) / 255.0
-        return preprocessing.normalize(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-
-    return convert
-
-
-def reveal_percentages(folder: LabelsFolder, default: Sequence[float] | None = None) -> list[float]:
-    """The study's reveal percentages per level (``study.json``'s ``reveal_levels``), else ``default``."""
-    levels = (folder.manifest.get("study") or {}).get("reveal_levels")
-    if isinstance(levels, dict) and levels:
-        try:
-            return [float(levels[str(i)]) for i in range(len(levels))]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StudyConceptError(f"labels.json: unreadable study reveal_levels {levels!r}") from exc
-    if default is None:
-        raise StudyConceptError("the labels folder's study records no reveal levels and none were given")
-    return [float(q) for q in default]
-
-
-def label_regions(folder: LabelsFolder, percentages: Sequence[float]) -> dict[str, dict[str, list[Region]]]:
-    """Per class and best label, the regions of its clusters (one per cluster) with their reveal level."""
-    mean_levels = {(r["cluster_id"], r["label"]): r.get("mean_level", "") for r in folder.label_scores}
-    found: dict[str, dict[str, list[Region]]] = defaultdict(lambda: defaultdict(list))
-    for row in folder.clusters:
-        for label in [text for text in (row.get("best_labels") or "").split(SEP) if text]:
-            text = mean_levels.get((row["cluster_id"], label), "")
-            try:
-                mean = float(text)
-            except ValueError:
-                raise StudyConceptError(f"label_scores.csv: no mean level for label {label!r} of cluster "
-                                        f"{row['cluster_id']}") from None
-            level = min(max(math.ceil(round(mean, 9)), 0), len(percentages) - 1)
-            found[row["class"]][label].append(Region(row["class"], label, row["cluster_id"], row["image_id"],
-                                                     row["layer"], row.get("inv_run", ""), level, percentages[level]))
-    return {name: dict(labels) for name, labels in found.items()}
-
-
-def _run_root(run: str, recorded: Mapping[str, Any], inv_root: Path | None) -> Path:
-    candidates = [inv_root / run, inv_root] if inv_root is not None else []
-    if run in recorded:
-        candidates.append(Path(recorded[run]))
-    root = next((c for c in candidates if c.is_dir()), None)
-    if root is None:
-        where = recorded.get(run, "nowhere: the labels folder does not name it")
-        raise StudyConceptError(f"INV run {run!r} not found (recorded at {where}); pass --inv-root FOLDER")
-    return root
-
-
-def _index_run(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for manifest in sorted(root.rglob("inv.json")):
-        try:
-            image_id = str(read_manifest(manifest.parent)["image_id"])
-        except (OSError, ValueError, KeyError):
-            continue  # an unreadable folder only matters if a needed image is in it: reported below
-        found.setdefault(image_id, manifest.parent)
-        found.setdefault(image_id[:16], manifest.parent)
-    return found
-
-
-def _load_image(image_id: str, folder: Path) -> StudyImage:
-    from PIL import Image
-
-    try:
-        explanation = load_inv_explanation(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise StudyConceptError(f"{folder}: unreadable INV result ({exc})") from exc
-    if not (folder / "input.png").is_file():
-        raise StudyConceptError(f"{folder}: no input.png (the model's view of image {image_id} is needed)")
-    with Image.open(folder / "input.png") as image:
-        pixels = np.asarray(image.convert("RGB"))
-    if tuple(pixels.shape[:2]) != tuple(explanation.input_size):
-        raise StudyConceptError(f"{folder}: input.png is {pixels.shape[1]}x{pixels.shape[0]}, the INV run's input "
-                                f"{explanation.input_size[1]}x{explanation.input_size[0]}")
-    return StudyImage(image_id, folder, explanation, pixels)
-
-
-def needed_images(folder: LabelsFolder, classes: Sequence[str] | None = None) -> dict[str, set[str]]:
-    """INV run name -> ids of the images with a labelled cluster (of ``classes``, default all)."""
-    needed: dict[str, set[str]] = defaultdict(set)
-    for row in folder.clusters:
-        if (row.get("best_labels") or "").strip() and (classes is None or row["class"] in classes):
-            needed[row.get("inv_run", "")].add(row["image_id"])
-    return dict(needed)
-
-
-def find_study_images(
-    folder: LabelsFolder, needed: Mapping[str, set[str]], inv_root: str | Path | None = None
-) -> dict[str, StudyImage]:
-    """The INV folders of ``needed`` (run name -> image ids), from the runs ``labels.json`` records."""
-    recorded = folder.manifest.get("inv_runs") or {}
-    root_override = Path(inv_root) if inv_root is not None else None
-    images: dict[str, StudyImage] = {}
-    for run, image_ids in sorted(needed.items()):
-        root = _run_root(run, recorded, root_override)
-        index = _index_run(root)
-        for image_id in sorted(image_ids):
-            location = index.get(image_id) or index.get(image_id[:16])
-            if location is None:
-                raise StudyConceptError(f"image {image_id} of INV run {run!r} has no INV folder under {root}")
-            images[image_id] = _load_image(image_id, location)
-    return images
 
 
 def concept_size(distinct: int, pool: int, sizes: Sequence[int], random_runs: int = 20) -> int | None:
@@ -341,18 +223,24 @@ def _label_seed(seed: int, class_name: str, label: str) -> np.random.Generator:
     return np.random.default_rng([seed, key])
 
 
-def _build_class(result: StudyConcepts, name: str, labels: Mapping[str, list[Region]], render: _Renderer) -> None:
+def _pool(regions: Iterable[Region], render: _Renderer) -> list[torch.Tensor]:
+    """Distinct images of ``regions`` (one per cluster and level)."""
+    unique = {(r.cluster_id, r.level): r for r in regions}
+    return _distinct(list(unique.values()), render)[1]
+
+
+def _build_class(result: StudyConcepts, name: str, labels: Mapping[str, list[Region]], render: _Renderer,
+                 pool: RandomSets) -> None:
     class_id = result.class_ids[name]
-    pool_regions = {(r.cluster_id, r.level): r for regions in labels.values() for r in regions}
-    _, pool = _distinct(list(pool_regions.values()), render)
-    result.pools[name] = len(pool)
+    size_of_pool = int(pool.pool.shape[0])
+    result.pools[name] = size_of_pool
     tested: list[ConceptSet] = []
     for label in sorted(labels):
         regions, tensors = _distinct(labels[label], render)
         result.available[(name, label)] = len(regions)
-        size = concept_size(len(regions), len(pool), result.sizes, result.random_runs)
+        size = concept_size(len(regions), size_of_pool, result.sizes, result.random_runs)
         if size is None:
-            reason = _size_reason(len(regions), len(pool), result.sizes, result.random_runs)
+            reason = _size_reason(len(regions), size_of_pool, result.sizes, result.random_runs)
             result.skipped.append(SkippedConcept(name, label, len(regions), reason))
             continue
         rows = np.sort(_label_seed(result.seed, name, label).choice(len(regions), size, replace=False))
@@ -360,23 +248,23 @@ def _build_class(result: StudyConcepts, name: str, labels: Mapping[str, list[Reg
         result.regions[(name, label)] = [regions[i] for i in rows]
     if tested:  # only classes with a tested concept enter the run
         result.concepts[class_id] = tested
-        result.random_sets[class_id] = RandomSets(torch.stack(pool), seed=result.seed)
+        result.random_sets[class_id] = pool
     images = sorted((i for i in result.images.values() if i.explanation.target_name == name), key=lambda i: i.image_id)
     result.class_inputs[class_id] = torch.stack([render.to_input(i.pixels).float() for i in images])
 
 
-def chosen_classes(folder: LabelsFolder, classes: Sequence[str] | None = None) -> list[str]:
+def chosen_classes(folder: LabelsFolder, classes: Sequence[str] | None = None, random_pool: str = "class") -> list[str]:
     """The classes to test (``classes``, default every class with a labelled cluster); StudyConceptError
     for a folder without labels, an unknown class, or a class with a single concept."""
     labels: dict[str, set[str]] = defaultdict(set)
     for row in folder.clusters:
         labels[row["class"]].update(text for text in (row.get("best_labels") or "").split(SEP) if text)
     all_classes = list(labels)
-    return _choose_classes({k: v for k, v in labels.items() if v}, all_classes, classes)
+    return _choose_classes({k: v for k, v in labels.items() if v}, all_classes, classes, random_pool)
 
 
 def _choose_classes(regions: Mapping[str, Collection[str]], all_classes: Sequence[str],
-                    classes: Sequence[str] | None) -> list[str]:
+                    classes: Sequence[str] | None, random_pool: str = "class") -> list[str]:
     if not regions:
         raise StudyConceptError("the labels folder has no labelled cluster (no best label in clusters.csv): "
                                 "there is no concept to test")
@@ -389,12 +277,12 @@ def _choose_classes(regions: Mapping[str, Collection[str]], all_classes: Sequenc
             raise StudyConceptError(f"classes {empty} have no labelled cluster: nothing to test")
     chosen = list(classes) if classes is not None else sorted(regions)
     for name in chosen:
-        if len(regions[name]) == 1:
+        if random_pool == "class" and len(regions[name]) == 1:
             (label,) = regions[name]
             raise StudyConceptError(
                 f"class {name!r} has one concept ({label!r}): TCAV tests a class's concepts against random sets "
                 "of the class's own labelled regions, which would be that concept's regions; leave the class "
-                "out with --classes")
+                "out with --classes (or draw random sets from the whole study: --random-pool study)")
     return chosen
 
 
@@ -422,6 +310,7 @@ def build_study_concepts(
     classes: Sequence[str] | None = None,
     inv_root: str | Path | None = None,
     images: Mapping[str, StudyImage] | None = None,
+    random_pool: str = "class",
 ) -> StudyConcepts:
     """Concept sets, random pools and inputs of every chosen class (see the module docstring).
 
@@ -436,53 +325,35 @@ def build_study_concepts(
         classes: classes to test (default: every class with a labelled cluster).
         inv_root: where to look for the INV runs instead of the recorded paths.
         images: study images found already (:func:`find_study_images`); the others are looked up.
+        random_pool: ``"class"`` (every labelled region of the concept's class) or ``"study"`` (of every class).
     """
     if not sizes or any(int(s) < 2 for s in sizes):
         raise StudyConceptError(f"concept sizes must be integers >= 2, got {list(sizes)}")
+    if random_pool not in RANDOM_POOLS:
+        raise StudyConceptError(f"random pool must be one of {', '.join(RANDOM_POOLS)}, got {random_pool!r}")
     steps = reveal_percentages(folder, percentages)
     regions = label_regions(folder, steps)
     all_classes = list(dict.fromkeys(row["class"] for row in folder.clusters))
-    chosen = _choose_classes(regions, all_classes, classes)
+    chosen = _choose_classes(regions, all_classes, classes, random_pool)
+    pooled = chosen if random_pool == "class" else sorted(regions)
     known = dict(images or {})
-    missing = {run: ids - set(known) for run, ids in needed_images(folder, chosen).items() if ids - set(known)}
+    missing = {run: ids - set(known) for run, ids in needed_images(folder, pooled).items() if ids - set(known)}
     known.update(find_study_images(folder, missing, inv_root))
     result = StudyConcepts(_class_ids(known, chosen), {}, {}, {}, {}, {}, {}, [], known, steps,
-                           tuple(sorted({int(s) for s in sizes})), seed, random_runs)
+                           tuple(sorted({int(s) for s in sizes})), seed, random_runs, random_pool)
     result.skipped += [SkippedConcept(c, "", 0, "no cluster of this class has a best label")
                        for c in all_classes if c not in regions and classes is None]
     render = _Renderer(known, to_input, reveal)
+    def pool_of(names: Sequence[str]) -> RandomSets:
+        return RandomSets(torch.stack(_pool((r for n in names for rs in regions[n].values() for r in rs), render)),
+                          seed=seed)
+
+    study_pool = pool_of(pooled) if random_pool == "study" else None  # one pool: CAVs shared by every class
     for name in chosen:
-        _build_class(result, name, regions[name], render)
+        _build_class(result, name, regions[name], render, study_pool or pool_of([name]))
     if not any(result.concepts.values()):
         reasons = "; ".join(f"{s.class_name}/{s.label or '-'}: {s.reason}" for s in result.skipped[:6])
         raise StudyConceptError(f"no concept can be tested ({reasons}); try smaller --sizes")
     return result
 
 
-@dataclass(frozen=True)
-class ModelCheck:
-    """The model's score of an INV run's image against the score the run recorded."""
-
-    image_id: str
-    recorded: float
-    computed: float
-
-    @property
-    def matches(self) -> bool:
-        return abs(self.computed - self.recorded) <= 1e-3 * max(1.0, abs(self.recorded))
-
-
-def check_model(model: nn.Module, images: Mapping[str, StudyImage],
-                to_input: Callable[[np.ndarray], torch.Tensor]) -> list[ModelCheck]:
-    """Score every image's INV target with ``model`` (the run's score: logit, softmax or sigmoid): the
-    model, its weights and the input construction reproduce the INV run only if every check matches."""
-    device = next(model.parameters(), torch.empty(0)).device
-    checks = []
-    with eval_mode(model), torch.no_grad():
-        for image_id, image in sorted(images.items()):
-            explanation = image.explanation
-            logits = model(to_input(image.pixels)[None].to(device))[0].float().cpu()
-            kind = str(explanation.params.get("score", "logit"))
-            scores = logits.softmax(0) if kind == "softmax" else logits.sigmoid() if kind == "sigmoid" else logits
-            checks.append(ModelCheck(image_id, float(explanation.score), float(scores[int(explanation.target)])))
-    return checks
