@@ -27,6 +27,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -106,10 +107,7 @@ class LeastSettledPolicy(AssignmentPolicy):
     drop_hedges = True
 
     def evidence(self, candidate: Candidate) -> RoundEvidence:
-        from convlens.study.settle import round_evidence
-
-        plays = ((p.outcome, p.level, p.description) for p in candidate.history)
-        return round_evidence(plays, candidate.true_class or "", self.drop_hedges)
+        return _evidence(candidate.history, candidate.true_class or "", self.drop_hedges)
 
     def values(self, candidates: Sequence[Candidate]) -> dict[str, float]:
         """round id -> value of one more play (:func:`convlens.study.settle.play_value`), the description
@@ -132,6 +130,15 @@ class LeastSettledPolicy(AssignmentPolicy):
         fewest = min(c.assigned for c in best)
         best = [c for c in best if c.assigned == fewest]
         return best[rng.randrange(len(best))]
+
+
+@lru_cache(maxsize=100_000)
+def _evidence(history: tuple[PastPlay, ...], class_name: str, drop_hedges: bool) -> RoundEvidence:
+    """A round's evidence, memoised on its (immutable) history: a round is recomputed only when one of its
+    plays ended or was described since the last assignment."""
+    from convlens.study.settle import round_evidence
+
+    return round_evidence(((p.outcome, p.level, p.description) for p in history), class_name, drop_hedges)
 
 
 POLICIES: dict[str, Callable[[], AssignmentPolicy]] = {"uniform": UniformPolicy,

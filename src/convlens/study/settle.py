@@ -70,18 +70,24 @@ PRIOR = 1.0
 PRIOR_PLAYS = 4.0
 
 
+@lru_cache(maxsize=100_000)
+def _lemma(word: str) -> str:
+    from convlens.concepts.labels import lemmatize_en
+
+    return lemmatize_en(word)
+
+
 @lru_cache(maxsize=65_536)
 def content_words(text: str, class_name: str = "", drop_hedges: bool = True) -> frozenset[str]:
     """Lemmas of the non-stop-word tokens of ``text`` with the class name removed (empty if unusable);
     hedges (:data:`HEDGES`) dropped unless ``drop_hedges`` is false."""
-    from convlens.concepts.labels import lemmatize_en
     from convlens.concepts.text import clean_description, load_stop_words, words
 
     cleaned = clean_description(text, [class_name] if class_name else [])
     if cleaned.text is None:
         return frozenset()
     stop = load_stop_words()
-    lemmas = (lemmatize_en(w) for w in words(cleaned.text) if w not in stop and len(w) > 1)
+    lemmas = (_lemma(w) for w in words(cleaned.text) if w not in stop and len(w) > 1)
     return frozenset(lemma for lemma in lemmas if not (drop_hedges and lemma in HEDGES))
 
 
@@ -190,6 +196,7 @@ def confidence(leader: float, rival: float) -> float:
     return max(p, 1.0 - p)
 
 
+@lru_cache(maxsize=65_536)
 def knowledge_gradient(leader: float, rival: float) -> float:
     """Largest gain in :func:`confidence` that one more description (for either side) can bring."""
     now = confidence(leader, rival)
