@@ -190,7 +190,10 @@ class CrowdPlan:
     classes: list[str] = field(default_factory=list)
 
     def concept(self, name: str) -> Concept:
-        return next(c for c in CONCEPTS if c.name == name)
+        found = next((c for c in CONCEPTS if c.name == name), None)
+        if found is None:
+            raise KeyError(f"concept {name!r} is not in the crowd vocabulary (convlens.study.crowd.CONCEPTS)")
+        return found
 
     def depth_weights(self, class_name: str, depth: int, n_layers: int) -> list[tuple[str, float]]:
         """(concept, weight) of the class's concepts at ``depth``: rising/falling ones tilted by depth."""
