@@ -52,6 +52,7 @@ top of either convention (``min_distinct=2``: stricter than ADVISEkernel.m, whic
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,12 +60,14 @@ from typing import Literal
 
 import torch
 
+from convlens.numerics.kde_cost import CostFunction, golden_section
+from convlens.numerics.kde_smoothing import fft_length, periodic_gaussian, smooth
+
 __all__ = ["KDEConvention", "KDEResult", "linspace_like_numpy", "ssvkernel"]
 
 KDEConvention = Literal["matlab", "adaptivekde"]
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
-_PHI = (math.sqrt(5.0) + 1.0) / 2.0  # golden ratio
 _MAX_GRID_POINTS = 1000  # ssvkernel.m: min(ceil(T / dt_samp), 1e3)
 
 
@@ -108,115 +111,6 @@ def _logexp(x: torch.Tensor) -> torch.Tensor:  # softplus log(1 + exp(x)), ident
 
 def _ilogexp(x: torch.Tensor) -> torch.Tensor:  # inverse softplus log(exp(x) - 1), identity from 100 on
     return torch.where(x < 1e2, torch.log(torch.exp(torch.clamp(x, max=1e2)) - 1), x)
-
-
-def _fft_length(lengths: torch.Tensor, sigma_bins: torch.Tensor) -> torch.Tensor:
-    """``2^ceil(log2(L + 3 sigma))``: the zero-padded FFT length of ssvkernel's ``fftkernel`` (per row L)."""
-    return torch.pow(2.0, torch.ceil(torch.log2(lengths[:, None] + 3.0 * sigma_bins))).long()
-
-
-def _gauss_smooth(signal: torch.Tensor, sigma_bins: torch.Tensor, lengths: torch.Tensor,
-                  fft_cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``fftkernel(signal, sigma)`` for many rows and kernels at once.
-
-    ``signal`` is (R, S, Lmax): S signals per row, zero beyond the row's length ``L_r``; ``sigma_bins``
-    is (R, Q) kernel widths in bins. Returns (R, Q, S, Lmax): every signal of a row smoothed by each of
-    the row's kernels, each with the reference's padding length ``n = 2^ceil(log2(L_r + 3 sigma))`` — so
-    the wrap-around of the circular convolution is reproduced. Each ``n`` is computed only for the rows
-    that need it; ``fft_cache`` keeps ``rfft(signal, n)`` per ``n`` across calls on the same signal.
-    Values beyond ``L_r`` are meaningless.
-    """
-    rows, count, width = signal.shape
-    n_per_kernel = _fft_length(lengths.to(signal.dtype), sigma_bins)  # (R, Q)
-    out = signal.new_zeros((rows, sigma_bins.shape[1], count, width))
-    for n in torch.unique(n_per_kernel).tolist():
-        needs = n_per_kernel == n
-        members = torch.nonzero(needs.any(dim=1)).flatten()
-        if n not in fft_cache:
-            fft_cache[n] = torch.full(
-                (rows, count, n // 2 + 1), float("nan"), dtype=torch.promote_types(signal.dtype, torch.complex64),
-                device=signal.device,
-            )
-        cached = fft_cache[n]
-        missing = members[torch.isnan(cached[members, 0, 0].real)]
-        if missing.numel():
-            cached[missing] = torch.fft.rfft(signal[missing], n=n)  # n >= L_r: trimming drops only zeros
-        frequency = torch.arange(n // 2 + 1, dtype=signal.dtype, device=signal.device) / n
-        kernel = torch.exp(-0.5 * (sigma_bins[members, :, None] * 2 * math.pi * frequency) ** 2)  # (r, Q, F)
-        smoothed = torch.fft.irfft(cached[members][:, None] * kernel[:, :, None], n=n)[..., :width]
-        if smoothed.shape[-1] < width:
-            smoothed = torch.nn.functional.pad(smoothed, (0, width - smoothed.shape[-1]))
-        if members.numel() == rows and bool(needs.all()):
-            return smoothed
-        out[members] = torch.where(needs[members][..., None, None], smoothed, out[members])
-    return out
-
-
-class _CostFunction:
-    """Batched ``CostFunction`` of ssvkernel.m (paper Eq. 17-18) for the rows of one chunk.
-
-    Rows have their own grids ``t_r`` (padded to Lmax; ``inside`` marks the first ``L_r`` points).
-    """
-
-    def __init__(self, y_hist: torch.Tensor, total: torch.Tensor, distance2: torch.Tensor, dt: torch.Tensor,
-                 optws: torch.Tensor, windows: torch.Tensor, inside: torch.Tensor) -> None:
-        self.y_hist = y_hist  # (R, Lmax), zero outside
-        self.total = total  # (R,)
-        self.dt = dt  # (R,)
-        self.windows = windows  # (R, M)
-        self.distance2 = distance2  # (R or 1, Lmax, Lmax)
-        self.inside = inside  # (R, Lmax)
-        ratios = optws / windows[:, :, None]  # gs = optws(:, k)' ./ WIN, (R, M, Lmax)
-        # suffix maxima over the windows: the last i with gs_i >= g is (number of i with suffix_max_i >= g) - 1
-        self.suffix_max = torch.flip(torch.cummax(torch.flip(ratios, [1]), dim=1).values, [1])
-        self.ratio_min = ratios.amin(dim=1)
-        self.window_min = windows.amin(dim=1)
-        self.window_max = windows.amax(dim=1)
-        # the balloon estimator sums over the non-empty bins only (ssvkernel's "speed optimized" form):
-        # their squared distances to every grid point, (R, Lmax, P), P = most non-empty bins of a row
-        occupied = y_hist > 0
-        count = max(1, int(occupied.sum(dim=1).max()))
-        bins = torch.argsort((~occupied).to(torch.uint8), dim=1, stable=True)[:, :count]  # (R, P)
-        self.bin_weights = torch.gather(y_hist * dt[:, None], 1, bins) * torch.gather(occupied, 1, bins)
-        if distance2.shape[0] == 1:
-            self.bin_distance2 = distance2[0][:, bins].permute(1, 0, 2).contiguous()
-        else:
-            self.bin_distance2 = torch.gather(distance2, 2, bins[:, None, :].expand(-1, distance2.shape[1], -1))
-
-    def __call__(self, g: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cost ``C(g)``, balloon density ``yv`` and smoothed bandwidths ``optwp`` of ``rows`` at stiffness ``g``."""
-        everyone = rows.numel() == self.y_hist.shape[0]  # all rows active: no gathers
-
-        def take(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if everyone else tensor[rows]
-
-        windows = take(self.windows)
-        inside = take(self.inside)
-        dt = take(self.dt)[:, None]
-        distance2 = self.distance2 if self.distance2.shape[0] == 1 else take(self.distance2)
-        # index of the last window with gs >= g (find(gs >= g, 1, 'last')); -1 where g > max(gs)
-        last = (take(self.suffix_max) >= g[:, None, None]).sum(dim=1) - 1  # (r, L)
-        chosen = g[:, None] * torch.gather(windows, 1, last.clamp(min=0))
-        optwv = torch.where(
-            last < 0,
-            take(self.window_min)[:, None].expand_as(chosen),
-            torch.where(g[:, None] < take(self.ratio_min), take(self.window_max)[:, None].expand_as(chosen), chosen),
-        )
-        # Nadaraya-Watson regression of the bandwidths with Gaussian kernels of width s_l = optwv_l / g:
-        # optwp_k = sum_l optwv_l G(t_k - t_l; s_l) / sum_l G(t_k - t_l; s_l), both sums as one bmm
-        width = optwv / g[:, None]
-        kernel = torch.mul(distance2, (-0.5 / width**2)[:, None, :]).exp_()  # (r, L, L)
-        inverse_width = torch.where(inside, 1.0 / width, 0.0)
-        sums = torch.bmm(kernel, torch.stack([optwv * inverse_width, inverse_width], dim=-1))  # (r, L, 2)
-        optwp = torch.where(inside, sums[..., 0] / sums[..., 1], 1.0)
-        # balloon estimator: bandwidth optwp_k at evaluation point k, sum over the non-empty bins
-        y_hist = take(self.y_hist)
-        balloon = torch.mul(take(self.bin_distance2), (-0.5 / optwp**2)[:, :, None]).exp_()  # (r, L, P)
-        yv = torch.bmm(balloon, take(self.bin_weights)[:, :, None])[..., 0] / (_SQRT_2PI * optwp)
-        yv = torch.where(inside, yv, 0.0)
-        yv = yv * take(self.total)[:, None] / (yv * dt).sum(-1, keepdim=True)
-        cost_density = yv**2 - 2 * yv * y_hist + 2 / _SQRT_2PI / optwp * y_hist
-        return (cost_density * dt).sum(-1), yv, optwp
 
 
 def _row_grids(grid: torch.Tensor, lengths: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
@@ -273,7 +167,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, lengths: torch.
 def _optimal_widths(y_hist: torch.Tensor, dt: torch.Tensor, span: torch.Tensor, lengths: torch.Tensor,
                     inside: torch.Tensor, n_bandwidths: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-3: the M windows ``WIN = W`` (R, M) and the locally optimal fixed bandwidth ``optws``
-    (R, M, L) of every window: ``W[argmin_j (c_j * G_WIN_i)(t)]``."""
+    (R, M, L) of every window: ``W[argmin_j (c_j * G_WIN_i)(t)]`` (smoothings: :mod:`.kde_smoothing`)."""
     rows, width = y_hist.shape
     # M softplus-spaced bandwidths in [5 dt, T] (windows WIN = bandwidths W)
     low = _ilogexp(5 * dt)
@@ -283,57 +177,18 @@ def _optimal_widths(y_hist: torch.Tensor, dt: torch.Tensor, span: torch.Tensor, 
     spaced[:, -1] = high
     windows = _logexp(spaced)  # (R, M)
     sigma_bins = windows / dt[:, None]
+    periods = fft_length(lengths, sigma_bins)
+    # rows on the same grid share their kernels (ADVISE's convention: all rows of a grid length)
+    distinct, index = torch.unique(torch.cat([sigma_bins, periods.to(sigma_bins.dtype)], 1), dim=0, return_inverse=True)
+    kernels = periodic_gaussian(distinct[:, :n_bandwidths], distinct[:, n_bandwidths:], width)  # bandwidth j = window j
     # local MISE integrands c_j (R, M, L), zero outside the row's grid
-    smoothed = _gauss_smooth(y_hist[:, None, :], sigma_bins, lengths, {})[:, :, 0]
+    smoothed = smooth(y_hist[:, None, :], kernels, index, width)[:, :, 0]
     local_cost = smoothed**2 - 2 * smoothed * y_hist[:, None] + (2 / _SQRT_2PI / windows)[..., None] * y_hist[:, None]
     local_cost = torch.where(inside[:, None], local_cost, 0.0)
-    # optimal fixed bandwidth per window: argmin_j of c_j smoothed with window i
-    optws = y_hist.new_empty((rows, n_bandwidths, width))
-    cache: dict[int, torch.Tensor] = {}
-    for i in range(n_bandwidths):
-        windowed = _gauss_smooth(local_cost, sigma_bins[:, i : i + 1], lengths, cache)[:, 0]  # (R, M_j, L)
-        optws[:, i] = torch.gather(windows, 1, torch.argmin(windowed, dim=1))
+    # optimal fixed bandwidth per window i: argmin_j of c_j smoothed with window i
+    best = torch.argmin(smooth(local_cost, kernels, index, width), dim=2)  # (R, M_i, L)
+    optws = torch.gather(windows, 1, best.flatten(1)).view(rows, n_bandwidths, width)
     return windows, optws
-
-
-def _golden_section(cost: _CostFunction, dt: torch.Tensor, width: int, max_evaluations: int, tol: float
-                    ) -> tuple[torch.Tensor, ...]:
-    """Step 5: golden-section search of g in [1e-12, 1] per row (ADVISEkernel.m l.125-163): density ``yopt``,
-    bandwidths, g and cost of the last evaluated point, and the evaluations after the initial two."""
-    rows = dt.shape[0]
-    a = torch.full((rows,), 1e-12, dtype=dt.dtype, device=dt.device)
-    b = torch.ones_like(a)
-    c1 = (_PHI - 1) * a + (2 - _PHI) * b
-    c2 = (2 - _PHI) * a + (_PHI - 1) * b
-    everyone = torch.arange(rows, device=dt.device)
-    f1 = cost(c1, everyone)[0]
-    f2 = cost(c2, everyone)[0]
-    yopt = torch.full((rows, width), float("nan"), dtype=dt.dtype, device=dt.device)
-    optw = torch.full_like(yopt, float("nan"))
-    g_last = torch.full_like(a, float("nan"))
-    cost_last = torch.full_like(a, float("nan"))
-    evaluations = torch.zeros(rows, dtype=torch.long, device=dt.device)
-    for _ in range(max_evaluations):
-        active = torch.nonzero(torch.abs(b - a) > tol * (torch.abs(c1) + torch.abs(c2))).flatten()
-        if active.numel() == 0:
-            break
-        a_, b_, c1_, c2_, f1_, f2_ = a[active], b[active], c1[active], c2[active], f1[active], f2[active]
-        left = f1_ < f2_  # False for NaN, like MATLAB and numpy
-        new_b = torch.where(left, c2_, b_)
-        new_a = torch.where(left, a_, c1_)
-        new_c1 = torch.where(left, (_PHI - 1) * a_ + (2 - _PHI) * new_b, c2_)
-        new_c2 = torch.where(left, c1_, (2 - _PHI) * new_a + (_PHI - 1) * b_)
-        g = torch.where(left, new_c1, new_c2)
-        f_new, yv, optwp = cost(g, active)
-        f1[active] = torch.where(left, f_new, f2_)
-        f2[active] = torch.where(left, f1_, f_new)
-        a[active], b[active], c1[active], c2[active] = new_a, new_b, new_c1, new_c2
-        yopt[active] = yv / (yv * dt[active, None]).sum(-1, keepdim=True)
-        optw[active] = optwp
-        g_last[active] = g
-        cost_last[active] = f_new
-        evaluations[active] += 1
-    return yopt, optw, g_last, cost_last, evaluations
 
 
 def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor, grid: torch.Tensor,
@@ -350,8 +205,8 @@ def _fit_chunk(samples: torch.Tensor, in_grid: torch.Tensor, span: torch.Tensor,
     windows, optws = _optimal_widths(y_hist, dt, span, lengths, inside, n_bandwidths)
     shared = bool((~coarse).all()) and width == grid.numel()
     distance2 = ((grid[:, None] - grid[None, :]) ** 2)[None] if shared else (t[:, :, None] - t[:, None, :]) ** 2
-    cost = _CostFunction(y_hist, total, distance2, dt, optws, windows, inside)
-    yopt, optw, g_last, cost_last, evaluations = _golden_section(cost, dt, width, max_evaluations, tol)
+    cost = CostFunction(y_hist, total, distance2, dt, optws, windows, inside)
+    yopt, optw, g_last, cost_last, evaluations = golden_section(cost, dt, width, max_evaluations, tol)
     return _interp(grid, t, yopt, lengths), _interp(grid, t, optw, lengths), g_last, cost_last, total, evaluations
 
 
@@ -421,6 +276,19 @@ def _plan_rows(x: torch.Tensor, grid: torch.Tensor, convention: KDEConvention, m
     return _RowPlan(in_grid, span, valid, coarse, lengths)
 
 
+def _distinct_rows(x: torch.Tensor, grid: torch.Tensor, convention: KDEConvention) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose estimate is the same: ``(representatives, inverse)`` with ``x[representatives][inverse]``
+    standing for ``x``. The estimator sees a row only through the multiset of its values — in the MATLAB
+    convention only of its in-grid values (T is the grid's span, out-of-grid samples are dropped before
+    anything else) — so rows with the same sorted key get the same result: e.g. the all-zero channels of a
+    ReLU layer, a third to two thirds of EfficientNet-Lite0's ``bn2`` on photos, are fitted once."""
+    key = x if convention == "adaptivekde" else torch.where((x >= grid[0]) & (x <= grid[-1]), x, torch.inf)
+    _, inverse = torch.unique(torch.sort(key, dim=1).values, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, inverse, torch.arange(x.shape[0], device=x.device), reduce="amin")
+    return first, inverse
+
+
 def _chunks(sizes: list[int], grid_points: int, n_bandwidths: int, max_chunk_elements: int
             ) -> Iterator[tuple[int, int]]:
     """(start, stop) of rows sorted by grid length: similar lengths (padding < 25 %), bounded temporaries."""
@@ -472,8 +340,17 @@ def ssvkernel(
     x, grid = _validated(samples, grid, convention, n_bandwidths, dtype)
     if max_evaluations is None:
         max_evaluations = 29 if convention == "matlab" else 30
+    representatives, inverse = _distinct_rows(x, grid, convention)
+    fit = _fit_rows(x[representatives], grid, n_bandwidths, convention, min_distinct, max_evaluations, tol,
+                    max_chunk_elements)
+    return KDEResult(**{f.name: getattr(fit, f.name)[inverse] for f in dataclasses.fields(KDEResult)})
+
+
+def _fit_rows(x: torch.Tensor, grid: torch.Tensor, n_bandwidths: int, convention: KDEConvention,
+              min_distinct: int | None, max_evaluations: int, tol: float, max_chunk_elements: int) -> KDEResult:
+    """:func:`ssvkernel` of every row of ``x`` (validated), chunk by chunk of similar grid lengths."""
     plan = _plan_rows(x, grid, convention, min_distinct)
-    rows, device = x.shape[0], x.device
+    rows, device, dtype = x.shape[0], x.device, x.dtype
     density = torch.full((rows, grid.numel()), float("nan"), dtype=dtype, device=device)
     bandwidth = torch.full_like(density, float("nan"))
     stiffness = torch.full((rows,), float("nan"), dtype=dtype, device=device)
