@@ -47,12 +47,18 @@ Choices where the sources are silent or disagree (all exposed as :class:`SISEPar
 * ``V_b`` is min-max normalised exactly (no epsilon: ``V_b`` sums are ~1e-5 per mask, an epsilon
   would distort them).
 
-``fast=True`` cuts the masked forwards further, approximately: only one medoid per group of similar
-masks is scored (:func:`convlens.methods.sise_scoring.score_fast`). Measured on four photos with
-EfficientNet-Lite0 (BENCHMARKS.md, section ``sise``): the hard-Otsu cascade of ``fusion="paper"``
-amplifies score errors (a 0.01 noise on the scores alone can drop the final map's Pearson r to 0.86),
-so fast mode keeps the map well only with ``fusion="code"``/``"simple"``. ``extras["fast"]`` reports
-the forwards saved.
+``fast=True`` trades fidelity for time (not in the paper; :func:`convlens.methods.sise_scoring.score_fast`):
+within each block the kept masks are clustered by cosine similarity into ``ceil(K / fast_factor)`` groups,
+only each group's medoid is scored, and every other mask gets a score interpolated by Gaussian-process
+regression on 7x7 down-sampled masks (``fast_scores="gp"``; ``"medoid"``: its medoid's) and contributes
+with its own ``C_m``. The default ``fast_factor = 4`` runs a quarter of full SISE's masked forwards, so the
+wall time is at least 3x shorter once phase 1-2 and the mask generation (shared by both) are paid; a third
+(``fast_factor = 3``) would leave less than 3x. The price is the map's fidelity, not its localisation: on
+the real-photo set (BENCHMARKS.md, section ``localisation``) the energy-based pointing game stays within a
+point of full SISE's, but the hard-Otsu cascade of ``fusion="paper"`` amplifies score errors (a 0.01
+noise on the scores alone can drop the final map's Pearson r to 0.86), so the final map correlates with
+full SISE's at r ~ 0.87 (paper fusion) and closer with ``fusion="code"``/``"simple"``. Fast mode keeps
+the scores it used in ``extras["mask_scores"]`` and reports ``extras["fast"]`` (groups, forwards saved).
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class SISECascadeParams(MethodParams):
     )
     blur_sigma: float = param(5.0, "Gaussian sigma in pixels of baseline='blur'", gt=0)
     fast: bool = param(False, "score one medoid per group of similar masks (approximate, fewer forwards)")
-    fast_factor: float = param(2.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
+    fast_factor: float = param(4.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
     fast_scores: Literal["gp", "medoid"] = param("gp", "fast mode: GP-interpolated or the medoid's score")
 
 

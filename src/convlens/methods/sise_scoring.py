@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,6 +111,18 @@ class _MaskStream:
         return torch.cat(parts)[:, None]
 
 
+def _accumulator(vis: torch.Tensor, stream: _MaskStream) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The engine's ``on_chunk``: add each scored chunk's ``Psi(x ⊙ m) C_m`` to its blocks' rows of ``vis``."""
+
+    def accumulate(chunk: torch.Tensor, scores: torch.Tensor) -> None:
+        flat = chunk.reshape(chunk.shape[0], -1)
+        weights = scores[:, 0] / (flat.sum(1) + MASK_EPS)  # Psi(x ⊙ m) · C_m, C_m = m / sum(m)
+        for block, offset, count in stream.layouts.popleft():
+            vis[block].addmv_(flat[offset : offset + count].T, weights[offset : offset + count])
+
+    return accumulate
+
+
 def score_full(
     engine: MaskedForwardEngine,
     image: torch.Tensor,
@@ -123,20 +135,38 @@ def score_full(
     """Eqs. 9-12 with every mask scored: ``activations[b]`` (K_b, h, w) are block b's scored feature maps."""
     vis = torch.zeros(len(activations), size[0] * size[1], device=image.device)
     stream = _MaskStream(activations, size, batch_size)
-
-    def accumulate(chunk: torch.Tensor, scores: torch.Tensor) -> None:
-        flat = chunk.reshape(chunk.shape[0], -1)
-        weights = scores[:, 0] / (flat.sum(1) + MASK_EPS)  # Psi(x ⊙ m) · C_m, C_m = m / sum(m)
-        for block, offset, count in stream.layouts.popleft():
-            vis[block].addmv_(flat[offset : offset + count].T, weights[offset : offset + count])
-
-    scores = engine.run(image, stream, class_id, baseline=baseline, on_chunk=accumulate)[:, 0]
+    scores = engine.run(image, stream, class_id, baseline=baseline, on_chunk=_accumulator(vis, stream))[:, 0]
     per_block = list(scores.detach().cpu().split([source.shape[0] for source in activations]))
     total = sum(source.shape[0] for source in activations)
     return BlockScores(vis_maps=vis.view(len(activations), *size), mask_scores=per_block, forwards=total)
 
 
 # ---------------------------------------------------------------------------------------------- fast mode
+@dataclass
+class _FastBlock:
+    """Fast mode's plan for one block: which masks are scored (one medoid per group) and their features."""
+
+    maps: torch.Tensor  # (K, h, w) the block's scored feature maps
+    labels: torch.Tensor  # (K,) group of each map
+    medoids: torch.Tensor  # (G,) index of each group's medoid
+    features: torch.Tensor  # (K, <= 49) mask_features of every map
+
+    @classmethod
+    def of(cls, maps: torch.Tensor, fast_factor: float) -> _FastBlock:
+        empty = torch.empty(0, dtype=torch.long)
+        if not maps.shape[0]:
+            return cls(maps, empty, empty, torch.empty(0, 0, dtype=torch.float64))
+        normalised = minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS)  # once for both uses
+        labels, medoids = _group(normalised, math.ceil(maps.shape[0] / fast_factor))
+        return cls(maps, labels, medoids, _pooled(normalised))
+
+    def member_scores(self, medoid_scores: torch.Tensor, fast_scores: FastScores) -> torch.Tensor:
+        """Every mask's score: exact for the medoids; the GP interpolation or its medoid's for the others."""
+        if fast_scores == "medoid":
+            return medoid_scores[self.labels.to(medoid_scores.device)]
+        return interpolate_scores(self.features, self.medoids, medoid_scores).to(medoid_scores.device)
+
+
 def score_fast(
     engine: MaskedForwardEngine,
     image: torch.Tensor,
@@ -148,31 +178,35 @@ def score_fast(
     fast_factor: float,
     fast_scores: FastScores,
 ) -> BlockScores:
-    """Eqs. 9-12 with one scored medoid per group of similar masks and interpolated scores for the rest."""
-    empty = torch.empty(0, dtype=torch.long)
-    groups = [group_masks(maps, math.ceil(maps.shape[0] / fast_factor)) if maps.shape[0] else (empty, empty)
-              for maps in activations]
-    medoid_maps = [maps[medoids.to(maps.device)] for maps, (_, medoids) in zip(activations, groups, strict=True)]
-    scores = engine.run(image, _MaskStream(medoid_maps, size, batch_size), class_id, baseline=baseline)[:, 0]
-    vis = torch.zeros(len(activations), size[0] * size[1], device=image.device)
-    mask_scores = [torch.empty(0) for _ in activations]
-    offset = 0
-    for block, (maps, (labels, medoids)) in enumerate(zip(activations, groups, strict=True)):
-        if not maps.shape[0]:
+    """Eqs. 9-12 with one scored medoid per group of similar masks and interpolated scores for the rest.
+
+    Nothing is computed twice: the maps are normalised once for grouping and features; a medoid's mask is
+    generated once, scored and accumulated as it streams (as in :func:`score_full`); every other mask is
+    generated once, with its interpolated score.
+    """
+    blocks = [_FastBlock.of(maps, fast_factor) for maps in activations]
+    medoid_maps = [block.maps[block.medoids.to(block.maps.device)] for block in blocks]
+    vis = torch.zeros(len(blocks), size[0] * size[1], device=image.device)
+    stream = _MaskStream(medoid_maps, size, batch_size)
+    scores = engine.run(image, stream, class_id, baseline=baseline, on_chunk=_accumulator(vis, stream))[:, 0]
+    mask_scores = [torch.empty(0) for _ in blocks]
+    per_block = scores.split([int(block.medoids.numel()) for block in blocks])
+    for index, (block, medoid_scores) in enumerate(zip(blocks, per_block, strict=True)):
+        if not block.maps.shape[0]:
             continue
-        medoid_scores = scores[offset : offset + medoids.numel()]
-        offset += medoids.numel()
-        if fast_scores == "medoid":
-            member_scores = medoid_scores[labels.to(scores.device)]
-        else:
-            member_scores = interpolate_scores(mask_features(maps), medoids, medoid_scores).to(scores.device)
-        mask_scores[block] = member_scores.detach().cpu()
-        for start in range(0, maps.shape[0], batch_size):
-            masks = attribution_masks(maps[start : start + batch_size], size).flatten(1)
-            weights = member_scores[start : start + batch_size] / (masks.sum(1) + MASK_EPS)
-            vis[block].addmv_(masks.T, weights)
-    return BlockScores(vis_maps=vis.view(len(activations), *size), mask_scores=mask_scores,
-                       forwards=sum(int(m.shape[0]) for m in medoid_maps), groups=[int(m.numel()) for _, m in groups])
+        member_scores = block.member_scores(medoid_scores, fast_scores)
+        mask_scores[index] = member_scores.detach().cpu()
+        others = torch.ones(block.maps.shape[0], dtype=torch.bool)
+        others[block.medoids] = False
+        rest = torch.nonzero(others).flatten()
+        for start in range(0, rest.numel(), batch_size):
+            chunk = rest[start : start + batch_size].to(block.maps.device)
+            masks = attribution_masks(block.maps[chunk], size).flatten(1)
+            weights = member_scores[chunk.to(member_scores.device)] / (masks.sum(1) + MASK_EPS)
+            vis[index].addmv_(masks.T, weights)
+    return BlockScores(vis_maps=vis.view(len(blocks), *size), mask_scores=mask_scores,
+                       forwards=sum(int(m.shape[0]) for m in medoid_maps),
+                       groups=[int(block.medoids.numel()) for block in blocks])
 
 
 def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,15 +220,20 @@ def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.
         ``labels`` (K,) group of each map (0 .. G-1) and ``medoids`` (G,) the index of each group's
         representative: the member with the highest summed cosine similarity to its group.
     """
+    return _group(minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS), n_groups)
+
+
+def _group(normalised: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_masks` of maps already min-max normalised (float64, CPU)."""
     from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import squareform
 
-    n_maps = maps.shape[0]
+    n_maps = normalised.shape[0]
     n_groups = max(1, min(int(n_groups), n_maps))
     if n_groups == n_maps:
         index = torch.arange(n_maps)
         return index, index
-    vectors = minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS).flatten(1)
+    vectors = normalised.flatten(1)
     vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)  # a constant map -> 0 vector
     similarity = vectors @ vectors.T
     if n_groups == 1:
@@ -214,8 +253,12 @@ def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.
 def mask_features(maps: torch.Tensor, resolution: int = 7) -> torch.Tensor:
     """(K, h, w) feature maps -> (K, r*r) min-max normalised maps average-pooled to at most r x r: where
     fast mode compares masks (a mask's score depends on its coarse layout, not on pixel detail)."""
-    normalised = minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS)
-    out = (min(resolution, maps.shape[-2]), min(resolution, maps.shape[-1]))
+    return _pooled(minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS), resolution)
+
+
+def _pooled(normalised: torch.Tensor, resolution: int = 7) -> torch.Tensor:
+    """:func:`mask_features` of maps already min-max normalised."""
+    out = (min(resolution, normalised.shape[-2]), min(resolution, normalised.shape[-1]))
     return F.adaptive_avg_pool2d(normalised[:, None], out).flatten(1)
 
 
