@@ -3,7 +3,8 @@
 The same synthetic-benchmark images (``convlens.data.synthetic``, split test, seed 0; the committed
 ``synthetic-vgg`` CNN) go through ``convlens.runners.evaluate`` once per method (SISE, RISE) and engine:
 
-* embedded: this process, ``--threads`` (2) torch threads;
+* embedded: this process, ``--threads`` (2) torch threads, and again on one thread (an actor's work
+  without Ray);
 * Ray, 1 actor and 2 actors, one torch thread (one CPU) each, on a local Ray started once for all runs.
 
 Each run writes into a fresh folder (the embedded engine after an untimed 2-image warm-up); the only
@@ -85,8 +86,11 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[tuple[str, str],
     results: dict[tuple[str, str], Timing] = {}
     warm_up = argparse.Namespace(**{**vars(args), "images": 2})  # model load and first-call costs, untimed
     for method in METHODS:
+        torch.set_num_threads(args.threads)
         timed_run(method, warm_up, embedded_engine, work / f"{method}-warm-up")
         results[(method, "embedded")] = timed_run(method, args, embedded_engine, work / f"{method}-embedded")
+        torch.set_num_threads(1)  # the same engine on one thread: what an actor runs, without Ray
+        results[(method, "embedded-1")] = timed_run(method, args, embedded_engine, work / f"{method}-embedded-1")
         loads.append(os.getloadavg()[0])
     torch.set_num_threads(1)  # the driver only stores results while the actors work
     start = time.perf_counter()
@@ -106,18 +110,18 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[tuple[str, str],
 def report(results: dict[tuple[str, str], Timing], init_seconds: float, loads: list[float],
            args: argparse.Namespace) -> str:
     rows = []
-    labels = {"embedded": f"embedded (1 process, {args.threads} threads)", "ray-1": "Ray, 1 actor x 1 thread",
-              "ray-2": "Ray, 2 actors x 1 thread"}
+    labels = {"embedded": f"embedded (1 process, {args.threads} threads)", "embedded-1": "embedded, 1 thread",
+              "ray-1": "Ray, 1 actor x 1 thread", "ray-2": "Ray, 2 actors x 1 thread"}
     efficiency = {}
     for method in METHODS:
         one, two = results[(method, "ray-1")], results[(method, "ray-2")]
         efficiency[method] = two.steady_rate / (2 * one.steady_rate)
         for engine, label in labels.items():
             timing = results[(method, engine)]
-            first = timing.first - 1 / timing.steady_rate if engine != "embedded" else float("nan")
+            first = timing.first - 1 / timing.steady_rate if engine.startswith("ray") else float("nan")
             scaling = f"{efficiency[method]:.2f}" if engine == "ray-2" else ""
             rows.append([method, label, f"{timing.wall:.1f}", f"{timing.wall_rate:.2f}", f"{timing.steady_rate:.2f}",
-                         "" if engine == "embedded" else f"{first:.1f}", scaling])
+                         f"{first:.1f}" if engine.startswith("ray") else "", scaling])
     table = markdown_table(["method", "engine", "wall s", "images/s (wall)", "images/s (steady)",
                             "actor start-up s", "scaling 1->2"], rows)
     busy = max(loads)

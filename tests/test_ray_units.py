@@ -74,6 +74,8 @@ def test_missing_ray_is_one_clear_error_and_writes_nothing(monkeypatch: pytest.M
         (["--engine", "ray", "--device", "cuda", "--gpus-per-worker", "0"], "give the workers GPUs"),
         (["--engine", "ray", "--device", "mps"], "use cpu or cuda"),
         (["--engine", "ray", "--threads-per-worker", "0"], "--threads-per-worker must be >= 1"),
+        pytest.param(["--engine", "ray", "--gpus-per-worker", "1"], "no CUDA GPU for a local Ray",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_bad_engine_options_exit_2_and_write_nothing(tmp_path: Path, args: list[str], message: str) -> None:

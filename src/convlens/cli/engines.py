@@ -84,7 +84,16 @@ def ray_options(
         require_ray()
     except RayEngineError as exc:
         raise CliError(str(exc)) from exc
+    if options.gpus_per_worker > 0 and ray_address is None and not _local_cuda():
+        raise CliError("--gpus-per-worker: this machine has no CUDA GPU for a local Ray; give --ray-address of a "
+                       "cluster with GPU nodes")
     return EngineChoice(options, "cpu")
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """``convlens explain``: the command line of :mod:`convlens.runners.explain`.
 
 Exit codes: 0 every image explained; 1 some images skipped (listed); 2 bad input (one message, nothing
-written); 130 interrupted (Ctrl-C: finished images are kept, a rerun resumes). Every user-supplied string
-(paths, names, messages quoting them) is printed verbatim, never as rich markup.
+written); 130 interrupted (Ctrl-C: finished images are kept, a rerun resumes). ``--engine ray`` spreads the
+images over a Ray actor pool (:mod:`convlens.cli.engines`, :mod:`convlens.runners.ray_engine`). Every
+user-supplied string (paths, names, messages quoting them) is printed verbatim, never as rich markup.
 """
 
 from __future__ import annotations

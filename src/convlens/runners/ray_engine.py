@@ -15,9 +15,10 @@ Ray is an optional extra (``pip install 'convlens[ray]'``): nothing imports this
 ``--engine ray`` is asked for, and Ray itself is imported only when a run starts.
 
 Cluster use: every node needs the same Python environment (convlens, torch; e.g. one container image).
-``convlens explain`` ships the image bytes, so only the driver reads the input files; ``convlens
-evaluate`` loads images on the workers from the dataset's paths, so the data must be at the same path
-on every node (a shared file system) — or be ``synthetic``.
+``convlens explain`` ships the image bytes, so only the driver reads the input files (it holds the
+pending images' bytes while the run lasts); ``convlens evaluate`` loads images on the workers from the
+dataset's paths, so the data must be at the same path on every node (a shared file system) — or be
+``synthetic``. The run's output folder is written by the driver alone.
 """
 
 from __future__ import annotations
