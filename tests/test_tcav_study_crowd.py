@@ -1,0 +1,197 @@
+"""Study -> simulated crowd -> labels -> ``convlens tcav`` -> ``convlens global``, with planted concepts whose
+use by the model is known: the TCAV verdicts must point the way the planted setup implies.
+
+Setup. Images of two classes of the synthetic exact-ground-truth benchmark, explained by INV on the
+shipped ``synthetic-vgg`` at its four deepest conv layers; a study of every cluster (``create_study``);
+a simulated crowd (:mod:`convlens.study.simulate`, over the real HTTP API, in process) whose planted
+concept of a round follows what the round's cluster map reveals of the class object (exact mask known):
+of the pixels shown at 13 % (level 3), share >= 0.3 on the class object -> "wheels" (the object);
+share <= 0.08 -> "grass" (next to no class object); otherwise "edges" (some of it). Players use no typos or
+synonyms (this test is about TCAV, not about the label pipeline's recovery), guess right with
+probability 0.85-0.95, name the planted concept with probability 0.95 when they do, and describe every
+play; one play per round. Then ``convlens labels``
+(offline all-MiniLM-L6-v2), ``convlens tcav`` (N = 20 random runs, layers features.13 and features.16,
+concept size 16) with each random pool, and ``convlens global``.
+
+What the setup implies. The benchmark's class is decided by its class object (shape and texture at one
+place; the distractors carry other classes' parts), so the regions showing it are evidence the CNN must
+use for the class, and the regions showing none of it carry no evidence for the class:
+
+* random sets from the whole study (``--random-pool study``, Kim et al.'s random counterexamples): the
+  object concept is used (+) for its class at some layer (significant after Holm); the no-object concept
+  is never used (+);
+* random sets from the class's own labelled regions (default): those regions mostly show some of the
+  object too (INV's clusters follow the class gradient), so the object concept can only be *more* used
+  than them and the no-object concept only *less*: the object concept is never used (-) and points
+  positive at every layer, the no-object concept is never used (+) and points negative at every layer,
+  and each class has at least one of the two significant in its implied direction.
+
+Run once (seed 0): study pool — wheels z = +3.8..+6.7 (Holm p <= 0.007), grass z = -5.5..-0.9; class pool —
+wheels z = +1.8..+3.4, grass z = -5.6..-1.8 (see the asserts for what is required).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from convlens.cli.main import app
+from convlens.reports.global_report import slug
+
+pytestmark = pytest.mark.slow
+
+LAYERS = ["features.9", "features.13", "features.16", "features.20"]  # INV (and the study's rounds)
+TCAV_LAYERS = "features.13,features.16"
+CLASSES = (0, 1)
+PER_CLASS = 14
+OBJECT, NOTHING, SOME = "wheels", "grass", "edges"
+
+
+def _inv_run(root: Path) -> dict[str, np.ndarray]:
+    """INV runs of the first PER_CLASS test images of each class; image id -> exact class-object mask."""
+    from PIL import Image
+
+    from convlens.concepts import INV
+    from convlens.data.synthetic import SyntheticShapes
+    from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
+
+    inv = INV(load_synthetic_model("synthetic-vgg"), layers=LAYERS)
+    dataset = SyntheticShapes(size=400, seed=0, split="test")
+    masks: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(CLASSES, 0)
+    for index in range(400):
+        item = dataset.generate(index)
+        if counts.get(item.label, PER_CLASS) >= PER_CLASS:
+            continue
+        counts[item.label] += 1
+        image = Image.fromarray(item.pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            explanation = inv.explain(SYNTHETIC_PREPROCESSING(image)[None], target=item.label,
+                                      image_id=hashlib.sha256(item.pixels.tobytes()).hexdigest())
+        explanation.save(root / f"img{index:03d}" / "inv", image=image)
+        masks[explanation.image_id] = item.mask
+    return masks
+
+
+def _planted(study: Path, masks: dict[str, np.ndarray]) -> Any:
+    """The crowd's plan: each cluster round's concept from the share of the class object it reveals."""
+    from convlens.concepts import load_inv_explanation
+    from convlens.study.config import load_rounds
+    from convlens.study.crowd import CrowdModel, CrowdPlan, PlantedRound
+    from convlens.study.reveal import binary_mask, upsample_nearest
+
+    rounds = [r for r in load_rounds(study) if not r.gold]
+    folders = {load_inv_explanation(f).image_id: f for f in (study.parent / "run").glob("*/inv")}
+    names = sorted({r.true_class for r in rounds})
+    model = CrowdModel(concepts_per_class=3, trends=False, other=0.0, typo=0.0, synonym=0.0, inflection=0.0,
+                       describe=1.0, correct=(0.85, 0.87, 0.9, 0.92, 0.95, 0.95), skill=0.0, resign=0.0,
+                       resign_last=0.0, clarity=(0.95, 0.95))
+    plan = CrowdPlan(0, model, {n: [OBJECT, NOTHING, SOME] for n in names}, {}, {}, {}, names)
+    explanations: dict[str, Any] = {}
+    for r in rounds:
+        explanation = explanations.setdefault(r.image_id, load_inv_explanation(folders[r.image_id]))
+        mask = masks[r.image_id]
+        shown = binary_mask(upsample_nearest(explanation.cluster(r.cluster_id).feature_map, mask.shape), 13.0) > 0
+        share = float((shown & mask).sum() / shown.sum())
+        concept = OBJECT if share >= 0.3 else NOTHING if share <= 0.08 else SOME
+        plan.rounds[r.round_id] = PlantedRound(r.round_id, r.cluster_id or "", r.true_class, r.layer_depth or 0,
+                                               r.n_layers, concept, 0.95)
+    return plan
+
+
+def _cli(*args: str) -> Any:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [r for r in csv.DictReader(handle) if r["layer"]]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[Path]:
+    from convlens.study.app import create_app
+    from convlens.study.creation import CreateOptions, create_study
+    from convlens.study.simulate import simulate
+
+    root = tmp_path_factory.mktemp("tcav-crowd")
+    masks = _inv_run(root / "run")
+    study = root / "study"
+    create_study(study, [root / "run"], CreateOptions(plays_per_round=1, rounds_per_player=40))
+    plan = _planted(study, masks)
+    server = create_app(study, None, rate_limit_ip="1000000/minute", rate_limit_participant="1000000/minute")
+    try:
+        run = simulate(study, plan, participants=200, app=server, concurrent=4)
+    finally:
+        server.state.engine.dispose()
+    assert run.unknown_images == 0
+    (root / "crowd_plan.json").write_text(json.dumps(plan.to_json()))
+    _cli("labels", str(study), "--out", str(root / "labels"), "--bootstrap", "50")
+    for pool in ("study", "class"):
+        _cli("tcav", str(root / "labels"), "--out", str(root / f"tcav-{pool}"), "--random-pool", pool,
+             "--layers", TCAV_LAYERS, "--sizes", "16,32", "--random-runs", "20", "--no-place")
+    yield root
+
+
+def _by_concept(rows: list[dict[str, str]]) -> dict[tuple[str, str], list[dict[str, str]]]:
+    found: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        found.setdefault((row["class"], row["concept"]), []).append(row)
+    return found
+
+
+def _classes(rows: list[dict[str, str]]) -> list[str]:
+    assert rows
+    names = sorted({r["class"] for r in rows})
+    tested = _by_concept(rows)
+    for name in names:  # the planted concepts came out as labels, with enough regions to be tested
+        assert (name, OBJECT) in tested and (name, NOTHING) in tested, sorted(tested)
+        assert len(tested[(name, OBJECT)]) == len(tested[(name, NOTHING)]) == 2
+    return names
+
+
+def test_object_is_used_and_nothing_is_not_against_study_regions(pipeline: Path) -> None:
+    rows = _rows(pipeline / "tcav-study" / "tcav.csv")
+    tested = _by_concept(rows)
+    for name in _classes(rows):
+        assert any(r["verdict"] == "used (+)" for r in tested[(name, OBJECT)]), tested[(name, OBJECT)]
+        assert all(r["verdict"] != "used (+)" for r in tested[(name, NOTHING)]), tested[(name, NOTHING)]
+
+
+def test_directions_against_the_class_own_regions(pipeline: Path) -> None:
+    rows = _rows(pipeline / "tcav-class" / "tcav.csv")
+    tested = _by_concept(rows)
+    implied = 0
+    for name in _classes(rows):
+        obj, nothing = tested[(name, OBJECT)], tested[(name, NOTHING)]
+        assert all(r["verdict"] != "used (-)" for r in obj), obj  # never significant the wrong way
+        assert all(r["verdict"] != "used (+)" for r in nothing), nothing
+        implied += sum(r["verdict"] == "used (+)" for r in obj) + sum(r["verdict"] == "used (-)" for r in nothing)
+    assert implied >= 1  # and the implied way somewhere in the study
+
+
+def test_global_report_shows_the_verdicts(pipeline: Path) -> None:
+    out = pipeline / "global"
+    _cli("global", str(pipeline / "labels"), "--out", str(out), "--bootstrap", "50", "--tcav",
+         str(pipeline / "tcav-study" / "tcav.csv"))
+    with (out / "slopes.csv").open(newline="", encoding="utf-8") as handle:
+        cells = {(r["class"], r["label"]): r["tcav_used_by_model"] for r in csv.DictReader(handle)}
+    for (_, label), cell in cells.items():
+        if label == OBJECT:
+            assert cell.startswith("yes: features.1") and "direction=positive" in cell, cell
+        if label == NOTHING:
+            assert cell.startswith("no (2 layers tested): smallest p_value=") or "direction=negative" in cell, cell
+    page = (out / slug(next(iter(cells))[0]) / "index.html").read_text()
+    assert "used by the model (TCAV)" in page and "yes: features.1" in page
