@@ -282,6 +282,13 @@ def test_cli_end_to_end_and_the_global_report(study: tuple[Path, Path], tmp_path
     assert manifest["layers"] == LAYERS and manifest["random_runs"] == 5
     assert manifest["concepts"]["classes"]["cat"]["concepts"]["stripes"]["size"] == 8
     assert (labels / "tcav.csv").read_text() == (out / "tcav.csv").read_text()  # placed for convlens global
+    first = (out / "tcav.csv").read_text()
+    again = _cli(str(labels), "--out", str(tmp_path / "again"), "--sizes", "4", "--random-runs", "5", "--layers",
+                 "block3.1")
+    assert again.exit_code == 0, again.output
+    assert (labels / "tcav.previous.csv").read_text() == first  # a different tcav.csv there is kept, not lost
+    assert (labels / "tcav.csv").read_text() == (tmp_path / "again" / "tcav.csv").read_text()
+    (labels / "tcav.csv").write_text(first)
     build_global(labels, tmp_path / "global", n_bootstrap=10)
     page = (tmp_path / "global" / "cat" / "index.html").read_text()
     for label in ("fur", "stripes"):
