@@ -246,14 +246,15 @@ class ADVISE(Explainer):
         cam = torch.relu(torch.einsum("k,khw->hw", weights, activations))
         return self._upsample(minmax_exact(cam)[None], size)[0]
 
-    def _avx(self, x: torch.Tensor, up1: torch.Tensor, up2: torch.Tensor, class_id: int, reference: float
-             ) -> AVXResult:
-        """Step 5: the AVX protocol of the evaluated groups' maps on the image the model sees."""
+    def _avx(self, x: torch.Tensor, up1: torch.Tensor, up2: torch.Tensor, class_id: int, reference: float,
+             num_classes: int) -> AVXResult:
+        """Step 5: the AVX protocol of the evaluated groups' maps on the image the model sees (the unmasked
+        image's score is step 1's: no extra forward)."""
         image = self.preprocessing.denormalize(x.detach().float().cpu())
         return avx_protocol(
             self.model, image, up1.cpu(), up2.cpu(), class_id=class_id, reference_score=reference,
             preprocessing=self.preprocessing, options=self.avx_options, output_adapter=self.output_adapter,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, num_classes=num_classes,
         )
 
     def _best(self, groups: PeakGroups, result: AVXResult) -> int:
@@ -299,8 +300,7 @@ class ADVISE(Explainer):
                 maps[b] = self._fallback_map(activations[b], weights_top1[b], size).to(maps.dtype)
                 info["fallback"] = "no peak group gives a non-zero map: Grad-CAM over all units"
                 continue
-            up1, result, best = self._score_groups(x[b], groups, int(class_ids[b]),
-                                                   float(probabilities[b, class_ids[b]]), timings)
+            up1, result, best = self._score_groups(x[b], groups, int(class_ids[b]), probabilities[b], timings)
             for j, i in enumerate(groups.evaluated):
                 r = groups.peak_values[i]
                 group_maps.setdefault(r, torch.zeros((batch, *size), device=x.device))[b] = up1[j].to(x.device)
@@ -312,22 +312,22 @@ class ADVISE(Explainer):
             maps=maps,
             layer_maps={f"R={r}": group_maps[r] for r in sorted(group_maps)},
             extras=self._extras(layer, images),
-            forward_passes=2 * batch + sum(1 + len(info["groups"]) for info in images if info["groups"]),
+            forward_passes=2 * batch + sum(len(info["groups"]) for info in images),
             backward_passes=2 * batch,
             timings={key: timings[key] for key in ("forward_backward", "kde", "maps", "avx")},
         )
 
-    def _score_groups(self, x: torch.Tensor, groups: PeakGroups, class_id: int, reference: float,
+    def _score_groups(self, x: torch.Tensor, groups: PeakGroups, class_id: int, probabilities: torch.Tensor,
                       timings: dict[str, float]) -> tuple[torch.Tensor, AVXResult, int]:
-        """Steps 4-5 for one image: the evaluated groups' up-sampled maps of the explained class, their AVX
-        values and the position of the selected group."""
+        """Steps 4-5 for one image (``probabilities``: its softmax, (C,)): the evaluated groups' up-sampled maps
+        of the explained class, their AVX values and the position of the selected group."""
         t0 = time.perf_counter()
         size = (x.shape[-2], x.shape[-1])
         up1 = self._upsample(groups.maps_top1[groups.evaluated], size)
         up2 = self._upsample(groups.maps_top2[groups.evaluated], size)
         timings["maps"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = self._avx(x, up1, up2, class_id, reference)
+        result = self._avx(x, up1, up2, class_id, float(probabilities[class_id]), probabilities.numel())
         timings["avx"] += time.perf_counter() - t0
         return up1, result, self._best(groups, result)
 

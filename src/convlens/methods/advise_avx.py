@@ -132,8 +132,16 @@ def _checked_maps(map_top1: Any, map_top2: Any, original: torch.Tensor) -> tuple
 
 
 def _reference(module: nn.Module, x: torch.Tensor, class_id: int | None, reference_score: float | None,
-               options: AVXOptions, output_adapter: OutputAdapter | None) -> tuple[int, float, int]:
-    """The explained class ``c``, its score ``y_c`` on the unmasked image and the number of classes."""
+               options: AVXOptions, output_adapter: OutputAdapter | None, num_classes: int | None = None
+               ) -> tuple[int, float, int]:
+    """The explained class ``c``, its score ``y_c`` on the unmasked image and the number of classes (no forward
+    when the caller knows all three)."""
+    if class_id is not None and reference_score is not None and num_classes is not None:
+        if not 0 <= int(class_id) < num_classes:
+            raise ValueError(f"class_id {class_id} is out of range: the model has {num_classes} classes")
+        if reference_score <= 0:
+            raise ValueError(f"the reference score y_c must be > 0 (Average Drop divides by it), got {reference_score}")
+        return int(class_id), float(reference_score), int(num_classes)
     with torch.inference_mode(), eval_mode(module):
         logits = adapt_output(module(x[None]), output_adapter).float()
     n_classes = logits.shape[1]
@@ -159,6 +167,7 @@ def avx_protocol(
     options: AVXOptions | None = None,
     output_adapter: OutputAdapter | None = None,
     batch_size: int = 32,
+    num_classes: int | None = None,
 ) -> AVXResult:
     """Run the AVX protocol (iCalculateCAMmetrics.m) on G candidate map pairs of one image.
 
@@ -173,9 +182,11 @@ def avx_protocol(
         options: the protocol's choices (default ``AVXOptions()``: the official code).
         output_adapter: maps the model's raw output to logits.
         batch_size: masked images per forward pass.
+        num_classes: the model's number of classes; with ``class_id`` and ``reference_score`` it spares the
+            forward of the unmasked image (ADVISE knows all three).
 
     Returns:
-        :class:`AVXResult` with one entry per map pair; forward passes: 1 + G.
+        :class:`AVXResult` with one entry per map pair; forward passes: 1 + G (G when the forward is spared).
     """
     options = options if options is not None else AVXOptions()
     module, prep = _model_and_preprocessing(model, preprocessing)
@@ -183,7 +194,7 @@ def avx_protocol(
     top1, top2 = _checked_maps(map_top1, map_top2, original)
     device = next(module.parameters(), torch.empty(0)).device
     x = prep.normalize((original / 255.0).float()).to(device)
-    c, y_c, n_classes = _reference(module, x, class_id, reference_score, options, output_adapter)
+    c, y_c, n_classes = _reference(module, x, class_id, reference_score, options, output_adapter, num_classes)
 
     # masked image: the 0-255 image times the mask, through the model's own normalisation (black = 0)
     masks = avx_mask(top1, options)  # (G, H, W)

@@ -186,7 +186,8 @@ def _optimal_widths(y_hist: torch.Tensor, dt: torch.Tensor, span: torch.Tensor, 
     local_cost = smoothed**2 - 2 * smoothed * y_hist[:, None] + (2 / _SQRT_2PI / windows)[..., None] * y_hist[:, None]
     local_cost = torch.where(inside[:, None], local_cost, 0.0)
     # optimal fixed bandwidth per window i: argmin_j of c_j smoothed with window i
-    best = torch.argmin(smooth(local_cost, kernels, index, width), dim=2)  # (R, M_i, L)
+    windowed = smooth(local_cost, kernels, index, width).transpose(2, 3).contiguous()  # (R, M_i, L, M_j)
+    best = torch.argmin(windowed, dim=-1)  # (R, M_i, L)
     optws = torch.gather(windows, 1, best.flatten(1)).view(rows, n_bandwidths, width)
     return windows, optws
 
@@ -299,7 +300,8 @@ def _chunks(sizes: list[int], grid_points: int, n_bandwidths: int, max_chunk_ele
         while stop < len(sizes):
             width = max(sizes[stop], grid_points)
             too_big = (stop + 1 - start) * max(width * width, n_bandwidths * n_bandwidths * width) > max_chunk_elements
-            if too_big or (width > 128 and width > 1.25 * first_width):  # small grids: padding is cheap
+            padded = width > 128 and width > 1.25 * first_width and stop - start >= 32  # few rows: padding is cheap
+            if too_big or padded:
                 break
             stop += 1
         yield start, stop

@@ -37,6 +37,11 @@ _PHI = (math.sqrt(5.0) + 1.0) / 2.0  # golden ratio
 _MIN_WINDOW, _MAX_WINDOW = -1, -2  # codes of the two outer cases
 
 
+def _take(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor[rows]`` for sorted distinct ``rows``; the tensor itself (no copy) when they are all of its rows."""
+    return tensor if rows.numel() == tensor.shape[0] else tensor[rows]
+
+
 class CostFunction:
     """Batched ``CostFunction`` of ssvkernel.m for the rows of one chunk (padded to Lmax; ``inside`` marks the
     first ``L_r`` points of each row)."""
@@ -58,6 +63,7 @@ class CostFunction:
         # rows that share the grid and the windows share the regression tables
         self.shared = distance2.shape[0] == 1 and bool((windows == windows[:1]).all())
         self.tables: dict[int, torch.Tensor] = {}
+        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per window: last sets, sums
         # the balloon estimator sums over the non-empty bins only (ssvkernel's "speed optimized" form):
         # their squared distances to every grid point, (R, Lmax, P), P = most non-empty bins of a row
         occupied = y_hist > 0
@@ -78,43 +84,61 @@ class CostFunction:
 
     def _bandwidths(self, g: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each point's bandwidth ``optwv`` and its case: the window index, or an outer-case code."""
-        last = (self.suffix_max[rows] >= g[:, None, None]).sum(dim=1) - 1  # find(gs >= g, 1, 'last') - 1
-        chosen = g[:, None] * torch.gather(self.windows[rows], 1, last.clamp(min=0))
-        below = g[:, None] < self.ratio_min[rows]
+        last = (_take(self.suffix_max, rows) >= g[:, None, None]).sum(dim=1) - 1  # find(gs >= g, 1, 'last') - 1
+        chosen = g[:, None] * torch.gather(_take(self.windows, rows), 1, last.clamp(min=0))
+        below = g[:, None] < _take(self.ratio_min, rows)
         optwv = torch.where(
             last < 0,
-            self.window_min[rows][:, None].expand_as(chosen),
-            torch.where(below, self.window_max[rows][:, None].expand_as(chosen), chosen),
+            _take(self.window_min, rows)[:, None].expand_as(chosen),
+            torch.where(below, _take(self.window_max, rows)[:, None].expand_as(chosen), chosen),
         )
         case = torch.where(last < 0, _MIN_WINDOW, torch.where(below, _MAX_WINDOW, last))
         return optwv, case
 
     def _regression_dense(self, g: torch.Tensor, rows: torch.Tensor, optwv: torch.Tensor) -> torch.Tensor:
         """The reference's Nadaraya–Watson sums, one exponential per pair of points (rows ``rows`` only)."""
-        inside = self.inside[rows]
+        inside = _take(self.inside, rows)
         width = optwv / g[:, None]
-        distance2 = self.distance2 if self.distance2.shape[0] == 1 else self.distance2[rows]
+        distance2 = self.distance2 if self.distance2.shape[0] == 1 else _take(self.distance2, rows)
         kernel = torch.mul(distance2, (-0.5 / width**2)[:, None, :]).exp_()  # (r, L, L)
         inverse_width = torch.where(inside, 1.0 / width, 0.0)
         sums = torch.bmm(kernel, torch.stack([optwv * inverse_width, inverse_width], dim=-1))  # (r, L, 2)
         return sums[..., 0] / sums[..., 1]
 
+    def _window_sums(self, window: int, rows: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``S_i(k)`` of window ``i`` for ``rows`` whose points on that window are ``members`` (r, L) bool.
+
+        ``S_i`` depends on ``g`` only through which points are on window ``i``; the search's later calls
+        mostly keep that set, so each row's last set and sums are kept and recomputed only when the set changed.
+        """
+        if window not in self.sums:
+            self.sums[window] = (torch.zeros_like(self.inside), torch.zeros_like(self.y_hist),
+                                 torch.zeros_like(self.total, dtype=torch.bool))
+        known_members, known_sums, known = self.sums[window]
+        stale = ~_take(known, rows) | (_take(known_members, rows) != members).any(dim=1)
+        if bool(stale.any()):
+            update = rows[stale]
+            weights = members[stale].to(self.y_hist.dtype)
+            table = self.table(window)
+            if self.shared:  # one symmetric table for all rows
+                sums = weights @ table[0]
+            else:
+                whole = update.numel() == table.shape[0]  # rows are sorted: then update == all rows, no gather
+                sums = torch.bmm(table if whole else table[update], weights[:, :, None])[..., 0]
+            known_sums[update] = sums
+            known_members[update] = members[stale]
+            known[update] = True
+        return _take(known_sums, rows)
+
     def _regression_tables(self, g: torch.Tensor, rows: torch.Tensor, case: torch.Tensor) -> torch.Tensor:
         """``g sum_i S_i / sum_i S_i / WIN_i`` from the per-window tables (rows on windows only)."""
-        inside = self.inside[rows]
-        if self.shared:  # one batched product over all windows: S_i = members_i @ table_i (tables symmetric)
-            windows = torch.arange(self.windows.shape[1], device=case.device)
-            members = ((case[None] == windows[:, None, None]) & inside[None]).to(g.dtype)  # (M, r, L)
-            sums = torch.bmm(members, torch.cat([self.table(i) for i in windows.tolist()]))  # (M, r, L)
-            numerator = sums.sum(0)
-            denominator = (sums / self.windows[0][:, None, None]).sum(0)
-            return g[:, None] * numerator / denominator
+        inside = _take(self.inside, rows)
         numerator = torch.zeros_like(case, dtype=g.dtype)
         denominator = torch.zeros_like(numerator)
         for window in torch.unique(case[inside]).tolist():
-            members = ((case == window) & inside).to(g.dtype)  # (r, L)
+            members = (case == window) & inside  # (r, L)
             using = torch.nonzero(members.any(dim=1)).flatten()
-            sums = torch.bmm(self.table(window)[rows[using]], members[using, :, None])[..., 0]
+            sums = self._window_sums(window, rows[using], members[using])
             numerator[using] += sums
             denominator[using] += sums / self.windows[rows[using], window][:, None]
         return g[:, None] * numerator / denominator
@@ -122,7 +146,7 @@ class CostFunction:
     def regression(self, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Nadaraya–Watson smoothed bandwidths ``optwp`` (r, Lmax) of ``rows`` at stiffness ``g``; 1 outside."""
         optwv, case = self._bandwidths(g, rows)
-        inside = self.inside[rows]
+        inside = _take(self.inside, rows)
         first = case[:, :1]
         uniform = ((case == first) | ~inside).all(dim=1)
         optwp = optwv.clone()  # one width everywhere: the weighted mean of equal values
@@ -138,14 +162,14 @@ class CostFunction:
     def __call__(self, g: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cost ``C(g)``, balloon density ``yv`` and smoothed bandwidths ``optwp`` of ``rows`` at stiffness ``g``."""
         optwp = self.regression(g, rows)
-        inside = self.inside[rows]
-        dt = self.dt[rows][:, None]
-        y_hist = self.y_hist[rows]
+        inside = _take(self.inside, rows)
+        dt = _take(self.dt, rows)[:, None]
+        y_hist = _take(self.y_hist, rows)
         # balloon estimator: bandwidth optwp_k at evaluation point k, sum over the non-empty bins
-        balloon = torch.mul(self.bin_distance2[rows], (-0.5 / optwp**2)[:, :, None]).exp_()  # (r, L, P)
-        yv = torch.bmm(balloon, self.bin_weights[rows][:, :, None])[..., 0] / (_SQRT_2PI * optwp)
+        balloon = torch.mul(_take(self.bin_distance2, rows), (-0.5 / optwp**2)[:, :, None]).exp_()  # (r, L, P)
+        yv = torch.bmm(balloon, _take(self.bin_weights, rows)[:, :, None])[..., 0] / (_SQRT_2PI * optwp)
         yv = torch.where(inside, yv, 0.0)
-        yv = yv * self.total[rows][:, None] / (yv * dt).sum(-1, keepdim=True)
+        yv = yv * _take(self.total, rows)[:, None] / (yv * dt).sum(-1, keepdim=True)
         cost_density = yv**2 - 2 * yv * y_hist + 2 / _SQRT_2PI / optwp * y_hist
         return (cost_density * dt).sum(-1), yv, optwp
 

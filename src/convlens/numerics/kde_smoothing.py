@@ -51,10 +51,10 @@ def periodic_gaussian(sigma_bins: torch.Tensor, periods: torch.Tensor, width: in
     """
     lags = torch.arange(-(width - 1), width, dtype=sigma_bins.dtype, device=sigma_bins.device)
     shifts = torch.arange(-_PERIODS, _PERIODS + 1, dtype=sigma_bins.dtype, device=sigma_bins.device)
-    sigma = sigma_bins[..., None, None]
+    sigma = sigma_bins[..., None]
     offsets = lags[:, None] + shifts[None, :] * periods.to(sigma_bins.dtype)[..., None, None]  # (R, Q, D, P)
-    density = torch.exp(-0.5 * (offsets / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
-    return density.sum(-1)
+    density = offsets.div_(sigma[..., None]).square_().mul_(-0.5).exp_().sum(-1)
+    return density / (math.sqrt(2.0 * math.pi) * sigma)
 
 
 def smooth(signal: torch.Tensor, kernels: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
