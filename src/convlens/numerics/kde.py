@@ -18,12 +18,20 @@ J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2
    ADVISEkernel.m l.125-163); the density of the *last evaluated* point is returned, linearly interpolated
    onto the input grid.
 
-The references loop over one sample vector at a time (MATLAB ``parfor``, Python ``adaptivekde``). Here
-every step runs on all rows at once: histograms by ``searchsorted`` + ``scatter_add``, the Gaussian
-smoothings as real FFTs with exactly the reference's zero-padding length ``2^ceil(log2(L + 3 w))`` (the
-wrap-around of the circular convolution is part of the estimator), the Nadaraya–Watson and balloon sums as
-batched matrix products (the balloon over non-empty bins only, the reference's "speed optimized" form),
-and the golden-section search with per-row brackets (CPU or CUDA, float64 by default).
+The references loop over one sample vector at a time (MATLAB ``parfor``, Python ``adaptivekde``) and pay
+O(L^2) per cost evaluation plus ``M^2`` FFTs of up to 2^18 points per vector. Here every step runs on all
+rows at once (CPU or CUDA, float64 by default), and the work the references repeat is done once:
+
+* rows with the same multiset of values — in the MATLAB convention of in-grid values — get the same
+  estimate and are fitted once (:func:`_distinct_rows`; e.g. the all-zero channels of a ReLU layer);
+* the Gaussian smoothings of steps 2-3 apply the closed-form periodic kernel of the reference's
+  zero-padded FFTs (its wrap-around included) at FFT length ``>= 2L - 1``, or as one Toeplitz matrix
+  product when the rows share their grid (:mod:`convlens.numerics.kde_smoothing`);
+* the Nadaraya–Watson step of every cost evaluation uses per-window tables computed once and re-summed
+  only when a window's set of grid points changes; the balloon sums run over non-empty bins only (the
+  reference's "speed optimized" form) (:mod:`convlens.numerics.kde_cost`);
+* the golden-section search runs with per-row brackets, evaluation for evaluation as the reference's (its
+  result is the density of the last evaluated point, so a shorter search would change the result).
 
 Agreement with the references: at the same stiffness ``g`` the densities match to ~1e-12. But where
 ``C(g)`` is flat within rounding (~1e-16 relative; e.g. a unit whose in-range values are a heap at 0 and a
