@@ -353,3 +353,18 @@ def test_cli_explain_with_advise(tmp_path: Path) -> None:
         (b["name"] for b in advise["block_images"]), key=lambda n: int(n[2:]))
     html = (out / "index.html").read_text()
     assert "R=" in html and "advise details" in html
+
+
+def test_fsimc_against_one_reference_is_piq_fsim() -> None:
+    """FSIMc of several masked images against one original (its phase congruency computed once) is bit-equal to
+    piq.fsim on the pairs."""
+    import piq
+
+    from convlens.numerics.avx import fsimc_against
+
+    g = torch.Generator().manual_seed(3)
+    for height, width in ((224, 224), (70, 90), (600, 520)):
+        original = torch.randint(0, 256, (3, height, width), generator=g).float()
+        masked = original[None] * (torch.rand(4, 1, height, width, generator=g) > 0.5)
+        expected = piq.fsim(masked, original.expand_as(masked), data_range=255.0, reduction="none", chromatic=True)
+        assert torch.equal(fsimc_against(masked, original), expected)

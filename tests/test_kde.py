@@ -255,3 +255,48 @@ def test_real_activations_match_adaptivekde(kde_reference: ModuleType) -> None:
         outcome = kde_reference.assert_matches(result, subset.numpy(), tin, convention)
         assert len(outcome["same"]) > subset.shape[0] // 5, (convention, outcome)
         assert result.valid.sum() > subset.shape[0] // 4
+
+
+@pytest.mark.parametrize("length", [2, 5, 49, 130, 1000])
+def test_periodic_kernel_smoothing_is_the_references_fftkernel(length: int, kde_reference: ModuleType) -> None:
+    """The closed-form periodic kernel at FFT length >= 2L - 1 (or as Toeplitz products for shared kernels)
+    gives what adaptivekde's fftkernel computes with its 2^ceil(log2(L + 3 sigma)) padding, wrap-around included."""
+    from convlens.numerics.kde_smoothing import fft_length, periodic_gaussian, smooth
+
+    fftkernel = kde_reference.fftkernel  # adaptivekde's own
+    rng = np.random.default_rng(length)
+    sigmas = np.array([5.0, 7.3, 48.0, 500.0, 78353.0])
+    signals = rng.random((3, length)) * (rng.random((3, length)) < 0.4)
+    kernels = periodic_gaussian(torch.from_numpy(sigmas)[None], fft_length(torch.tensor([length]),
+                                                                          torch.from_numpy(sigmas)[None]), length)
+    shared = smooth(torch.from_numpy(signals)[None], kernels, torch.tensor([0]), length)[0]  # one kernel set
+    per_row = smooth(torch.from_numpy(signals)[:, None], kernels.expand(3, -1, -1), torch.arange(3), length)
+    for q, sigma in enumerate(sigmas):
+        for s, signal in enumerate(signals):
+            expected = fftkernel(signal, sigma)
+            scale = max(np.abs(expected).max(), 1e-300)
+            assert np.abs(shared[q, s].numpy() - expected).max() <= 1e-14 * scale
+            assert np.abs(per_row[s, q, 0].numpy() - expected).max() <= 1e-14 * scale
+
+
+def test_rows_with_the_same_values_are_fitted_once_and_identically() -> None:
+    """The estimate depends on a row only through the multiset of its values (MATLAB: of its in-grid values):
+    permuted rows, and in the MATLAB convention rows differing only outside [0, 1], get bit-equal results."""
+    from convlens.numerics.kde import _distinct_rows
+
+    rng = np.random.default_rng(8)
+    base = np.concatenate([rng.uniform(0, 1, 30), [1.7, 2.4, -0.3]])
+    rows = np.stack([base, rng.permutation(base), np.concatenate([base[:30], [5.0, 9.0, -2.0]]),
+                     rng.uniform(0, 1, 33)])
+    x = torch.from_numpy(rows)
+    grid = linspace_like_numpy(0.0, 1.0, 33)
+    representatives, inverse = _distinct_rows(x, grid, "matlab")
+    assert representatives.numel() == 2 and inverse.tolist() == [inverse[0]] * 3 + [inverse[3]]
+    matlab = ssvkernel(x, grid)
+    for i in (1, 2):
+        assert torch.equal(matlab.density[i], matlab.density[0])
+    alone = ssvkernel(x[2:3], grid)  # the same estimate when fitted on its own
+    torch.testing.assert_close(alone.density[0], matlab.density[0], rtol=1e-12, atol=0)
+    port = ssvkernel(x, grid, convention="adaptivekde")  # T is the data range: row 2 differs from row 0
+    assert torch.equal(port.density[1], port.density[0]) and not torch.equal(port.density[2], port.density[0])
+    assert _distinct_rows(x, grid, "adaptivekde")[0].numel() == 3
