@@ -31,6 +31,7 @@ average pooling), both on the 0-255 images with ``data_range=255``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -169,7 +170,7 @@ def fsimc_against(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     """``piq.fsim(images, reference, data_range=255, chromatic=True, reduction="none")`` for G images (G, 3, H, W)
     against one reference (3, H, W), 0..255, with the reference's phase congruency, gradient and chromatic
     channels computed once instead of once per image (piq's own steps and constants, Zhang et al. 2011)."""
-    from piq.fsim import _construct_filters, _phase_congruency
+    from piq.fsim import _phase_congruency
     from piq.functional import gradient_map, rgb2yiq, scharr_filter, similarity_map
 
     x = images / 255.0 * 255  # piq's rescaling to [0, 255], kept for bit-equal results
@@ -178,7 +179,7 @@ def fsimc_against(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     x_yiq = rgb2yiq(torch.nn.functional.avg_pool2d(x, pool))
     y_yiq = rgb2yiq(torch.nn.functional.avg_pool2d(y, pool))
     x_lum, y_lum = x_yiq[:, :1], y_yiq[:, :1]
-    filters = _construct_filters(x_lum, 4, 4, 6, 2, 0.55, 1.2)  # piq's defaults: scales, orientations, ...
+    filters = _log_gabor_filters(tuple(x_lum.shape[-2:]), x_lum.dtype, x_lum.device)
     pc_x = _phase_congruency(x_lum, filters=filters, scales=4, orientations=4, k=2.0)
     pc_y = _phase_congruency(y_lum, filters=filters, scales=4, orientations=4, k=2.0)
     scharr = scharr_filter(device=x.device, dtype=x.dtype)
@@ -189,6 +190,14 @@ def fsimc_against(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     chroma = similarity_map(x_yiq[:, 1:2], y_yiq[:, 1:2], 200) * similarity_map(x_yiq[:, 2:], y_yiq[:, 2:], 200)
     score = score * torch.abs(chroma) ** 0.03
     return score.sum(dim=[1, 2, 3]) / pc_max.sum(dim=[1, 2, 3])
+
+
+@functools.lru_cache(maxsize=8)
+def _log_gabor_filters(size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """piq's FSIM filter bank for one image size (its defaults: 4 scales, 4 orientations, ...), built once."""
+    from piq.fsim import _construct_filters
+
+    return _construct_filters(torch.empty((1, 1, *size), dtype=dtype, device=device), 4, 4, 6, 2, 0.55, 1.2)
 
 
 def harmonic_avx(ssim: torch.Tensor, fsimc: torch.Tensor, mse_n: torch.Tensor, average_drop: torch.Tensor
