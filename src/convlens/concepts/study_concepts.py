@@ -33,8 +33,9 @@ only separate them by what is revealed, not by how the picture was made.
 region of a class-k image is where the network found class-k evidence. Random regions of *other*
 classes make labels of class k look "used" for want of a fair comparison: they carry the other classes'
 evidence, which pushes class k down, so even class-k regions without any class-k evidence come out
-"used (+)" (on the synthetic benchmark, regions showing no class object did, against other classes'
-regions: ``benchmarks/bench_tcav.py``). Drawn from the class's own labelled regions, the test asks what
+"used (+)" (in a simulated study on the synthetic benchmark, regions showing next to none of the class
+object did in all four classes, against other classes' regions; in one of four against the whole study's:
+``benchmarks/bench_tcav.py --study``). Drawn from the class's own labelled regions, the test asks what
 the crowd's label adds: are the regions the crowd calls L used for class k more (direction
 ``positive``) or less (``negative``) than the class's revealed regions at large? Under H0 (the label
 picks regions as a random draw would) the concept is exchangeable with the random sets — the case the
