@@ -53,12 +53,17 @@ only each group's medoid is scored, and every other mask gets a score interpolat
 regression on 7x7 down-sampled masks (``fast_scores="gp"``; ``"medoid"``: its medoid's) and contributes
 with its own ``C_m``. The default ``fast_factor = 4`` runs a quarter of full SISE's masked forwards, so the
 wall time is at least 3x shorter once phase 1-2 and the mask generation (shared by both) are paid; a third
-(``fast_factor = 3``) would leave less than 3x. The price is the map's fidelity, not its localisation: on
-the real-photo set (BENCHMARKS.md, section ``localisation``) the energy-based pointing game stays within a
-point of full SISE's, but the hard-Otsu cascade of ``fusion="paper"`` amplifies score errors (a 0.01
-noise on the scores alone can drop the final map's Pearson r to 0.86), so the final map correlates with
-full SISE's at r ~ 0.87 (paper fusion) and closer with ``fusion="code"``/``"simple"``. Fast mode keeps
-the scores it used in ``extras["mask_scores"]`` and reports ``extras["fast"]`` (groups, forwards saved).
+(``fast_factor = 3``) would leave less than 3x. The price is the map's fidelity, not its localisation. On
+the real-photo set with EfficientNet-Lite0 (BENCHMARKS.md, section ``localisation``: 11 hand-boxed
+objects) fast mode ran 116 instead of 452 forwards per image in 6.1 instead of 26.5 s, with an
+energy-based pointing game of 88.3 % against full SISE's 88.1 % (Bbox 74.0 vs 70.6 %, pointing game
+equal), but its final map correlates with full SISE's at r = 0.87 on average (0.66 at worst): the
+hard-Otsu cascade of ``fusion="paper"`` amplifies score errors (a 0.01 noise on the scores alone can drop
+the final map's r to 0.86); ``fusion="code"``/``"simple"`` keep it closer. Spending the saved forwards
+elsewhere did not help on that set: farthest-point or random subsets, log-linear or log/sqrt-space
+surrogates, a GP shared across blocks or more forwards for the last block all correlated worse or equal.
+Fast mode keeps the scores it used in ``extras["mask_scores"]`` and reports ``extras["fast"]`` (groups,
+forwards saved).
 """
 
 from __future__ import annotations
