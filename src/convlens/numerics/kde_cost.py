@@ -184,18 +184,17 @@ def golden_section(cost: CostFunction, dt: torch.Tensor, width: int, max_evaluat
     c1 = (_PHI - 1) * a + (2 - _PHI) * b
     c2 = (2 - _PHI) * a + (_PHI - 1) * b
     everyone = torch.arange(rows, device=dt.device)
-    f1 = cost(c1, everyone)[0]
-    f2 = cost(c2, everyone)[0]
-    yopt = torch.full((rows, width), float("nan"), dtype=dt.dtype, device=dt.device)
-    optw = torch.full_like(yopt, float("nan"))
-    g_last = torch.full_like(a, float("nan"))
-    cost_last = torch.full_like(a, float("nan"))
+    state = torch.stack([a, b, c1, c2, cost(c1, everyone)[0], cost(c2, everyone)[0]])  # a, b, c1, c2, f1, f2
+    # per row: the last evaluated point's density, bandwidths (R, 2, width), g and cost
+    last = torch.full((rows, 2, width), float("nan"), dtype=dt.dtype, device=dt.device)
+    g_last = torch.full((2, rows), float("nan"), dtype=dt.dtype, device=dt.device)
     evaluations = torch.zeros(rows, dtype=torch.long, device=dt.device)
     for _ in range(max_evaluations):
+        a, b, c1, c2 = state[:4]
         active = torch.nonzero(torch.abs(b - a) > tol * (torch.abs(c1) + torch.abs(c2))).flatten()
         if active.numel() == 0:
             break
-        a_, b_, c1_, c2_, f1_, f2_ = a[active], b[active], c1[active], c2[active], f1[active], f2[active]
+        a_, b_, c1_, c2_, f1_, f2_ = _take(state.T, active).T
         left = f1_ < f2_  # False for NaN, like MATLAB and numpy
         new_b = torch.where(left, c2_, b_)
         new_a = torch.where(left, a_, c1_)
@@ -203,12 +202,15 @@ def golden_section(cost: CostFunction, dt: torch.Tensor, width: int, max_evaluat
         new_c2 = torch.where(left, c1_, (2 - _PHI) * new_a + (_PHI - 1) * b_)
         g = torch.where(left, new_c1, new_c2)
         f_new, yv, optwp = cost(g, active)
-        f1[active] = torch.where(left, f_new, f2_)
-        f2[active] = torch.where(left, f1_, f_new)
-        a[active], b[active], c1[active], c2[active] = new_a, new_b, new_c1, new_c2
-        yopt[active] = yv / (yv * dt[active, None]).sum(-1, keepdim=True)
-        optw[active] = optwp
-        g_last[active] = g
-        cost_last[active] = f_new
+        new_f1, new_f2 = torch.where(left, f_new, f2_), torch.where(left, f1_, f_new)
+        updated = torch.stack([new_a, new_b, new_c1, new_c2, new_f1, new_f2])
+        density = yv / (yv * _take(dt, active)[:, None]).sum(-1, keepdim=True)
+        if active.numel() == rows:
+            state, g_last = updated, torch.stack([g, f_new])
+            last = torch.stack([density, optwp], dim=1)
+        else:
+            state[:, active] = updated
+            g_last[:, active] = torch.stack([g, f_new])
+            last[active] = torch.stack([density, optwp], dim=1)
         evaluations[active] += 1
-    return yopt, optw, g_last, cost_last, evaluations
+    return last[:, 0], last[:, 1], g_last[0], g_last[1], evaluations
