@@ -19,12 +19,15 @@ ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 TIME = sa.DateTime(timezone=True)
 
 
-def upgrade() -> None:
+def _create_study_meta() -> None:
     op.create_table(
         "study_meta",
         sa.Column("key", sa.String(40), primary_key=True),
         sa.Column("value", sa.String(200), nullable=False),
     )
+
+
+def _create_rounds() -> None:
     op.create_table(
         "rounds",
         sa.Column("id", sa.String(16), primary_key=True),
@@ -42,6 +45,9 @@ def upgrade() -> None:
         sa.Column("inv_run", sa.String(300), nullable=False),
         sa.Column("assigned", sa.Integer(), nullable=False),
     )
+
+
+def _create_participants() -> None:
     op.create_table(
         "participants",
         sa.Column("id", ID, primary_key=True, autoincrement=True),
@@ -59,6 +65,9 @@ def upgrade() -> None:
         sa.Column("gold_plays", sa.Integer(), nullable=False),
         sa.Column("gold_correct", sa.Integer(), nullable=False),
     )
+
+
+def _create_plays() -> None:
     op.create_table(
         "plays",
         sa.Column("id", ID, primary_key=True, autoincrement=True),
@@ -78,6 +87,9 @@ def upgrade() -> None:
         sa.Column("ended_at", TIME),
         sa.UniqueConstraint("participant_id", "round_id", name="uq_play_participant_round"),
     )
+
+
+def _create_events() -> None:
     op.create_table(
         "events",
         sa.Column("id", ID, primary_key=True, autoincrement=True),
@@ -93,6 +105,14 @@ def upgrade() -> None:
         sa.Column("created_at", TIME, nullable=False),
         sa.UniqueConstraint("participant_id", "request_id", name="uq_event_request"),
     )
+
+
+def upgrade() -> None:
+    _create_study_meta()
+    _create_rounds()
+    _create_participants()
+    _create_plays()
+    _create_events()
 
 
 def downgrade() -> None:
