@@ -1,7 +1,7 @@
 """Which modules hold "the output of a convolutional layer" — INV's unit of explanation.
 
 INV (Bianchi et al., IJCAI-24) explains the *last nine convolutional layers* of a Keras VGG16
-(``block3_conv1 .. block5_conv3``, spec 4.1). A Keras ``Conv2D(activation="relu")`` returns the
+(``block3_conv1 .. block5_conv3``; the authors' ``buildModel.py``). A Keras ``Conv2D(activation="relu")`` returns the
 post-ReLU map, while PyTorch splits the same layer into ``nn.Conv2d`` followed by ``nn.ReLU``. So the
 "output of a conv layer" here is, by default, the output of the chain
 

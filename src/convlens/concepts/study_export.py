@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 OUTCOMES = ("win", "lose", "resign", "abandoned")
-LEVELS = range(6)  # reveal levels 2, 4.5, 8, 13, 20, 30 % (spec: the stored "percentile" is the index)
+# reveal levels 2, 4.5, 8, 13, 20, 30 % (the authors' ``heatmap_utils.py`` stores the index as "percentile")
+LEVELS = range(6)
 PLAY_COLUMNS = (
     "play_id", "participant_id", "round_id", "cluster_id", "image_id", "layer", "true_class", "gold",
     "outcome", "level", "guessed_class", "description", "language",

@@ -116,7 +116,8 @@ def words(text: str) -> list[str]:
 
 
 def clean_description(raw: str, class_names: Sequence[str], max_chars: int = DEFAULT_MAX_CHARS) -> CleanResult:
-    """Clean one description for the class whose names are ``class_names`` (spec steps 2-3).
+    """Clean one description for the class whose names are ``class_names`` (the class-name removal of the
+    authors' ``LabelAnalysis.ipynb``).
 
     Returns the cleaned text, or ``None`` with the reason: empty, longer than ``max_chars`` (on the raw
     text), nothing but symbols/markup, or nothing left once the class name is removed.
