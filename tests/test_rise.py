@@ -87,6 +87,25 @@ def test_seeded_and_batched(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> N
     assert not torch.allclose(other_seed.maps[0], batch.maps[0])
 
 
+def test_copies_of_one_image_share_the_masked_forwards_and_equal_single_calls(
+    tiny_cnn: nn.Module, tiny_images: torch.Tensor
+) -> None:
+    """One image explained for 3 classes as 3 ``expand``-ed copies (what the evaluation passes): one stream of
+    masked forwards scores every class; each map is bitwise the single call's."""
+    explainer = RISE(tiny_cnn, n_masks=40, grid_size=4, batch_size=16, seed=5)
+    image, classes = tiny_images[2], [4, 1, 3]
+    batch = explainer.explain(image[None].expand(3, -1, -1, -1), classes)
+    singles = [explainer.explain(image[None], [c]) for c in classes]
+    for i, single in enumerate(singles):
+        assert torch.equal(batch.maps[i], single.maps[0])
+    assert batch.forward_passes == singles[0].forward_passes == 1 + 40
+    mixed = torch.stack([image, tiny_images[0], image.clone()])
+    together = explainer.explain(mixed, [4, 0, 3])
+    assert torch.equal(together.maps[0], singles[0].maps[0]) and torch.equal(together.maps[2], singles[2].maps[0])
+    assert torch.equal(together.maps[1], explainer.explain(tiny_images[0][None], [0]).maps[0])
+    assert together.forward_passes == 1 + 2 * 40
+
+
 def test_streamed_masks_are_the_seeded_generator_in_chunks(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
     """n_masks masks in chunks of batch_size drawn from one generator seeded with ``seed``, then Eq. 6."""
     explanation = RISE(tiny_cnn, n_masks=10, grid_size=3, p=0.4, seed=2, batch_size=4).explain(tiny_images[0], 1)

@@ -67,13 +67,52 @@ def test_channel_masks_stream_full_batches_of_the_nonzero_masks() -> None:
     maps[dead] = torch.tensor([0.0, 0.0, 6.0, 0.0, 2.5, 0.0, 0.0])[:, None, None]
     masks = ChannelMasks(maps, (8, 8), batch_size=4)
     chunks = list(masks)
-    assert [c.shape[0] for c in chunks] == [4, 4, 4, 4]
+    assert [c.shape[0] for c in chunks] == [4, 4, 4, 4, 1]  # 16 non-zero masks, then the zero image's
     assert masks.zero == dead and masks.scored == [k for k in range(23) if k not in dead]
     up = torch.nn.functional.interpolate(maps[masks.scored][:, None], size=(8, 8), mode="bilinear",
                                          align_corners=False)[:, 0]
     lo = up.flatten(1).amin(1)[:, None, None]
     hi = up.flatten(1).amax(1)[:, None, None]
-    torch.testing.assert_close(torch.cat(chunks)[:, 0], (up - lo) / (hi - lo + 1e-8))
+    streamed = torch.cat(chunks)[:, 0]
+    torch.testing.assert_close(streamed[:16], (up - lo) / (hi - lo + 1e-8))
+    assert not streamed[16].any()
+
+
+def test_zero_image_shares_the_last_chunk_and_no_zero_mask_without_dead_channels() -> None:
+    maps = torch.rand(6, 4, 4, generator=torch.Generator().manual_seed(3))
+    assert [c.shape[0] for c in ChannelMasks(maps, (8, 8), batch_size=4)] == [4, 2]
+    maps[1] = 0
+    chunks = list(ChannelMasks(maps, (8, 8), batch_size=4))
+    assert [c.shape[0] for c in chunks] == [4, 2]  # 5 masks and the zero image: no forward of its own
+    assert not chunks[-1][-1].any() and all(c.amax() > 0 for c in chunks[0])
+
+
+def test_copies_of_one_image_share_the_masked_forwards_and_equal_single_calls(make_model,
+                                                                              tiny_images: torch.Tensor) -> None:
+    """The evaluation explains one image for its k classes as k ``expand``-ed copies: one activation forward
+    and one stream of masked forwards serve every class, and each map is bitwise the single call's."""
+    model = make_model()
+    with torch.no_grad():
+        model.block3[0].weight[:12] = 0  # dead channels: the zero image is scored too
+        model.block3[0].bias[:12] = -1
+    explainer = ScoreCAM(model, layers="block3", batch_size=5)
+    image, classes = tiny_images[1], [0, 3, 4]
+    batch = explainer.explain(image[None].expand(3, -1, -1, -1), classes)
+    singles = [explainer.explain(image[None], [c]) for c in classes]
+    for i, single in enumerate(singles):
+        assert torch.equal(batch.maps[i], single.maps[0])
+    zero = batch.extras["zero_masks"]["block3"]
+    assert zero == [zero[0]] * 3 and zero[0] >= 12
+    assert batch.forward_passes == singles[0].forward_passes == 1 + 1 + (32 - zero[0]) + 1
+    # a copy (not a stride-0 view) of the same image, between two other images, is found too: the batch equals
+    # batches of the distinct images (activations of a batch of 3 images, as the explainer computes them)
+    mixed = torch.stack([image, tiny_images[0], image.clone(), tiny_images[2]])
+    together = explainer.explain(mixed, [0, 1, 3, 2])
+    distinct = torch.stack([image, tiny_images[0], tiny_images[2]])
+    first, second = explainer.explain(distinct, [0, 1, 2]), explainer.explain(distinct, [3, 1, 2])
+    for i, expected in enumerate([first.maps[0], first.maps[1], second.maps[0], first.maps[2]]):
+        assert torch.equal(together.maps[i], expected)
+    assert together.forward_passes == first.forward_passes  # the copy costs no forward
 
 
 def test_batch_equals_stacked_single_results(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:

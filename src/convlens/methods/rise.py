@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from convlens.core.engine import MaskedForwardEngine
 from convlens.core.params import MethodParams, param
 from convlens.methods.base import Explainer, MethodOutput
+from convlens.methods.scorecam import same_image_groups
 
 __all__ = ["RISE", "RISEParams", "rise_masks"]
 
@@ -56,7 +57,8 @@ class RISE(Explainer):
     Defaults from the paper: N = 4000 masks, s = 7 grid, p = 0.5, the softmax probability as score
     (:class:`RISEParams`). Masks are generated chunk by chunk from a seeded generator and accumulated on
     the fly: memory does not grow with N. Pass ``masks`` (N, 1, H, W) to use a fixed mask set instead
-    (then ``n_masks`` is their number).
+    (then ``n_masks`` is their number). Rows of a batch that hold the same image share their masked
+    forwards (``forward_passes`` counts them once).
     """
 
     name = "rise"
@@ -88,20 +90,24 @@ class RISE(Explainer):
         return chunk
 
     def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
+        """Rows holding the same image (one image explained for several classes) share one stream of
+        masked forwards that scores all their classes; each row's map is bitwise its map alone."""
         size = (x.shape[-2], x.shape[-1])
         engine = MaskedForwardEngine(
             self.model, score=self.score, batch_size=self.batch_size, output_adapter=self.output_adapter
         )
-        maps = []
+        maps: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
         t0 = time.perf_counter()
-        for b in range(x.shape[0]):
-            saliency = torch.zeros(size, device=x.device)
+        for group in same_image_groups(x):
+            sums = [torch.zeros(size, device=x.device) for _ in group]
 
-            def accumulate(masks: torch.Tensor, scores: torch.Tensor, acc: torch.Tensor = saliency) -> None:
-                acc.add_(torch.einsum("n,nhw->hw", scores[:, 0], masks[:, 0]))
+            def accumulate(masks: torch.Tensor, scores: torch.Tensor, accs: list[torch.Tensor] = sums) -> None:
+                for t, acc in enumerate(accs):
+                    acc.add_(torch.einsum("n,nhw->hw", scores[:, t].contiguous(), masks[:, 0]))
 
-            engine.run(x[b], self._mask_stream(size), class_ids[b], on_chunk=accumulate)
-            maps.append(saliency / (self.config.n_masks * self.config.p))
+            engine.run(x[group[0]], self._mask_stream(size), class_ids[group], on_chunk=accumulate)
+            for b, saliency in zip(group, sums, strict=True):
+                maps[b] = saliency / (self.config.n_masks * self.config.p)
         return MethodOutput(
             maps=torch.stack(maps),
             forward_passes=engine.forward_passes,

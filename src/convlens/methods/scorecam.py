@@ -51,7 +51,7 @@ class ChannelMasks:
         for start in range(0, self.maps.shape[0], self.batch_size):
             masks = minmax_normalize(upsample(self.maps[start : start + self.batch_size], self.size), eps=MASK_EPS)
             nonzero = masks.flatten(1).amax(1) > 0
-            index = torch.arange(start, start + masks.shape[0])
+            index = torch.arange(start, start + masks.shape[0], device=masks.device)
             self.zero += index[~nonzero].tolist()
             self.scored += index[nonzero].tolist()
             pending.append(masks[nonzero])
@@ -60,8 +60,28 @@ class ChannelMasks:
                 stacked = torch.cat(pending)
                 yield stacked[: self.batch_size, None]
                 pending, count = [stacked[self.batch_size :]], count - self.batch_size
+        if self.zero:  # the zero image, scored once for every all-zero mask: one more mask, all zeros
+            pending.append(torch.zeros((1, *self.size), device=self.maps.device, dtype=pending[0].dtype))
+            count += 1
         if count:
             yield torch.cat(pending)[:, None]
+
+
+def same_image_groups(x: torch.Tensor) -> list[list[int]]:
+    """Row indices of ``x`` (B, C, H, W) grouped by equal images, in first-appearance order (a batch of
+    ``expand``-ed copies of one image, as the evaluation passes to explain one image for several classes,
+    is one group): the masked forwards of a group are shared."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return [list(range(x.shape[0]))]
+    groups: list[list[int]] = []
+    for b in range(x.shape[0]):
+        for group in groups:
+            if torch.equal(x[group[0]], x[b]):
+                group.append(b)
+                break
+        else:
+            groups.append([b])
+    return groups
 
 
 class ScoreCAM(Explainer):
@@ -77,7 +97,12 @@ class ScoreCAM(Explainer):
     ``bn2`` on photos) gives the all-zero mask, so ``X ⊙ H^k`` is the same input — the zero image — for
     every such channel: it is scored once and that score is every such channel's ``S^c_k`` (exact by
     construction; ``extras["zero_masks"]`` counts them per layer and image, and
-    ``forward_passes`` counts one forward per image that has any).
+    ``forward_passes`` counts one forward per image that has any). The zero image is the last mask of the
+    image's mask stream (no forward of its own).
+
+    Rows of the batch that hold the same image (the evaluation explains one image for each of its classes
+    as a batch of copies) share the activations and every masked forward: ``forward_passes`` counts them
+    once, and each row's map is bitwise the map of that image and class explained alone.
     """
 
     name = "scorecam"
@@ -86,24 +111,28 @@ class ScoreCAM(Explainer):
     default_score = "logit"
 
     def _channel_scores(self, engine: MaskedForwardEngine, image: torch.Tensor, maps: torch.Tensor,
-                        class_id: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        """``S^c_k`` of every channel of one image (K,), and the number of all-zero masks."""
+                        class_ids: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``S^c_k`` of every channel of one image for each of its classes (K, T), and the number of
+        all-zero masks (they share one forward of the zero image, the stream's last mask)."""
         masks = ChannelMasks(maps, size, self.batch_size)
-        scored = engine.run(image, masks, class_id)[:, 0]
-        scores = torch.empty(maps.shape[0], device=scored.device, dtype=scored.dtype)
-        scores[torch.as_tensor(masks.scored, dtype=torch.long, device=scored.device)] = scored
+        scored = engine.run(image, masks, class_ids)
+        scores = torch.empty((maps.shape[0], scored.shape[1]), device=scored.device, dtype=scored.dtype)
+        n_scored = len(masks.scored)
+        scores[torch.as_tensor(masks.scored, dtype=torch.long, device=scored.device)] = scored[:n_scored]
         if masks.zero:
-            zero_image = torch.zeros((1, 1, *size), device=image.device, dtype=image.dtype)
-            baseline = engine.run(image, zero_image, class_id)[0, 0]
-            scores[torch.as_tensor(masks.zero, dtype=torch.long, device=scored.device)] = baseline
+            scores[torch.as_tensor(masks.zero, dtype=torch.long, device=scored.device)] = scored[n_scored]
         return scores, len(masks.zero)
 
     def _explain(self, x: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor) -> MethodOutput:
+        """Rows holding the same image (one image explained for several classes) share its activations
+        and masked forwards: one engine run scores all their classes."""
         layers = self.layers_for(x)
         size = (x.shape[-2], x.shape[-1])
+        groups = same_image_groups(x)
+        firsts = [group[0] for group in groups]
         t0 = time.perf_counter()
         with LayerCapture(self.model, layers) as cap, torch.inference_mode():
-            self.model(x)
+            self.model(x if len(groups) == x.shape[0] else x[firsts])
             acts = {n: cap.activations[n].float() for n in layers}
         t1 = time.perf_counter()
         engine = MaskedForwardEngine(
@@ -112,21 +141,22 @@ class ScoreCAM(Explainer):
         per_layer: dict[str, torch.Tensor] = {}
         zero_masks: dict[str, list[int]] = {}
         for name in layers:
-            maps = []
-            zero_masks[name] = []
-            for b in range(x.shape[0]):
-                a = acts[name][b]  # K x h x w
-                scores, n_zero = self._channel_scores(engine, x[b], a, class_ids[b], size)
-                weights = torch.softmax(scores.float(), dim=0)
-                maps.append(torch.relu(torch.einsum("k,khw->hw", weights, a)))
-                zero_masks[name].append(n_zero)
+            maps: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
+            zero_masks[name] = [0] * x.shape[0]
+            for g, group in enumerate(groups):
+                a = acts[name][g]  # K x h x w
+                scores, n_zero = self._channel_scores(engine, x[group[0]], a, class_ids[group], size)
+                for t, b in enumerate(group):
+                    weights = torch.softmax(scores[:, t].float().contiguous(), dim=0)
+                    maps[b] = torch.relu(torch.einsum("k,khw->hw", weights, a))
+                    zero_masks[name][b] = n_zero
             per_layer[name] = torch.stack(maps)
         final, upsampled = combine_layer_maps(per_layer, size)
         return MethodOutput(
             maps=final,
             layer_maps=upsampled if len(layers) > 1 else {},
             extras={"zero_masks": zero_masks},
-            forward_passes=engine.forward_passes + x.shape[0],
+            forward_passes=engine.forward_passes + len(groups),
             timings={"activations": t1 - t0, "masked_forwards": time.perf_counter() - t1},
         )
 
