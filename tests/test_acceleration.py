@@ -144,12 +144,45 @@ def test_compiled_forwards_give_the_same_scores(make_model: Callable[..., nn.Mod
     plain = MaskedForwardEngine(model, batch_size=8).run(x, masks, [0, 2])
     fast = compiled(model, True, backend="eager")
     assert compiled(model, True, backend="eager") is fast
-    acceleration._COMPILED[model]["True:inductor"] = fast  # what compile=True resolves to, eager here
+    model.__dict__[acceleration._COMPILED_ATTRIBUTE]["True:inductor"] = fast  # what compile=True resolves to
     with_compile = MaskedForwardEngine(model, batch_size=8, compile=True).run(x, masks, [0, 2])
     with accelerated(compile=True):
         ambient = MaskedForwardEngine(model, batch_size=8).run(x, masks, [0, 2])
     torch.testing.assert_close(with_compile, plain, rtol=0, atol=1e-6)
     assert torch.equal(with_compile, ambient)
+
+
+def test_a_dropped_model_and_its_compiled_forward_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled module refers to its model (as ``torch.compile``'s OptimizedModule does): the cache must not
+    keep either alive once the caller drops the model; a copy or pickle of the model carries no compiled form."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    class StandIn(nn.Module):  # what torch.compile returns: a module wrapping (and referring to) the model
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    calls: list[nn.Module] = []
+
+    def fake_compile(model: nn.Module, **options: Any) -> nn.Module:
+        calls.append(model)
+        return StandIn(model)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = nn.Sequential(nn.Linear(2, 2))
+    first = compiled(model, True)
+    assert compiled(model, True) is first and len(calls) == 1  # once per model and mode
+    assert set(model.state_dict()) == {"0.weight", "0.bias"}  # the cache is no sub-module
+    assert not pickle.loads(pickle.dumps(model)).__dict__.get(acceleration._COMPILED_ATTRIBUTE)
+    assert not copy.deepcopy(model).__dict__.get(acceleration._COMPILED_ATTRIBUTE)
+    model_ref, compiled_ref = weakref.ref(model), weakref.ref(first)
+    calls.clear()
+    del model, first
+    gc.collect()
+    assert model_ref() is None and compiled_ref() is None
 
 
 def test_channels_last_restores_every_parameter_exactly() -> None:

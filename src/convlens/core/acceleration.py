@@ -126,13 +126,30 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., object]]] = weakref.WeakKeyDictionary()
+_COMPILED_ATTRIBUTE = "_convlens_compiled"
+
+
+class _CompiledForms(dict):  # type: ignore[type-arg]
+    """A model's compiled forward functions by ``mode:backend``, kept on the model itself: the compiled
+    module refers to the model, so a cache outside it (even a ``WeakKeyDictionary``, whose values are strong
+    references) would keep every model alive; on the model the two form a cycle that dies with it. A copy
+    or pickle of the model (Ray ships models) gets an empty cache."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_CompiledForms, ())
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _CompiledForms:
+        return _CompiledForms()
 
 
 def compiled(model: nn.Module, mode: bool | str = True, backend: str = "inductor") -> Callable[..., object]:
-    """``torch.compile(model)`` once per (model, mode, backend), static shapes; cached while the model lives."""
+    """``torch.compile(model)`` once per (model, mode, backend), static shapes; cached while the model lives
+    (and collected with it: see :class:`_CompiledForms`)."""
     key = f"{mode}:{backend}"
-    cache = _COMPILED.setdefault(model, {})
+    cache = model.__dict__.get(_COMPILED_ATTRIBUTE)
+    if not isinstance(cache, _CompiledForms):
+        cache = _CompiledForms()
+        model.__dict__[_COMPILED_ATTRIBUTE] = cache  # a plain attribute: not a sub-module, not in state_dict
     if key not in cache:
         options = {"mode": mode} if isinstance(mode, str) else {}
         cache[key] = torch.compile(model, dynamic=False, backend=backend, **options)
