@@ -288,3 +288,68 @@ def test_runner_rejects_bad_settings() -> None:
     concepts = {0: [ConceptSet("c", _images(2, 4))]}
     with pytest.raises(ValueError, match="no input images"):
         TCAVRunner(model, LAYERS, random_runs=10).run({}, concepts, RandomSets(_images(3, 10)))
+
+
+def test_runner_null_is_the_literal_random_vs_random_tcav() -> None:
+    """The null of 4 random sets written out: each pair's CAV trained with the project's CAV trainer, then
+    per image the directional derivative S = grad h_k(f_l(x)) . v by its own backward pass; the sign count
+    and the unit-CAV magnitude of R_j against every other R_i, averaged over i != j."""
+    model, target, n_runs = make_tiny_cnn(), 1, 4
+    concept, inputs, pool = ConceptSet("red", _images(10, 10, shift=1.5)), _images(12, 5), _images(13, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        runner = TCAVRunner(model, LAYERS, model_name="tiny", random_runs=n_runs)
+    report = runner.run({target: inputs}, {target: [concept]}, RandomSets(pool))
+    randoms = RandomSets(pool).runs(concept.size, n_runs, exclude=(concept.digest,))
+    store = ActivationStore(model, LAYERS)
+    trainer = CAVCache(store, model_name="tiny")
+    grads = []
+    for x in inputs:  # one image at a time
+        _, _, g = forward_with_grads(model, x[None], LAYERS, lambda logits: logits[:, target])
+        grads.append({layer: g[layer].flatten().double().numpy() for layer in LAYERS})
+    for layer in LAYERS:
+        signs, magnitudes = [], []
+        for j in range(n_runs):
+            sign_j, magnitude_j = [], []
+            for i in range(n_runs):
+                if i == j:
+                    continue
+                v = trainer.direction(randoms[j], randoms[i], layer)[0].astype(np.float64)
+                positive, total = 0, 0.0
+                for g in grads:
+                    s = float(g[layer] @ v)
+                    positive += s > 0
+                    total += s / float(np.linalg.norm(v))
+                sign_j.append(positive / len(grads))
+                magnitude_j.append(total / len(grads))
+            signs.append(sum(sign_j) / len(sign_j))
+            magnitudes.append(sum(magnitude_j) / len(magnitude_j))
+        test = report.find(target, "red", layer)
+        assert test.null_scores == pytest.approx(signs)
+        assert test.null_magnitudes == pytest.approx(magnitudes, rel=1e-4, abs=1e-7)
+    assert trainer.trained == len(LAYERS) * n_runs * (n_runs - 1) // 2  # one CAV per unordered pair
+
+
+def test_runner_skips_a_class_without_concepts() -> None:
+    """A first class with an empty concept list used to raise IndexError; it is simply not tested."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        runner = TCAVRunner(make_tiny_cnn(), ["block3"], random_runs=3)
+    report = runner.run({0: _images(1, 3), 2: _images(2, 3)}, {0: [], 2: [ConceptSet("c", _images(3, 4))]},
+                        RandomSets(_images(4, 20)))
+    assert [(t.class_id, t.concept, t.layer) for t in report.tests] == [(2, "c", "block3")]
+    with pytest.raises(ValueError, match="no concept sets"):
+        runner.run({0: _images(1, 3)}, {0: []}, RandomSets(_images(4, 20)))
+
+
+def test_runner_deletes_spilled_activations_when_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise RuntimeError("classifier failed")
+
+    monkeypatch.setattr(MiniBatchSGDClassifier, "train_and_eval", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        runner = TCAVRunner(make_tiny_cnn(), ["block3"], random_runs=3, activation_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        runner.run({0: _images(1, 3)}, {0: [ConceptSet("c", _images(3, 4))]}, RandomSets(_images(4, 20)))
+    assert not list(tmp_path.rglob("*.npy"))  # activations were spilled before the failure, then deleted

@@ -243,13 +243,25 @@ def test_random_sets_are_distinct_and_never_the_concept() -> None:
 
 
 def test_small_labels_are_skipped_with_their_reason(study: tuple[Path, Path]) -> None:
+    """Size 12: a label needs 12 distinct regions and a class pool of 24. Counted from clusters.csv: cat has 12
+    "stripes" clusters (the heaviest of 3 layers x 4 images), fewer "fur" ones and a pool under 24; coffee
+    has 12 or more of each and a pool of 24 or more, so exactly cat's two labels are skipped."""
     _, labels_dir = study
-    concepts = build_study_concepts(read_labels(labels_dir), model_input(PREP), reveal_image, sizes=(12,),
-                                    random_runs=5)
-    skipped = {(s.class_name, s.label): s for s in concepts.skipped}
-    stripes = skipped[("cat", "stripes")]  # one "stripes" cluster per layer and image: 12 at most
-    assert stripes.regions == concepts.available.get(("cat", "stripes"), stripes.regions) <= 12
-    assert "fewer than the smallest concept size 12" in stripes.reason or "pool" in stripes.reason
+    folder = read_labels(labels_dir)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(12,), random_runs=5)
+    count = {(name, label): sum(r["class"] == name and r["best_labels"] == label for r in folder.clusters)
+             for name in PICTURES for label in ("fur", "stripes")}
+    pool = {name: sum(r["class"] == name and bool(r["best_labels"]) for r in folder.clusters) for name in PICTURES}
+    assert count[("cat", "stripes")] == 12 and count[("cat", "fur")] < 12 and pool["cat"] < 24
+    assert min(count[("coffee", "fur")], count[("coffee", "stripes")]) >= 12 and pool["coffee"] >= 24
+    assert concepts.available == count and concepts.pools == pool  # every region's reveal is a distinct image
+    skipped = {(s.class_name, s.label): (s.regions, s.reason) for s in concepts.skipped}
+    assert skipped == {
+        ("cat", "fur"): (count[("cat", "fur")],
+                         f"{count[('cat', 'fur')]} distinct region(s), fewer than the smallest concept size 12"),
+        ("cat", "stripes"): (12, f"the class's random pool has {pool['cat']} regions, fewer than 2 x 12"),
+    }
+    assert sorted(c.name for c in concepts.concepts[concepts.class_ids["coffee"]]) == ["fur", "stripes"]
     described = concepts.describe()
     assert {(s["class_name"], s["label"]) for s in described["skipped"]} == set(skipped)
 

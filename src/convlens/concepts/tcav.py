@@ -312,28 +312,17 @@ class TCAVRunner:
         N distinct sets that differ from the concept (:meth:`RandomSets.runs`).
         """
         plan = self._plan(class_inputs, concepts, random_sets)
-        first = next(iter(plan.values()))[0][0]
+        first = next(entries[0][0] for entries in plan.values())  # _plan keeps non-empty classes only
         layers = resolve_layers(self.model, self.layer_spec, tuple(first.images.shape[1:]))
         timer = _Timer()
         store = ActivationStore(self.model, layers, self.batch_size, self.activation_dir, self.reuse_activations)
-        with timer("model_hash"):
-            cavs = CAVCache(store, self.classifier, self.model_name, self.cache_dir, self.seed)
-        tests: list[TCAVTest] = []
-        for class_id, entries in plan.items():
-            with timer("gradients"):
-                sens = layer_sensitivities(self.model, class_inputs[class_id], layers, class_id, self.batch_size)
-            nulls: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
-            class_tests = []
-            for concept, randoms in entries:
-                key = tuple(r.digest for r in randoms)  # concepts of one size share their random sets (and null)
-                for layer in layers:
-                    if (layer, key) not in nulls:
-                        nulls[layer, key] = self._null(sens[layer], randoms, layer, cavs, timer)
-                    null = nulls[layer, key]
-                    class_tests.append(self._test(class_id, concept, randoms, layer, sens[layer], null, cavs, timer))
-            adjusted = holm([t.comparison.p for t in class_tests])
-            tests += [replace(t, p_holm=float(p)) for t, p in zip(class_tests, adjusted, strict=True)]
-        store.close()
+        try:
+            with timer("model_hash"):
+                cavs = CAVCache(store, self.classifier, self.model_name, self.cache_dir, self.seed)
+            tests = [test for class_id, entries in plan.items()
+                     for test in self._class_tests(class_id, entries, class_inputs[class_id], layers, cavs, timer)]
+        finally:
+            store.close()  # also on errors: spilled activation files are deleted
         timer.seconds["activations"] = store.seconds  # forwards happen lazily inside CAV training
         timer.seconds["cavs"] -= store.seconds
         counts = {"images_forwarded": store.images_forwarded, "cavs_trained": cavs.trained, "cavs_loaded": cavs.loaded}
@@ -341,6 +330,30 @@ class TCAVRunner:
         return TCAVReport(
             self.model_name, tests, self.random_runs, self.alpha, self.statistic, dict(timer.seconds), counts
         )
+
+    def _class_tests(
+        self,
+        class_id: int,
+        entries: list[tuple[ConceptSet, list[ConceptSet]]],
+        inputs: torch.Tensor,
+        layers: list[str],
+        cavs: CAVCache,
+        timer: _Timer,
+    ) -> list[TCAVTest]:
+        """Every (concept, layer) test of one class, Holm-corrected together."""
+        with timer("gradients"):
+            sens = layer_sensitivities(self.model, inputs, layers, class_id, self.batch_size)
+        nulls: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
+        class_tests = []
+        for concept, randoms in entries:
+            key = tuple(r.digest for r in randoms)  # concepts of one size share their random sets (and null)
+            for layer in layers:
+                if (layer, key) not in nulls:
+                    nulls[layer, key] = self._null(sens[layer], randoms, layer, cavs, timer)
+                class_tests.append(self._test(class_id, concept, randoms, layer, sens[layer], nulls[layer, key],
+                                              cavs, timer))
+        adjusted = holm([t.comparison.p for t in class_tests])
+        return [replace(t, p_holm=float(p)) for t, p in zip(class_tests, adjusted, strict=True)]
 
     def _plan(
         self,
@@ -352,6 +365,8 @@ class TCAVRunner:
             raise ValueError("no concept sets to test")
         plan: Plan = {}
         for class_id, sets in concepts.items():
+            if not sets:
+                continue  # a class without concepts has nothing to test (and no first concept to size layers by)
             if class_id not in class_inputs or class_inputs[class_id].shape[0] < 1:
                 raise ValueError(f"no input images for class {class_id} ({self._class_name(class_id)})")
             names = [s.name for s in sets]
