@@ -5,7 +5,10 @@ INV (Bianchi et al., IJCAI-24; the authors' ``explainations_utils.py``):
 * label score within a cluster C:  s_{C,l} = f_{C,l} (1 - 0.1 * mean level of the games giving l),
   level = reveal-level index 0..5 (factor 1.0 .. 0.5), divided by 4 for wrong guesses
   (:func:`score_labels`). The authors divide by 4 only when *none* of the games giving l in C guessed
-  right (``wrong_rule="authors"``, the default); ``"per_play"`` weights each game instead:
+  right (``wrong_rule="authors"``, the default): ``explainations_utils.split_dataset_for_cluster_and_features``
+  sets ``is_correct`` to "some game of cluster C whose ``synonym`` is l has ``guessed_label_id`` equal to
+  the class's ``label_id``" and passes it, with l's frequency and mean ``percentile`` in C, to
+  ``compute_score``, which returns ``score / 4`` when it is false; ``"per_play"`` weights each game instead:
   s = sum_i (1 - 0.1 level_i) (1 if guess i was right else 1/4). Both agree when a label's games are
   all right or all wrong.
 * cluster statistics: wins, losses (games with and without descriptions), resigns and the cluster
@@ -69,7 +72,12 @@ class LabelScore:
 
 
 def score_labels(votes: Iterable[LabelVote], wrong_rule: WrongRule = "authors") -> dict[str, LabelScore]:
-    """Scores of the labels of one cluster's games (every vote must belong to the same cluster)."""
+    """Scores of the labels of one cluster's games (every vote must belong to the same cluster).
+
+    ``"authors"``: ``f (1 - 0.1 mean level)``, divided by 4 only if no vote for the label is a correct
+    guess (``is_correct`` of ``split_dataset_for_cluster_and_features`` in ``explainations_utils.py``:
+    *any* guess carrying the label was right); ``"per_play"``: each vote weighted by its own outcome.
+    """
     if wrong_rule not in WRONG_RULES:
         raise ValueError(f"unknown wrong_rule {wrong_rule!r}; choose one of {WRONG_RULES}")
     by_label: dict[str, list[LabelVote]] = defaultdict(list)
