@@ -45,6 +45,7 @@ def test_labels_then_global(tmp_path: Path) -> None:
     (["labels", "{tmp}/missing"], "no such file or folder"),
     (["labels", "{tmp}"], "neither a study export"),
     (["labels", "{export}", "--wrong-rule", "sometimes"], "wrong_rule must be one of"),
+    (["labels", "{export}", "--min-similarity", "2"], "min_similarity must be a cosine similarity in [-1, 1]"),
     (["labels", "{export}", "--translator", "nowhere"], "expected MODULE:NAME"),
     (["labels", "{export}", "--translator", "json:dumps"], "has no name and translate"),
     (["labels", "{export}", "--class-alias", "oops"], "expected CLASS=ALIAS"),

@@ -70,12 +70,15 @@ def test_every_play_is_in_the_audit_with_its_fate(labelled) -> None:
     assert len(audit) == 17  # nothing dropped
     status = {k: v["status"] for k, v in audit.items()}
     assert [status[k] for k in ("p1", "p2", "p6", "p7", "p8", "g1", "g2")] == ["labelled"] * 7
-    assert status["p3"] == status["g3"] == "wrong_guess_labelled"
+    assert status["g3"] == "wrong_guess_labelled"
     assert status["p4"] == status["p5"] == "stats_only"
-    reasons = {k: audit[k]["reason"] for k in ("p9", "p10", "p11", "p12", "q1", "bad")}
-    assert reasons["p9"].startswith("language 'it' and no translator")
-    assert reasons["p10"].startswith("too long: 2000 characters")
-    assert reasons["p11"] == "nothing but the class name"
+    # counted in wins/losses/level, so "stats_only", with why the description was not used
+    unused = {k: audit[k]["reason"] for k in ("p9", "p10", "p11")}
+    assert unused["p9"].startswith("description not used: language 'it' and no translator")
+    assert unused["p10"].startswith("description not used: too long: 2000 characters")
+    assert unused["p11"] == "description not used: nothing but the class name"
+    assert all(status[k] == "stats_only" for k in unused)
+    reasons = {k: audit[k]["reason"] for k in ("p12", "q1", "bad")}
     assert reasons["p12"].startswith("abandoned")
     assert reasons["q1"].startswith("gold round")
     assert reasons["bad"].startswith("invalid row: unknown outcome")
@@ -84,23 +87,56 @@ def test_every_play_is_in_the_audit_with_its_fate(labelled) -> None:
     assert audit["p7"]["representative"] == "strings" and audit["p7"]["label_score"] == "0.5"
 
 
+def test_wrong_guess_unlike_every_text_of_the_guessed_class_stays_unlabelled(labelled) -> None:
+    """p3 "strings" (guessed golf ball) has cosine 0 to both golf-ball texts "dimples" and "white dimples":
+    below min_similarity 0.3 it gets no label, the similarity and the reason are in the audit."""
+    result, folder = labelled
+    row = _audit(folder)["p3"]
+    assert (row["status"], row["label"], row["similarity"]) == ("unlabelled", "", "0")
+    assert row["reason"] == ("nearest text cluster 0 of 'golf ball' has similarity 0 < min_similarity 0.3: "
+                             "no label is close enough")
+    p00 = next(c for c in result.clusters if c.cluster_id == "P:L0:0")
+    assert set(p00.scores) == {"canopy"} and p00.losses == 1  # still a loss of its cluster
+
+
+@pytest.mark.parametrize(("floor", "status", "label"), [
+    (0.0, "wrong_guess_labelled", "dimples"), (0.11, "wrong_guess_labelled", "dimples"),
+    (0.111, "unlabelled", ""), (0.3, "unlabelled", ""),
+])
+def test_min_similarity_floor_by_hand(tmp_path: Path, floor: float, status: str, label: str) -> None:
+    """Golf ball's texts "dimples" (0, 0, 1, 0) and "white dimples" (0, 0, 1.3, 0.1), one cluster each;
+    the wrong guess "ropes" (0, 0.9, 0.1, 0): cos to "dimples" = 0.1 / sqrt(0.82) = 0.11043, to
+    "white dimples" = 0.13 / (sqrt(0.82) sqrt(1.70)) = 0.11011, so the nearest is text cluster 0."""
+    t, g = make_round("T", 0, 0, "tench", n_layers=1), make_round("G", 0, 0, G, n_layers=1)
+    plays = [make_play("g1", g, "win", 0, "dimples"), make_play("g2", g, "win", 0, "white dimples"),
+             make_play("t1", t, "lose", 0, "ropes", guessed=G)]
+    result = run_labels(write_export(tmp_path / "e", [t, g], plays), embedder=ToyEmbedder(TABLE),
+                        settings=LabelSettings(n_bootstrap=10, min_similarity=floor))
+    row = next(a for a in result.audit if a.play_id == "t1")
+    assert row.similarity == pytest.approx(0.1 / np.sqrt(0.82))
+    assert (row.status, row.label, row.vocabulary_class) == (status, label, G)
+    tench = next(c for c in result.clusters if c.class_name == "tench")
+    assert tench.losses == 1 and list(tench.scores) == ([label] if label else [])
+    with pytest.raises(ValueError, match="min_similarity"):
+        LabelSettings(min_similarity=1.5)
+
+
 def test_labels_scores_and_merges_by_hand(labelled) -> None:
     result, folder = labelled
     assert [c.label for c in result.labellings[P].clusters] == ["canopy", "strings"]
     assert [c.label for c in result.labellings[G].clusters] == ["dimples", "dimples"]  # n = 2: one cluster each
     clusters = {c.cluster_id: c for c in result.clusters}
     p00 = clusters["P:L0:0"]
-    # canopy: 2 right guesses at levels 1 and 3 -> 2 * (1 - 0.2) = 1.6; wrong guess "strings" (guessed golf
-    # ball) takes golf ball's label "dimples": 1 * 1.0 / 4
-    assert {k: s.score for k, s in p00.scores.items()} == {"canopy": pytest.approx(1.6), "dimples": pytest.approx(0.25)}
+    # canopy: 2 right guesses at levels 1 and 3 -> 2 * (1 - 0.2) = 1.6; the wrong guess "strings" (guessed golf
+    # ball) is unlike every golf-ball text (cosine 0 < min_similarity): no label
+    assert {k: s.score for k, s in p00.scores.items()} == {"canopy": pytest.approx(1.6)}
     assert (p00.wins, p00.losses, p00.resigns, p00.level) == (3, 1, 1, 3)  # ceil((1+3+0+2+5)/5) = ceil(2.2)
     assert clusters["G:L0:0"].scores["canopy"].score == pytest.approx(0.8 / 4)  # parachute's own text "canopy"
     assert clusters["G:L0:0"].scores["dimples"].score == pytest.approx(2 * 0.95)
     (group,) = [g for g in result.groups if g.group_id == "P:L0:g0"]
     assert [c.cluster_id for c in group.members] == ["P:L0:0", "P:L0:1"] and group.shared_labels == ["canopy"]
-    # strength: canopy (30*1.6 + 10*1.0)/40; dimples 30*0.25/40; strings 10*0.5/40
-    assert group.strengths == [("canopy", pytest.approx(1.45)), ("dimples", pytest.approx(0.1875)),
-                               ("strings", pytest.approx(0.125))]
+    # strength: canopy (30*1.6 + 10*1.0)/40; strings 10*0.5/40
+    assert group.strengths == [("canopy", pytest.approx(1.45)), ("strings", pytest.approx(0.125))]
     tables = read_labels(folder)
     assert {r["group_id"] for r in tables.groups if r["merge"] == "full"} == {"P:L0:f0", "P:L1:f0", "G:L0:f0"}
 
@@ -118,7 +154,10 @@ def test_manifest_records_embedder_settings_and_counts(labelled) -> None:
     manifest = json.loads((folder / "labels.json").read_text())
     assert manifest["embedder"]["name"] == "toy" and manifest["translator"] is None
     assert manifest["settings"]["wrong_rule"] == "authors" and manifest["stop_words"]["count"] == 192
-    assert manifest["counts"]["plays"] == 17 and manifest["counts"]["status"]["excluded"] == 6
+    assert manifest["counts"]["plays"] == 17 and manifest["counts"]["status"]["excluded"] == 3
+    assert manifest["counts"]["description_not_used"] == {"language 'it' and no translator (pass one to translate)": 1,
+                                                          "too long": 1, "nothing but the class name": 1}
+    assert manifest["settings"]["min_similarity"] == 0.3
     assert manifest["classes"][G]["rule"].startswith("one cluster per distinct description")
 
 
@@ -178,7 +217,10 @@ def test_class_without_correct_guesses_and_a_single_description(tmp_path: Path) 
                         settings=LabelSettings(n_bootstrap=10))
     assert "tench" not in result.labellings and result.labellings["church"].k == 1
     audit = {row.play_id: row for row in result.audit}
+    # "dimples" (0, 0, 1, 0) vs church's "white dimples" (0, 0, 1.3, 0.1): cosine 1.3 / sqrt(1.7) > 0.3; the
+    # tench cluster takes a label of the guessed class's vocabulary, as in the authors' analysis
     assert audit["a1"].status == "wrong_guess_labelled" and audit["a1"].label == "dimples"
+    assert audit["a1"].similarity == pytest.approx(1.3 / np.sqrt(1.7))
     tench = next(c for c in result.clusters if c.class_name == "tench")
     assert tench.scores["dimples"].score == pytest.approx(0.25) and tench.best_labels == ["dimples"]
 

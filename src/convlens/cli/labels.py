@@ -77,6 +77,8 @@ def _summary(result: Any, out: Path) -> None:
     typer.echo(f"{len(result.audit)} plays: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for reason, n in sorted(result.reason_counts().items()):
         typer.echo(f"  excluded, {reason}: {n}")
+    for reason, n in sorted(result.unused_counts().items()):
+        typer.echo(f"  counted, description not used ({reason}): {n}")
     for name, labelling in result.labellings.items():
         labels = sorted({c.label for c in labelling.clusters if c.label})
         typer.echo(f"  {name}: {sum(labelling.counts)} descriptions, {labelling.k} text clusters "
@@ -94,6 +96,9 @@ def labels_command(
         help="authors (÷4 if no right guess gave the label) | per_play.")] = "authors",
     class_alias: Annotated[list[str] | None, typer.Option(
         help="CLASS=ALIAS, also removed from texts (repeatable).")] = None,
+    min_similarity: Annotated[float, typer.Option(
+        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
+             "guessed class stays unlabelled.")] = 0.3,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the agreement intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
@@ -105,7 +110,7 @@ def labels_command(
 
     try:
         settings = LabelSettings(max_chars=max_chars, wrong_rule=wrong_rule, class_aliases=_aliases(class_alias),
-                                 n_bootstrap=bootstrap, seed=seed)
+                                 n_bootstrap=bootstrap, seed=seed, min_similarity=min_similarity)
         plugin = load_translator(translator) if translator else None
         if not source.exists():
             raise ValueError(f"{source}: no such file or folder")
@@ -124,6 +129,9 @@ def labels_command(
 def global_command(
     labels_dir: Annotated[Path, typer.Argument(help="Output folder of `convlens labels`.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out/global"),
+    min_similarity: Annotated[float, typer.Option(
+        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
+             "guessed class stays unlabelled.")] = 0.3,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over images for the slope intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     tcav: Annotated[Path | None, typer.Option(

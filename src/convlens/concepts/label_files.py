@@ -106,7 +106,8 @@ def _manifest(result: LabelsResult) -> dict[str, Any]:
                      "class_aliases": {k: list(v) for k, v in result.settings.class_aliases.items()}},
         "stop_words": {"count": len(stop_words), "sha256": hashlib.sha256("\n".join(stop_words).encode()).hexdigest()},
         "versions": _versions(),
-        "counts": {"plays": len(result.audit), "status": result.status_counts(), "excluded": result.reason_counts()},
+        "counts": {"plays": len(result.audit), "status": result.status_counts(), "excluded": result.reason_counts(),
+                   "description_not_used": result.unused_counts()},
         "classes": _class_summary(result),
         "timings": result.timings,
     }

@@ -6,15 +6,23 @@ export folder). For every play it decides, and records in the audit trail, what 
 * ``labelled``: a correct guess with a usable description; it feeds its class's text clustering
   (:func:`convlens.concepts.labels.label_class`) and gets that class's label;
 * ``wrong_guess_labelled``: a wrong guess with a usable description; used only in the scores of its
-  cluster (divided by 4). It is labelled with the vocabulary of the class the player *guessed* (the
-  authors ran the label analysis per guessed class), by the text cluster of that class with the largest
-  frequency-weighted mean cosine similarity (or its own cluster when the same text occurs there);
-* ``stats_only``: a guess without description, or a resign: counted in wins/losses/resigns and the
-  cluster level only;
-* ``unlabelled``: a description whose text cluster has no representative word (only stop-words),
-  or whose guessed class has no labelled descriptions;
-* ``excluded``: gold rounds, abandoned plays, rows that do not parse, unknown rounds, non-English text
-  without a translator, empty or over-long text, text that is only symbols or only the class name.
+  cluster (divided by 4). It is labelled with the vocabulary of the class the player *guessed*, as the
+  authors did: ``LabelAnalysis.ipynb`` runs once per ``target_class``, selects the rows with
+  ``guessed_label_id == target_label`` both for the text clustering and for the final ``synonym``
+  mapping, and ``generate_explanations.py`` then groups those rows by their true class (``label_en``),
+  so a wrong guess's ``synonym`` in its (true-class) cluster comes from the guessed class's analysis.
+  The label is the text cluster of that class with the largest frequency-weighted mean cosine
+  similarity (or its own cluster when the same text occurs there), and only when that similarity is at
+  least ``LabelSettings.min_similarity``: the authors map only texts they clustered, so a text unlike
+  every description of the class has no label of its own to receive;
+* ``stats_only``: a guess without a description, a resign, or a guess whose description cannot be used
+  (non-English without a translator, empty or over-long text, only symbols or only the class name:
+  the reason reads ``description not used: ...``): counted in wins/losses/resigns and the cluster level
+  only;
+* ``unlabelled``: a description whose text cluster has no representative word (only stop-words), whose
+  guessed class has no labelled descriptions, or whose nearest text cluster is less similar than
+  ``min_similarity`` (the similarity is in the audit row); still counted in wins/losses and the level;
+* ``excluded``: gold rounds, abandoned plays, rows that do not parse, unknown rounds: not counted at all.
 
 Then :mod:`convlens.concepts.label_scores` (scores, statistics, best labels, merges) and
 :mod:`convlens.concepts.agreement`; :mod:`convlens.concepts.label_files` writes the results.
@@ -57,17 +65,28 @@ __all__ = ["AuditRow", "LabelSettings", "LabelsResult", "run_labels"]
 LABELLED, WRONG, STATS, UNLABELLED, EXCLUDED = (
     "labelled", "wrong_guess_labelled", "stats_only", "unlabelled", "excluded",
 )
+UNUSED = "description not used: "
+# Frequency-weighted mean cosine similarity below which a wrong guess's description, unlike every text
+# cluster of the guessed class, stays unlabelled. Sentence-BERT similarities of unrelated short English
+# phrases mostly lie below 0.3, paraphrases well above.
+DEFAULT_MIN_SIMILARITY = 0.3
 
 
 @dataclass(frozen=True)
 class LabelSettings:
-    """Choices of the label pipeline (all recorded in ``labels.json``)."""
+    """Choices of the label pipeline (all recorded in ``labels.json``).
+
+    ``min_similarity``: a description that is not one of the guessed class's clustered texts (a wrong
+    guess) is labelled only if its frequency-weighted mean cosine similarity to the nearest text cluster
+    is at least this (default 0.3); otherwise it stays ``unlabelled`` with the similarity recorded.
+    """
 
     max_chars: int = DEFAULT_MAX_CHARS
     wrong_rule: str = "authors"
     class_aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)
     n_bootstrap: int = 1000
     seed: int = 0
+    min_similarity: float = DEFAULT_MIN_SIMILARITY
 
     def __post_init__(self) -> None:
         if self.wrong_rule not in WRONG_RULES:
@@ -76,6 +95,8 @@ class LabelSettings:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity must be a cosine similarity in [-1, 1], got {self.min_similarity}")
 
 
 @dataclass
@@ -133,6 +154,11 @@ class LabelsResult:
     def reason_counts(self) -> dict[str, int]:
         return dict(Counter(row.reason.split(":")[0] for row in self.audit if row.status == EXCLUDED))
 
+    def unused_counts(self) -> dict[str, int]:
+        """Counted plays whose description was not used, per reason."""
+        return dict(Counter(row.reason.removeprefix(UNUSED).split(":")[0] for row in self.audit
+                            if row.status == STATS and row.reason.startswith(UNUSED)))
+
 
 def _audit_row(play: Play) -> AuditRow:
     return AuditRow(
@@ -171,13 +197,14 @@ def _triage(export: StudyExport) -> tuple[list[AuditRow], list[tuple[AuditRow, P
 
 
 def _translate(rows: Sequence[AuditRow], translator: Translator | None) -> None:
-    """English text for every pending row; non-English rows without a translator are excluded."""
+    """English text for every pending row; non-English rows without a translator count in the
+    statistics only (their description is not used)."""
     pending: dict[tuple[str, str], list[AuditRow]] = defaultdict(list)
     for row in rows:
         if row.status == "" and not is_english_tag(row.language):
             if translator is None:
-                row.status = EXCLUDED
-                row.reason = f"language {row.language!r} and no translator (pass one to translate)"
+                row.status = STATS
+                row.reason = f"{UNUSED}language {row.language!r} and no translator (pass one to translate)"
             else:
                 pending[(row.language, row.vocabulary_class)].append(row)
     for (language, context), group in pending.items():
@@ -195,7 +222,7 @@ def _clean(rows: Sequence[AuditRow], aliases: Mapping[str, Sequence[str]], max_c
         names = [row.vocabulary_class, *aliases.get(row.vocabulary_class, ())]
         result = clean_description(row.translated or row.description, names, max_chars)
         if result.text is None:
-            row.status, row.reason = EXCLUDED, result.reason or ""
+            row.status, row.reason = STATS, UNUSED + (result.reason or "unusable text")
             continue
         row.cleaned = result.text
         if not row.translated and len(words(result.text)) >= 3:
@@ -213,7 +240,24 @@ def _label_classes(rows: Sequence[AuditRow], embedder: Embedder) -> dict[str, Cl
     return {name: label_class(name, found, embedder, stop_words) for name, found in texts.items()}
 
 
-def _assign_labels(rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabelling], embedder: Embedder) -> None:
+def _nearest_label(row: AuditRow, labelling: ClassLabelling, embedder: Embedder, min_similarity: float) -> bool:
+    """Place ``row`` in a text cluster of ``labelling``; False (row left unlabelled) below ``min_similarity``."""
+    if row.cleaned in labelling.texts:
+        row.text_cluster, _ = labelling.label_of(row.cleaned)
+        return True
+    nearest, row.similarity = labelling.nearest(embedder.encode([row.cleaned])[0])
+    if row.similarity < min_similarity:
+        row.status = UNLABELLED
+        row.reason = (f"nearest text cluster {nearest} of {row.vocabulary_class!r} has similarity "
+                      f"{row.similarity:.3g} < min_similarity {min_similarity:g}: no label is close enough")
+        return False
+    row.text_cluster = nearest
+    return True
+
+
+def _assign_labels(
+    rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabelling], embedder: Embedder, min_similarity: float
+) -> None:
     for row in rows:
         if row.status != "":
             continue
@@ -222,12 +266,9 @@ def _assign_labels(rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabel
             row.status = UNLABELLED
             row.reason = f"guessed class {row.vocabulary_class!r} has no labelled descriptions to take a label from"
             continue
-        if row.cleaned in labelling.texts:
-            row.text_cluster, _ = labelling.label_of(row.cleaned)
-            row.similarity = None
-        else:
-            row.text_cluster, row.similarity = labelling.nearest(embedder.encode([row.cleaned])[0])
-        cluster = labelling.clusters[row.text_cluster]
+        if not _nearest_label(row, labelling, embedder, min_similarity):
+            continue
+        cluster = labelling.clusters[row.text_cluster]  # type: ignore[index]
         row.representative, row.label = cluster.representative, cluster.label
         if not row.label:
             row.status = UNLABELLED
@@ -293,7 +334,7 @@ def _label_export(
     _clean(rows, settings.class_aliases, settings.max_chars)
     timings["clean"] = time.perf_counter() - start
     labellings = _label_classes(rows, embedder)
-    _assign_labels(rows, labellings, embedder)
+    _assign_labels(rows, labellings, embedder, settings.min_similarity)
     timings["label"] = time.perf_counter() - start - timings["clean"]
     clusters = _cluster_stats(export, counted, settings.wrong_rule)
     groups, full_groups = merge_clusters(clusters), full_merge(clusters)

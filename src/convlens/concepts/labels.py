@@ -170,7 +170,9 @@ class ClassLabelling:
         return cluster.index, cluster.label
 
     def nearest(self, vector: np.ndarray) -> tuple[int, float]:
-        """The text cluster with the largest frequency-weighted mean cosine similarity to ``vector``."""
+        """The text cluster with the largest frequency-weighted mean cosine similarity to ``vector``, and
+        that similarity. It is an argmax, returned however small the similarity: the caller decides whether
+        it is close enough (:class:`~convlens.concepts.label_pipeline.LabelSettings` ``min_similarity``)."""
         if not self.clusters:
             raise ValueError(f"class {self.class_name!r} has no text clusters")
         similarity = unit_rows(self.embeddings) @ unit_rows(vector[None, :])[0]
