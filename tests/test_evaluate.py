@@ -429,17 +429,3 @@ def test_item_evaluator_pickles_and_gives_the_same_records(tmp_path: Path, tiny_
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
         np.testing.assert_array_equal(local.samples.maps[method], remote.samples.maps[method])  # type: ignore[union-attr]
     assert not list(tmp_path.iterdir())  # building and evaluating write nothing
-
-
-def test_a_worker_can_load_the_model_itself_and_gives_the_same_records(tmp_path: Path) -> None:
-    """``ItemEvaluator.from_settings``: what a worker that loads the named model once (no weights shipped) does."""
-    from convlens.runners.evaluate import build_evaluation
-    from convlens.runners.evaluate_item import ItemEvaluator, WorkItem
-
-    config = _config(tmp_path, model="synthetic-vgg", methods=["gradcam"], limit=2, metrics=["ebpg", "deletion"])
-    setup = build_evaluation(config)
-    worker = ItemEvaluator.from_settings(config, setup.dataset)
-    assert worker.loaded is not setup.loaded
-    item = WorkItem(0, "k", "id-0", ("gradcam",))
-    local, remote = setup.evaluator(item).records["gradcam"], worker(item).records["gradcam"]
-    assert {k: v for k, v in local.items() if k != "seconds"} == {k: v for k, v in remote.items() if k != "seconds"}

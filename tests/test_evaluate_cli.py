@@ -176,7 +176,7 @@ def test_bad_numbers_devices_and_output_folders_exit_2_with_one_line_and_write_n
     _fails_cleanly([*QUICK, "--batch-size", "0", "--out", str(out)], "--batch-size must be >= 1")
     _fails_cleanly([*QUICK, "--device", "tpu", "--out", str(out)], "'tpu' is not a device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever this machine has
-    _fails_cleanly([*QUICK, "--device", "cuda", "--out", str(out)], "no CUDA GPU is available")
+    _fails_cleanly([*QUICK, "--device", "cuda", "--out", str(out)], "no CUDA device is available")
     assert not out.exists()
     existing = tmp_path / "results.txt"
     existing.write_text("mine")

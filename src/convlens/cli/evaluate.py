@@ -99,7 +99,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     samples: Annotated[int, typer.Option(help="Overlays shown in the report for the first N images.")] = 4,
-    overwrite: Annotated[bool, typer.Option(help="Discard a previous run in --out made with other settings.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard a previous convlens run in --out made with other "
+                                            "settings (its records, overlays, plots; nothing else).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
     engine: EngineOption = "embedded",
     workers: WorkersOption = None,

@@ -51,8 +51,9 @@ from convlens.runners.evaluate_setup import (
     load_evaluation_model,
     load_model_for,
     prepare_model,
+    weights_digest,
 )
-from convlens.runners.store import ResultsStore, record_key
+from convlens.runners.store import OutputFolderError, ResultsStore, record_key
 
 __all__ = [
     "PRESETS",
@@ -81,31 +82,38 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass
 class EvaluationSetup:
-    """A built run: settings, dataset (labels aligned with the model), model and the per-image evaluator."""
+    """A built run: settings, dataset (labels aligned with the model), model, the per-image evaluator and
+    the SHA-256 of the ``--weights`` file (part of the settings: retrained weights at the same path are
+    another run)."""
 
     config: EvaluationConfig
     dataset: ImageDataset
     loaded: LoadedModel
     evaluator: ItemEvaluator
+    weights_sha256: str | None = None
 
 
 def build_evaluation(config: EvaluationConfig, model: LoadedModel | None = None) -> EvaluationSetup:
     """Check the settings, open the data, load the model, build explainers and metrics; writes nothing."""
     device = check_config(config)
+    weights_sha256 = weights_digest(config.weights)
     dataset = build_dataset(config)
     check_dataset(config, dataset)
     loaded = model or load_model_for(config, dataset)
     if config.targets == "label":
         dataset = align_labels(dataset, loaded)
     prepare_model(loaded, dataset, device)
-    return EvaluationSetup(config, dataset, loaded, ItemEvaluator(config, dataset, loaded))
+    return EvaluationSetup(config, dataset, loaded, ItemEvaluator(config, dataset, loaded), weights_sha256)
 
 
 def open_store(setup: EvaluationSetup, on_wait: Callable[[], None] | None = None) -> ResultsStore:
     """The run's store (locked; settings checked), cleared of what a killed earlier run left half-written."""
     config = setup.config
+    settings = config.settings(setup.dataset, setup.weights_sha256)
     try:
-        store = ResultsStore(config.out, config.settings(setup.dataset), overwrite=config.overwrite, on_wait=on_wait)
+        store = ResultsStore(config.out, settings, overwrite=config.overwrite, on_wait=on_wait)
+    except OutputFolderError as exc:
+        raise EvaluationError(str(exc)) from exc
     except OSError as exc:
         raise EvaluationError(f"--out {config.out}: cannot write there ({exc.strerror or exc})") from exc
     removed = store.remove_stale_temporaries(OUTPUT_FILES, OUTPUT_FOLDERS)

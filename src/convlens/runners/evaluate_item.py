@@ -30,7 +30,7 @@ from convlens.metrics.context import MetricContext
 from convlens.metrics.registry import create_metrics
 from convlens.models.images import ImageLoadError
 from convlens.models.zoo import LoadedModel
-from convlens.runners.evaluate_setup import EvaluationConfig, EvaluationError, load_model_for, prepare_model
+from convlens.runners.evaluate_setup import EvaluationConfig, EvaluationError
 
 __all__ = ["ItemEvaluator", "ItemResult", "SampleImages", "WorkItem"]
 
@@ -109,13 +109,6 @@ class ItemEvaluator:
             )
         except (TypeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from exc
-
-    @classmethod
-    def from_settings(cls, config: EvaluationConfig, dataset: ImageDataset) -> ItemEvaluator:
-        """An evaluator that loads the model named by the settings itself (in a worker: once, without
-        shipping the weights); ``dataset`` as returned by the driver's build (labels aligned)."""
-        loaded = prepare_model(load_model_for(config, dataset), dataset, torch.device(config.device))
-        return cls(config, dataset, loaded)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "dataset": self.dataset, "loaded": self.loaded}

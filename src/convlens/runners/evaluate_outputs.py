@@ -32,7 +32,7 @@ from convlens.metrics.registry import metric_class
 from convlens.models.zoo import LoadedModel
 from convlens.runners.evaluate_item import SampleImages
 from convlens.runners.evaluate_setup import EvaluationConfig
-from convlens.runners.store import ResultsStore, atomic_save_image
+from convlens.runners.store import OUTPUT_FILES, OUTPUT_FOLDERS, ResultsStore, atomic_save_image
 
 __all__ = [
     "OUTPUT_FILES",
@@ -45,9 +45,6 @@ __all__ = [
     "write_outputs",
     "write_samples",
 ]
-
-OUTPUT_FILES = ("per_image.csv", "summary.csv", "summary.md", "summary.json", "bad_images.csv", "report.html")
-OUTPUT_FOLDERS = ("samples", "report_files")
 
 
 @dataclass

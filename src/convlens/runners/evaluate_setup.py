@@ -19,6 +19,8 @@ from convlens.data.base import ImageDataset
 from convlens.methods.registry import METHODS, get_method
 from convlens.metrics.registry import get_metric_spec, metric_class
 from convlens.models.zoo import LoadedModel
+from convlens.runners.explain_image import file_digest
+from convlens.runners.store import OutputFolderError, check_run_folder
 
 __all__ = [
     "PRESETS",
@@ -33,6 +35,7 @@ __all__ = [
     "load_evaluation_model",
     "load_model_for",
     "prepare_model",
+    "weights_digest",
 ]
 
 logger = logging.getLogger("convlens.evaluate")
@@ -83,10 +86,12 @@ class EvaluationConfig:
     overwrite: bool = False
     preset: str | None = None
 
-    def settings(self, dataset: ImageDataset) -> dict[str, Any]:
-        """What determines the results (compared when resuming)."""
+    def settings(self, dataset: ImageDataset, weights_sha256: str | None = None) -> dict[str, Any]:
+        """What determines the results (compared when resuming); ``weights_sha256``: the digest of the
+        ``--weights`` file (:func:`weights_digest`), so that new weights at the same path are new settings."""
         return {
-            "model": self.model, "weights": self.weights, "methods": list(self.methods),
+            "model": self.model, "weights": self.weights, "weights_sha256": weights_sha256,
+            "methods": list(self.methods),
             "method_params": self.method_params, "metrics": list(self.metrics),
             "metric_params": self.metric_params, "metric_score": self.metric_score, "targets": self.targets,
             "data": dataset.describe(), "limit": self.limit, "batch_size": self.batch_size,
@@ -134,26 +139,30 @@ def _check_names(config: EvaluationConfig) -> None:
 
 
 def check_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` when this machine has that GPU; anything else is a clear error."""
+    """``cpu``, ``cuda`` or ``cuda:N`` when this machine has that GPU; anything else is a clear error
+    (``convlens evaluate`` and ``convlens explain`` alike)."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise EvaluationError(f"--device {name!r} is not a device: use cpu or cuda") from exc
+        raise EvaluationError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from exc
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise EvaluationError(f"--device {name!r}: convlens evaluate runs on cpu or cuda")
+        raise EvaluationError(f"--device {name!r}: convlens runs on cpu or cuda")
     if not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
+        raise EvaluationError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise EvaluationError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise EvaluationError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def check_out(out: Path) -> None:
-    """The output folder is a folder (or can become one) that this user may write into."""
-    if out.exists() and not out.is_dir():
-        raise EvaluationError(f"--out {out} is a file, not a folder: choose a folder for the results")
+    """The output folder is a folder (or can become one) that this user may write into, and holds no file
+    with the run's output names that convlens evaluate did not write (:func:`check_run_folder`)."""
+    try:
+        check_run_folder(out)
+    except OutputFolderError as exc:
+        raise EvaluationError(str(exc)) from exc
     existing = out
     while not existing.exists():
         parent = existing.parent
@@ -179,6 +188,17 @@ def check_dataset(config: EvaluationConfig, dataset: ImageDataset) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model
+def weights_digest(weights: str | os.PathLike[str] | None) -> str | None:
+    """SHA-256 of the ``--weights`` file (None without one; a missing file is the model loader's error)."""
+    if weights is None or not Path(weights).is_file():
+        return None
+    path = Path(weights)
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        raise EvaluationError(f"--weights {path}: cannot read it ({exc.strerror or exc})") from exc
+
+
 def load_evaluation_model(
     name: str, weights: str | None = None, class_names: Sequence[str] | None = None
 ) -> LoadedModel:

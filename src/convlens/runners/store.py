@@ -2,9 +2,16 @@
 
 Layout under the run directory::
 
-    run.json                      settings fingerprint (a resume with other settings is refused)
+    run.json                      ``"format": "convlens-evaluate-run"`` and the settings fingerprint (a
+                                  resume with other settings is refused)
     records/<method>/<key>.json   one image's results for one method (all its targets)
     records/_bad/<key>.json       an image that could not be used, with the reason
+
+Nothing convlens did not write is replaced or deleted: a folder is the run's only when its ``run.json``
+is convlens's (:func:`check_run_folder`); a folder without one that holds any of the run's output names
+(``records/``, ``report.html``, ``summary.md``, ...) is refused before anything is written. ``--overwrite``
+of a folder proven ours removes only files with the names the run writes (records, sample overlays,
+report plots).
 
 Each record is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over
 its final name (``os.replace``, atomic on POSIX and Windows): a run killed at any moment leaves only
@@ -33,19 +40,81 @@ from convlens.core.files import OutputLock, atomic_write_bytes, atomic_write_tex
 
 __all__ = [
     "BAD",
+    "OUTPUT_FILES",
+    "OUTPUT_FOLDERS",
+    "RUN_FORMAT",
+    "OutputFolderError",
     "ResultsStore",
     "SettingsMismatchError",
     "atomic_save_image",
+    "check_run_folder",
     "record_key",
 ]
 
 BAD = "_bad"
+RUN_FILE = "run.json"
+RUN_FORMAT = "convlens-evaluate-run"
+# what an evaluation writes next to run.json and records/ (convlens.runners.evaluate_outputs)
+OUTPUT_FILES = ("per_image.csv", "summary.csv", "summary.md", "summary.json", "bad_images.csv", "report.html")
+OUTPUT_FOLDERS = ("samples", "report_files")
+_LEGACY_SETTINGS = {"model", "methods", "metrics", "data"}  # run.json of convlens 0.1.0: the bare settings
+# the names the run writes inside its folders (what --overwrite may remove)
+_OWN_NAMES = {
+    "records": re.compile(r"^\d{7}-[0-9a-f]{10}\.json$"),
+    "samples": re.compile(r"^\d{7}-[0-9a-f]{10}(_t\d+|_mask\d+)?\.png$"),
+    "report_files": re.compile(r"^(metrics|curves)\.png$"),
+}
 # what a killed run of earlier versions left: ``.<final name>.<8 random characters>.tmp``
 _LEGACY_TMP = re.compile(r"^\.(?P<name>.+?)(\.[a-z0-9_]{8})?\.tmp$")
 
 
 class SettingsMismatchError(ValueError):
     """The output folder holds a run made with different settings."""
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds files convlens evaluate did not write (nothing was written)."""
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _read_run_file(path: Path) -> dict[str, Any] | None:
+    """The settings in a run.json convlens wrote (this format, or 0.1.0's bare settings); else None."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("format") == RUN_FORMAT:
+        return {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    return data if "format" not in data and set(data) >= _LEGACY_SETTINGS else None
+
+
+def check_run_folder(root: Path, outputs: Iterable[str] = (*OUTPUT_FILES, *OUTPUT_FOLDERS)) -> dict[str, Any] | None:
+    """The settings of the run in ``root`` (None: no run there yet). Raises :class:`OutputFolderError` when
+    ``root`` is not a folder, its ``run.json`` is not convlens's, or it has none and holds any of the run's
+    output names (``records`` or ``outputs``): those files are someone else's."""
+    if _exists(root) and not root.is_dir():
+        raise OutputFolderError(f"--out {root} is a file, not a folder: choose a folder for the results")
+    if _exists(root / RUN_FILE):
+        previous = _read_run_file(root / RUN_FILE)
+        if previous is None:
+            raise OutputFolderError(
+                f"--out {root}: its {RUN_FILE} was not written by convlens evaluate; choose another folder"
+            )
+        return previous
+    taken = [name for name in ("records", *outputs) if _exists(root / name)]
+    if taken:
+        raise OutputFolderError(
+            f"--out {root}: {', '.join(taken)} there not written by convlens evaluate (no {RUN_FILE}); "
+            "choose another folder"
+        )
+    return None
 
 
 def record_key(index: int, sample_id: str) -> str:
@@ -62,8 +131,8 @@ def atomic_save_image(path: Path, image: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _canonical(settings: dict[str, Any]) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 class ResultsStore:
@@ -73,18 +142,23 @@ class ResultsStore:
         root: the run directory (created if needed).
         settings: JSON-able description of everything that determines the results; stored on the first
             run, compared on every later one.
-        overwrite: discard the records of a previous run with other settings instead of refusing.
+        overwrite: discard the records, sample overlays and report plots of a previous run with other
+            settings instead of refusing.
         on_wait: called once when another run holds the folder and this one has to wait for it.
+        outputs: the names the run writes next to ``run.json`` and ``records/``: in a folder without a
+            convlens ``run.json``, any of them is someone else's file and the store refuses the folder.
     """
 
     def __init__(
         self, root: str | os.PathLike[str], settings: dict[str, Any], overwrite: bool = False,
-        on_wait: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] | None = None, outputs: Iterable[str] = (*OUTPUT_FILES, *OUTPUT_FOLDERS),
     ) -> None:
         self.root = Path(root)
         self.records_dir = self.root / "records"
         self.settings = settings
+        self.outputs = tuple(outputs)
         self._lock: OutputLock | None = None
+        check_run_folder(self.root, self.outputs)  # before anything is created
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(self.root, on_wait=on_wait).__enter__()
         try:
@@ -94,20 +168,20 @@ class ResultsStore:
             raise
 
     def _check_settings(self, overwrite: bool) -> None:
-        settings_path = self.root / "run.json"
-        if settings_path.is_file():
-            previous = json.loads(settings_path.read_text())
-            if _canonical(previous) != _canonical(self.settings):
-                if not overwrite:
-                    changed = sorted(
-                        k for k in set(previous) | set(self.settings) if previous.get(k) != self.settings.get(k)
-                    )
-                    raise SettingsMismatchError(
-                        f"{self.root} holds a run with different settings ({', '.join(changed)}): "
-                        "use another --out folder, or --overwrite to discard it"
-                    )
-                self._clear_records()
-        atomic_write_text(settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str) + "\n")
+        previous = check_run_folder(self.root, self.outputs)  # again, now that no other run can change it
+        changed = sorted(  # a setting an earlier version did not record counts as None
+            k for k in set(previous or {}) | set(self.settings)
+            if _canonical(previous.get(k)) != _canonical(self.settings.get(k))
+        ) if previous is not None else []
+        if changed:
+            if not overwrite:
+                raise SettingsMismatchError(
+                    f"{self.root} holds a run with different settings ({', '.join(changed)}): "
+                    "use another --out folder, or --overwrite to discard it"
+                )
+            self._clear_outputs()
+        marked = {"format": RUN_FORMAT, "format_version": 1} | self.settings
+        atomic_write_text(self.root / RUN_FILE, json.dumps(marked, indent=2, sort_keys=True, default=str) + "\n")
 
     def close(self) -> None:
         """Release the folder's lock (also released by the operating system when the process ends)."""
@@ -125,10 +199,20 @@ class ResultsStore:
         if getattr(self, "_lock", None) is not None:
             self.close()
 
-    def _clear_records(self) -> None:
-        if self.records_dir.is_dir():
-            for path in sorted(self.records_dir.rglob("*.json"), reverse=True):
-                path.unlink()
+    def _clear_outputs(self) -> None:
+        """Remove the previous run's records, sample overlays and report plots (call only in a folder whose
+        run.json is ours): files with the names the run writes, in its own folders; then their emptied
+        sub-folders. Anything else stays."""
+        for folder_name, own in _OWN_NAMES.items():
+            folder = self.root / folder_name
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for sub in [folder, *(p for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink())]:
+                for path in sorted(sub.iterdir()):
+                    if own.match(path.name) and path.is_file() and not path.is_symlink():
+                        path.unlink()
+                if sub != folder and not any(sub.iterdir()):
+                    sub.rmdir()
 
     def remove_stale_temporaries(self, own_files: Iterable[str] = (), own_folders: Iterable[str] = ()) -> list[Path]:
         """Delete what a killed run left half-written: temporary files in ``records/`` and in the run's own
@@ -169,7 +253,8 @@ class ResultsStore:
         folder = self.records_dir / method
         if folder.is_dir():
             for path in sorted(folder.glob("*.json")):
-                yield json.loads(path.read_text())
+                if _OWN_NAMES["records"].match(path.name):  # a record's name: anything else is not ours
+                    yield json.loads(path.read_text())
 
     def bad(self) -> list[dict[str, Any]]:
         return list(self.records(BAD))
