@@ -412,7 +412,9 @@ def test_a_second_run_waits_for_the_first(tmp_path: Path) -> None:
 
 
 def test_two_identical_runs_at_once_both_succeed_and_agree(tmp_path: Path) -> None:
-    folder, out = tmp_path / "in", tmp_path / "o"
+    """Two identical runs into one folder take turns: every image is explained once (the second run resumes
+    from the first's folders), and the maps equal, bitwise, those of a run alone in a folder of its own."""
+    folder, out, alone = tmp_path / "in", tmp_path / "o", tmp_path / "alone"
     for i in range(4):
         _image(folder / f"img{i}.png", i)
     script = tmp_path / "run.py"
@@ -422,21 +424,36 @@ def test_two_identical_runs_at_once_both_succeed_and_agree(tmp_path: Path) -> No
         from test_explain_safety import tiny_model, TINY
         from convlens.models import register_model
         register_model(TINY, tiny_model)
+        import convlens.runners.explain as runner
+        explain_image = runner.explain_image
+
+        def logged(path, *args):  # one line per image actually explained, by either run
+            with open(sys.argv[4], "a") as log:
+                log.write(path.name + "\\n")
+            return explain_image(path, *args)
+
+        runner.explain_image = logged
         from convlens.cli.main import app
         app(["explain", sys.argv[2], "--model", TINY, "--out", sys.argv[3], "--method", "gradcam,rise",
              "--param", "rise.n_masks=50"])
     """))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(script), str(Path(__file__).parent), str(folder), str(out)]
+    log, log_alone = tmp_path / "computed.txt", tmp_path / "computed_alone.txt"
+    command = [sys.executable, str(script), str(Path(__file__).parent), str(folder), str(out), str(log)]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for _ in range(2)]
     outputs = [run.communicate(timeout=300)[0].decode() for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sorted(log.read_text().split()) == [f"img{i}.png" for i in range(4)]  # each image once
+    command_alone = [*command[:4], str(alone), str(log_alone)]
+    assert subprocess.run(command_alone, capture_output=True, env=env, timeout=300).returncode == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["images"] == [f"img{i}" for i in range(4)]
     for name in summary["images"]:
         record = json.loads((out / name / "result.json").read_text())
         assert [r["method"] for r in record["results"]] == ["gradcam", "rise"]
-        assert np.load(out / name / "rise.npy").shape == (16, 16)
+        for method in ("gradcam", "rise"):
+            together, by_itself = np.load(out / name / f"{method}.npy"), np.load(alone / name / f"{method}.npy")
+            assert together.shape == (16, 16) and together.tobytes() == by_itself.tobytes()
     assert _leftovers(out) == []
 
 

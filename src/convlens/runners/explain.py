@@ -35,6 +35,7 @@ from convlens.core.targets import class_id_from_name
 from convlens.models import LoadedModel, load
 from convlens.models.images import IMAGE_SUFFIXES, ImageLoadError, load_image
 from convlens.reports.html import render_explain_report
+from convlens.runners.evaluate_setup import EvaluationError, check_device, weights_digest
 from convlens.runners.explain_image import ImageSettings, explain_image, file_digest
 from convlens.runners.explain_methods import build_explainers, get_explainer_spec, parse_method_params
 from convlens.runners.explain_store import (
@@ -150,6 +151,7 @@ def prepare_explain(config: ExplainConfig) -> ExplainPlan:
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise ExplainError(f"--batch-size must be an integer >= 1, got {config.batch_size!r}")
     device = _device(config.device)
+    weights_sha256 = _weights_digest(config.weights)
     try:
         per_method = parse_method_params(config.params, methods, config.method_overrides)
     except ParamError as exc:
@@ -166,7 +168,7 @@ def prepare_explain(config: ExplainConfig) -> ExplainPlan:
     except ValueError as exc:
         raise ExplainError(str(exc)) from exc
     recorded = {name: explainer.params() for name, explainer in explainers.items()}
-    settings = [config.model, config.weights, methods, target, config.layers, per_method, recorded]
+    settings = [config.model, config.weights, weights_sha256, methods, target, config.layers, per_method, recorded]
     key = json.dumps(settings, sort_keys=True, default=str)
     return ExplainPlan(config, loaded, explainers, target, inputs, hashlib.sha256(key.encode()).hexdigest()[:16])
 
@@ -189,18 +191,17 @@ def _method_names(requested: Sequence[str]) -> list[str]:
 
 def _device(text: str) -> torch.device:
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ExplainError(f"--device {text!r}: not a device; use cpu or cuda (cuda:N for the N-th GPU)") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ExplainError(f"--device {text!r}: convlens runs on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise ExplainError(f"--device {text}: no CUDA device is available on this machine")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ExplainError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return check_device(text)
+    except EvaluationError as exc:
+        raise ExplainError(str(exc)) from None
+
+
+def _weights_digest(weights: str | None) -> str | None:
+    """SHA-256 of the ``--weights`` file, part of the fingerprint: new weights at the same path are recomputed."""
+    try:
+        return weights_digest(weights)
+    except EvaluationError as exc:
+        raise ExplainError(str(exc)) from None
 
 
 def _load_model(config: ExplainConfig, device: torch.device) -> LoadedModel:
@@ -324,6 +325,7 @@ def _place_inputs(
         except OSError as exc:
             message = f"{path}: cannot read ({exc.strerror or exc})"
             _skip(skipped, index, {"path": str(path), "error": message}, progress)
+            progress.image_done()
             continue
         name, done = store.locate(path, digest)
         if name is None:
