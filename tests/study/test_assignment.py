@@ -1,5 +1,6 @@
-"""Assignment: random order per player, never a round twice, the plays-per-round cap (also under
-concurrency, on SQLite and PostgreSQL), gold rounds mixed in, pluggable policies."""
+"""Assignment: random order per player, never a round twice, never a second round of an image the player
+already played (the default), the plays-per-round cap (also under concurrency, on SQLite and PostgreSQL),
+gold rounds mixed in, pluggable policies, no give-up while eligible rounds remain."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
 from convlens.study.assignment import (
     POLICIES,
@@ -21,8 +23,9 @@ from convlens.study.assignment import (
     register_policy,
 )
 from convlens.study.config import load_rounds
-from convlens.study.db import Play, Round
-from study.conftest import ApiPlayer, make_app
+from convlens.study.db import Participant, Play, Round
+from convlens.study.game import StudyRuntime
+from study.conftest import ApiPlayer, make_app, true_class
 
 
 def _set(study_dir: Path, **fields: Any) -> None:
@@ -45,8 +48,36 @@ def _rounds_of(app: Any, plays: list[str]) -> list[str]:
     return [by_play[p] for p in plays]
 
 
-def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) -> None:
+def _images_of(app: Any, plays: list[str]) -> list[str]:
+    return [app.state.runtime.rounds[r].image_id for r in _rounds_of(app, plays)]
+
+
+def test_one_round_per_image_by_default(study_dir: Path) -> None:
+    """A finished play shows the true class and the full image: after any play of image X (won, lost or
+    resigned) the player is never assigned another round of X — one round of each image, then done."""
     _set(study_dir, plays_per_round=10)
+    app = make_app(study_dir)
+    assert app.state.runtime.config.one_round_per_image  # the default of study.json
+    images = {r.image_id for r in load_rounds(study_dir)}
+    assert len(images) < len(load_rounds(study_dir))  # several rounds per image: the rule matters here
+    for index in range(4):
+        player = ApiPlayer(app)
+        seen: list[str] = []
+        while not (view := player.next()).get("done"):
+            (image,) = _images_of(app, [view["play"]])
+            assert image not in seen, f"player {index} got a second round of image {image}"
+            seen.append(image)
+            if len(seen) % 2:
+                player.act(view["play"], "resign")
+            else:
+                player.act(view["play"], "guess", class_name=true_class(app, view["play"]))
+        assert sorted(seen) == sorted(images)  # one round of every image (the caps leave room)
+    app.state.engine.dispose()
+
+
+def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) -> None:
+    """With ``one_round_per_image: false`` (a team's explicit choice) every player meets every round."""
+    _set(study_dir, plays_per_round=10, one_round_per_image=False)
     app = make_app(study_dir)
     orders = [_rounds_of(app, _play_all(ApiPlayer(app))) for _ in range(3)]
     everything = sorted(r.round_id for r in load_rounds(study_dir))
@@ -57,7 +88,7 @@ def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) ->
 
 
 def test_plays_per_round_cap_and_gold_for_everyone(study_dir: Path) -> None:
-    _set(study_dir, plays_per_round=1)
+    _set(study_dir, plays_per_round=1, one_round_per_image=False)
     app = make_app(study_dir)
     rounds = load_rounds(study_dir)
     gold = {r.round_id for r in rounds if r.gold}
@@ -69,7 +100,7 @@ def test_plays_per_round_cap_and_gold_for_everyone(study_dir: Path) -> None:
 
 
 def test_concurrent_players_never_exceed_the_cap(study_dir: Path, database: str) -> None:
-    _set(study_dir, plays_per_round=2, rounds_per_player=100)
+    _set(study_dir, plays_per_round=2, rounds_per_player=100, one_round_per_image=False)
     app = make_app(study_dir, database)
     players = [ApiPlayer(app) for _ in range(6)]
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -109,3 +140,32 @@ def test_a_registered_policy_is_used_by_the_server(study_dir: Path) -> None:
         app.state.engine.dispose()
     finally:
         POLICIES.pop("first-id")
+
+
+class _FirstNormal(AssignmentPolicy):
+    name = "first-normal"
+
+    def choose(self, candidates: Any, rng: random.Random, participant: str) -> Candidate:
+        return min((c for c in candidates if not c.gold), key=lambda c: c.round_id)
+
+
+def test_failed_claims_never_end_the_game_while_rounds_remain(study_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other players may take a round's last slot between the candidate list and the claim: the server asks
+    the policy again while candidates remain (here 12 claims fail in a row), not a fixed number of times."""
+    _set(study_dir, plays_per_round=1)
+    app = make_app(study_dir)
+    runtime = app.state.runtime
+    normal = sorted(r for r, spec in runtime.rounds.items() if not spec.gold)
+    assert len(normal) > 12
+    with runtime.write() as session:  # taken by others: at the cap, but still in the stale candidate list
+        session.execute(update(Round).where(Round.id.in_(normal[:12])).values(assigned=1))
+
+    def stale(self: StudyRuntime, session: Any, participant: Participant) -> list[Candidate]:
+        return [Candidate(r.id, r.gold, 0, r.cluster_id, r.image_id, r.layer) for r in session.scalars(select(Round))]
+
+    monkeypatch.setattr(StudyRuntime, "_candidates", stale)
+    monkeypatch.setattr(runtime, "policy", _FirstNormal())
+    view = ApiPlayer(app).next()
+    assert not view.get("done") and _rounds_of(app, [view["play"]]) == [normal[12]]
+    app.state.engine.dispose()

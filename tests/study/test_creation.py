@@ -12,7 +12,7 @@ from PIL import Image
 from convlens.concepts import load_inv_explanation
 from convlens.study.config import load_rounds, load_study
 from convlens.study.creation import CreateOptions, StudyCreationError, create_study
-from study.conftest import CLASSES
+from study.conftest import CLASSES, IMAGES
 from study.test_reveal import literal_reveal
 
 
@@ -33,7 +33,9 @@ def test_rounds_cover_every_kept_cluster_with_spec_images(inv_run: Path, study_t
         name, explanation, depth, layer, cluster = clusters[r.cluster_id]
         assert (r.image_id, r.image_name, r.layer, r.layer_depth, r.n_layers, r.cluster_index) == (
             explanation.image_id, name, layer.name, depth, len(explanation.layers), cluster.index)
-        assert r.true_class == explanation.target_name == CLASSES[list(explanations).index(name)] or r.true_class
+        # write_inv_run explains IMAGES[i % 5] (rotated i // 5 quarter turns) for class CLASSES[i % 5]
+        expected = CLASSES[IMAGES.index(name.rstrip("0123456789"))]
+        assert r.true_class == explanation.target_name == expected
         assert r.fmap_count == len(cluster.channels) and r.cluster_weight == pytest.approx(cluster.weight)
         pixels = np.asarray(Image.open(inv_run / name / "inv" / "input.png").convert("RGB"))
         for level, q in enumerate(config.reveal_percentages):
@@ -45,6 +47,22 @@ def test_rounds_cover_every_kept_cluster_with_spec_images(inv_run: Path, study_t
     assert len(gold) == 1 and gold[0].cluster_id is None and gold[0].layer is None
     assert config.gold_percentages == [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
     assert config.classes == CLASSES and config.inv_runs[0].format_version >= 1
+
+
+def test_gold_rounds_are_rendered_at_the_gold_percentages(inv_run: Path, study_template: Path) -> None:
+    """A gold round shows its image through the heaviest cluster of the deepest layer at 50..100 %."""
+    config = load_study(study_template)
+    (gold,) = [r for r in load_rounds(study_template) if r.gold]
+    explanation = load_inv_explanation(inv_run / gold.image_name / "inv")
+    deepest = [layer for layer in explanation.layers if layer.clusters][-1]
+    pixels = np.asarray(Image.open(inv_run / gold.image_name / "inv" / "input.png").convert("RGB"))
+    assert gold.true_class == explanation.target_name and gold.image_id == explanation.image_id
+    assert config.gold_percentages != config.reveal_percentages
+    for level, q in enumerate(config.gold_percentages):
+        shown = np.asarray(Image.open(study_template / "images" / gold.round_id / f"level{level}.png"))
+        np.testing.assert_array_equal(shown, literal_reveal(pixels, deepest.clusters[0].feature_map, q)[0])
+    last = np.asarray(Image.open(study_template / "images" / gold.round_id / "level5.png")).astype(int)
+    assert np.abs(last - pixels).max() <= 1  # 100 %: the whole image (floor of x times a blurred mask of ~1)
 
 
 def test_creation_is_deterministic(inv_run: Path, tmp_path: Path, study_template: Path) -> None:

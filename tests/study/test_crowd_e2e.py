@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,18 @@ def test_study_crowd_export_labels_global(inv_run: Path, tmp_path: Path) -> None
     study, export, labels, report = (tmp_path / name for name in ("study", "export", "labels", "global"))
     _cli("study", "create", study, "--from", inv_run, "--classes", tmp_path / "classes.txt", "--plays-per-round", 8,
          "--rounds-per-player", 30, "--gold", 1)
-    output = _cli("study", "simulate", study, "--participants", 20, "--seed", 0)
-    assert "20 participants" in output
+    _cli("study", "simulate", study, "--seed", 0)  # as many participants as it takes: one round per image each
     run = json.loads((study / "simulation" / "crowd_run.json").read_text())
     assert run["summary"]["unknown_images"] == 0
     _cli("study", "export", study, "--out", export)
     with (export / "plays.csv").open(newline="") as handle:
-        exported = [(row["round_id"], row["outcome"], row["description"]) for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    exported = [(row["round_id"], row["outcome"], row["description"]) for row in rows]
     assert exported == [(p["round_id"], p["outcome"], p["description"] or "") for p in run["plays"]]
+    per_round = Counter(row["round_id"] for row in rows if row["gold"] == "false")
+    assert set(per_round.values()) == {8}  # every cluster round reached its plays per round
+    per_image = Counter((row["participant_id"], row["image_id"]) for row in rows)
+    assert max(per_image.values()) == 1  # and no participant saw an image twice
     _cli("labels", export, "--out", labels, "--embedder", "all-MiniLM-L6-v2", "--bootstrap", 100)
     _cli("global", labels, "--out", report, "--bootstrap", 100)
     assert (report / "index.html").is_file()

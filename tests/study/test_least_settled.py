@@ -176,7 +176,8 @@ def _round_of(app: Any, play: str) -> tuple[str, bool]:
 
 
 def _play_everything(app: Any, words: dict[str, str], default: str) -> None:
-    """One participant plays every round once: a correct guess at level 0 described by ``words[round]``."""
+    """One participant plays every round once (the study sets ``one_round_per_image: false``): a correct
+    guess at level 0 described by ``words[round]``."""
     player = ApiPlayer(app)
     while not (view := player.next()).get("done"):
         round_id, _ = _round_of(app, view["play"])
@@ -189,7 +190,7 @@ def _play_everything(app: Any, words: dict[str, str], default: str) -> None:
 def test_the_server_gives_the_next_play_to_the_least_settled_round(study_dir: Path) -> None:
     """Two participants describe every round alike ("fur"), except round A (both "wheels": settled) and
     round B ("stripes" then "spots": contested); the third participant's first cluster round is B."""
-    _set(study_dir, assignment_policy="least-settled", plays_per_round=10)
+    _set(study_dir, assignment_policy="least-settled", plays_per_round=10, one_round_per_image=False)
     assert POLICIES["least-settled"] is LeastSettledPolicy
     app = make_app(study_dir)
     normal = sorted(r for r, spec in app.state.runtime.rounds.items() if not spec.gold)

@@ -21,7 +21,7 @@ from convlens.concepts.labels import lemmatize_en
 from convlens.concepts.text import load_stop_words
 from convlens.study.creation import CreateOptions, create_study
 from convlens.study.crowd import CONCEPTS, CrowdModel, CrowdPlan, PlayerModel, paraphrase, plan_crowd, typo
-from convlens.study.db import Participant, Play
+from convlens.study.db import Participant, Play, Round
 from convlens.study.settle import one_edit_apart
 from convlens.study.simulate import RoundOracle, simulate
 from study.conftest import CLASSES, make_app
@@ -183,16 +183,36 @@ def test_what_the_simulator_did_is_what_the_server_stored(small_study: Path, tmp
     app.state.engine.dispose()
 
 
+def test_enough_participants_join_to_fill_every_round(small_study: Path, tmp_path: Path) -> None:
+    """``participants=None``: participants keep joining until every non-gold round started its plays per round,
+    although the server gives each of them at most one round per image."""
+    study = _fresh(small_study, tmp_path, "fill")
+    plan = plan_crowd(RoundOracle(study).rounds.values(), CLASSES, seed=3)
+    app = make_app(study)
+    run = simulate(study, plan, participants=None, app=app, concurrent=3)
+    runtime = app.state.runtime
+    with runtime.reader.begin() as session:
+        assigned = dict(session.execute(select(Round.id, Round.assigned).where(~Round.gold)).all())
+        played = session.execute(select(Play.participant_id, Round.image_id).join(Round, Play.round_id == Round.id))
+        pairs = [tuple(row) for row in played]
+    assert set(assigned.values()) == {runtime.config.plays_per_round}  # every round reached its target
+    assert len(pairs) == len(set(pairs))  # nobody got two rounds of one image
+    images = len({spec.image_id for spec in runtime.rounds.values()})
+    assert run.participants >= len(assigned) * runtime.config.plays_per_round / images
+    assert sum(p.round_id in assigned for p in run.plays) == sum(assigned.values())
+    app.state.engine.dispose()
+
+
 def test_same_seed_same_plays_in_process_and_on_uvicorn(small_study: Path, tmp_path: Path) -> None:
     plans = {seed: plan_crowd(RoundOracle(small_study).rounds.values(), CLASSES, seed=seed) for seed in (11, 12)}
     logs = []
     for name, seed in (("a", 11), ("b", 11), ("c", 12)):
         study = _fresh(small_study, tmp_path, name)
         app = make_app(study)
-        logs.append(_logged(simulate(study, plans[seed], participants=6, app=app, budget=25)))
+        logs.append(_logged(simulate(study, plans[seed], participants=10, app=app, budget=25)))
         app.state.engine.dispose()
     served_study = _fresh(small_study, tmp_path, "d")
-    logs.append(_logged(simulate(served_study, plans[11], participants=6, budget=25)))  # uvicorn, own process
+    logs.append(_logged(simulate(served_study, plans[11], participants=10, budget=25)))  # uvicorn, own process
     assert len(logs[0]) == 25 and logs[0] == logs[1] == logs[3]
     assert logs[2] != logs[0]
 

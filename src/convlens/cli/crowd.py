@@ -20,8 +20,9 @@ console = Console(stderr=True)
 
 def simulate_command(
     study_dir: Annotated[Path, typer.Argument(help="The study folder (`convlens study create`).", show_default=False)],
-    participants: Annotated[int, typer.Option(help="Simulated participants (each plays until the server says "
-                                                   "done).")] = 50,
+    participants: Annotated[int | None, typer.Option(help="Simulated participants (each plays until the server "
+                                                          "says done); default: as many as it takes for every "
+                                                          "round to get its plays per round.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the plan and of every player's choices.")] = 0,
     url: Annotated[str | None, typer.Option(help="Play a running server (e.g. http://127.0.0.1:8000, rate limits "
                                                  "high enough); default: start one for the run.")] = None,
@@ -42,7 +43,7 @@ def simulate_command(
     from convlens.study.crowd import CrowdModel, plan_crowd
     from convlens.study.simulate import SimulationError, run_crowd, served, url_clients
 
-    if participants < 1 or concurrent < 1 or (budget is not None and budget < 1):
+    if (participants is not None and participants < 1) or concurrent < 1 or (budget is not None and budget < 1):
         fail(console, "--participants, --concurrent and --budget must be >= 1")
     if not 0 <= trend_strength <= 1:
         fail(console, f"--trend-strength must be in 0..1, got {trend_strength}")

@@ -1,13 +1,15 @@
 """Which round a participant plays next: a pluggable policy behind a small interface.
 
-The server computes the *eligible* rounds — not yet played by this participant, and (for non-gold rounds)
-assigned fewer than ``plays_per_round`` times — and asks the policy to pick one with a random generator
+The server computes the *eligible* rounds — not yet played by this participant, with ``one_round_per_image``
+(the default) not of an image the participant already played (the end of a play shows the answer), and (for
+non-gold rounds) assigned fewer than ``plays_per_round`` times — and asks the policy to pick one with a random generator
 seeded by (study seed, participant number, play number), so every assignment can be replayed for an audit
 (the participant number is the participant's database row id, in order of registration: a replay of the
 same players in the same order — e.g. the simulated crowd of :mod:`convlens.study.simulate` — gets the
 same assignments, which a random public id would prevent). The
 pick is then claimed atomically (``UPDATE rounds SET assigned = assigned + 1 WHERE assigned < cap``), so
-concurrent players never push a round past its cap; if the claim fails the policy is asked again.
+concurrent players never push a round past its cap; if the claim fails the policy is asked again, without the
+round that failed, for as long as candidates remain.
 
 Gold rounds are eligible for every participant (no cap: each participant's attention is measured) and
 compete with the normal rounds on equal terms under the uniform policy, so they are mixed into each
@@ -43,6 +45,7 @@ __all__ = [
     "get_policy",
     "participant_rng",
     "register_policy",
+    "seeded",
 ]
 
 
@@ -155,7 +158,13 @@ def get_policy(name: str) -> AssignmentPolicy:
     return POLICIES[name]()
 
 
+def seeded(*parts: object) -> random.Random:
+    """A generator seeded by SHA-256 of the parts joined by ``:`` (stable across runs and Python hash seeds);
+    the one seeding rule of the study server's assignments and of the simulated crowd."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
 def participant_rng(seed: int, participant: str | int, play_number: int, attempt: int = 0) -> random.Random:
     """Deterministic generator for one assignment (study seed, participant number, play number, retry)."""
-    digest = hashlib.sha256(f"{seed}:{participant}:{play_number}:{attempt}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return seeded(seed, participant, play_number, attempt)

@@ -3,9 +3,13 @@
 Files of a study directory:
 
 * ``study.json`` — :class:`StudyConfig`: what the team sets (title, study and consent versions, consent
-  text, classes, languages, plays per round, rounds per player, completion code/redirect, rate limits)
+  text, classes, languages, plays per round, rounds per player, completion code/redirect, rate limits: per IP, per
+  participant, and per IP on the consent form and the admin login)
   and what creation recorded (INV runs used, reveal levels, convlens version). The team may edit the
-  text fields after creation; the server reads the file at start.
+  text fields after creation; the server reads the file at start. ``one_round_per_image`` (default
+  true) gives each participant at most one round per image: once a play ends the player sees the true
+  class and the full image, so any later round of that image (another layer, cluster or its gold round)
+  would be a known answer. Set it to false only for a study that wants every player on every round.
 * ``rounds.json`` — one :class:`RoundSpec` per round (image x layer x cluster, plus gold rounds).
 * ``images/<round_id>/level<k>.png`` (k = 0..5) and ``full.png`` — rendered once at creation.
 * ``secrets.json`` (mode 0600) — the admin token and the key that signs CSRF cookies.
@@ -19,7 +23,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "FORMAT",
@@ -40,6 +44,7 @@ LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$"  # a BCP-47 tag (lang
 STUDY_JSON = "study.json"
 ROUNDS_JSON = "rounds.json"
 SECRETS_JSON = "secrets.json"
+ADMIN_TOKEN_MIN = 16
 
 DEFAULT_CONSENT = (
     "This is a research study about how people describe what image classifiers look at. You will see "
@@ -79,8 +84,11 @@ class StudyConfig(BaseModel):
     completion_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
     assignment_policy: str = "uniform"
     assignment_seed: int = 0
+    one_round_per_image: bool = True
     rate_limit_ip: str = "600/minute"
     rate_limit_participant: str = "120/minute"
+    rate_limit_consent: str = "30/minute"
+    rate_limit_admin_login: str = "10/minute"
     max_description_chars: int = Field(default=1000, ge=10, le=10_000)
     max_nickname_chars: int = Field(default=32, ge=1, le=100)
     reveal_percentages: list[float] = Field(min_length=2)
@@ -133,7 +141,7 @@ class RoundSpec(BaseModel):
 
 
 class StudySecrets(BaseModel):
-    admin_token: str = Field(min_length=16)
+    admin_token: str = Field(min_length=ADMIN_TOKEN_MIN)
     signing_key: str = Field(min_length=32)
 
 
@@ -195,7 +203,14 @@ def write_secrets(root: Path, value: StudySecrets) -> None:
 
 
 def load_secrets(root: str | os.PathLike[str]) -> StudySecrets:
-    """``secrets.json``; ``CONVLENS_STUDY_ADMIN_TOKEN`` in the environment overrides the admin token."""
+    """``secrets.json``; ``CONVLENS_STUDY_ADMIN_TOKEN`` in the environment overrides the admin token (validated
+    like the file's: at least 16 characters, else ``ValueError``)."""
     value = StudySecrets.model_validate_json(StudyFiles(root).secrets.read_text())
     override = os.environ.get("CONVLENS_STUDY_ADMIN_TOKEN")
-    return value.model_copy(update={"admin_token": override}) if override else value
+    if not override:
+        return value
+    try:
+        return StudySecrets.model_validate({**value.model_dump(), "admin_token": override})
+    except ValidationError:
+        raise ValueError(f"CONVLENS_STUDY_ADMIN_TOKEN is too short ({len(override)} characters): the admin token "
+                         f"needs at least {ADMIN_TOKEN_MIN} characters") from None

@@ -62,6 +62,7 @@ class CreateOptions:
     completion_code: str | None = None
     completion_url: str | None = None
     seed: int = 0
+    one_round_per_image: bool = True
 
 
 @dataclass
@@ -225,6 +226,7 @@ def _config(images: list[_Image], classes: list[str], options: CreateOptions, st
         languages=options.languages, plays_per_round=options.plays_per_round,
         rounds_per_player=options.rounds_per_player, completion_code=options.completion_code,
         completion_url=options.completion_url, assignment_seed=options.seed,
+        one_round_per_image=options.one_round_per_image,
         reveal_percentages=list(REVEAL_PERCENTAGES), gold_percentages=list(GOLD_PERCENTAGES),
         layer_choice=options.layers, inv_runs=list(runs.values()), convlens_version=convlens.__version__,
     )

@@ -37,11 +37,12 @@ pipeline's best label is one of its words (head, inflections, synonyms; compared
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from convlens.study.assignment import seeded
 
 __all__ = [
     "CONCEPTS",
@@ -128,12 +129,6 @@ TEMPLATES: tuple[str, ...] = (
 )
 CLASS_TEMPLATES: tuple[str, ...] = ("the {c}'s {w}", "{w} of the {c}", "{m} {w} like a {c}", "{c} {w}")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def seeded(*parts: object) -> random.Random:
-    """A generator seeded by SHA-256 of the parts (stable across runs and Python hash seeds)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Database of a Deep Reveal study: SQLAlchemy 2 models, engines with durable commits, Alembic upgrade.
 
 Tables: ``study_meta`` (which study owns the database), ``rounds`` (from rounds.json, with an ``assigned``
-counter for the plays-per-round cap), ``participants`` (pseudonymous; running totals for the leaderboard),
+counter for the plays-per-round cap), ``participants`` (pseudonymous; running totals for the leaderboard; a
+Prolific id at most once),
 ``plays`` (one participant playing one round; unique per participant and round) and ``events`` (append-only
 log of start / reveal / guess / describe / resign; unique per participant and client request id, so a
 retried request is never stored twice).
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -87,6 +89,8 @@ class Round(Base):
 
 class Participant(Base):
     __tablename__ = "participants"
+    # one registration per Prolific id (NULLs, i.e. players without one, stay allowed; migration 0002)
+    __table_args__ = (Index("uq_participant_prolific_pid", "prolific_pid", unique=True),)
     id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=True)
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -21,19 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from convlens.study.assignment import AssignmentPolicy, Candidate, PastPlay, participant_rng
 from convlens.study.config import RoundSpec, StudyConfig, StudyFiles
 from convlens.study.db import Event, Participant, Play, Round, utcnow
 
-__all__ = ["PLAYER_SCORING", "SCORING_RULE", "GameError", "StudyRuntime", "hash_token", "points_for"]
+__all__ = ["ALREADY_REGISTERED", "PLAYER_SCORING", "SCORING_RULE", "GameError", "StudyRuntime", "hash_token",
+           "points_for"]
 
 SCORING_RULE = ("correct guess at reveal level k (0..5): 100 - 10*k points; wrong guess: 0; resign: 0; "
                 "descriptions: 0 (not rewarded, so that they are not written for points)")
 PLAYER_SCORING = ("A correct guess earns 100 points at step 1 and 10 fewer for each extra step; a wrong guess or "
                   "giving up earns nothing.")
-ASSIGN_ATTEMPTS = 8
+ALREADY_REGISTERED = ("this Prolific id has already taken part in the study: each participant may play it once "
+                      "(if this is a mistake, contact the researchers through Prolific)")
 
 
 class GameError(Exception):
@@ -74,18 +77,32 @@ class StudyRuntime:
 
     # ------------------------------------------------------------------ participants
     def register(self, consent_version: str, nickname: str | None, params: dict[str, str | None]) -> tuple[str, str]:
-        """New pseudonymous participant; returns (public id, session token). The token is stored hashed."""
+        """New pseudonymous participant; returns (public id, session token). The token is stored hashed.
+
+        A Prolific participant id registers once: a second registration with the same ``PROLIFIC_PID``
+        (another browser, cleared cookies) is refused with 409 — the earlier session token is never handed
+        out again, since anyone who knows a PID could take that session over. The unique index on
+        ``participants.prolific_pid`` (migration 0002) backs the check against concurrent registrations."""
         if consent_version != self.config.consent_version:
             raise GameError(409, "the consent text changed; reload the page and read it again")
         token = secrets.token_urlsafe(32)
         public_id = secrets.token_hex(8)
-        with self.write() as session:
-            session.add(Participant(
-                public_id=public_id, token_hash=hash_token(token), nickname=nickname,
-                prolific_pid=params.get("prolific_pid"), study_id_param=params.get("study_id"),
-                session_id_param=params.get("session_id"), consent_version=consent_version, created_at=utcnow(),
-                score=0, plays=0, wins=0, gold_plays=0, gold_correct=0,
-            ))
+        prolific_pid = params.get("prolific_pid")
+        try:
+            with self.write() as session:
+                taken = select(Participant.id).where(Participant.prolific_pid == prolific_pid)
+                if prolific_pid and session.scalar(taken) is not None:
+                    raise GameError(409, ALREADY_REGISTERED)
+                session.add(Participant(
+                    public_id=public_id, token_hash=hash_token(token), nickname=nickname, prolific_pid=prolific_pid,
+                    study_id_param=params.get("study_id"), session_id_param=params.get("session_id"),
+                    consent_version=consent_version, created_at=utcnow(), score=0, plays=0, wins=0, gold_plays=0,
+                    gold_correct=0,
+                ))
+        except IntegrityError as exc:  # a concurrent registration with the same PID won the race
+            if prolific_pid:
+                raise GameError(409, ALREADY_REGISTERED) from exc
+            raise
         return public_id, token
 
     def participant(self, session: Session, token: str | None, lock: bool = False) -> Participant:
@@ -168,9 +185,17 @@ class StudyRuntime:
             return self.view(play, participant, resumed=False)
 
     def _candidates(self, session: Session, participant: Participant) -> list[Candidate]:
+        """Rounds the participant may play next: never one already played; with ``one_round_per_image``
+        (the default) never a round of an image already played in any state — the end of a play shows
+        the true class and the full image, so every other round of that image would be a known answer."""
         played = select(Play.round_id).where(Play.participant_id == participant.id)
         cap = self.config.plays_per_round
-        rows = session.scalars(select(Round).where(Round.id.not_in(played), Round.gold | (Round.assigned < cap)))
+        query = select(Round).where(Round.id.not_in(played), Round.gold | (Round.assigned < cap))
+        if self.config.one_round_per_image:
+            seen = (select(Round.image_id).join(Play, Play.round_id == Round.id)
+                    .where(Play.participant_id == participant.id))
+            query = query.where(Round.image_id.not_in(seen))
+        rows = session.scalars(query)
         history = self._history(session, cap) if self.policy.needs_history else {}
         return [Candidate(r.id, r.gold, r.assigned, r.cluster_id, r.image_id, r.layer, r.true_class,
                           tuple(history.get(r.id, ()))) for r in rows]
@@ -186,17 +211,19 @@ class StudyRuntime:
         return history
 
     def _assign(self, session: Session, participant: Participant, number: int) -> str | None:
+        """Ask the policy, claim its pick atomically; a failed claim (another player took the round's last
+        slot) removes that candidate and the policy is asked again, until a claim succeeds or none is left."""
         candidates = self._candidates(session, participant)
         cap = self.config.plays_per_round
-        for attempt in range(ASSIGN_ATTEMPTS):
-            if not candidates:
-                return None
+        attempt = 0
+        while candidates:
             rng = participant_rng(self.config.assignment_seed, participant.id, number, attempt)
             chosen = self.policy.choose(candidates, rng, participant.public_id)
             claim = update(Round).where(Round.id == chosen.round_id, Round.gold | (Round.assigned < cap))
             if session.execute(claim.values(assigned=Round.assigned + 1)).rowcount == 1:
                 return chosen.round_id
             candidates = [c for c in candidates if c.round_id != chosen.round_id]
+            attempt += 1
         return None
 
     def reveal(self, token: str | None, play_id: str, request_id: str, level: int) -> dict[str, Any]:

@@ -45,6 +45,7 @@ __all__ = ["CrowdRun", "RoundOracle", "SimulatedPlay", "asgi_clients", "run_crow
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 HIDDEN = re.compile(r'<input type="hidden" name="([A-Za-z_]+)" value="([^"]*)">')
 RETRIES = 5
+STALL = 20
 UNLIMITED = "1000000/minute"
 ClientFactory = Callable[[], Any]
 
@@ -75,6 +76,8 @@ class CrowdRun:
     requests: int = 0
     seconds: float = 0.0
     unknown_images: int = 0
+    started: dict[str, int] = field(default_factory=dict)  # round id -> plays started (the server's assigned)
+    last_progress: int = -1  # the last participant who started a play of a non-gold round
 
     def summary(self) -> dict[str, Any]:
         outcomes: dict[str, int] = {}
@@ -159,6 +162,10 @@ class SimulatedParticipant:
         image = await self._send("GET", view["image"])
         round_id = self.oracle.identify(image.content) if image.status_code == 200 else None
         self.run.unknown_images += round_id is None
+        if round_id is not None:
+            self.run.started[round_id] = self.run.started.get(round_id, 0) + 1
+            if not self.oracle.rounds[round_id].gold:
+                self.run.last_progress = max(self.run.last_progress, self.index)
         self.model.start(self.model.plan.rounds.get(round_id or ""), round_id or view["play"])
         self.play = SimulatedPlay(self.index, round_id, "active", 0)
         self.run.plays.append(self.play)
@@ -193,12 +200,35 @@ class SimulatedParticipant:
         return True
 
 
-async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPlan, participants: int,
+class _Enrolment:
+    """Whether another participant should join: a fixed number, or (``participants=None``) as many as it
+    takes for every non-gold round to start its ``plays_per_round`` plays — with one round per image per
+    participant (the server's default) each participant plays at most one round of each image, so filling
+    the rounds takes about ``rounds x plays_per_round / images`` participants. Stops early if
+    :data:`STALL` participants in a row started no round that still needed plays."""
+
+    def __init__(self, study_dir: str | Path, oracle: RoundOracle, participants: int | None) -> None:
+        from convlens.study.config import load_study
+
+        self.participants = participants
+        self.cap = load_study(study_dir).plays_per_round if participants is None else 0
+        self.normal = [r for r, spec in oracle.rounds.items() if not spec.gold]
+
+    def more(self, joined: int, run: CrowdRun) -> bool:
+        if self.participants is not None:
+            return joined < self.participants
+        if joined - run.last_progress > STALL:
+            return False
+        return any(run.started.get(r, 0) < self.cap for r in self.normal)
+
+
+async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPlan, participants: int | None,
                     concurrent: int = 4, budget: int | None = None) -> CrowdRun:
-    """Up to ``participants`` simulated participants play until the server says they are done, or until
-    ``budget`` plays have started (plays in progress are finished). ``clients()`` makes one
-    ``httpx.AsyncClient`` per participant."""
+    """Up to ``participants`` simulated participants (None: until every round started its plays per round, see
+    :class:`_Enrolment`) play until the server says they are done, or until ``budget`` plays have started
+    (plays in progress are finished). ``clients()`` makes one ``httpx.AsyncClient`` per participant."""
     oracle = RoundOracle(study_dir)
+    enrolment = _Enrolment(study_dir, oracle, participants)
     run = CrowdRun()
     order = seeded(plan.seed, "interleaving")
     active: list[SimulatedParticipant] = []
@@ -206,7 +236,8 @@ async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPl
     start = time.perf_counter()
     try:
         while True:
-            while len(active) < concurrent and joined < participants and (budget is None or len(run.plays) < budget):
+            under_budget = budget is None or len(run.plays) < budget
+            while len(active) < concurrent and under_budget and enrolment.more(joined, run):
                 player = SimulatedParticipant(joined, clients(), PlayerModel(plan, joined), oracle, run, plan.seed)
                 await player.join()
                 active.append(player)
@@ -255,7 +286,8 @@ def served(study_dir: str | Path, db: str | None = None, log: Path | None = None
 
     port = _free_port()
     command = [sys.executable, "-m", "convlens.study.server", str(study_dir), "--port", str(port),
-               "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED, "--log-level", "warning"]
+               "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED, "--rate-limit-consent", UNLIMITED,
+               "--log-level", "warning"]
     if db:
         command += ["--db", db]
     url = f"http://127.0.0.1:{port}"
@@ -283,7 +315,7 @@ def served(study_dir: str | Path, db: str | None = None, log: Path | None = None
             process.wait()
 
 
-def simulate(study_dir: str | Path, plan: CrowdPlan, participants: int, *, url: str | None = None,
+def simulate(study_dir: str | Path, plan: CrowdPlan, participants: int | None, *, url: str | None = None,
              app: Any = None, concurrent: int = 4, budget: int | None = None) -> CrowdRun:
     """Synchronous entry point: play the server at ``url``, the in-process ``app``, or (neither given) a
     server started for the run with :func:`served`."""
