@@ -89,6 +89,7 @@ def make_app(study_dir: Path, db: str | None = None, **kwargs: Any) -> Any:
 
     kwargs.setdefault("rate_limit_ip", "100000/minute")
     kwargs.setdefault("rate_limit_participant", "100000/minute")
+    kwargs.setdefault("rate_limit_consent", "100000/minute")
     return create_app(study_dir, db, **kwargs)
 
 

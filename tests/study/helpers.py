@@ -123,7 +123,8 @@ class LiveServer:
 
     def start(self, timeout: float = 60.0) -> LiveServer:
         command = [sys.executable, "-m", "convlens.study.server", str(self.study_dir), "--port", str(self.port),
-                   "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED]
+                   "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
+                   "--rate-limit-consent", UNLIMITED]
         if self.db:
             command += ["--db", self.db]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

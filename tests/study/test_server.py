@@ -1,16 +1,18 @@
 """The real server (uvicorn in its own process, loopback): concurrent load with nothing lost or duplicated,
-SIGKILL in the middle of the load, SIGTERM, several workers — on SQLite and on PostgreSQL."""
+SIGKILL in the middle of the load, SIGTERM, several workers — on SQLite and on PostgreSQL; chunked bodies
+over the limit; Prolific ids kept out of the log."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from study.conftest import CLASSES
+from study.conftest import CLASSES, CSRF_META
 from study.helpers import LiveServer, LoadResult, lost_and_duplicated, run_load
 
 PLAYERS, SUBMISSIONS = 6, 20  # small for `make test`; benchmarks/bench_study.py runs 50 x 100
@@ -18,7 +20,7 @@ PLAYERS, SUBMISSIONS = 6, 20  # small for `make test`; benchmarks/bench_study.py
 
 def _open_study(study_dir: Path) -> None:
     config = json.loads((study_dir / "study.json").read_text())
-    config.update(plays_per_round=1000, rounds_per_player=1000)
+    config.update(plays_per_round=1000, rounds_per_player=1000, one_round_per_image=False)  # long games: load
     (study_dir / "study.json").write_text(json.dumps(config))
 
 
@@ -80,13 +82,35 @@ def test_load_then_sigkill_lose_and_duplicate_nothing(study_dir: Path, database:
         server.kill()
 
 
+def _chunked_post_is_413(url: str) -> None:
+    """A chunked body (no Content-Length) over the limit, on a real socket: 413 on the API and on a form."""
+    def chunks(head: bytes) -> Iterator[bytes]:
+        yield head
+        for _ in range(20):
+            yield b"a" * 4096
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        csrf = CSRF_META.search(client.get("/").text).group(1)
+        form = {"csrftoken": csrf, "consent": "yes", "consent_version": "1"}
+        assert client.post("/consent", data=form).status_code in (200, 303)
+        api = client.post("/api/next", content=chunks(b'{"request_id": "'),
+                          headers={"x-csrftoken": csrf, "content-type": "application/json"})
+        assert api.status_code == 413, api.text
+        consent = client.post("/consent", content=chunks(f"csrftoken={csrf}&consent=yes&nickname=".encode()),
+                              headers={"content-type": "application/x-www-form-urlencoded"})
+        assert consent.status_code == 413, consent.text
+
+
 def test_sigterm_stops_cleanly(study_dir: Path) -> None:
     server = LiveServer(study_dir).start()
+    assert httpx.get(server.url + "/?PROLIFIC_PID=secret123&STUDY_ID=s1&SESSION_ID=x9").status_code == 200
+    _chunked_post_is_413(server.url)
     assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
     assert server.terminate() in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
     log = server.log.read_text()
     assert "shut down cleanly" in log and "Application shutdown complete" in log and "GET /healthz 200" in log
-    assert "PROLIFIC" not in log
+    assert "GET / 200" in log  # the request with the Prolific parameters is logged ...
+    assert "secret123" not in log and "PROLIFIC" not in log  # ... without its query string
 
 
 def test_several_workers_on_postgresql(study_dir: Path, postgres_url: str) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from convlens.cli.common import fail
 from convlens.cli.crowd import recovery_command, simulate_command
 
 __all__ = ["serve", "study_app"]
@@ -20,11 +21,6 @@ __all__ = ["serve", "study_app"]
 console = Console(stderr=True)
 study_app = typer.Typer(help="Deep Reveal studies: create one from INV runs, export its data.",
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(code=2)
 
 
 @study_app.command("create")
@@ -46,6 +42,10 @@ def create(
     completion_code: Annotated[str | None, typer.Option(help="Completion code shown at the end (Prolific).")] = None,
     completion_url: Annotated[str | None, typer.Option(help="Redirect link at the end (https://...).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of gold-round choice and assignment.")] = 0,
+    one_round_per_image: Annotated[bool, typer.Option(
+        "--one-round-per-image/--any-round-per-image",
+        help="At most one round of each image per player (a finished round shows the answer and the full "
+             "image, so later rounds of that image would be known answers).")] = True,
 ) -> None:
     """Turn INV runs into rounds (image x layer x cluster) and render their six reveal images."""
     from pydantic import ValidationError
@@ -59,15 +59,15 @@ def create(
             layers=[x.strip() for x in layers.split(",") if x.strip()] if layers else None,
             languages=[x.strip() for x in languages.split(",") if x.strip()], plays_per_round=plays_per_round,
             rounds_per_player=rounds_per_player, completion_code=completion_code, completion_url=completion_url,
-            seed=seed,
+            seed=seed, one_round_per_image=one_round_per_image,
         )
         if consent is not None:
             options.consent_text = consent.read_text(encoding="utf-8").strip()
         summary = create_study(study_dir, runs, options)
     except ValidationError as exc:
-        _fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+        fail(console, "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
     except (StudyCreationError, OSError, UnicodeDecodeError) as exc:
-        _fail(str(exc))
+        fail(console, str(exc))
     typer.echo(f"Study {summary['study_dir']}: {summary['rounds']} rounds + {summary['gold_rounds']} gold rounds "
                f"from {summary['images']} images; classes: {', '.join(summary['classes'])}")
     typer.echo(f"Admin token (also in {study_dir}/secrets.json): {summary['admin_token']}")
@@ -88,14 +88,14 @@ def export(
     from convlens.study.runtime import StudyDatabaseError, open_runtime
 
     if format not in FORMATS:
-        _fail(f"--format {format!r}: use csv or jsonl")
+        fail(console, f"--format {format!r}: use csv or jsonl")
     try:
         runtime, engine = open_runtime(study_dir, db, migrate=False)
         target = out or study_dir / "exports" / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{format}"
         files = export_study(engine, runtime.config, target, format)
         engine.dispose()
     except (FileNotFoundError, ValueError, StudyDatabaseError, SQLAlchemyError) as exc:
-        _fail(str(exc).splitlines()[0])
+        fail(console, str(exc).splitlines()[0])
     typer.echo(f"Exported {len(files)} files to {target}")
 
 
@@ -113,6 +113,10 @@ def serve(
     rate_limit_ip: Annotated[str | None, typer.Option(help="Per-IP limit, e.g. '600/minute' "
                                                           "(default: study.json).")] = None,
     rate_limit_participant: Annotated[str | None, typer.Option(help="Per-participant limit on actions.")] = None,
+    rate_limit_consent: Annotated[str | None, typer.Option(help="Per-IP limit on the consent form "
+                                                               "(default: study.json, 30/minute).")] = None,
+    rate_limit_admin_login: Annotated[str | None, typer.Option(help="Per-IP limit on the admin login "
+                                                                   "(default: study.json, 10/minute).")] = None,
     rate_limit_storage: Annotated[str, typer.Option(help="limits storage URI shared by workers "
                                                          "(e.g. redis://...).")] = "memory://",
     secure_cookies: Annotated[bool, typer.Option("--secure-cookies", help="Cookies only over HTTPS.")] = False,
@@ -127,6 +131,7 @@ def serve(
 
     try:
         run_server(study_dir, db, host, port, workers, rate_limit_ip, rate_limit_participant, rate_limit_storage,
-                   secure_cookies, proxy_headers)
+                   secure_cookies, proxy_headers, rate_limit_consent=rate_limit_consent,
+                   rate_limit_admin_login=rate_limit_admin_login)
     except (FileNotFoundError, ValueError, StudyDatabaseError, SQLAlchemyError) as exc:
-        _fail(str(exc).splitlines()[0])
+        fail(console, str(exc).splitlines()[0])

@@ -2,9 +2,9 @@
 
 Middleware, outermost first: request log (method, path without query string — Prolific ids stay out of
 the logs — status, milliseconds), security headers, body-size limit, CSRF (:mod:`convlens.study.security`);
-slowapi rate limits are decorators on the routes (its ASGI middleware re-sends the response start for every
-chunk of a streamed response, which breaks the streaming export). Errors: a refused action answers
-``{"detail": message}`` with its 4xx status; invalid bodies answer FastAPI's 422 with the failing fields.
+slowapi rate limits (:class:`RateLimits`) are decorators on the routes (its ASGI middleware re-sends the
+response start for every chunk of a streamed response, which breaks the streaming export). Errors: a refused
+action answers ``{"detail": message}`` with its 4xx status; invalid bodies answer FastAPI's 422 with the failing fields.
 
 ``convlens serve`` runs :func:`app_from_env` in uvicorn workers (settings from ``CONVLENS_STUDY_*``).
 """
@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,13 @@ from convlens.study.config import load_secrets
 from convlens.study.game import GameError
 from convlens.study.pages import ADMIN_ROUTES, PAGE_ROUTES
 from convlens.study.runtime import open_runtime
-from convlens.study.security import BodyLimitMiddleware, SecurityHeadersMiddleware, csrf_protect, participant_key
+from convlens.study.security import (
+    BodyLimitMiddleware,
+    SecurityHeadersMiddleware,
+    client_ip,
+    csrf_protect,
+    participant_key,
+)
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -83,22 +90,37 @@ def _handlers(app: FastAPI) -> None:
                             headers={"retry-after": "60"})
 
 
-def _routes(app: FastAPI, limiter: Limiter, ip_limit: str, participant_limit: str) -> None:
-    """Every route limited per client IP; state-changing ones also per participant (slowapi decorators)."""
-    per_ip = limiter.shared_limit(ip_limit, scope="ip", key_func=get_remote_address)
-    per_participant = limiter.shared_limit(participant_limit, scope="participant", key_func=participant_key)
+@dataclass(frozen=True)
+class RateLimits:
+    """slowapi limit strings: per IP (every route but /healthz), per participant (game actions), and per IP on
+    the consent form and the admin login/logout (strict: they are the unauthenticated state changes)."""
+
+    ip: str
+    participant: str
+    consent: str
+    admin_login: str
+
+
+def _routes(app: FastAPI, limiter: Limiter, limits: RateLimits) -> None:
+    """Every route limited per client IP; game actions also per participant; the forms per IP, strictly."""
+    per_ip = limiter.shared_limit(limits.ip, scope="ip", key_func=get_remote_address)
+    per_participant = limiter.shared_limit(limits.participant, scope="participant", key_func=participant_key)
+    forms = {"/consent": limiter.shared_limit(limits.consent, scope="consent", key_func=client_ip),
+             "/admin/login": limiter.shared_limit(limits.admin_login, scope="admin-login", key_func=client_ip)}
+    forms["/admin/logout"] = forms["/admin/login"]
     for path, endpoint in ACTION_ROUTES:
         app.add_api_route(path, per_ip(per_participant(endpoint)), methods=["POST"])
     for path, endpoint in READ_ROUTES:
         app.add_api_route(path, endpoint if path == "/healthz" else per_ip(endpoint), methods=["GET"])
     for path, endpoint, method in [*PAGE_ROUTES, *ADMIN_ROUTES]:
-        limited = per_ip(per_participant(endpoint) if method == "POST" else endpoint)
+        limited = per_ip(forms[path](endpoint) if method == "POST" else endpoint)
         app.add_api_route(path, limited, methods=[method], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
 
 def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migrate: bool = True,
                rate_limit_ip: str | None = None, rate_limit_participant: str | None = None,
+               rate_limit_consent: str | None = None, rate_limit_admin_login: str | None = None,
                rate_limit_storage: str = "memory://", secure_cookies: bool = False) -> Any:
     """The ASGI application for ``study_dir`` on database URL ``db`` (default: STUDY_DIR/study.sqlite).
 
@@ -121,8 +143,11 @@ def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migr
     app.state.limiter, app.state.backend, app.state.secure_cookies = limiter, engine.dialect.name, secure_cookies
     app.state.templates = _templates()
     _handlers(app)
-    _routes(app, limiter, rate_limit_ip or runtime.config.rate_limit_ip,
-            rate_limit_participant or runtime.config.rate_limit_participant)
+    config = runtime.config
+    _routes(app, limiter, RateLimits(rate_limit_ip or config.rate_limit_ip,
+                                     rate_limit_participant or config.rate_limit_participant,
+                                     rate_limit_consent or config.rate_limit_consent,
+                                     rate_limit_admin_login or config.rate_limit_admin_login))
     wrapped = csrf_protect(app, secrets.signing_key, secure_cookies)
     wrapped = BodyLimitMiddleware(wrapped)
     wrapped = SecurityHeadersMiddleware(wrapped)
@@ -140,6 +165,8 @@ def app_from_env() -> Any:
         migrate=env.get("CONVLENS_STUDY_MIGRATE", "0") == "1",
         rate_limit_ip=env.get("CONVLENS_STUDY_RATE_IP") or None,
         rate_limit_participant=env.get("CONVLENS_STUDY_RATE_PARTICIPANT") or None,
+        rate_limit_consent=env.get("CONVLENS_STUDY_RATE_CONSENT") or None,
+        rate_limit_admin_login=env.get("CONVLENS_STUDY_RATE_ADMIN_LOGIN") or None,
         rate_limit_storage=env.get("CONVLENS_STUDY_RATE_STORAGE", "memory://"),
         secure_cookies=env.get("CONVLENS_STUDY_SECURE_COOKIES", "0") == "1",
     )

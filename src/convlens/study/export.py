@@ -27,7 +27,7 @@ from convlens.study.data_dictionary import DATA_DICTIONARY_VERSION, TABLES, dict
 from convlens.study.db import Event, Participant, Play, Round
 from convlens.study.game import SCORING_RULE
 
-__all__ = ["FORMATS", "export_rows", "export_study", "format_rows", "study_metadata"]
+__all__ = ["FORMATS", "export_rows", "export_study", "format_rows", "snapshot_session", "study_metadata"]
 
 FORMATS = ("csv", "jsonl")
 BATCH = 1000
@@ -140,7 +140,8 @@ def study_metadata(config: StudyConfig, backend: str) -> dict[str, Any]:
     }
 
 
-def _snapshot_session(engine: Engine) -> Session:
+def snapshot_session(engine: Engine) -> Session:
+    """A session whose transaction sees one snapshot: read-only on SQLite, REPEATABLE READ on PostgreSQL."""
     bind = engine.execution_options(readonly=True)
     if engine.dialect.name == "postgresql":
         bind = engine.execution_options(isolation_level="REPEATABLE READ")
@@ -166,7 +167,7 @@ def export_study(engine: Engine, config: StudyConfig, out: str | os.PathLike[str
     write("study.json", iter([json.dumps(study_metadata(config, engine.dialect.name), indent=2)]))
     write("data_dictionary.json", iter([json.dumps({"version": DATA_DICTIONARY_VERSION, "tables": TABLES}, indent=2)]))
     write("data_dictionary.md", iter([dictionary_markdown()]))
-    with _snapshot_session(engine) as session, session.begin():
+    with snapshot_session(engine) as session, session.begin():
         for table in ROWS:
             write(f"{table}.{fmt}", format_rows(export_rows(session, table), table, fmt))
     return written

@@ -7,21 +7,26 @@
 
 from __future__ import annotations
 
-import hmac
 import re
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from convlens.study.export import ROWS, export_rows, format_rows, study_metadata
+from convlens.study.export import ROWS, export_rows, format_rows, snapshot_session, study_metadata
 from convlens.study.game import PLAYER_SCORING, GameError, StudyRuntime
 from convlens.study.queries import leaderboard, player_stats, progress
 from convlens.study.schemas import ConsentForm
-from convlens.study.security import ADMIN_COOKIE, SESSION_COOKIE, admin_cookie_value, check_admin_token
+from convlens.study.security import (
+    ADMIN_COOKIE,
+    ADMIN_SESSION_S,
+    SESSION_COOKIE,
+    admin_cookie_valid,
+    admin_cookie_value,
+    check_admin_token,
+)
 
 __all__ = ["ADMIN_ROUTES", "PAGE_ROUTES", "is_admin", "render"]
 
@@ -57,7 +62,7 @@ async def consent_submit(request: Request) -> Response:
     raw = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     params = {k: raw.get(k, "")[:64] for k in ("prolific_pid", "study_id", "session_id")}
     try:
-        form = ConsentForm.model_validate({"consent": raw.get("consent") == "yes", **raw})
+        form = ConsentForm.model_validate({**raw, "consent": raw.get("consent") == "yes"})
     except ValidationError as exc:
         errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return render(request, "consent.html", status=422, params=params, errors=errors)
@@ -67,7 +72,10 @@ async def consent_submit(request: Request) -> Response:
     if errors:
         return render(request, "consent.html", status=422, params=params, errors=errors)
     ids = {k: getattr(form, k) or None for k in params}
-    _, token = await run_in_threadpool(runtime.register, form.consent_version, form.nickname or None, ids)
+    try:
+        _, token = await run_in_threadpool(runtime.register, form.consent_version, form.nickname or None, ids)
+    except GameError as exc:  # consent text changed, or this Prolific id already took part
+        return render(request, "consent.html", status=exc.status, params=params, errors=[exc.message])
     response = RedirectResponse("/play", status_code=303)
     response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_MAX_AGE, httponly=True, samesite="lax",
                         secure=request.app.state.secure_cookies)
@@ -99,13 +107,12 @@ async def done_page(request: Request) -> Response:
 
 
 def is_admin(request: Request) -> bool:
-    """Bearer token or the admin cookie, both compared in constant time."""
+    """Bearer token or an admin cookie issued less than 8 hours ago, both compared in constant time."""
     secrets = request.app.state.secrets
     authorization = request.headers.get("authorization", "")
     if authorization.startswith("Bearer "):
         return check_admin_token(authorization[7:], secrets.admin_token)
-    expected = admin_cookie_value(secrets.signing_key, secrets.admin_token)
-    return hmac.compare_digest(request.cookies.get(ADMIN_COOKIE, "").encode(), expected.encode())
+    return admin_cookie_valid(request.cookies.get(ADMIN_COOKIE), secrets.signing_key, secrets.admin_token)
 
 
 async def admin_page(request: Request) -> Response:
@@ -122,7 +129,7 @@ async def admin_login(request: Request) -> Response:
         return render(request, "admin_login.html", status=403, error="Wrong admin token.")
     response = RedirectResponse("/admin", status_code=303)
     response.set_cookie(ADMIN_COOKIE, admin_cookie_value(secrets.signing_key, secrets.admin_token), httponly=True,
-                        samesite="strict", secure=request.app.state.secure_cookies, max_age=8 * 3600)
+                        samesite="strict", secure=request.app.state.secure_cookies, max_age=ADMIN_SESSION_S)
     return response
 
 
@@ -155,7 +162,7 @@ def admin_export(request: Request, name: str) -> Response:
     table, fmt = match.groups()
 
     def chunks() -> Any:
-        with Session(bind=request.app.state.engine.execution_options(readonly=True)) as session, session.begin():
+        with snapshot_session(request.app.state.engine) as session, session.begin():
             yield from format_rows(export_rows(session, table), table, fmt)
 
     media = "text/csv" if fmt == "csv" else "application/x-ndjson"

@@ -4,9 +4,13 @@
   ``X-CSRFToken`` header or the ``csrftoken`` form field), plus a Fetch-Metadata check refusing
   state-changing requests that the browser marks ``Sec-Fetch-Site: cross-site``.
 * Admin: the token from ``secrets.json`` is compared with :func:`hmac.compare_digest` (constant time); a
-  successful login sets an HttpOnly cookie holding an HMAC of the token, never the token itself.
-* Rate limits (slowapi / limits): per IP over all routes, and per participant over state-changing routes.
-* Request bodies over :data:`MAX_BODY_BYTES` are refused with 413; every response carries a strict
+  successful login sets an HttpOnly cookie ``<issue time>.<HMAC of issue time and token>`` (never the token
+  itself), refused by the server :data:`ADMIN_SESSION_S` seconds after it was issued.
+* Rate limits (slowapi / limits): per IP over all routes; per participant over the game's actions (keyed by
+  the session only when it belongs to a participant, else by IP, so a random cookie per request escapes
+  nothing); the consent form and admin login have strict per-IP limits of their own.
+* Request bodies over :data:`MAX_BODY_BYTES` are refused with 413 — declared (``Content-Length``) or
+  streamed (chunked: counted as it arrives); every response carries a strict
   Content-Security-Policy (no inline script), ``nosniff``, ``no-referrer`` (Prolific ids in URLs never
   leak) and ``frame-ancestors 'none'``.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,13 +28,17 @@ from starlette.requests import Request
 
 __all__ = [
     "ADMIN_COOKIE",
+    "ADMIN_SESSION_S",
     "CSRF_COOKIE",
     "MAX_BODY_BYTES",
     "SESSION_COOKIE",
     "BodyLimitMiddleware",
+    "BodyTooLargeError",
     "SecurityHeadersMiddleware",
+    "admin_cookie_valid",
     "admin_cookie_value",
     "check_admin_token",
+    "client_ip",
     "csrf_protect",
     "participant_key",
 ]
@@ -38,6 +47,8 @@ SESSION_COOKIE = "dr_session"
 ADMIN_COOKIE = "dr_admin"
 CSRF_COOKIE = "dr_csrf"
 MAX_BODY_BYTES = 64 * 1024
+ADMIN_SESSION_S = 8 * 3600
+CLOCK_SKEW_S = 60
 CSP = ("default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; form-action 'self'; "
        "base-uri 'none'; frame-ancestors 'none'")
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
@@ -48,16 +59,37 @@ def check_admin_token(given: str | None, expected: str) -> bool:
     return hmac.compare_digest((given or "").encode(), expected.encode())
 
 
-def admin_cookie_value(signing_key: str, admin_token: str) -> str:
-    return hmac.new(signing_key.encode(), b"admin:" + admin_token.encode(), hashlib.sha256).hexdigest()
+def admin_cookie_value(signing_key: str, admin_token: str, issued: int | None = None) -> str:
+    """``<issued>.<HMAC-SHA256(signing key, "admin:<issued>:<token>")>``; ``issued``: Unix seconds (default now)."""
+    issued = int(time.time()) if issued is None else issued
+    mac = hmac.new(signing_key.encode(), f"admin:{issued}:{admin_token}".encode(), hashlib.sha256).hexdigest()
+    return f"{issued}.{mac}"
+
+
+def admin_cookie_valid(value: str | None, signing_key: str, admin_token: str, now: float | None = None) -> bool:
+    """The cookie was signed with this key and token and issued at most :data:`ADMIN_SESSION_S` ago (constant-time
+    comparison of the MAC; a changed admin token or signing key invalidates every cookie)."""
+    issued_text, dot, _ = (value or "").partition(".")
+    if not dot or not issued_text.isdigit() or len(issued_text) > 12:
+        return False
+    issued, now = int(issued_text), time.time() if now is None else now
+    if not now - ADMIN_SESSION_S <= issued <= now + CLOCK_SKEW_S:
+        return False
+    expected = admin_cookie_value(signing_key, admin_token, issued)
+    return hmac.compare_digest((value or "").encode(), expected.encode())
+
+
+def client_ip(request: Request) -> str:
+    return "ip:" + (request.client.host if request.client else "unknown")
 
 
 def participant_key(request: Request) -> str:
-    """Rate-limit key: the participant's session (hashed), or the client address without one."""
+    """Rate-limit key of a game action: the participant (hashed session token) when the session cookie belongs
+    to one, else the client address — a made-up cookie per request must not give a fresh allowance."""
     token = request.cookies.get(SESSION_COOKIE)
-    if token:
+    if token and request.app.state.runtime.known_participant(token):
         return "p:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    return "ip:" + (request.client.host if request.client else "unknown")
+    return client_ip(request)
 
 
 async def _send_json(send: Callable, status: int, detail: str) -> None:
@@ -90,8 +122,16 @@ def csrf_protect(app: ASGIApp, signing_key: str, secure: bool) -> ASGIApp:
     return fetch_metadata
 
 
+class BodyTooLargeError(Exception):
+    """Raised into the application when a streamed body passes the limit (caught by the middleware)."""
+
+
 class BodyLimitMiddleware:
-    """413 for request bodies over ``limit`` bytes (declared or streamed)."""
+    """413 for request bodies over ``limit`` bytes: declared (``Content-Length``) or streamed (chunked).
+
+    A streamed body is counted as the application reads it; once over the limit the read raises
+    :class:`BodyTooLargeError`, and whatever the inner layers make of that (FastAPI's 400 for an unreadable JSON
+    body, a 500, or the exception itself out of the CSRF form parser) the client gets one 413."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -105,17 +145,31 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             await _send_json(send, 413, f"request body over {self.limit} bytes")
             return
-        received = 0
+        received, over, answered = 0, False, False
 
         async def counted() -> dict:
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise ValueError("request body too large")
+                over = True
+                raise BodyTooLargeError(f"request body over {self.limit} bytes")
             return message
 
-        await self.app(scope, counted, send)
+        async def guarded(message: dict) -> None:
+            nonlocal answered
+            if not over:
+                await send(message)
+            elif not answered:  # the inner layers' answer to the aborted read becomes the 413
+                answered = True
+                await _send_json(send, 413, f"request body over {self.limit} bytes")
+
+        try:
+            await self.app(scope, counted, guarded)
+        except BodyTooLargeError:
+            if not answered:
+                answered = True
+                await _send_json(send, 413, f"request body over {self.limit} bytes")
 
 
 class SecurityHeadersMiddleware:

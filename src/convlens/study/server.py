@@ -32,20 +32,25 @@ def log_config(level: str = "INFO") -> dict[str, Any]:
 def serve(study_dir: str | os.PathLike[str], db: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           workers: int = 1, rate_limit_ip: str | None = None, rate_limit_participant: str | None = None,
           rate_limit_storage: str = "memory://", secure_cookies: bool = False, proxy_headers: bool = False,
-          graceful_timeout: int = 10, log_level: str = "info") -> None:
+          graceful_timeout: int = 10, log_level: str = "info", rate_limit_consent: str | None = None,
+          rate_limit_admin_login: str | None = None) -> None:
     """Prepare the database and serve until SIGTERM/SIGINT."""
     import uvicorn
 
+    from convlens.study.config import load_secrets
     from convlens.study.runtime import database_url, open_runtime
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    load_secrets(study_dir)  # a bad CONVLENS_STUDY_ADMIN_TOKEN stops here, not in every worker
     _, engine = open_runtime(study_dir, db, migrate=True)
     engine.dispose()
     os.environ.update({
         "CONVLENS_STUDY_DIR": str(os.path.abspath(study_dir)), "CONVLENS_STUDY_DB": database_url(study_dir, db),
         "CONVLENS_STUDY_MIGRATE": "0", "CONVLENS_STUDY_RATE_IP": rate_limit_ip or "",
         "CONVLENS_STUDY_RATE_PARTICIPANT": rate_limit_participant or "",
+        "CONVLENS_STUDY_RATE_CONSENT": rate_limit_consent or "",
+        "CONVLENS_STUDY_RATE_ADMIN_LOGIN": rate_limit_admin_login or "",
         "CONVLENS_STUDY_RATE_STORAGE": rate_limit_storage,
         "CONVLENS_STUDY_SECURE_COOKIES": "1" if secure_cookies else "0",
     })
@@ -63,10 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rate-limit-ip", default=None)
     parser.add_argument("--rate-limit-participant", default=None)
+    parser.add_argument("--rate-limit-consent", default=None)
+    parser.add_argument("--rate-limit-admin-login", default=None)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     serve(args.study_dir, args.db, args.host, args.port, args.workers, args.rate_limit_ip,
-          args.rate_limit_participant, log_level=args.log_level)
+          args.rate_limit_participant, log_level=args.log_level, rate_limit_consent=args.rate_limit_consent,
+          rate_limit_admin_login=args.rate_limit_admin_login)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
 "use strict";
 
 (function () {
-  const PERCENT = [2, 4.5, 8, 13, 20, 30];
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const game = document.getElementById("game");
   const classes = JSON.parse(game.dataset.classes);
+  const PERCENT = JSON.parse(game.dataset.percent);  // study.json's reveal_percentages, one per level
   const $ = (id) => document.getElementById(id);
   let current = null;
 
