@@ -28,7 +28,6 @@ import json
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,6 +169,7 @@ def _prepare(settings: TcavSettings) -> tuple[Any, Any, list[str], dict[str, Any
         find_study_images,
         model_input,
         needed_images,
+        recorded_models,
     )
     from convlens.study.reveal import REVEAL_PERCENTAGES, reveal_image
 
@@ -178,7 +178,7 @@ def _prepare(settings: TcavSettings) -> tuple[Any, Any, list[str], dict[str, Any
     classes = chosen_classes(folder, settings.classes, settings.random_pool)
     pooled = classes if settings.random_pool == "class" else chosen_classes(folder, None, "study")
     images = find_study_images(folder, needed_images(folder, pooled), settings.inv_root)
-    recorded = sorted({i.explanation.model for i in images.values() if i.explanation.model})
+    recorded = recorded_models(images)  # before the concepts: the model's input construction needs the name
     name = _model_name(settings, recorded)
     model = _load_model(name, settings.weights, settings.device)
     to_input = model_input(model.preprocessing)
@@ -208,18 +208,10 @@ def _csv_text(report: Any, concepts: Any) -> str:
     return buffer.getvalue()
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in ("convlens", "torch", "captum", "scikit-learn", "scipy", "numpy"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def _manifest(settings: TcavSettings, report: Any, concepts: Any, layers: list[str], model: dict[str, Any],
               seconds: float) -> dict[str, Any]:
+    from convlens.concepts.manifest import package_versions
+
     tests = len(report.tests)
     return {
         "format": FORMAT, "format_version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -231,7 +223,7 @@ def _manifest(settings: TcavSettings, report: Any, concepts: Any, layers: list[s
                                                     "significant": sum(t.significant for t in report.tests),
                                                     "skipped": len(concepts.skipped)},
         "timings": {**report.timings, "total": seconds, "per_test": seconds / tests if tests else None},
-        "versions": _versions(),
+        "versions": package_versions(("convlens", "torch", "captum", "scikit-learn", "scipy", "numpy")),
     }
 
 

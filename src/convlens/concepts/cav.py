@@ -163,10 +163,6 @@ class ActivationStore:
             out[where] = values
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
-    def features(self, layer: str) -> int:
-        """Number of features F of ``layer`` (after :meth:`add`)."""
-        return int(self._chunks[layer][0].shape[1])
-
     def close(self) -> None:
         """Drop the kept activations and delete their memory-map files."""
         self._row_of.clear()

@@ -27,7 +27,6 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,8 @@ GROUP_COLUMNS = (
 )
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text with a header row; None as an empty cell, floats with 10 significant digits."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -65,15 +65,7 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _versions() -> dict[str, str | None]:
-    names = ("convlens", "numpy", "scipy", "scikit-learn", "sentence-transformers", "simplemma", "krippendorff")
-    found: dict[str, str | None] = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+VERSIONED = ("convlens", "numpy", "scipy", "scikit-learn", "sentence-transformers", "simplemma", "krippendorff")
 
 
 def _class_summary(result: LabelsResult) -> dict[str, Any]:
@@ -92,6 +84,8 @@ def _class_summary(result: LabelsResult) -> dict[str, Any]:
 
 
 def _manifest(result: LabelsResult) -> dict[str, Any]:
+    from convlens.concepts.manifest import package_versions  # lazily: it imports torch
+
     stop_words = sorted(load_stop_words())
     return {
         "format": FORMAT,
@@ -105,7 +99,7 @@ def _manifest(result: LabelsResult) -> dict[str, Any]:
         "settings": {**asdict(result.settings),
                      "class_aliases": {k: list(v) for k, v in result.settings.class_aliases.items()}},
         "stop_words": {"count": len(stop_words), "sha256": hashlib.sha256("\n".join(stop_words).encode()).hexdigest()},
-        "versions": _versions(),
+        "versions": package_versions(VERSIONED),
         "counts": {"plays": len(result.audit), "status": result.status_counts(), "excluded": result.reason_counts(),
                    "description_not_used": result.unused_counts()},
         "classes": _class_summary(result),
@@ -136,23 +130,23 @@ def write_labels(result: LabelsResult, out: str | Path) -> Path:
     group_of = {c.cluster_id: g.group_id for g in result.groups for c in g.members}
     audit_columns = [f.name for f in fields(AuditRow)]
     files = {
-        "audit.csv": _csv_text(audit_columns, ([getattr(r, c) for c in audit_columns] for r in result.audit)),
-        "text_clusters.csv": _csv_text(
+        "audit.csv": csv_text(audit_columns, ([getattr(r, c) for c in audit_columns] for r in result.audit)),
+        "text_clusters.csv": csv_text(
             ("class", "text_cluster", "n_distinct", "n_descriptions", "descriptions", "candidates", "representative",
              "representative_score", "lemma", "label"), _text_cluster_rows(result)),
-        "clusters.csv": _csv_text(CLUSTER_COLUMNS, (
+        "clusters.csv": csv_text(CLUSTER_COLUMNS, (
             [c.cluster_id, c.class_name, c.image_id, c.image_name, c.layer, c.layer_depth, c.n_layers, c.cluster_index,
              c.weight, c.fmap_count, c.wins, c.losses, c.resigns, c.level, sum(s.frequency for s in c.scores.values()),
              SEP.join(c.best_labels), group_of.get(c.cluster_id, ""), c.inv_run] for c in result.clusters)),
-        "label_scores.csv": _csv_text(SCORE_COLUMNS, (
+        "label_scores.csv": csv_text(SCORE_COLUMNS, (
             [c.cluster_id, c.class_name, c.image_id, c.layer, c.layer_depth, c.n_layers, s.label, s.frequency,
              s.mean_level, s.n_correct, s.n_wrong, s.score, s.label in c.best_labels]
             for c in result.clusters for s in sorted(c.scores.values(), key=lambda s: (-s.score, s.label)))),
-        "groups.csv": _csv_text(GROUP_COLUMNS, _group_rows([*result.groups, *result.full_groups])),
-        "group_labels.csv": _csv_text(("group_id", "merge", "rank", "label", "strength"), (
+        "groups.csv": csv_text(GROUP_COLUMNS, _group_rows([*result.groups, *result.full_groups])),
+        "group_labels.csv": csv_text(("group_id", "merge", "rank", "label", "strength"), (
             [g.group_id, g.merge, rank, label, strength]
             for g in [*result.groups, *result.full_groups] for rank, (label, strength) in enumerate(g.strengths, 1))),
-        "agreement.csv": _csv_text([f.name for f in fields(result.agreement[0])] if result.agreement else ["scope"],
+        "agreement.csv": csv_text([f.name for f in fields(result.agreement[0])] if result.agreement else ["scope"],
                                    (list(asdict(a).values()) for a in result.agreement)),
     }
     for name, text in files.items():

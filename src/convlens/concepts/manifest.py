@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def _save_layer(layer: InvLayer, entry: dict[str, Any], folder: Path, display: A
         np.save(sub / f"{key}.npy", np.asarray(value))
         entry["files"][key] = f"{entry['dir']}/{key}.npy"
     if display is not None:
-        overlay_map(display, _blur(layer.layer_map)).save(sub / "layer_map.png")
+        overlay_map(display, overlay_blur(layer.layer_map)).save(sub / "layer_map.png")
         entry["files"]["layer_overlay"] = f"{entry['dir']}/layer_map.png"
     for cluster, cluster_entry in zip(layer.clusters, entry["clusters"], strict=True):
         assert cluster.feature_map is not None and cluster.input_map is not None
@@ -133,7 +134,7 @@ def _save_layer(layer: InvLayer, entry: dict[str, Any], folder: Path, display: A
             "feature_map": f"{entry['dir']}/{stem}_feature.npy", "input_map": f"{entry['dir']}/{stem}_input.npy",
         }
         if display is not None:
-            overlay_map(display, _blur(cluster.input_map)).save(sub / f"{stem}.png")
+            overlay_map(display, overlay_blur(cluster.input_map)).save(sub / f"{stem}.png")
             cluster_entry["files"]["overlay"] = f"{entry['dir']}/{stem}.png"
 
 
@@ -313,8 +314,9 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "layer"
 
 
-def _blur(saliency: np.ndarray) -> np.ndarray:
-    """Overlay smoothing of the INV explainer: Gaussian sigma 1, truncate 5.5, then back to [0, 1]."""
+def overlay_blur(saliency: np.ndarray) -> np.ndarray:
+    """Overlay smoothing of the INV explainer: Gaussian sigma 1, truncate 5.5 (scipy's default "reflect"
+    border), then min-max back to [0, 1] (all zeros for a constant map). Shared with the global report."""
     from scipy.ndimage import gaussian_filter
 
     blurred = gaussian_filter(np.asarray(saliency, dtype=np.float64), sigma=1.0, truncate=5.5)
@@ -333,3 +335,39 @@ def _display_image(image: Any, size: tuple[int, int]) -> Any:
     image = image.convert("RGB")
     height, width = size
     return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def find_run_root(run: str, recorded: Mapping[str, Any], inv_root: Path | None = None) -> Path | None:
+    """The folder of the INV run named ``run``: ``inv_root/run``, then ``inv_root`` itself (when given),
+    then the path ``recorded[run]`` (a labels folder's ``inv_runs``); the first that is a folder, else None."""
+    candidates = [inv_root / run, inv_root] if inv_root is not None else []
+    if run in recorded:
+        candidates.append(Path(recorded[run]))
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def index_inv_folders(root: Path) -> dict[str, Path]:
+    """Image id (full and its 16-digit prefix) -> INV folder, for every ``inv.json`` under ``root`` (first
+    found wins, in sorted path order); folders whose manifest cannot be read are left out."""
+    found: dict[str, Path] = {}
+    for manifest in sorted(root.rglob(MANIFEST)):
+        try:
+            image_id = str(read_manifest(manifest.parent)["image_id"])
+        except (OSError, ValueError, KeyError):
+            continue
+        found.setdefault(image_id, manifest.parent)
+        found.setdefault(image_id[:16], manifest.parent)
+    return found
+
+
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names`` (None when it is not installed), for manifests."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

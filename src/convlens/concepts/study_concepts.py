@@ -149,7 +149,7 @@ class StudyConcepts:
     @property
     def models(self) -> list[str]:
         """Distinct model names recorded by the INV runs (empty when none recorded one)."""
-        return sorted({i.explanation.model for i in self.images.values() if i.explanation.model})
+        return recorded_models(self.images)
 
     def describe(self) -> dict[str, Any]:
         """The construction, per class and concept what was used, and what was skipped (for ``tcav.json``)."""
@@ -166,6 +166,11 @@ class StudyConcepts:
         return {"construction": CONSTRUCTION, "random_pool": self.random_pool,
                 "reveal_percentages": self.percentages, "sizes": list(self.sizes),
                 "seed": self.seed, "classes": classes, "skipped": [asdict(s) for s in self.skipped]}
+
+
+def recorded_models(images: Mapping[str, StudyImage]) -> list[str]:
+    """Distinct model names the INV runs of ``images`` recorded, sorted (empty when none recorded one)."""
+    return sorted({str(i.explanation.model) for i in images.values() if i.explanation.model})
 
 
 def concept_size(distinct: int, pool: int, sizes: Sequence[int], random_runs: int = 20) -> int | None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from convlens.concepts.label_files import SEP, LabelsFolder
-from convlens.concepts.manifest import load_inv_explanation, read_manifest
+from convlens.concepts.manifest import find_run_root, index_inv_folders, load_inv_explanation
 from convlens.concepts.results import InvExplanation
 from convlens.core.hooks import eval_mode
 from convlens.models.preprocessing import Preprocessing
@@ -115,26 +115,11 @@ def label_regions(folder: LabelsFolder, percentages: Sequence[float]) -> dict[st
 
 
 def _run_root(run: str, recorded: Mapping[str, Any], inv_root: Path | None) -> Path:
-    candidates = [inv_root / run, inv_root] if inv_root is not None else []
-    if run in recorded:
-        candidates.append(Path(recorded[run]))
-    root = next((c for c in candidates if c.is_dir()), None)
+    root = find_run_root(run, recorded, inv_root)
     if root is None:
         where = recorded.get(run, "nowhere: the labels folder does not name it")
         raise StudyConceptError(f"INV run {run!r} not found (recorded at {where}); pass --inv-root FOLDER")
     return root
-
-
-def _index_run(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for manifest in sorted(root.rglob("inv.json")):
-        try:
-            image_id = str(read_manifest(manifest.parent)["image_id"])
-        except (OSError, ValueError, KeyError):
-            continue  # an unreadable folder only matters if a needed image is in it: reported below
-        found.setdefault(image_id, manifest.parent)
-        found.setdefault(image_id[:16], manifest.parent)
-    return found
 
 
 def _load_image(image_id: str, folder: Path) -> StudyImage:
@@ -172,7 +157,7 @@ def find_study_images(
     images: dict[str, StudyImage] = {}
     for run, image_ids in sorted(needed.items()):
         root = _run_root(run, recorded, root_override)
-        index = _index_run(root)
+        index = index_inv_folders(root)  # an unreadable folder only matters if a needed image is in it
         for image_id in sorted(image_ids):
             location = index.get(image_id) or index.get(image_id[:16])
             if location is None:

@@ -3,7 +3,8 @@
 Each merged group of clusters (one image, one layer) is drawn as the weight-averaged map of its member
 clusters,  A_G = sum_C w_C A_C / sum_C w_C  (the authors' ``compute_average_heatmap``), smoothed like
 the INV explainer (Gaussian sigma 1, truncate 5.5), min-max normalised and laid over the image
-(jet, 0.5 opacity). INV folders are read only through :func:`convlens.concepts.load_inv_explanation`;
+(jet, 0.5 opacity). INV folders are read only through INV's file-format module
+(:mod:`convlens.concepts.manifest`: its overlay smoothing, run lookup and ``load_inv_explanation``);
 the image is the folder's ``input.png`` when present. A missing or unreadable INV run gives a note on
 the page, never an error.
 """
@@ -17,21 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from convlens.concepts import load_inv_explanation
+from convlens.concepts.manifest import find_run_root, index_inv_folders
+from convlens.concepts.manifest import overlay_blur as smooth
 from convlens.core.overlay import colorize, overlay_map
 
 __all__ = ["InvLocator", "group_map", "smooth"]
 
 INV_PAGE = "index.html"
 INPUT_IMAGE = "input.png"
-
-
-def smooth(saliency: np.ndarray) -> np.ndarray:
-    """Gaussian blur (sigma 1, truncate 5.5) then min-max to [0, 1] (all zeros for a constant map)."""
-    from scipy.ndimage import gaussian_filter
-
-    blurred = gaussian_filter(np.asarray(saliency, dtype=np.float64), sigma=1.0, truncate=5.5)
-    low, high = blurred.min(), blurred.max()
-    return (blurred - low) / (high - low) if high > low else np.zeros_like(blurred)
 
 
 def group_map(maps: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -44,42 +38,34 @@ def group_map(maps: list[np.ndarray], weights: list[float]) -> np.ndarray:
 
 @dataclass
 class InvLocator:
-    """Finds the INV folder of an image in the runs named by a labels folder (cached)."""
+    """Finds the INV folder of an image in the runs named by a labels folder (cached); problems become notes.
+
+    Runs are found and indexed like ``convlens tcav`` finds them
+    (:func:`~convlens.concepts.manifest.find_run_root`, :func:`~convlens.concepts.manifest.index_inv_folders`).
+    """
 
     runs: dict[str, Path]
     inv_root: Path | None = None
     notes: list[str] = field(default_factory=list)
     _folders: dict[str, dict[str, Path]] = field(default_factory=dict)
-    _loaded: dict[Path, object] = field(default_factory=dict)
-
-    def _run_path(self, run: str) -> Path | None:
-        candidates = []
-        if self.inv_root is not None:
-            candidates.append(self.inv_root / run)
-            candidates.append(self.inv_root)
-        if run in self.runs:
-            candidates.append(self.runs[run])
-        return next((c for c in candidates if c.is_dir()), None)
+    _loaded: dict[Path, object | None] = field(default_factory=dict)
 
     def _index(self, run: str) -> dict[str, Path]:
-        if run in self._folders:
-            return self._folders[run]
-        found: dict[str, Path] = {}
-        root = self._run_path(run)
-        if root is None:
-            self.notes.append(f"INV run {run!r} not found (looked in {self.runs.get(run, '-')}; pass --inv-root)")
-        else:
-            for manifest in sorted(root.rglob("inv.json")):
-                try:
-                    explanation = load_inv_explanation(manifest.parent)
-                except (OSError, ValueError, KeyError) as exc:
-                    self.notes.append(f"{manifest.parent}: unreadable INV folder ({exc})")
-                    continue
-                found.setdefault(explanation.image_id[:16], manifest.parent)
-                found.setdefault(explanation.image_id, manifest.parent)
-                self._loaded[manifest.parent] = explanation
-        self._folders[run] = found
-        return found
+        if run not in self._folders:
+            root = find_run_root(run, self.runs, self.inv_root)
+            if root is None:
+                self.notes.append(f"INV run {run!r} not found (looked in {self.runs.get(run, '-')}; pass --inv-root)")
+            self._folders[run] = index_inv_folders(root) if root is not None else {}
+        return self._folders[run]
+
+    def _explanation(self, folder: Path) -> object | None:
+        if folder not in self._loaded:
+            try:
+                self._loaded[folder] = load_inv_explanation(folder)
+            except (OSError, ValueError, KeyError) as exc:
+                self.notes.append(f"{folder}: unreadable INV folder ({exc})")
+                self._loaded[folder] = None
+        return self._loaded[folder]
 
     def folder(self, run: str, image_id: str) -> Path | None:
         """The INV folder of ``image_id`` in ``run`` (None when not found)."""
@@ -93,7 +79,9 @@ class InvLocator:
         folder = self.folder(run, image_id)
         if folder is None:
             return None
-        explanation = self._loaded[folder]
+        explanation = self._explanation(folder)
+        if explanation is None:
+            return None
         try:
             cluster = explanation.cluster(cluster_id)  # type: ignore[attr-defined]
         except KeyError:

@@ -21,16 +21,15 @@ columns ``class, label`` (or ``concept``), ``layer``, ``significant`` (true/fals
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convlens.concepts.label_files import SEP, LabelsFolder, read_labels
+from convlens.concepts.label_files import SEP, LabelsFolder, csv_text, read_labels
 from convlens.concepts.trends import ClassTrends, LabelTrend, ScoredCluster, class_trends
 from convlens.core.files import atomic_write_text
 from convlens.reports.global_maps import InvLocator, relative_link
@@ -154,14 +153,6 @@ def _plot(trends: ClassTrends, chosen: Sequence[LabelTrend], title: str, path: P
     plt.close(figure)
 
 
-def _csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([[f"{v:.10g}" if isinstance(v, float) else v for v in row] for row in rows])
-    return buffer.getvalue()
-
-
 def _tables(result: GlobalResult) -> dict[str, str]:
     trends_rows, slope_rows = [], []
     for name, trends in result.classes.items():
@@ -174,8 +165,8 @@ def _tables(result: GlobalResult) -> dict[str, str]:
                                t.total_score, t.n_images, rising.get(t.label, ""), falling.get(t.label, ""),
                                tcav_verdict(result.tcav.get((name, t.label)))])
     return {
-        "trends.csv": _csv(("class", "label", "layer_depth", "layer", "mean_score", "n_clusters"), trends_rows),
-        "slopes.csv": _csv(SLOPE_COLUMNS, slope_rows),
+        "trends.csv": csv_text(("class", "label", "layer_depth", "layer", "mean_score", "n_clusters"), trends_rows),
+        "slopes.csv": csv_text(SLOPE_COLUMNS, slope_rows),
     }
 
 
