@@ -10,7 +10,9 @@ benchmark calls it on a labels folder). It writes into ``out``:
 * ``index.html`` and per class ``<class>/index.html`` with ``rising.png`` / ``falling.png`` (the six most
   rising and six most falling concepts, matplotlib), the table of all labels, and the layer-by-layer
   labelled cluster maps: for every image, every layer, every merged group its map with "w = <weight>%"
-  and its top-3 labels with their strengths (the paper's previews), linked to the image's INV page.
+  and its top-3 labels with their strengths, then the layer's full merge (all its clusters) with its
+  top-6 labels (the authors' previews), each with a top-10 list (their detail view), linked to the
+  image's INV page.
 
 TCAV slot ("used by the model"): when ``tcav`` (or ``LABELS_DIR/tcav.csv``) exists it is read with
 columns ``class, label`` (or ``concept``), ``layer``, ``significant`` (true/false) and optionally
@@ -37,7 +39,8 @@ from convlens.reports.html import template_environment
 
 __all__ = ["GlobalResult", "build_global", "read_tcav", "slug"]
 
-PREVIEW_LABELS = 3
+PREVIEW_LABELS = {"best": 3, "full": 6}  # labels under a map: the authors' previews (full merge: six)
+DETAIL_LABELS = 10  # the authors' detail view ("first 10 features")
 SLOPE_COLUMNS = ("class", "label", "slope", "ci_low", "ci_high", "direction", "ci_excludes_zero", "total_score",
                  "n_images", "rank_rising", "rank_falling", "tcav_used_by_model")
 
@@ -171,29 +174,42 @@ def _tables(result: GlobalResult) -> dict[str, str]:
 
 
 def _group_entries(folder: LabelsFolder) -> dict[str, list[dict[str, Any]]]:
-    """Best-label merged groups per class, with their top labels and member weights."""
+    """Merged groups per class (``merge`` "best" and "full"), with their labels by strength and member weights."""
     weights = {row["cluster_id"]: float(row["weight"] or 0) for row in folder.clusters}
     labels: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    for row in folder.group_labels:
-        if row["merge"] == "best":
-            labels[row["group_id"]].append((row["label"], float(row["strength"])))
+    for row in sorted(folder.group_labels, key=lambda r: int(r["rank"])):
+        labels[row["group_id"]].append((row["label"], float(row["strength"])))
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in folder.groups:
-        if row["merge"] != "best":
+        if row["merge"] not in PREVIEW_LABELS:
             continue
         members = [(c, weights.get(c, 0.0)) for c in row["cluster_ids"].split(SEP) if c]
         by_class[row["class"]].append(row | {"members": members, "weight": float(row["weight"] or 0),
                                              "depth": _optional_int(row["layer_depth"]) or 0,
-                                             "top": labels[row["group_id"]][:PREVIEW_LABELS]})
+                                             "labels": labels[row["group_id"]]})
     return by_class
+
+
+def _group_view(group: dict[str, Any], locator: InvLocator, class_dir: Path) -> dict[str, Any]:
+    """One group's map (drawn into ``class_dir/maps``), caption data, preview bars and top-10 list."""
+    map_name = f"maps/{slug(group['group_id'])}.png"
+    drawn = locator.render(group["inv_run"], group["image_id"], group["members"], class_dir / map_name)
+    preview = group["labels"][:PREVIEW_LABELS[group["merge"]]]
+    strongest = max([s for _, s in preview], default=0.0) or 1.0
+    return {
+        "id": group["group_id"], "merge": group["merge"], "weight": group["weight"],
+        "map": map_name if drawn else None, "clusters": len(group["members"]), "shared": group["shared_labels"],
+        "top": [{"label": label, "strength": s, "width": max(2.0, 100.0 * s / strongest)} for label, s in preview],
+        "detail": [{"label": label, "strength": s} for label, s in group["labels"][:DETAIL_LABELS]],
+    }
 
 
 def _class_images(
     name: str, groups: list[dict[str, Any]], locator: InvLocator, class_dir: Path
 ) -> list[dict[str, Any]]:
-    """Per image: its INV page link and, per depth, its groups with map files and top labels."""
+    """Per image: its INV page link and, per depth, its best-label groups and its full-merge group."""
     images: dict[str, dict[str, Any]] = {}
-    for group in sorted(groups, key=lambda g: (g["image_id"], g["depth"], -g["weight"])):
+    for group in sorted(groups, key=lambda g: (g["image_id"], g["depth"], g["merge"], -g["weight"])):
         if group["image_id"] not in images:
             page = locator.page(group["inv_run"], group["image_id"])
             input_name = f"maps/{slug(group['image_id'])}_input.png"
@@ -202,17 +218,10 @@ def _class_images(
                 "input": input_name if locator.copy_input(group["inv_run"], group["image_id"], class_dir / input_name)
                 else None,
             }
-        image = images[group["image_id"]]
-        map_name = f"maps/{slug(group['group_id'])}.png"
-        drawn = locator.render(group["inv_run"], group["image_id"], group["members"], class_dir / map_name)
-        strongest = max([s for _, s in group["top"]], default=0.0) or 1.0
-        image["layers"].setdefault(group["depth"], {"depth": group["depth"], "layer": group["layer"], "groups": []})
-        image["layers"][group["depth"]]["groups"].append({
-            "id": group["group_id"], "weight": group["weight"], "map": map_name if drawn else None,
-            "clusters": len(group["members"]), "shared": group["shared_labels"],
-            "top": [{"label": label, "strength": s, "width": max(2.0, 100.0 * s / strongest)}
-                    for label, s in group["top"]],
-        })
+        layers = images[group["image_id"]]["layers"]
+        layer = layers.setdefault(group["depth"], {"depth": group["depth"], "layer": group["layer"], "groups": [],
+                                                   "full": []})
+        layer["groups" if group["merge"] == "best" else "full"].append(_group_view(group, locator, class_dir))
     for image in images.values():
         image["layers"] = [image["layers"][d] for d in sorted(image["layers"])]
     return list(images.values())
