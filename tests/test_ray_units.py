@@ -197,3 +197,59 @@ def _without_timings(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
+
+
+def test_explain_images_go_to_ray_one_window_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver reads and ships the image bytes of one window of paths per Ray dataset (not every pending
+    image's at once), and every result comes back to its own path."""
+    import contextlib
+
+    from convlens.runners import ray_engine
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(bytes([i]) * (i + 1))
+    windows: list[list[str]] = []
+
+    def stream(payloads, worker, args, options, session):  # the cluster's part, in-process
+        windows.append([pickle.loads(p)[0] for p in payloads])
+        for position in reversed(range(len(payloads))):  # any completion order
+            name, data = pickle.loads(payloads[position])
+            yield position, pickle.dumps(ImageOutcome({"bytes.bin": data}, {"name": name}))
+
+    @contextlib.contextmanager
+    def session(options):
+        yield ray_engine.RaySession(True, {"CPU": 1.0})
+
+    monkeypatch.setattr(ray_engine, "stream_results", stream)
+    monkeypatch.setattr(ray_engine, "ray_session", session)
+    plan = type("Plan", (), {"loaded": None, "explainers": {}, "config": type("Config", (), {"device": "cpu"})()})()
+    engine = ray_engine.RayExplainEngine(window=2)
+    done = {position: job for position, job in engine(plan, None, paths, _Forwards())}
+    assert windows == [["img0.png", "img1.png"], ["img2.png", "img3.png"], ["img4.png"]]
+    assert sorted(done) == list(range(5))
+    for position, job in done.items():
+        folder = tmp_path / f"out{position}"
+        folder.mkdir()
+        assert job(folder)["name"] == paths[position].name
+        assert (folder / "bytes.bin").read_bytes() == paths[position].read_bytes()
+    with pytest.raises(RayEngineError, match="window"):
+        ray_engine.RayExplainEngine(window=0)
+
+
+def test_evaluate_worker_builds_the_explainers_and_metrics_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens.runners.evaluate_item import ItemEvaluator
+
+    config = EvaluationConfig(model="synthetic-vgg", methods=["gradcam"], data="synthetic", limit=1,
+                              metrics=["drop"], out=tmp_path / "unused")
+    setup = build_evaluation(config)
+    state = pickle.loads(pickle.dumps(setup.evaluator.__getstate__()))  # what the engine ships to an actor
+    builds: list[str] = []
+    original = ItemEvaluator._build
+    monkeypatch.setattr(ItemEvaluator, "_build", lambda self: (builds.append(self.config.device), original(self)))
+    worker = EvaluateWorker(state, "cpu", 1)
+    assert builds == ["cpu"] and worker.evaluator.explainers.keys() == {"gradcam"}
+    item = WorkItem(0, "0000000-x", setup.dataset.sample_ids()[0], ("gradcam",))
+    assert worker.evaluator(item).records["gradcam"]["targets"] == setup.evaluator(item).records["gradcam"]["targets"]

@@ -15,8 +15,8 @@ Ray is an optional extra (``pip install 'convlens[ray]'``): nothing imports this
 ``--engine ray`` is asked for, and Ray itself is imported only when a run starts.
 
 Cluster use: every node needs the same Python environment (convlens, torch; e.g. one container image).
-``convlens explain`` ships the image bytes, so only the driver reads the input files (it holds the
-pending images' bytes while the run lasts); ``convlens evaluate`` loads images on the workers from the
+``convlens explain`` ships the image bytes, so only the driver reads the input files (it holds one window
+of 256 images' bytes at a time); ``convlens evaluate`` loads images on the workers from the
 dataset's paths, so the data must be at the same path on every node (a shared file system) — or be
 ``synthetic``. The run's output folder is written by the driver alone.
 """
@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import pickle
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +107,9 @@ def require_ray() -> ModuleType:
 
 @dataclass
 class RaySession:
-    """The Ray this run uses: whether the run started it, how long joining or starting took, its resources."""
+    """The Ray this run uses: whether the run started it (a local Ray), and the cluster's resources."""
 
     started: bool
-    connected: bool
-    startup_seconds: float
     resources: dict[str, float] = field(default_factory=dict)
 
 
@@ -122,7 +119,6 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
     process already runs; what was started or joined here is shut down at the end."""
     options.check()
     ray = require_ray()
-    start = time.perf_counter()
     started = connected = False
     if not ray.is_initialized():
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -140,7 +136,7 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
             connected = True
     try:
         _quiet_ray_data()
-        session = RaySession(started, connected, time.perf_counter() - start, dict(ray.cluster_resources()))
+        session = RaySession(started, dict(ray.cluster_resources()))
         _check_gpus(options, session)
         yield session
     finally:
@@ -223,7 +219,7 @@ class RayEvaluateEngine:
     The evaluator is shipped to every actor once (its settings, dataset and model); each actor evaluates
     the :class:`~convlens.runners.evaluate_item.WorkItem` s it is handed and returns the
     :class:`~convlens.runners.evaluate_item.ItemResult` s, which the driver stores as they arrive.
-    ``session`` holds the last run's :class:`RaySession` (start-up time, resources).
+    ``session`` holds the last run's :class:`RaySession` (resources).
     """
 
     def __init__(self, options: RayOptions | None = None) -> None:
@@ -239,7 +235,7 @@ class RayEvaluateEngine:
             return
         with ray_session(self.options) as session:
             self.session = session
-            args = (evaluator, self.options.device, self.options.threads_per_worker)
+            args = (evaluator.__getstate__(), self.options.device, self.options.threads_per_worker)
             payloads = [pickle.dumps(item) for item in pending]
             for _, result in stream_results(payloads, EvaluateWorker, args, self.options, session):
                 yield pickle.loads(result)
@@ -250,12 +246,19 @@ class RayExplainEngine:
 
     Each image's bytes go to a worker, which explains it into a private folder and returns the folder's
     files; the driver's job writes them into the run's (atomic) image folder and fixes the record's
-    ``image`` / ``source`` to the driver's path, so the folder equals the embedded engine's.
+    ``image`` / ``source`` to the driver's path, so the folder equals the embedded engine's. The images are
+    streamed in windows of ``window`` paths (one Ray dataset each): the driver and the object store hold
+    one window's image bytes at a time, not every pending image's.
     """
 
-    def __init__(self, options: RayOptions | None = None) -> None:
+    WINDOW = 256
+
+    def __init__(self, options: RayOptions | None = None, window: int = WINDOW) -> None:
+        if window < 1:
+            raise RayEngineError(f"images per window must be >= 1, got {window}")
         self.options = options or RayOptions()
         self.options.check()
+        self.window = window
         self.session: RaySession | None = None
 
     def __call__(self, plan: Any, settings: Any, paths: Sequence[Path], progress: Any) -> Iterator[tuple[int, Any]]:
@@ -263,14 +266,16 @@ class RayExplainEngine:
 
         if not paths:
             return
-        payloads = [pickle.dumps((path.name, path.read_bytes())) for path in paths]
         state = ExplainState(plan.loaded, plan.explainers, settings)
         plan.config.device = self.options.device  # the report names the workers' device, not the driver's
         with ray_session(self.options) as session:
             self.session = session
             args = (state, self.options.device, self.options.threads_per_worker)
-            for position, result in stream_results(payloads, ExplainWorker, args, self.options, session):
-                yield position, _ImageWriter(pickle.loads(result), paths[position], progress)
+            for first in range(0, len(paths), self.window):  # only one window's image bytes at a time
+                window = paths[first : first + self.window]
+                payloads = [pickle.dumps((path.name, path.read_bytes())) for path in window]
+                for position, result in stream_results(payloads, ExplainWorker, args, self.options, session):
+                    yield first + position, _ImageWriter(pickle.loads(result), paths[first + position], progress)
 
 
 class _ImageWriter:

@@ -39,18 +39,23 @@ class EvaluateWorker:
     """``convlens evaluate`` on one worker: ``ItemEvaluator(item) -> ItemResult`` per row.
 
     Args:
-        evaluator: the driver's evaluator (pickled as its settings, dataset and model; rebuilt here once).
+        evaluator: the driver's evaluator, or its pickled state (``ItemEvaluator.__getstate__``: settings,
+            dataset and model), from which the evaluator is built here once, for this worker's device.
         device: where this worker runs the model (``cpu`` or ``cuda``: Ray assigns the GPU).
         threads: torch intra-op threads of this worker.
     """
 
-    def __init__(self, evaluator: ItemEvaluator, device: str, threads: int) -> None:
+    def __init__(self, evaluator: ItemEvaluator | dict[str, Any], device: str, threads: int) -> None:
         _set_threads(threads)
-        if torch.device(device) != torch.device(evaluator.config.device):
-            config = dataclasses.replace(evaluator.config, device=device)
-            evaluator.loaded.module.to(torch.device(device)).eval()
-            evaluator = ItemEvaluator(config, evaluator.dataset, evaluator.loaded)
-        self.evaluator = evaluator
+        state = evaluator.__getstate__() if isinstance(evaluator, ItemEvaluator) else evaluator
+        config = state["config"]
+        if torch.device(device) != torch.device(config.device):
+            config = dataclasses.replace(config, device=device)
+        if isinstance(evaluator, ItemEvaluator) and config is evaluator.config:
+            self.evaluator = evaluator  # already built for this device
+            return
+        state["loaded"].module.to(torch.device(device)).eval()
+        self.evaluator = ItemEvaluator(config, state["dataset"], state["loaded"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [pickle.dumps(self.evaluator(pickle.loads(payload))) for payload in batch["payload"]]
