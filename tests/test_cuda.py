@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -51,12 +52,60 @@ def test_every_method_runs_on_cuda_with_the_cpu_maps(make_model: Callable[..., n
     assert torch.equal(explanation.targets.cpu(), expected.targets.cpu())
 
 
-def test_inv_runs_on_cuda(make_model: Callable[..., nn.Module]) -> None:
+def _exact_cuda_math() -> Any:
+    """No TF32 in cuDNN convolutions and matmuls for the body (CUDA then agrees with the CPU to ~1e-6)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope() -> Any:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    return scope()
+
+
+def test_inv_runs_on_cuda_with_the_cpu_clusters(make_model: Callable[..., nn.Module]) -> None:
     from convlens.concepts.inv import INV
 
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    explanation = INV(make_model().cuda(), layers="convs").explain(x.cuda())
-    assert explanation.layers
+    expected = INV(make_model(), layers="convs", embedding="pca").explain(x)
+    with _exact_cuda_math():
+        explanation = INV(make_model().cuda(), layers="convs", embedding="pca").explain(x.cuda())
+    assert [layer.name for layer in explanation.layers] == [layer.name for layer in expected.layers]
+    for got, want in zip(explanation.layers, expected.layers, strict=True):
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-3, atol=1e-4)
+        assert list(got.kept_channels) == list(want.kept_channels)
+        assert [c.channels for c in got.clusters] == [c.channels for c in want.clusters], got.name
+        for a, b in zip(got.clusters, want.clusters, strict=True):
+            assert pearson(torch.from_numpy(a.input_map), torch.from_numpy(b.input_map)) >= 0.99
+        assert pearson(torch.from_numpy(got.layer_map), torch.from_numpy(want.layer_map)) >= 0.99
+
+
+def test_scorecam_and_rise_on_cuda_share_the_forwards_of_copies_and_score_dead_channels(
+    make_model: Callable[..., nn.Module],
+) -> None:
+    """Score-CAM's mask stream on CUDA (its channel bookkeeping indexes on the masks' device), with dead channels
+    (the zero image) and one image explained for three classes (shared masked forwards), against the CPU."""
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)).expand(3, -1, -1, -1)
+    models = {"cpu": make_model(seed=2), "cuda": make_model(seed=2).cuda()}
+    for model in models.values():
+        with torch.no_grad():
+            model.block3[0].weight[:12] = 0
+            model.block3[0].bias[:12] = -1
+    for name, knobs in (("scorecam", {"layers": "block3"}), ("rise", {"n_masks": 200})):
+        with _exact_cuda_math():
+            got = create(name, models["cuda"], batch_size=16, **knobs).explain(x.cuda(), targets=[0, 2, 4])
+        want = create(name, models["cpu"], batch_size=16, **knobs).explain(x, targets=[0, 2, 4])
+        assert got.forward_passes == want.forward_passes
+        for a, b in zip(got.maps, want.maps, strict=True):
+            assert pearson(a, b) >= 0.99
+        if name == "scorecam":
+            zero = want.extras["zero_masks"]["block3"]
+            assert got.extras["zero_masks"]["block3"] == zero and zero[0] >= 12
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -99,8 +148,8 @@ def test_evaluation_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
 
     results = {}
     for device in ("cpu", "cuda"):
-        config = EvaluationConfig(model="synthetic-vgg", methods=["gradcam", "sise"], data="synthetic", limit=3,
-                                  metrics=["ebpg", "drop"], out=tmp_path / device, device=device, n_samples=1)
+        config = EvaluationConfig(model="synthetic-vgg", methods=["gradcam", "sise", "scorecam"], data="synthetic",
+                                  limit=3, metrics=["ebpg", "drop"], out=tmp_path / device, device=device, n_samples=1)
         results[device] = {(s["method"], s["metric"]): s["mean"] for s in run_evaluation(config).summary}
     for key, value in results["cpu"].items():
         if key[1] != "seconds":
