@@ -90,3 +90,13 @@ def test_study_dir_is_exported_first(tmp_path: Path) -> None:
     result = runner.invoke(app, ["labels", str(tmp_path / "study"), "--out", str(tmp_path / "labels")])
     assert result.exit_code == 2, result.output
     assert "the export has no plays: nothing to label" in " ".join(result.output.split())
+
+
+def test_min_similarity_option_defaults_to_the_library_default() -> None:
+    import inspect
+
+    from convlens.cli.labels import labels_command
+    from convlens.concepts.label_pipeline import DEFAULT_MIN_SIMILARITY, LabelSettings
+
+    assert inspect.signature(labels_command).parameters["min_similarity"].default == DEFAULT_MIN_SIMILARITY
+    assert LabelSettings().min_similarity == DEFAULT_MIN_SIMILARITY

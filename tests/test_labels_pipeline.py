@@ -89,11 +89,11 @@ def test_every_play_is_in_the_audit_with_its_fate(labelled) -> None:
 
 def test_wrong_guess_unlike_every_text_of_the_guessed_class_stays_unlabelled(labelled) -> None:
     """p3 "strings" (guessed golf ball) has cosine 0 to both golf-ball texts "dimples" and "white dimples":
-    below min_similarity 0.3 it gets no label, the similarity and the reason are in the audit."""
+    below min_similarity 0.4 it gets no label, the similarity and the reason are in the audit."""
     result, folder = labelled
     row = _audit(folder)["p3"]
     assert (row["status"], row["label"], row["similarity"]) == ("unlabelled", "", "0")
-    assert row["reason"] == ("nearest text cluster 0 of 'golf ball' has similarity 0 < min_similarity 0.3: "
+    assert row["reason"] == ("nearest text cluster 0 of 'golf ball' has similarity 0 < min_similarity 0.4: "
                              "no label is close enough")
     p00 = next(c for c in result.clusters if c.cluster_id == "P:L0:0")
     assert set(p00.scores) == {"canopy"} and p00.losses == 1  # still a loss of its cluster
@@ -101,7 +101,7 @@ def test_wrong_guess_unlike_every_text_of_the_guessed_class_stays_unlabelled(lab
 
 @pytest.mark.parametrize(("floor", "status", "label"), [
     (0.0, "wrong_guess_labelled", "dimples"), (0.11, "wrong_guess_labelled", "dimples"),
-    (0.111, "unlabelled", ""), (0.3, "unlabelled", ""),
+    (0.111, "unlabelled", ""), (0.4, "unlabelled", ""),
 ])
 def test_min_similarity_floor_by_hand(tmp_path: Path, floor: float, status: str, label: str) -> None:
     """Golf ball's texts "dimples" (0, 0, 1, 0) and "white dimples" (0, 0, 1.3, 0.1), one cluster each;
@@ -157,7 +157,7 @@ def test_manifest_records_embedder_settings_and_counts(labelled) -> None:
     assert manifest["counts"]["plays"] == 17 and manifest["counts"]["status"]["excluded"] == 3
     assert manifest["counts"]["description_not_used"] == {"language 'it' and no translator (pass one to translate)": 1,
                                                           "too long": 1, "nothing but the class name": 1}
-    assert manifest["settings"]["min_similarity"] == 0.3
+    assert manifest["settings"]["min_similarity"] == 0.4
     assert manifest["classes"][G]["rule"].startswith("one cluster per distinct description")
 
 
@@ -217,7 +217,7 @@ def test_class_without_correct_guesses_and_a_single_description(tmp_path: Path) 
                         settings=LabelSettings(n_bootstrap=10))
     assert "tench" not in result.labellings and result.labellings["church"].k == 1
     audit = {row.play_id: row for row in result.audit}
-    # "dimples" (0, 0, 1, 0) vs church's "white dimples" (0, 0, 1.3, 0.1): cosine 1.3 / sqrt(1.7) > 0.3; the
+    # "dimples" (0, 0, 1, 0) vs church's "white dimples" (0, 0, 1.3, 0.1): cosine 1.3 / sqrt(1.7) > 0.4; the
     # tench cluster takes a label of the guessed class's vocabulary, as in the authors' analysis
     assert audit["a1"].status == "wrong_guess_labelled" and audit["a1"].label == "dimples"
     assert audit["a1"].similarity == pytest.approx(1.3 / np.sqrt(1.7))

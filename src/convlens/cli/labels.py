@@ -98,7 +98,7 @@ def labels_command(
         help="CLASS=ALIAS, also removed from texts (repeatable).")] = None,
     min_similarity: Annotated[float, typer.Option(
         help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.3,
+             "guessed class stays unlabelled.")] = 0.4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the agreement intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
@@ -131,7 +131,7 @@ def global_command(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out/global"),
     min_similarity: Annotated[float, typer.Option(
         help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.3,
+             "guessed class stays unlabelled.")] = 0.4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over images for the slope intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     tcav: Annotated[Path | None, typer.Option(

@@ -67,9 +67,11 @@ LABELLED, WRONG, STATS, UNLABELLED, EXCLUDED = (
 )
 UNUSED = "description not used: "
 # Frequency-weighted mean cosine similarity below which a wrong guess's description, unlike every text
-# cluster of the guessed class, stays unlabelled. Sentence-BERT similarities of unrelated short English
-# phrases mostly lie below 0.3, paraphrases well above.
-DEFAULT_MIN_SIMILARITY = 0.3
+# cluster of the guessed class, stays unlabelled. Measured with all-MiniLM-L6-v2: unrelated words and
+# phrases give 0.11-0.32 ("water"/"dimples" 0.11, "metal"/"church tower" 0.23, "strings"/"dimples" 0.32),
+# related ones 0.44-0.56 ("canopy"/"the colourful sail" 0.44, "cords"/"strings and ropes" 0.48,
+# "ropes"/"strings" 0.56), near-paraphrases 0.8-0.9; 0.4 lies between. Other embedders may need another value.
+DEFAULT_MIN_SIMILARITY = 0.4
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class LabelSettings:
 
     ``min_similarity``: a description that is not one of the guessed class's clustered texts (a wrong
     guess) is labelled only if its frequency-weighted mean cosine similarity to the nearest text cluster
-    is at least this (default 0.3); otherwise it stays ``unlabelled`` with the similarity recorded.
+    is at least this (default 0.4); otherwise it stays ``unlabelled`` with the similarity recorded.
     """
 
     max_chars: int = DEFAULT_MAX_CHARS
