@@ -25,7 +25,8 @@ def simulate_command(
                                                           "round to get its plays per round.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the plan and of every player's choices.")] = 0,
     url: Annotated[str | None, typer.Option(help="Play a running server (e.g. http://127.0.0.1:8000, rate limits "
-                                                 "high enough); default: start one for the run.")] = None,
+                                                 "high enough: --rate-limit-ip, --rate-limit-participant and "
+                                                 "--rate-limit-consent); default: start one for the run.")] = None,
     db: Annotated[str | None, typer.Option(help="Database URL for the server started here (default: the "
                                                 "SQLite file in STUDY_DIR).")] = None,
     concurrent: Annotated[int, typer.Option(help="Participants in the game at the same time.")] = 4,
