@@ -113,5 +113,9 @@ def test_cli_create_and_errors(inv_run: Path, tmp_path: Path) -> None:
     rounds = load_rounds(tmp_path / "s")
     assert {r.layer for r in rounds if not r.gold} == {"block3.1"} and sum(r.gold for r in rounds) == 2
     assert load_study(tmp_path / "s").title == "My study"
+    normal, images = sum(not r.gold for r in rounds), len({r.image_id for r in rounds})
+    needed = -(-normal * 3 // images)  # default plays per round: 3; one round per image and participant
+    assert f"at most {images} rounds (one per image): {normal} rounds x 3 plays need at least {needed}" in " ".join(
+        result.output.split())
     bad = runner.invoke(app, ["study", "create", str(tmp_path / "t"), "--from", str(inv_run), "--gold", "-1"])
     assert bad.exit_code == 2 and "--gold -1" in bad.output and not (tmp_path / "t").exists()

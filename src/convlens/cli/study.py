@@ -70,6 +70,10 @@ def create(
         fail(console, str(exc))
     typer.echo(f"Study {summary['study_dir']}: {summary['rounds']} rounds + {summary['gold_rounds']} gold rounds "
                f"from {summary['images']} images; classes: {', '.join(summary['classes'])}")
+    if one_round_per_image:
+        needed = -(-summary["rounds"] * plays_per_round // summary["images"])
+        typer.echo(f"Each participant plays at most {summary['images']} rounds (one per image): {summary['rounds']} "
+                   f"rounds x {plays_per_round} plays need at least {needed} participants.")
     typer.echo(f"Admin token (also in {study_dir}/secrets.json): {summary['admin_token']}")
     typer.echo(f"Serve it with: convlens serve {study_dir}")
 
