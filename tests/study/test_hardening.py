@@ -5,6 +5,7 @@ ticked box, the reveal percentages from study.json, CLI errors printed verbatim.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ from convlens.cli.main import app as cli_app
 from convlens.study import security
 from convlens.study.config import load_secrets
 from convlens.study.db import Base, Participant, make_engine, upgrade, utcnow
+from convlens.study.game import GameError
 from convlens.study.runtime import StudyDatabaseError
 from study.conftest import CSRF_META, ApiPlayer, make_app
 
@@ -63,6 +65,26 @@ def test_a_prolific_id_registers_once(study_dir: Path, database: str) -> None:
     with pytest.raises(IntegrityError), runtime.write() as session:
         session.add(_participant("dup0000000000000", PID))
     app.state.engine.dispose()
+
+
+def test_a_registration_race_on_one_prolific_id_is_a_409(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two registrations with one id at once: the one whose check ran before the other's commit still gets a
+    409 (the unique index's IntegrityError), not a 500."""
+    runtime = app.state.runtime
+    runtime.register("1", None, {"prolific_pid": PID})
+    real = runtime.write
+
+    @contextlib.contextmanager
+    def blind_write() -> Iterator[Any]:
+        with real() as session:
+            monkeypatch.setattr(session, "scalar", lambda *args, **kwargs: None)  # the other one is not visible
+            yield session
+
+    monkeypatch.setattr(runtime, "write", blind_write)
+    with pytest.raises(GameError) as refused:
+        runtime.register("1", None, {"prolific_pid": PID})
+    assert refused.value.status == 409 and "already taken part" in refused.value.message
+    runtime.register("1", None, {"prolific_pid": None})  # without an id the insert still goes through
 
 
 def test_migration_head_matches_the_models(tmp_path: Path) -> None:
