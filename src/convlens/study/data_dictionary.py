@@ -77,7 +77,8 @@ TABLES: dict[str, list[dict[str, str]]] = {
     "participants": [
         _c("participant_id", "string", "pseudonymous participant id (random, 16 hex digits)"),
         _c("nickname", "string", "optional nickname shown on the leaderboard", "null if none"),
-        _c("prolific_pid", "string", "PROLIFIC_PID URL parameter at consent", "null if absent"),
+        _c("prolific_pid", "string", "PROLIFIC_PID URL parameter at consent (one registration per id)",
+           "null if absent"),
         _c("study_id_param", "string", "STUDY_ID URL parameter at consent", "null if absent"),
         _c("session_id_param", "string", "SESSION_ID URL parameter at consent", "null if absent"),
         _c("consent_version", "string", "consent text version agreed to"),
