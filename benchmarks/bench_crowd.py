@@ -73,7 +73,10 @@ register_policy(NoHedgesPolicy.name, NoHedgesPolicy)
 def make_template(root: Path, images: int) -> Path:
     runs = write_inv_run(root / "inv", count=images)
     template = root / "template"
-    create_study(template, [runs], CreateOptions(classes=CLASSES, gold=0, plays_per_round=1, rounds_per_player=20))
+    # simulated players never learn an answer, so the per-image rule (against real players who saw the class at
+    # the end of a round) would only add participants: the crowd sizes below assume 20 rounds per player
+    create_study(template, [runs], CreateOptions(classes=CLASSES, gold=0, plays_per_round=1, rounds_per_player=20,
+                                                 one_round_per_image=False))
     return template
 
 
@@ -87,7 +90,8 @@ def fresh_study(template: Path, target: Path, **config: Any) -> Path:
 
 def play(study: Path, plan: CrowdPlan, participants: int, budget: int | None) -> tuple[Path, dict[str, Any]]:
     """The crowd plays ``study`` in process; returns the CSV export and the run's summary."""
-    app = create_app(study, rate_limit_ip=UNLIMITED, rate_limit_participant=UNLIMITED)
+    app = create_app(study, rate_limit_ip=UNLIMITED, rate_limit_participant=UNLIMITED,
+                     rate_limit_consent=UNLIMITED)
     try:
         run = asyncio.run(run_crowd(asgi_clients(app), study, plan, participants, concurrent=4, budget=budget))
         export_study(app.state.engine, app.state.runtime.config, study / "export", "csv")
@@ -196,7 +200,8 @@ def speed_check(template: Path, root: Path, plan: CrowdPlan, budget: int) -> dic
                 start = time.perf_counter()
                 asyncio.run(run_crowd(url_clients(url), study, plan, 100, 4, budget))
         else:
-            app = create_app(study, rate_limit_ip=UNLIMITED, rate_limit_participant=UNLIMITED)
+            app = create_app(study, rate_limit_ip=UNLIMITED, rate_limit_participant=UNLIMITED,
+                             rate_limit_consent=UNLIMITED)
             asyncio.run(run_crowd(asgi_clients(app), study, plan, 100, 4, budget))
             app.state.engine.dispose()
         rates[name] = budget / (time.perf_counter() - start)

@@ -117,7 +117,7 @@ def fault_run(study: Path, db: str | None, url: str, players: int, submissions: 
 def make_study(root: Path, runs: Path, name: str) -> Path:
     study = root / name
     create_study(study, [runs], CreateOptions(classes=CLASSES, gold=2, plays_per_round=10_000,
-                                              rounds_per_player=10_000))
+                                              rounds_per_player=10_000, one_round_per_image=False))
     return study
 
 
