@@ -133,7 +133,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -
     study = root / "study"
     create_study(study, [root / "run"], CreateOptions(plays_per_round=1, rounds_per_player=40))
     plan = _planted(study, masks)
-    server = create_app(study, None, rate_limit_ip="1000000/minute", rate_limit_participant="1000000/minute")
+    server = create_app(study, None, rate_limit_ip="1000000/minute", rate_limit_participant="1000000/minute",
+                        rate_limit_consent="1000000/minute")  # 200 participants from one address
     try:
         run = simulate(study, plan, participants=200, app=server, concurrent=4)
     finally:
