@@ -258,7 +258,7 @@ def test_global_report_draws_maps_from_a_real_inv_run(tmp_path: Path) -> None:
         x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(n))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            explanation = INV(model, embedding="pca").explain(x, image_id=f"{n:064x}")
+            explanation = INV(model, embedding="pca").explain(x, image_id=f"{n:016x}{0:048x}")
         picture = Image.fromarray((np.random.default_rng(n).random((32, 32, 3)) * 255).astype(np.uint8))
         save_with_page(explanation, tmp_path / "run" / f"img{n}" / "inv", picture)
         for depth, layer in enumerate(explanation.layers):
@@ -275,6 +275,7 @@ def test_global_report_draws_maps_from_a_real_inv_run(tmp_path: Path) -> None:
     page = (tmp_path / "global" / "tench" / "index.html").read_text()
     maps = list((tmp_path / "global" / "tench" / "maps").glob("*.png"))
     assert result.notes == [] and len(maps) >= 2 and "map not available" not in page
+    assert page.count("<h3>Image") == 2  # distinct 16-digit image ids: the two images stay apart
     assert page.count('href="../../run/img0/inv/index.html"') >= 1
     assert Image.open(maps[0]).size == (32, 32)
 
