@@ -158,8 +158,9 @@ def unit_vectors(maps: torch.Tensor) -> np.ndarray:
 def groups(maps: torch.Tensor, n_groups: int) -> tuple[np.ndarray, list[list[int]]]:
     """Average-linkage clustering on cosine distance (scipy ``pdist`` + ``linkage``) into ``n_groups``;
     returns each map's group (numbered by scipy's cluster label order) and, per group, its medoid
-    candidates: the members whose summed cosine similarity to the group is maximal up to 1e-9 (a group of
-    two members has two: their sums are equal, and which one a float computation picks is rounding)."""
+    candidates: the members whose summed cosine similarity to the group is maximal up to 1e-5 relative (a group
+    of two members has two: their sums are equal; the explainer takes the first of a near-tie, so that an image's
+    medoids do not depend on the ~1e-7 noise between its activations alone and in a batch)."""
     vectors = unit_vectors(maps)
     n_maps = len(vectors)
     if n_groups >= n_maps:
@@ -174,7 +175,8 @@ def groups(maps: torch.Tensor, n_groups: int) -> tuple[np.ndarray, list[list[int
     for group in range(labels.max() + 1):
         members = np.flatnonzero(labels == group)
         sums = similarity[np.ix_(members, members)].sum(1)
-        candidates.append([int(m) for m, s in zip(members, sums, strict=True) if s >= sums.max() - 1e-9])
+        floor = sums.max() - 1e-5 * abs(sums.max())
+        candidates.append([int(m) for m, s in zip(members, sums, strict=True) if s >= floor])
     return labels, candidates
 
 

@@ -141,6 +141,17 @@ def test_batched_images_equal_single_images(tiny_cnn, tiny_images):
         assert single.extras["kept_masks"] == {k: [v[i]] for k, v in batched.extras["kept_masks"].items()}
 
 
+@pytest.mark.parametrize("fast_scores", ["medoid", "gp"])
+def test_fast_mode_batched_images_equal_single_images(tiny_cnn, tiny_images, fast_scores):
+    options = {"fast": True, "fast_factor": 3, "fast_scores": fast_scores, "fusion": "code"}
+    batched = SISE(tiny_cnn, batch_size=16, **options).explain(tiny_images)
+    for i in range(len(tiny_images)):
+        single = SISE(tiny_cnn, batch_size=5, **options).explain(tiny_images[i])
+        torch.testing.assert_close(batched.maps[i], single.maps[0], atol=2e-5, rtol=1e-4)
+        assert single.extras["fast"]["groups"] == [batched.extras["fast"]["groups"][i]]
+        assert single.extras["masked_forwards"] == [batched.extras["masked_forwards"][i]]
+
+
 def test_phase_two_is_one_forward_for_the_whole_batch(tiny_cnn, tiny_images):
     explainer = SISE(tiny_cnn, batch_size=8)
     explainer.layers_for(tiny_images)  # resolve layers (a dummy forward) beforehand
@@ -250,15 +261,16 @@ def test_group_masks_equals_scipy_clustering(tiny_cnn, tiny_images, sise_referen
             assert all(int(m) in group for m, group in zip(medoids, candidates, strict=True))
 
 
-def test_interpolated_scores_are_exact_at_the_scored_masks(sise_reference):
+@pytest.mark.parametrize("n_scored", [3, 4, 5, 6])  # 3, 6, 10, 15 pairs: even counts have two middle distances
+def test_interpolated_scores_are_exact_at_the_scored_masks(sise_reference, n_scored):
     g = torch.Generator().manual_seed(6)
     features = torch.rand(12, 49, generator=g, dtype=torch.float64)
-    scored = torch.tensor([0, 4, 7])
-    scores = torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64)
+    scored = torch.tensor([0, 4, 7, 9, 10, 2][:n_scored])
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.1, 0.7, 0.4][:n_scored], dtype=torch.float64)
     prediction = interpolate_scores(features, scored, scores)
     torch.testing.assert_close(prediction[scored], scores)
     expected = sise_reference.gp(features.numpy(), scored.tolist(), scores.tolist())
-    torch.testing.assert_close(prediction, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(prediction, torch.tensor(expected, dtype=torch.float64), atol=1e-10, rtol=1e-10)
     one = interpolate_scores(features, torch.tensor([3]), torch.tensor([0.7], dtype=torch.float64))
     torch.testing.assert_close(one, torch.full((12,), 0.7, dtype=torch.float64))
 

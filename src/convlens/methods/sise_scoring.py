@@ -209,6 +209,9 @@ def score_fast(
                        groups=[int(block.medoids.numel()) for block in blocks])
 
 
+_MEDOID_TIE = 1e-5  # relative: summed similarities this close are a tie
+
+
 def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group near-duplicate masks: average-linkage clustering on cosine distance (scipy).
 
@@ -218,7 +221,8 @@ def group_masks(maps: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.
 
     Returns:
         ``labels`` (K,) group of each map (0 .. G-1) and ``medoids`` (G,) the index of each group's
-        representative: the member with the highest summed cosine similarity to its group.
+        representative: the member with the highest summed cosine similarity to its group (near-ties within
+        1e-5 relative, float noise, go to the first member).
     """
     return _group(minmax_normalize(maps.detach().double().cpu(), eps=MASK_EPS), n_groups)
 
@@ -246,7 +250,10 @@ def _group(normalised: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch
     medoids = []
     for group in range(int(labels.max()) + 1):
         members = torch.nonzero(labels == group)[:, 0]
-        medoids.append(int(members[similarity[members][:, members].sum(1).argmax()]))
+        summed = similarity[members][:, members].sum(1)
+        # near-ties (within float noise: a batch's activations differ from a single image's by ~1e-7) go to the
+        # first member, so that an image gets the same medoids alone or in a batch
+        medoids.append(int(members[torch.nonzero(summed >= summed.max() - _MEDOID_TIE * summed.max().abs())[0, 0]]))
     return labels, torch.as_tensor(medoids, dtype=torch.long)
 
 
@@ -283,7 +290,7 @@ def interpolate_scores(
     distances = torch.cdist(x_scored, x_scored)
     positive = distances[distances > 0]
     if positive.numel():
-        length = torch.median(positive)
+        length = torch.quantile(positive, 0.5)  # the median (mean of the two middle values, as numpy's)
         gram = torch.exp(-(distances**2) / (2 * length**2)) + noise * torch.eye(len(y), dtype=torch.float64)
         weights = torch.linalg.solve(gram, y - y.mean())
         cross = torch.exp(-(torch.cdist(x_all, x_scored) ** 2) / (2 * length**2))
