@@ -296,13 +296,14 @@ class SISE(Explainer):
         alpha = gradient.float().mean(dim=(1, 2))
         kept, relative = self.select_channels(alpha)
         beta = float(alpha.max())
-        maps = activation.float()[kept].flatten(1)
-        varying = maps.amax(1) > maps.amin(1)
+        maps = activation.float()[kept]
+        flat = maps.flatten(1)
+        varying = flat.amax(1) > flat.amin(1)
         return BlockSelection(
             layer=name,
             kept=kept,
             scored=kept[varying],
-            activations=activation.float()[kept[varying]],
+            activations=maps[varying],
             candidates=int(alpha.numel()),
             alpha=alpha,
             threshold=None if relative is None else relative * beta,

@@ -157,34 +157,69 @@ def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int =
     import piq
 
     ssim_values, fsim_values = [], []
+    terms = fsim_reference_terms(original.float())  # once per image, whatever the number of chunks
     for start in range(0, masked.shape[0], chunk):
         part = masked[start : start + chunk].float()
         reference = original.float().expand_as(part)
         ssim_values.append(piq.ssim(part, reference, data_range=255.0, reduction="none", downsample=False))
-        fsim_values.append(fsimc_against(part, original.float()))
+        fsim_values.append(fsimc_against(part, original.float(), terms))
     mse = ((masked.double() - original.double()) ** 2).flatten(1).mean(1) / 255.0**2
     return torch.cat(ssim_values).double(), torch.cat(fsim_values).double(), mse.clamp(0, 1)
 
 
-def fsimc_against(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class FSIMReference:
+    """The reference image's FSIMc terms: its YIQ channels, phase congruency and gradient magnitude."""
+
+    yiq: torch.Tensor
+    phase_congruency: torch.Tensor
+    gradient: torch.Tensor
+
+
+def _fsim_kernels(like: torch.Tensor) -> torch.Tensor:
+    from piq.functional import scharr_filter
+
+    scharr = scharr_filter(device=like.device, dtype=like.dtype)
+    return torch.stack([scharr, scharr.transpose(-1, -2)])
+
+
+def _yiq(images: torch.Tensor) -> torch.Tensor:
+    """piq's rescaling to [0, 255] (kept for bit-equal results), down-sampling and YIQ conversion."""
+    from piq.functional import rgb2yiq
+
+    x = images / 255.0 * 255
+    return rgb2yiq(torch.nn.functional.avg_pool2d(x, max(1, round(min(x.shape[-2:]) / 256))))
+
+
+def _phase(luminance: torch.Tensor) -> torch.Tensor:
+    from piq.fsim import _phase_congruency
+
+    filters = _log_gabor_filters(tuple(luminance.shape[-2:]), luminance.dtype, luminance.device)
+    return _phase_congruency(luminance, filters=filters, scales=4, orientations=4, k=2.0)
+
+
+def fsim_reference_terms(reference: torch.Tensor) -> FSIMReference:
+    """The FSIMc terms of a reference image (3, H, W), 0..255, for :func:`fsimc_against`."""
+    from piq.functional import gradient_map
+
+    yiq = _yiq(reference[None])
+    luminance = yiq[:, :1]
+    return FSIMReference(yiq, _phase(luminance), gradient_map(luminance, _fsim_kernels(luminance)))
+
+
+def fsimc_against(images: torch.Tensor, reference: torch.Tensor, terms: FSIMReference | None = None
+                  ) -> torch.Tensor:
     """``piq.fsim(images, reference, data_range=255, chromatic=True, reduction="none")`` for G images (G, 3, H, W)
     against one reference (3, H, W), 0..255, with the reference's phase congruency, gradient and chromatic
-    channels computed once instead of once per image (piq's own steps and constants, Zhang et al. 2011)."""
-    from piq.fsim import _phase_congruency
-    from piq.functional import gradient_map, rgb2yiq, scharr_filter, similarity_map
+    channels computed once (``terms``, from :func:`fsim_reference_terms`) instead of once per image (piq's own
+    steps and constants, Zhang et al. 2011)."""
+    from piq.functional import gradient_map, similarity_map
 
-    x = images / 255.0 * 255  # piq's rescaling to [0, 255], kept for bit-equal results
-    y = reference[None] / 255.0 * 255
-    pool = max(1, round(min(x.shape[-2:]) / 256))
-    x_yiq = rgb2yiq(torch.nn.functional.avg_pool2d(x, pool))
-    y_yiq = rgb2yiq(torch.nn.functional.avg_pool2d(y, pool))
-    x_lum, y_lum = x_yiq[:, :1], y_yiq[:, :1]
-    filters = _log_gabor_filters(tuple(x_lum.shape[-2:]), x_lum.dtype, x_lum.device)
-    pc_x = _phase_congruency(x_lum, filters=filters, scales=4, orientations=4, k=2.0)
-    pc_y = _phase_congruency(y_lum, filters=filters, scales=4, orientations=4, k=2.0)
-    scharr = scharr_filter(device=x.device, dtype=x.dtype)
-    kernels = torch.stack([scharr, scharr.transpose(-1, -2)])
-    gradient_similarity = similarity_map(gradient_map(x_lum, kernels), gradient_map(y_lum, kernels), 160)
+    terms = terms if terms is not None else fsim_reference_terms(reference)
+    x_yiq, y_yiq = _yiq(images), terms.yiq
+    x_lum = x_yiq[:, :1]
+    pc_x, pc_y = _phase(x_lum), terms.phase_congruency
+    gradient_similarity = similarity_map(gradient_map(x_lum, _fsim_kernels(x_lum)), terms.gradient, 160)
     pc_max = torch.where(pc_x > pc_y, pc_x, pc_y)
     score = gradient_similarity * similarity_map(pc_x, pc_y, 0.85) * pc_max
     chroma = similarity_map(x_yiq[:, 1:2], y_yiq[:, 1:2], 200) * similarity_map(x_yiq[:, 2:], y_yiq[:, 2:], 200)
