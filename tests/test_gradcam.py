@@ -30,7 +30,7 @@ def test_gradcam_equals_literal_formula(reference: ModuleType, tiny_cnn: nn.Modu
         expected = reference.bilinear(torch.relu(cam), (32, 32))
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
     assert result.targets.tolist() == targets
-    assert result.forward_passes == 1 + 3 and result.backward_passes == 3
+    assert result.forward_passes == 3 + 3 and result.backward_passes == 3  # logits, then forward + backward
 
 
 def test_batch_equals_stacked_single_results(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ def test_rise_with_fixed_masks_is_the_monte_carlo_expectation(tiny_cnn: nn.Modul
                 expected += prob * m[0]
         expected /= len(masks) * p
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
-    assert result.forward_passes == 1 + 2 * 20
+    assert result.forward_passes == 2 + 2 * 20  # logits of both images, their masks
     assert result.params["n_masks"] == 20  # the fixed set's size
 
 
@@ -98,12 +98,13 @@ def test_copies_of_one_image_share_the_masked_forwards_and_equal_single_calls(
     singles = [explainer.explain(image[None], [c]) for c in classes]
     for i, single in enumerate(singles):
         assert torch.equal(batch.maps[i], single.maps[0])
-    assert batch.forward_passes == singles[0].forward_passes == 1 + 40
+    assert singles[0].forward_passes == 1 + 40
+    assert batch.forward_passes == 3 + 40  # three logits rows, the masks once
     mixed = torch.stack([image, tiny_images[0], image.clone()])
     together = explainer.explain(mixed, [4, 0, 3])
     assert torch.equal(together.maps[0], singles[0].maps[0]) and torch.equal(together.maps[2], singles[2].maps[0])
     assert torch.equal(together.maps[1], explainer.explain(tiny_images[0][None], [0]).maps[0])
-    assert together.forward_passes == 1 + 2 * 40
+    assert together.forward_passes == 3 + 2 * 40
 
 
 def test_streamed_masks_are_the_seeded_generator_in_chunks(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:

@@ -46,7 +46,8 @@ class Explanation:
         layer_maps: per layer (or per SISE block) (B, H, W) maps, in the order the method used them.
         layers: the layer names the method used.
         timings: seconds per phase (``total`` always present).
-        forward_passes / backward_passes: model passes spent (whole batch).
+        forward_passes / backward_passes: images passed through the model, summed over the batch (a batch of B
+            images counts B per pass).
         extras: method-specific data (e.g. kept masks per block, AVX parts).
     """
 

@@ -249,7 +249,10 @@ class ADVISE(Explainer):
     def _avx(self, x: torch.Tensor, up1: torch.Tensor, up2: torch.Tensor, class_id: int, reference: float,
              num_classes: int) -> AVXResult:
         """Step 5: the AVX protocol of the evaluated groups' maps on the image the model sees (the unmasked
-        image's score is step 1's: no extra forward)."""
+        image's score y_c is step 1's, on ``x`` itself: no extra forward). The masked images are built from
+        ``round(255 * denormalize(x))``; for an ``x`` made from 8-bit pixels (every image convlens loads) that is
+        the same picture, so y_c and the masked scores o_c come from the same pixels; for an ``x`` resampled in
+        float, y_c is the unrounded image's score."""
         image = self.preprocessing.denormalize(x.detach().float().cpu())
         return avx_protocol(
             self.model, image, up1.cpu(), up2.cpu(), class_id=class_id, reference_score=reference,

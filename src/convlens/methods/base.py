@@ -175,7 +175,7 @@ class Explainer(abc.ABC):
             layer_maps=out.get("layer_maps", {}),
             layers=list(self._layers or []) if self.uses_layers else [],
             timings=timings,
-            forward_passes=1 + int(out.get("forward_passes", 0)),
+            forward_passes=x.shape[0] + int(out.get("forward_passes", 0)),  # per image, as the methods count
             backward_passes=int(out.get("backward_passes", 0)),
             extras=out.get("extras", {}),
         )
