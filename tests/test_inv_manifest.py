@@ -165,3 +165,25 @@ def test_depth_on_efficientnet_lite0_leaves_the_last_stage() -> None:
     assert {layer.spatial for layer in tail} == {(7, 7)}
     assert [layer.position for layer in depth] == [5, 10, 16, 21, 27, 32, 38, 43, 48]
     assert [layer.spatial[0] for layer in depth] == [56, 28, 14, 14, 14, 14, 7, 7, 7]
+
+
+def test_load_inv_with_input_reads_the_model_view_or_names_what_is_missing(
+    saved: tuple[InvExplanation, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from convlens.concepts.manifest import load_inv_with_input
+
+    explanation, folder = saved
+    loaded, pixels = load_inv_with_input(folder)
+    assert loaded.image_sha256 == explanation.image_sha256 and [la.name for la in loaded.layers] == [
+        la.name for la in explanation.layers]
+    assert pixels.dtype == np.uint8 and pixels.shape == (16, 16, 3) and not pixels.any()  # the zeros saved
+    no_input = tmp_path / "no-input"
+    shutil.copytree(folder, no_input)
+    (no_input / "input.png").unlink()
+    with pytest.raises(ManifestError, match=r"no-input: no input.png"):
+        load_inv_with_input(no_input)
+    broken = _copy_with(folder, tmp_path / "broken", lambda m: m.update(format_version=99))
+    with pytest.raises(ManifestError, match=r"broken: unreadable INV result"):
+        load_inv_with_input(broken)

@@ -240,6 +240,23 @@ def load_inv_explanation(directory: str | os.PathLike[str]) -> InvExplanation:
         raise ManifestError(f"{directory / MANIFEST}: missing or malformed field ({exc})") from exc
 
 
+def load_inv_with_input(directory: str | os.PathLike[str]) -> tuple[InvExplanation, np.ndarray]:
+    """An INV result folder's explanation and the image the model saw (``input.png``, RGB uint8 (H, W, 3)).
+
+    Raises :class:`ManifestError` (a ValueError) with the folder's name when either cannot be read."""
+    from PIL import Image
+
+    folder = Path(directory)
+    try:
+        explanation = load_inv_explanation(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ManifestError(f"{folder}: unreadable INV result ({exc})") from exc
+    if not (folder / "input.png").is_file():
+        raise ManifestError(f"{folder}: no input.png (the image the model saw; run `convlens explain` with it)")
+    with Image.open(folder / "input.png") as image:
+        return explanation, np.asarray(image.convert("RGB"))
+
+
 def _read_layer(entry: dict[str, Any], directory: Path) -> InvLayer:
     files = entry["files"]
     clusters = [

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from convlens.concepts.label_files import SEP, LabelsFolder
-from convlens.concepts.manifest import find_run_root, index_inv_folders, load_inv_explanation
+from convlens.concepts.manifest import find_run_root, index_inv_folders, load_inv_with_input
 from convlens.concepts.results import InvExplanation
 from convlens.core.hooks import eval_mode
 from convlens.models.preprocessing import Preprocessing
@@ -123,16 +123,10 @@ def _run_root(run: str, recorded: Mapping[str, Any], inv_root: Path | None) -> P
 
 
 def _load_image(image_id: str, folder: Path) -> StudyImage:
-    from PIL import Image
-
     try:
-        explanation = load_inv_explanation(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise StudyConceptError(f"{folder}: unreadable INV result ({exc})") from exc
-    if not (folder / "input.png").is_file():
-        raise StudyConceptError(f"{folder}: no input.png (the model's view of image {image_id} is needed)")
-    with Image.open(folder / "input.png") as image:
-        pixels = np.asarray(image.convert("RGB"))
+        explanation, pixels = load_inv_with_input(folder)
+    except ValueError as exc:
+        raise StudyConceptError(f"{exc} (image {image_id})") from exc
     if tuple(pixels.shape[:2]) != tuple(explanation.input_size):
         raise StudyConceptError(f"{folder}: input.png is {pixels.shape[1]}x{pixels.shape[0]}, the INV run's input "
                                 f"{explanation.input_size[1]}x{explanation.input_size[0]}")

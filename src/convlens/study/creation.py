@@ -98,9 +98,7 @@ def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
 
 
 def _load_images(runs: Sequence[str | os.PathLike[str]]) -> list[_Image]:
-    from PIL import Image
-
-    from convlens.concepts import load_inv_explanation
+    from convlens.concepts.manifest import load_inv_with_input
 
     images = []
     for run in runs:
@@ -108,13 +106,9 @@ def _load_images(runs: Sequence[str | os.PathLike[str]]) -> list[_Image]:
             raise StudyCreationError(f"{run}: not a folder")
         for name, folder in find_inv_folders(run):
             try:
-                explanation = load_inv_explanation(folder)
-            except (OSError, ValueError, KeyError) as exc:
-                raise StudyCreationError(f"{folder}: cannot read the INV result: {exc}") from exc
-            if not (folder / "input.png").is_file():
-                raise StudyCreationError(f"{folder}: no input.png (run `convlens explain` with the image)")
-            with Image.open(folder / "input.png") as img:
-                pixels = np.asarray(img.convert("RGB"))
+                explanation, pixels = load_inv_with_input(folder)
+            except ValueError as exc:
+                raise StudyCreationError(str(exc)) from exc
             version = int(json.loads((folder / "inv.json").read_text()).get("format_version", 0))
             images.append(_Image(Path(run).resolve().name, name, folder, explanation, pixels, version))
     return images
