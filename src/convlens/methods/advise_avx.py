@@ -155,6 +155,15 @@ def _reference(module: nn.Module, x: torch.Tensor, class_id: int | None, referen
     return c, y_c, n_classes
 
 
+def _masked_probabilities(engine: MaskedForwardEngine, x: torch.Tensor, masks: torch.Tensor, prep: Preprocessing,
+                          n_classes: int) -> torch.Tensor:
+    """(G, C) class scores of the masked images: the 0-255 image times each mask, through the model's own
+    normalisation (masked pixels black, i.e. 0, not the mean colour)."""
+    black = prep.normalize(torch.zeros(tuple(x.shape))).to(x.device)
+    classes = torch.arange(n_classes, device=x.device)
+    return engine.run(x, masks[:, None].float(), classes, baseline=black).double().cpu()
+
+
 def avx_protocol(
     model: Any,
     image: Any,
@@ -196,12 +205,9 @@ def avx_protocol(
     x = prep.normalize((original / 255.0).float()).to(device)
     c, y_c, n_classes = _reference(module, x, class_id, reference_score, options, output_adapter, num_classes)
 
-    # masked image: the 0-255 image times the mask, through the model's own normalisation (black = 0)
     masks = avx_mask(top1, options)  # (G, H, W)
-    black = prep.normalize(torch.zeros_like(original).float()).to(device)
     engine = MaskedForwardEngine(module, score=options.score, batch_size=batch_size, output_adapter=output_adapter)
-    all_classes = torch.arange(n_classes, device=device)
-    probabilities = engine.run(x, masks[:, None].float(), all_classes, baseline=black).double().cpu()  # (G, C)
+    probabilities = _masked_probabilities(engine, x, masks, prep, n_classes)
     hit = (probabilities.topk(min(options.top_k, n_classes), dim=1).indices == c).any(1)
     masked_score = probabilities.amax(1) if options.drop_score == "max_class" else probabilities[:, c]
     average_drop = torch.clamp(y_c - masked_score, min=0) / y_c
