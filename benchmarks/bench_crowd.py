@@ -3,15 +3,15 @@ whether planted depth trends come out, and how many plays the least-settled assi
 
 One study: INV of the tiny CNN of the tests on ``--images`` scikit-image pictures (three layers, no gold
 rounds). For each of ``--seeds`` seeds a crowd plan plants one concept per cluster round and a rising and a
-falling concept per class (:mod:`convlens.study.crowd`, default model). The simulated participants play the
+falling concept per class (:mod:`convlens.crowd.players`, default model). The simulated participants play the
 real application through httpx in process (``httpx.ASGITransport``: the same requests, CSRF and all, as on
 uvicorn, without sockets; a short side run on uvicorn gives the speed of both); then ``study export`` and
-the label pipeline (:func:`convlens.concepts.label_pipeline.run_labels`) on subsets of the export:
+the label pipeline (:func:`convlens.labels.pipeline.run_labels`) on subsets of the export:
 
 (a) uniform assignment with many plays per round; the export cut to the first n descriptions of every
     cluster (n = 5, 10, 20, 40; the plays in between, resigns and guesses without words, are kept), then
     labelled with every installed embedder: share of clusters whose best label is the planted concept;
-(b) on the same labels, the global trends (:func:`convlens.concepts.trends.class_trends`, what ``convlens
+(b) on the same labels, the global trends (:func:`convlens.labels.trends.class_trends`, what ``convlens
     global`` computes): share of planted rising/falling concepts whose slope has the planted sign;
 (c) uniform with m plays per round (the export cut to the first m plays of every cluster: statistically
     the same as a study with ``plays_per_round = m``) against one run of the ``least-settled`` policy with a
@@ -41,16 +41,16 @@ from typing import Any
 from _sections import machine_line, markdown_table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from convlens.concepts.embedders import MPNET, load_embedder, mpnet_parts
-from convlens.concepts.label_pipeline import LabelSettings, run_labels
-from convlens.concepts.trends import ScoredCluster, class_trends
-from convlens.study.app import create_app
-from convlens.study.assignment import LeastSettledPolicy, register_policy
-from convlens.study.creation import CreateOptions, create_study
-from convlens.study.crowd import CrowdPlan, plan_crowd
-from convlens.study.crowd_eval import recovery, subsample_export, trend_signs
-from convlens.study.export import export_study
-from convlens.study.simulate import RoundOracle, asgi_clients, run_crowd, served, url_clients
+from convlens.crowd.play import RoundOracle, asgi_clients, run_crowd, served, url_clients
+from convlens.crowd.players import CrowdPlan, plan_crowd
+from convlens.crowd.recovery import recovery, subsample_export, trend_signs
+from convlens.labels.embedders import MPNET, load_embedder, mpnet_parts
+from convlens.labels.pipeline import LabelSettings, run_labels
+from convlens.labels.trends import ScoredCluster, class_trends
+from convlens.study.batch.create import CreateOptions, create_study
+from convlens.study.batch.export import export_study
+from convlens.study.game.assignment import LeastSettledPolicy, register_policy
+from convlens.study.web.app import create_app
 from study.conftest import CLASSES, write_inv_run
 
 DESCRIPTIONS = (5, 10, 20, 40)
@@ -278,7 +278,7 @@ MEASURE_NOTE = (
 POLICY_NOTE = (
     "How: the least-settled policy gives the next play to the round where one more description can raise "
     "the confidence in its leading content word most (optimistic knowledge gradient of leader vs rival, "
-    "Beta posteriors; `convlens.study.settle`), weighted by the chance of getting a description. So every "
+    "Beta posteriors; `convlens.study.game.settle`), weighted by the chance of getting a description. So every "
     "round gets a first play, ties and rounds without a description get the next ones, rounds where two "
     "players agree stop early, and long disputes yield as their gain shrinks. Under uniform assignment the "
     "recovery is held back by exactly those rounds: with two or three descriptions a single off-topic answer "
@@ -328,7 +328,7 @@ def report(raw: dict[str, Any], grids: tuple[tuple[int, ...], tuple[int, ...]], 
         "",
         f"Study: INV of the tests' tiny CNN on {args.images} images (3 layers), {rounds} cluster rounds, 5 "
         f"classes, no gold rounds; {args.seeds} seeds (plans and crowds), default crowd model "
-        "(`convlens.study.crowd.CrowdModel`). The crowd plays the real application in process through httpx's "
+        "(`convlens.crowd.players.CrowdModel`). The crowd plays the real application in process through httpx's "
         f"ASGI transport (same requests, CSRF, database and assignment as on uvicorn): {speed}; the study "
         "databases live on /dev/shm when there is one (this measures labels, not storage). One uniform "
         f"run per seed: {summary['plays']} plays, {summary['described']} descriptions (seed 0).",

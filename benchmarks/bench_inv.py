@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 from _sections import machine_line, markdown_table, write_section
-from convlens.concepts import INV, InvExplanation
-from convlens.concepts.clustering import cluster_feature_maps
 from convlens.core.hooks import LayerCapture
+from convlens.inv import INV, InvExplanation
+from convlens.inv.clustering import cluster_feature_maps
 from convlens.models import load
 
 STEPS = ("forward_backward", "weights", "pca", "embedding", "clustering", "maps")

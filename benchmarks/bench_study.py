@@ -5,7 +5,7 @@ commit), in one run:
 
 1. bare durable inserts: one writer, one row per committed transaction, into the same database with the
    same engine settings as the server — the rate the storage allows for one acknowledged write;
-2. the real server (``python -m convlens.study.server``, uvicorn, loopback) under 50 concurrent
+2. the real server (``python -m convlens.study.web.server``, uvicorn, loopback) under 50 concurrent
    simulated players x 100 submissions (httpx + asyncio: each submission is one start / reveal / guess /
    describe / resign, i.e. one committed event); throughput, p50/p95 latency, and the database checked
    for lost or duplicated submissions; ratio server / bare (goal >= 0.5);
@@ -33,7 +33,7 @@ from typing import Any
 from _sections import machine_line, markdown_table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from convlens.study.creation import CreateOptions, create_study
+from convlens.study.batch.create import CreateOptions, create_study
 from study.conftest import CLASSES, write_inv_run
 from study.helpers import LiveServer, PostgresCluster, lost_and_duplicated, run_load
 
@@ -53,7 +53,7 @@ def bare_insert_rate(url: str, count: int) -> float:
     """Durable single-row transactions per second on the server's engine settings."""
     from sqlalchemy import text
 
-    from convlens.study.db import make_engine
+    from convlens.study.store.db import make_engine
 
     engine = make_engine(url, pool_size=1)
     ident = "INTEGER PRIMARY KEY" if url.startswith("sqlite") else "BIGSERIAL PRIMARY KEY"

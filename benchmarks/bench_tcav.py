@@ -1,7 +1,7 @@
 """TCAV benchmark: time per (class, concept, layer) with and without the caches, the synthetic check, calibration.
 
 On the synthetic exact-ground-truth benchmark (both shipped CNNs, two layers each, all four classes, the
-class-object and the unrelated-distractor concepts of ``convlens.concepts.concept_sets``):
+class-object and the unrelated-distractor concepts of ``convlens.tcav.concept_sets``):
 
 * timing (synthetic-vgg): plain Captum ``TCAV.interpret`` (DefaultClassifier, its on-disk activations),
   then ``TCAVRunner`` without the activation cache (activations recomputed for every CAV), with it and a
@@ -43,11 +43,11 @@ from scipy import stats
 from torch.utils.data import DataLoader
 
 from _sections import machine_line, markdown_table, write_section
-from convlens.concepts.cav import ActivationStore, CAVCache
-from convlens.concepts.concept_sets import ConceptSet, SyntheticConcepts, synthetic_class_inputs, synthetic_concepts
-from convlens.concepts.tcav import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
-from convlens.concepts.tcav_stats import compare_to_null, pseudo_concept_means
 from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
+from convlens.tcav.cav import ActivationStore, CAVCache
+from convlens.tcav.concept_sets import ConceptSet, SyntheticConcepts, synthetic_class_inputs, synthetic_concepts
+from convlens.tcav.runner import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.tcav.stats import compare_to_null, pseudo_concept_means
 
 LAYERS = {"synthetic-vgg": ["features.16", "features.20"], "synthetic-resnet": ["layer2", "layer3"]}
 INPUTS = 20  # test images per class (the X_k whose gradients are tested)
@@ -192,8 +192,8 @@ def _study_inv(root: Path, per_class: int) -> dict[str, np.ndarray]:
 
     from PIL import Image
 
-    from convlens.concepts import INV
     from convlens.data.synthetic import SyntheticShapes
+    from convlens.inv import INV
 
     inv = INV(load_synthetic_model("synthetic-vgg"), layers=STUDY_LAYERS)
     dataset = SyntheticShapes(size=1000, seed=0, split="test")
@@ -213,10 +213,10 @@ def _study_inv(root: Path, per_class: int) -> dict[str, np.ndarray]:
 
 
 def _study_plan(study: Path, run: Path, masks: dict[str, np.ndarray]) -> object:
-    from convlens.concepts import load_inv_explanation
-    from convlens.study.config import load_rounds
-    from convlens.study.crowd import CrowdModel, CrowdPlan, PlantedRound
-    from convlens.study.reveal import binary_mask, upsample_nearest
+    from convlens.crowd.players import CrowdModel, CrowdPlan, PlantedRound
+    from convlens.inv import load_inv_explanation
+    from convlens.inv.reveal import binary_mask, upsample_nearest
+    from convlens.study.store.config import load_rounds
 
     rounds = [r for r in load_rounds(study) if not r.gold]
     explanations = {e.image_id: e for e in (load_inv_explanation(f) for f in run.glob("*/inv"))}
@@ -250,9 +250,9 @@ def _cli(*args: str) -> float:
 
 def _study_labels(root: Path, per_class: int) -> tuple[Path, dict[str, float]]:
     """INV runs -> study -> simulated crowd -> ``convlens labels``; seconds per step."""
-    from convlens.study.app import create_app
-    from convlens.study.creation import CreateOptions, create_study
-    from convlens.study.simulate import simulate
+    from convlens.crowd.play import simulate
+    from convlens.study.batch.create import CreateOptions, create_study
+    from convlens.study.web.app import create_app
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -273,10 +273,10 @@ def _study_labels(root: Path, per_class: int) -> tuple[Path, dict[str, float]]:
 
 def _other_classes(labels: Path, runs: int) -> TCAVReport:
     """The default construction, but every class's random sets drawn from the *other* classes' regions."""
-    from convlens.concepts.concept_sets import RandomSets
-    from convlens.concepts.label_files import read_labels
-    from convlens.concepts.study_concepts import build_study_concepts, model_input
-    from convlens.study.reveal import reveal_image
+    from convlens.inv.reveal import reveal_image
+    from convlens.labels.files import read_labels
+    from convlens.tcav.concept_sets import RandomSets
+    from convlens.tcav.study_concepts import build_study_concepts, model_input
 
     loaded = load_synthetic_model("synthetic-vgg")
     concepts = build_study_concepts(read_labels(labels), model_input(loaded.preprocessing), reveal_image,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from convlens.concepts.text import words
+from convlens.labels.text import words
 
 PLAY_FIELDS = (
     "play_id", "participant_id", "round_id", "cluster_id", "image_id", "layer", "layer_depth", "n_layers",

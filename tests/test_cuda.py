@@ -69,7 +69,7 @@ def _exact_cuda_math() -> Any:
 
 
 def test_inv_runs_on_cuda_with_the_cpu_clusters(make_model: Callable[..., nn.Module]) -> None:
-    from convlens.concepts.inv import INV
+    from convlens.inv.explainer import INV
 
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     expected = INV(make_model(), layers="convs", embedding="pca").explain(x)

@@ -286,7 +286,7 @@ def test_api_targets_of_the_wrong_type_say_what_is_accepted(tiny_cnn, tiny_image
 
 
 def test_api_five_channel_input_says_what_the_model_takes(tiny_cnn) -> None:
-    from convlens.concepts import INV
+    from convlens.inv import INV
     from convlens.methods.gradcam import GradCAM
 
     x = torch.randn(1, 5, 32, 32)

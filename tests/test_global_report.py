@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.concepts.label_files import CLUSTER_COLUMNS, GROUP_COLUMNS, SCORE_COLUMNS, csv_text
-from convlens.concepts.label_scores import ClusterStats, LabelScore, full_merge
+from convlens.labels.files import CLUSTER_COLUMNS, GROUP_COLUMNS, SCORE_COLUMNS, csv_text
+from convlens.labels.scores import ClusterStats, LabelScore, full_merge
 from convlens.reports.global_maps import group_map, smooth
 from convlens.reports.global_report import build_global
 

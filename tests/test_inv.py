@@ -1,4 +1,4 @@
-"""INV (convlens.concepts): weights, pruning, clustering, cluster maps, saving, page and CLI.
+"""INV (convlens.inv): weights, pruning, clustering, cluster maps, saving, page and CLI.
 
 Every check re-computes the expected value independently: gradients from a hand-written forward of the
 tiny CNN, the spec formulas as literal loops, cluster maps from bilinear up-sampling done here,
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.concepts import INV
-from convlens.concepts.clustering import cluster_feature_maps, minmax_rows
-from convlens.concepts.layers import find_conv_layers
-from convlens.concepts.weights import channel_weights, prune_threshold, weak_cluster_threshold
+from convlens.inv import INV
+from convlens.inv.clustering import cluster_feature_maps, minmax_rows
+from convlens.inv.layers import find_conv_layers
+from convlens.inv.weights import channel_weights, prune_threshold, weak_cluster_threshold
 
 TINY_LAYERS = ["block1.2", "block2.2", "block3.1"]  # post-ReLU outputs of TinyCNN's three convs
 
@@ -300,7 +300,7 @@ def test_parallel_layers_run_single_threaded_numerics_and_restore_limits(
 
     from threadpoolctl import threadpool_info
 
-    import convlens.concepts.inv as inv_module
+    import convlens.inv.explainer as inv_module
 
     x, first = wide_explanation
     seen: list[tuple[int, set[tuple[str, int]]]] = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.concepts import (
+from convlens.inv import (
     FORMAT_VERSION,
     INV,
     InvCluster,
@@ -25,7 +25,7 @@ from convlens.concepts import (
     ManifestError,
     load_inv_explanation,
 )
-from convlens.concepts.layers import choose_conv_layers, find_conv_layers
+from convlens.inv.layers import choose_conv_layers, find_conv_layers
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_save_replaces_only_an_inv_folder(saved: tuple[InvExplanation, Path], tm
 
 # ------------------------------------------------------------------------------------- layer choice
 def test_depth_rule_by_hand() -> None:
-    from convlens.concepts.layers import ConvLayer
+    from convlens.inv.layers import ConvLayer
 
     convs = [ConvLayer(f"c{i}", f"c{i}", 1, (1, 1), i) for i in range(13)]
     # 13 conv layers cut into 9 runs: the last of run i is ceil(13 (i + 1) / 9) - 1
@@ -172,7 +172,7 @@ def test_load_inv_with_input_reads_the_model_view_or_names_what_is_missing(
 ) -> None:
     import shutil
 
-    from convlens.concepts.manifest import load_inv_with_input
+    from convlens.inv.reader import load_inv_with_input
 
     explanation, folder = saved
     loaded, pixels = load_inv_with_input(folder)

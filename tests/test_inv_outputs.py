@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.concepts import INV, load_inv_explanation
-from convlens.concepts.inv_report import render_inv_page
-from convlens.concepts.manifest import image_digest
+from convlens.inv import INV, load_inv_explanation
+from convlens.inv.manifest import image_digest
+from convlens.inv.report import render_inv_page
 
 TINY_LAYERS = ["block1.2", "block2.2", "block3.1"]  # post-ReLU outputs of TinyCNN's three convs
 

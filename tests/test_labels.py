@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from convlens.concepts.labels import (
+from convlens.labels.labelling import (
     RULE_SILHOUETTE,
     RULE_SMALL,
     candidate_words,
@@ -18,7 +18,7 @@ from convlens.concepts.labels import (
     merge_by_lemma,
     representative_word,
 )
-from convlens.concepts.text import clean_description, english_share, load_stop_words, remove_class_names, words
+from convlens.labels.text import clean_description, english_share, load_stop_words, remove_class_names, words
 from labels_helpers import ToyEmbedder
 
 

@@ -9,7 +9,7 @@ import krippendorff
 import numpy as np
 import pytest
 
-from convlens.concepts.agreement import (
+from convlens.labels.agreement import (
     alpha_from_counts,
     class_agreement,
     cluster_agreements,

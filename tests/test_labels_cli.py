@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
-from convlens.concepts.embedders import minilm_path
+from convlens.labels.embedders import minilm_path
 from labels_helpers import make_play, make_round, write_export
 
 runner = CliRunner()
@@ -69,10 +69,10 @@ def test_study_dir_is_exported_first(tmp_path: Path) -> None:
     from PIL import Image
 
     from conftest import make_tiny_cnn
-    from convlens.concepts import INV
-    from convlens.concepts.inv_report import save_with_page
-    from convlens.study.creation import CreateOptions, create_study
-    from convlens.study.runtime import open_runtime
+    from convlens.inv import INV
+    from convlens.inv.report import save_with_page
+    from convlens.study.batch.create import CreateOptions, create_study
+    from convlens.study.game.opening import open_runtime
 
     names = ["a", "b", "c", "d", "e"]
     for n in range(2):
@@ -96,7 +96,7 @@ def test_min_similarity_option_defaults_to_the_library_default() -> None:
     import inspect
 
     from convlens.cli.labels import labels_command
-    from convlens.concepts.label_pipeline import DEFAULT_MIN_SIMILARITY, LabelSettings
+    from convlens.labels.records import DEFAULT_MIN_SIMILARITY, LabelSettings
 
     assert inspect.signature(labels_command).parameters["min_similarity"].default == DEFAULT_MIN_SIMILARITY
     assert LabelSettings().min_similarity == DEFAULT_MIN_SIMILARITY

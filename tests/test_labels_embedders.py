@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.concepts.embedders import (
+from convlens.labels.embedders import (
     MINILM,
     MPNET,
     EmbedderError,
@@ -20,8 +20,8 @@ from convlens.concepts.embedders import (
     minilm_path,
     mpnet_parts,
 )
-from convlens.concepts.labels import label_class
-from convlens.concepts.text import load_stop_words
+from convlens.labels.labelling import label_class
+from convlens.labels.text import load_stop_words
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # upstream model.safetensors
 

@@ -1,4 +1,4 @@
-"""The study export reader's play validation rules (``convlens.concepts.study_export``): each rule on a
+"""The study export reader's play validation rules (``convlens.labels.export``): each rule on a
 one-play export written here, through :func:`read_export`, the reader ``convlens labels`` uses."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from convlens.concepts.study_export import read_export
+from convlens.labels.export import read_export
 from labels_helpers import make_play, make_round, write_export
 
 

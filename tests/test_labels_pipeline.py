@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.concepts.label_files import read_labels
-from convlens.concepts.label_pipeline import LabelSettings, run_labels
-from convlens.concepts.study_export import ExportError
+from convlens.labels.export import ExportError
+from convlens.labels.files import read_labels
+from convlens.labels.pipeline import LabelSettings, run_labels
 from convlens.reports.global_report import build_global
 from labels_helpers import ToyEmbedder, make_play, make_round, write_export
 
@@ -249,8 +249,8 @@ def test_global_report_draws_maps_from_a_real_inv_run(tmp_path: Path) -> None:
     from PIL import Image
 
     from conftest import make_tiny_cnn
-    from convlens.concepts import INV
-    from convlens.concepts.inv_report import save_with_page
+    from convlens.inv import INV
+    from convlens.inv.report import save_with_page
 
     model = make_tiny_cnn()
     rounds, plays = [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convlens.concepts.label_scores import (
+from convlens.labels.scores import (
     ClusterStats,
     LabelScore,
     LabelVote,

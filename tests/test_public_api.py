@@ -48,7 +48,7 @@ def test_package_surfaces(package: str) -> None:
 
 
 def test_inv_surface_the_study_server_reads() -> None:
-    concepts = importlib.import_module("convlens.concepts")
+    concepts = importlib.import_module("convlens.inv")
     assert set(concepts.__all__) >= INV_SURFACE  # other concept tools (TCAV, labels) add their own names
     assert not [name for name in concepts.__all__ if name.startswith("_")]
     for building_block in ("cluster_feature_maps", "channel_weights", "find_conv_layers", "minmax_rows"):

@@ -17,11 +17,11 @@ from sklearn.linear_model import SGDClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_tiny_cnn
-from convlens.concepts.cav import ActivationStore, CAVCache, MiniBatchSGDClassifier, model_digest
-from convlens.concepts.concept_sets import ConceptSet, RandomSets, tensor_digest
-from convlens.concepts.tcav import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
-from convlens.concepts.tcav_stats import compare_to_null, holm, pseudo_concept_means
 from convlens.core.hooks import forward_with_grads
+from convlens.tcav.cav import ActivationStore, CAVCache, MiniBatchSGDClassifier, model_digest
+from convlens.tcav.concept_sets import ConceptSet, RandomSets, tensor_digest
+from convlens.tcav.runner import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.tcav.stats import compare_to_null, holm, pseudo_concept_means
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,22 +26,22 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
-from convlens.concepts.concept_sets import RandomSets
-from convlens.concepts.label_files import read_labels
-from convlens.concepts.label_pipeline import LabelSettings, run_labels
-from convlens.concepts.study_concepts import (
+from convlens.inv.reveal import REVEAL_PERCENTAGES, reveal_image
+from convlens.labels.files import read_labels
+from convlens.labels.pipeline import LabelSettings, run_labels
+from convlens.models import LoadedModel, register_model
+from convlens.models.preprocessing import Preprocessing
+from convlens.models.zoo import unregister_model
+from convlens.reports.global_report import build_global, tcav_verdict
+from convlens.tcav.concept_sets import RandomSets
+from convlens.tcav.stats import holm
+from convlens.tcav.study_concepts import (
     StudyConceptError,
     build_study_concepts,
     check_model,
     concept_size,
     model_input,
 )
-from convlens.concepts.tcav_stats import holm
-from convlens.models import LoadedModel, register_model
-from convlens.models.preprocessing import Preprocessing
-from convlens.models.zoo import unregister_model
-from convlens.reports.global_report import build_global, tcav_verdict
-from convlens.study.reveal import REVEAL_PERCENTAGES, reveal_image
 from labels_helpers import ToyEmbedder, make_play, write_export
 
 CLASSES = ["cat", "coffee", "astronaut", "rocket", "horse"]
@@ -73,7 +73,7 @@ def _pictures() -> list[tuple[str, str, Image.Image]]:
 
 def _inv_run(root: Path, make_model: Any) -> Path:
     """``convlens explain --method inv``-shaped run: <name>/inv/{inv.json, input.png, ...}."""
-    from convlens.concepts import INV
+    from convlens.inv import INV
 
     inv = INV(_loaded(make_model), layers=LAYERS)
     for class_name, name, image in _pictures():
@@ -92,7 +92,7 @@ def _levels(depth: int, index: int) -> list[int]:
 
 
 def _export(root: Path, run: Path, label_of: Any) -> Path:
-    from convlens.concepts import load_inv_explanation
+    from convlens.inv import load_inv_explanation
 
     rounds, plays = [], []
     for folder in sorted(run.glob("*/inv")):

@@ -3,7 +3,7 @@ use by the model is known: the TCAV verdicts must point the way the planted setu
 
 Setup. Images of two classes of the synthetic exact-ground-truth benchmark, explained by INV on the
 shipped ``synthetic-vgg`` at its four deepest conv layers; a study of every cluster (``create_study``);
-a simulated crowd (:mod:`convlens.study.simulate`, over the real HTTP API, in process) whose planted
+a simulated crowd (:mod:`convlens.crowd.play`, over the real HTTP API, in process) whose planted
 concept of a round follows what the round's cluster map reveals of the class object (exact mask known):
 of the pixels shown at 13 % (level 3), share >= 0.3 on the class object -> "wheels" (the object);
 share <= 0.08 -> "grass" (next to no class object); otherwise "edges" (some of it). Players use no typos or
@@ -62,8 +62,8 @@ def _inv_run(root: Path) -> dict[str, np.ndarray]:
     """INV runs of the first PER_CLASS test images of each class; image id -> exact class-object mask."""
     from PIL import Image
 
-    from convlens.concepts import INV
     from convlens.data.synthetic import SyntheticShapes
+    from convlens.inv import INV
     from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
 
     inv = INV(load_synthetic_model("synthetic-vgg"), layers=LAYERS)
@@ -87,10 +87,10 @@ def _inv_run(root: Path) -> dict[str, np.ndarray]:
 
 def _planted(study: Path, masks: dict[str, np.ndarray]) -> Any:
     """The crowd's plan: each cluster round's concept from the share of the class object it reveals."""
-    from convlens.concepts import load_inv_explanation
-    from convlens.study.config import load_rounds
-    from convlens.study.crowd import CrowdModel, CrowdPlan, PlantedRound
-    from convlens.study.reveal import binary_mask, upsample_nearest
+    from convlens.crowd.players import CrowdModel, CrowdPlan, PlantedRound
+    from convlens.inv import load_inv_explanation
+    from convlens.inv.reveal import binary_mask, upsample_nearest
+    from convlens.study.store.config import load_rounds
 
     rounds = [r for r in load_rounds(study) if not r.gold]
     folders = {load_inv_explanation(f).image_id: f for f in (study.parent / "run").glob("*/inv")}
@@ -124,9 +124,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[Path]:
-    from convlens.study.app import create_app
-    from convlens.study.creation import CreateOptions, create_study
-    from convlens.study.simulate import simulate
+    from convlens.crowd.play import simulate
+    from convlens.study.batch.create import CreateOptions, create_study
+    from convlens.study.web.app import create_app
 
     root = tmp_path_factory.mktemp("tcav-crowd")
     masks = _inv_run(root / "run")

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from convlens.concepts.concept_sets import synthetic_class_inputs, synthetic_concepts
-from convlens.concepts.tcav import TCAVReport, TCAVRunner
 from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
+from convlens.tcav.concept_sets import synthetic_class_inputs, synthetic_concepts
+from convlens.tcav.runner import TCAVReport, TCAVRunner
 
 LAYERS = {"synthetic-vgg": ["features.16", "features.20"], "synthetic-resnet": ["layer2", "layer3"]}
 RUNS, IMAGES, INPUTS, SEED = 10, 40, 20, 0

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from convlens.concepts.trends import ScoredCluster, bootstrap_slopes, class_trends, layer_means, ls_slope
+from convlens.labels.trends import ScoredCluster, bootstrap_slopes, class_trends, layer_means, ls_slope
 
 
 def test_slope_by_hand_and_against_polyfit() -> None:

@@ -11,7 +11,9 @@ no torch until one of them is touched)::
     layers = convlens.INV(model, layers="depth").explain(x)
 
 Everything else lives in the subpackages: ``convlens.models`` (zoo, preprocessing, images),
-``convlens.methods`` (saliency methods and their registry), ``convlens.concepts`` (INV, TCAV, labels),
+``convlens.methods`` (saliency methods and their registry), ``convlens.inv`` (what each layer sees),
+``convlens.labels`` (players' words -> concept labels, trends), ``convlens.tcav`` (does the model use them?),
+``convlens.study`` (the Deep Reveal study server), ``convlens.crowd`` (a simulated crowd),
 ``convlens.metrics``, ``convlens.data``, ``convlens.runners`` (explain / evaluate many images),
 ``convlens.core`` (hooks, layers, targets, the Explanation result, typed parameters).
 """
@@ -31,8 +33,8 @@ _EXPORTS = {
     "create": "convlens.methods",
     "available_methods": "convlens.methods",
     "Explanation": "convlens.core.explanation",
-    "INV": "convlens.concepts",
-    "load_inv_explanation": "convlens.concepts",
+    "INV": "convlens.inv",
+    "load_inv_explanation": "convlens.inv",
 }
 
 __all__ = ["__version__", *_EXPORTS]

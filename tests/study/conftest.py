@@ -40,7 +40,7 @@ def write_inv_run(out: Path, count: int = 3, size: int = 96) -> Path:
     from PIL import Image
 
     from conftest import make_tiny_cnn
-    from convlens.concepts import INV
+    from convlens.inv import INV
 
     model = make_tiny_cnn(width=8)
     for i in range(count):
@@ -69,7 +69,7 @@ def inv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def study_template(inv_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from convlens.study.creation import CreateOptions, create_study
+    from convlens.study.batch.create import CreateOptions, create_study
 
     target = tmp_path_factory.mktemp("template") / "study"
     create_study(target, [inv_run], CreateOptions(classes=CLASSES, gold=1, plays_per_round=2, rounds_per_player=50,
@@ -85,7 +85,7 @@ def study_dir(study_template: Path, tmp_path: Path) -> Path:
 
 
 def make_app(study_dir: Path, db: str | None = None, **kwargs: Any) -> Any:
-    from convlens.study.app import create_app
+    from convlens.study.web.app import create_app
 
     kwargs.setdefault("rate_limit_ip", "100000/minute")
     kwargs.setdefault("rate_limit_participant", "100000/minute")
@@ -139,7 +139,7 @@ def true_class(app: Any, play_public_id: str) -> str:
     """The answer of a play, read on the server side (the browser never gets it before the end)."""
     from sqlalchemy import select
 
-    from convlens.study.db import Play
+    from convlens.study.store.db import Play
 
     runtime = app.state.runtime
     with runtime.reader.begin() as session:

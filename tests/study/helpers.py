@@ -109,7 +109,7 @@ class PostgresCluster:
 
 
 class LiveServer:
-    """``python -m convlens.study.server`` in its own process (and process group) on a loopback port."""
+    """``python -m convlens.study.web.server`` in its own process (and process group) on a loopback port."""
 
     def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None) -> None:
         self.study_dir, self.db, self.workers = study_dir, db, workers
@@ -122,7 +122,7 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> LiveServer:
-        command = [sys.executable, "-m", "convlens.study.server", str(self.study_dir), "--port", str(self.port),
+        command = [sys.executable, "-m", "convlens.study.web.server", str(self.study_dir), "--port", str(self.port),
                    "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
                    "--rate-limit-consent", UNLIMITED]
         if self.db:
@@ -257,7 +257,7 @@ def stored_requests(db_url: str) -> dict[str, int]:
     """request id -> number of stored events, read straight from the database."""
     from sqlalchemy import create_engine, func, select
 
-    from convlens.study.db import Event
+    from convlens.study.store.db import Event
 
     engine = create_engine(db_url)
     try:

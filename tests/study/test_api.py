@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from convlens.study.db import Event, Participant, Play
+from convlens.study.store.db import Event, Participant, Play
 from study.conftest import CLASSES, ApiPlayer, make_app, true_class
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from convlens.study.assignment import (
+from convlens.study.game.actions import StudyRuntime
+from convlens.study.game.assignment import (
     POLICIES,
     AssignmentPolicy,
     Candidate,
@@ -22,9 +23,8 @@ from convlens.study.assignment import (
     participant_rng,
     register_policy,
 )
-from convlens.study.config import load_rounds
-from convlens.study.db import Participant, Play, Round
-from convlens.study.game import StudyRuntime
+from convlens.study.store.config import load_rounds
+from convlens.study.store.db import Participant, Play, Round
 from study.conftest import ApiPlayer, make_app, true_class
 
 

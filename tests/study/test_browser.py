@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from convlens.study.config import load_secrets
-from convlens.study.db import Event, Participant, Play, Round
+from convlens.study.store.config import load_secrets
+from convlens.study.store.db import Event, Participant, Play, Round
 from study.conftest import CLASSES
 from study.helpers import LiveServer
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convlens.concepts import load_inv_explanation
-from convlens.study.config import load_rounds, load_study
-from convlens.study.creation import CreateOptions, StudyCreationError, create_study
+from convlens.inv import load_inv_explanation
+from convlens.study.batch.create import CreateOptions, StudyCreationError, create_study
+from convlens.study.store.config import load_rounds, load_study
 from study.conftest import CLASSES, IMAGES
 from study.test_reveal import literal_reveal
 

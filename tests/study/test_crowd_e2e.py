@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
-from convlens.concepts.embedders import minilm_path
-from convlens.study.crowd import CrowdPlan
-from convlens.study.crowd_eval import recovery, trend_signs
+from convlens.crowd.players import CrowdPlan
+from convlens.crowd.recovery import recovery, trend_signs
+from convlens.labels.embedders import minilm_path
 from study.conftest import CLASSES
 
 runner = CliRunner()

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from convlens.study.crowd import CrowdModel, CrowdPlan, PlantedRound
-from convlens.study.crowd_eval import concept_matches, recovery, subsample_export, trend_signs
+from convlens.crowd.players import CrowdModel, CrowdPlan, PlantedRound
+from convlens.crowd.recovery import concept_matches, recovery, subsample_export, trend_signs
 
 
 def _plan() -> CrowdPlan:

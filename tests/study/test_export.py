@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from convlens.study.data_dictionary import TABLES
-from convlens.study.export import BATCH, export_study, format_rows
+from convlens.study.batch.data_dictionary import TABLES
+from convlens.study.batch.export import BATCH, export_study, format_rows
 from study.conftest import CLASSES, ApiPlayer, make_app, true_class
 
 TRICKY = 'edges, "quotes"\nand a second line; ümlaut'
@@ -124,8 +124,8 @@ def test_cli_export(study_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_label_pipeline_reads_the_export(study_dir: Path, tmp_path: Path, fmt: str) -> None:
-    """The contract's consumer (convlens.concepts.study_export) parses every row of both formats."""
-    reader = pytest.importorskip("convlens.concepts.study_export")
+    """The contract's consumer (convlens.labels.export) parses every row of both formats."""
+    reader = pytest.importorskip("convlens.labels.export")
     app = make_app(study_dir)
     plays = _scenario(app)
     export_study(app.state.engine, app.state.runtime.config, tmp_path / fmt, fmt)

@@ -22,11 +22,11 @@ from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
 from convlens.cli.main import app as cli_app
-from convlens.study import security
-from convlens.study.config import load_secrets
-from convlens.study.db import Base, Participant, make_engine, upgrade, utcnow
-from convlens.study.game import GameError
-from convlens.study.runtime import StudyDatabaseError
+from convlens.study.game.actions import GameError
+from convlens.study.game.opening import StudyDatabaseError
+from convlens.study.store.config import load_secrets
+from convlens.study.store.db import Base, Participant, make_engine, upgrade, utcnow
+from convlens.study.web import security
 from study.conftest import CSRF_META, ApiPlayer, make_app
 
 PID = "5f1e2d3c4b5a69788796a5b4"

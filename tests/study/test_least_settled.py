@@ -16,9 +16,8 @@ from scipy import integrate
 from scipy.special import beta as beta_function
 from sqlalchemy import select
 
-from convlens.study.assignment import POLICIES, Candidate, LeastSettledPolicy, PastPlay
-from convlens.study.db import Play
-from convlens.study.settle import (
+from convlens.study.game.assignment import POLICIES, Candidate, LeastSettledPolicy, PastPlay
+from convlens.study.game.settle import (
     confidence,
     content_words,
     description_rate,
@@ -28,6 +27,7 @@ from convlens.study.settle import (
     play_value,
     round_evidence,
 )
+from convlens.study.store.db import Play
 from study.conftest import ApiPlayer, make_app
 
 

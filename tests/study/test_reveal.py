@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from convlens.study.reveal import (
+from convlens.inv.reveal import (
     GOLD_PERCENTAGES,
     REVEAL_PERCENTAGES,
     binary_mask,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from convlens.study import security
-from convlens.study.config import StudyFiles, load_secrets
+from convlens.study.store.config import StudyFiles, load_secrets
+from convlens.study.web import security
 from study.conftest import CLASSES, CSRF_META, ApiPlayer, make_app
 
 XSS_NAME = "<script>window.pwned=1</script>"

@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from convlens.concepts.labels import lemmatize_en
-from convlens.concepts.text import load_stop_words
-from convlens.study.creation import CreateOptions, create_study
-from convlens.study.crowd import CONCEPTS, CrowdModel, CrowdPlan, PlayerModel, paraphrase, plan_crowd, typo
-from convlens.study.db import Participant, Play, Round
-from convlens.study.settle import one_edit_apart
-from convlens.study.simulate import RoundOracle, simulate
+from convlens.crowd.play import RoundOracle, simulate
+from convlens.crowd.players import CONCEPTS, CrowdModel, CrowdPlan, PlayerModel, paraphrase, plan_crowd, typo
+from convlens.labels.labelling import lemmatize_en
+from convlens.labels.text import load_stop_words
+from convlens.study.batch.create import CreateOptions, create_study
+from convlens.study.game.settle import one_edit_apart
+from convlens.study.store.db import Participant, Play, Round
 from study.conftest import CLASSES, make_app
 
 

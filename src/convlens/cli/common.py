@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["CliError", "fail", "parse_literal"]
+__all__ = ["CliError", "fail", "parse_literal", "split_list"]
 
 
 class CliError(Exception):
@@ -17,8 +17,9 @@ class CliError(Exception):
 
 
 def fail(console: Console, message: str, code: int = 2) -> NoReturn:
-    """Print ``error: <message>`` (verbatim: user text is never read as rich markup) and exit with ``code``."""
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    """Print ``error: <message>`` on one line (never wrapped at the terminal width: users copy paths from it;
+    verbatim: user text is never read as rich markup) and exit with ``code``."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -33,3 +34,11 @@ def parse_literal(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return text
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None, ``""`` and only commas -> None (the option's default)."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return items or None

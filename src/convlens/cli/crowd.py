@@ -1,6 +1,6 @@
 """``convlens study simulate`` and ``convlens study recovery``: a simulated crowd plays a study over HTTP, and
-the labels found are checked against what it was given (:mod:`convlens.study.simulate`,
-:mod:`convlens.study.crowd_eval`). Bad input gives one line and exit code 2."""
+the labels found are checked against what it was given (:mod:`convlens.crowd.play`,
+:mod:`convlens.crowd.recovery`). Bad input gives one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def simulate_command(
                                                   "STUDY_DIR/simulation).")] = None,
 ) -> None:
     """Play STUDY_DIR with a seeded simulated crowd through the real web API; write the planted truth."""
-    from convlens.study.config import load_rounds, load_study
-    from convlens.study.crowd import CrowdModel, plan_crowd
-    from convlens.study.simulate import SimulationError, run_crowd, served, url_clients
+    from convlens.crowd.play import SimulationError, run_crowd, served, url_clients
+    from convlens.crowd.players import CrowdModel, plan_crowd
+    from convlens.study.store.config import load_rounds, load_study
 
     if (participants is not None and participants < 1) or concurrent < 1 or (budget is not None and budget < 1):
         fail(console, "--participants, --concurrent and --budget must be >= 1")
@@ -79,8 +79,8 @@ def recovery_command(
                                                                     "(checks the planted trends).")] = None,
 ) -> None:
     """How many clusters got their planted concept as best label; whether planted trends have the right slope."""
-    from convlens.study.crowd import CrowdPlan
-    from convlens.study.crowd_eval import recovery, trend_signs
+    from convlens.crowd.players import CrowdPlan
+    from convlens.crowd.recovery import recovery, trend_signs
 
     try:
         plan = CrowdPlan.from_json(json.loads(plan_file.read_text()))

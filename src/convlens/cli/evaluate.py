@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import CliError, parse_literal
+from convlens.cli.common import CliError, fail, parse_literal, split_list
 from convlens.cli.engines import (
     AddressOption,
     EngineChoice,
@@ -56,16 +56,6 @@ def parse_metric_params(items: list[str], metrics: list[str]) -> dict[str, dict[
             raise CliError(f"--metric-param {item!r}: {metric} accepts {known}")
         per_metric.setdefault(metric, {})[name] = parse_literal(value)
     return per_metric
-
-
-def _fail(message: str) -> NoReturn:
-    # one line (no wrapping at the terminal width); messages quote user text: never markup
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
 def evaluate(
@@ -113,8 +103,8 @@ def evaluate(
     chosen = _preset(preset)
     if data is None:
         _no_data(preset, chosen)
-    method_list = _split(methods) or ([m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"])
-    metric_list = _split(metrics) or _default_metrics(chosen, str(data), data_format)
+    method_list = split_list(methods) or ([m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"])
+    metric_list = split_list(metrics) or _default_metrics(chosen, str(data), data_format)
     if chosen is not None:
         _check_preset_weights(str(preset), chosen, weights)
         data_format = chosen["data_format"] if data_format == "auto" else data_format
@@ -133,18 +123,18 @@ def evaluate(
 def _preset(name: str | None) -> dict[str, Any] | None:
     chosen = PRESETS.get(name) if name else None
     if name and chosen is None:
-        _fail(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        fail(console, f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     return chosen
 
 
 def _no_data(preset: str | None, chosen: dict[str, Any] | None) -> None:
     if chosen is not None:
-        _fail(
+        fail(console,
             f"the {preset} preset needs the PASCAL VOC 2007 test set on disk: pass --data PATH to the folder "
             "extracted from VOCtest_06-Nov-2007.tar (VOCdevkit/VOC2007 with Annotations/, JPEGImages/, "
             "ImageSets/Main/test.txt), and --model vgg16|resnet50 --weights PATH to the VOC-trained weights"
         )
-    _fail("no data: pass --data synthetic or --data PATH (see `convlens evaluate --help`)")
+    fail(console, "no data: pass --data synthetic or --data PATH (see `convlens evaluate --help`)")
 
 
 def _default_metrics(chosen: dict[str, Any] | None, data: str, data_format: str) -> list[str]:
@@ -156,7 +146,7 @@ def _default_metrics(chosen: dict[str, Any] | None, data: str, data_format: str)
 
 def _check_preset_weights(preset: str, chosen: dict[str, Any], weights: str | None) -> None:
     if chosen.get("needs_weights") and weights is None:
-        _fail(
+        fail(console,
             f"the {preset} preset evaluates VOC-trained classifiers: pass --model vgg16|resnet50 and --weights "
             "PATH (a state_dict with 20 outputs, e.g. TorchRay's VOC models converted to a plain state_dict)"
         )
@@ -171,7 +161,7 @@ def _parameters(
         method_params = parse_params(method_items, methods)
         metric_params = parse_metric_params(metric_items, metrics)
     except (CliError, ValueError) as exc:  # ValueError: unknown method or metric names
-        _fail(str(exc))
+        fail(console, str(exc))
     for method, defaults in (chosen or {}).get("method_params", {}).items():
         if method in method_params:
             method_params[method] = defaults | method_params[method]
@@ -183,7 +173,7 @@ def _run(config: EvaluationConfig, progress: bool, choice: EngineChoice) -> None
         with engine_session(choice):
             result = run_evaluation(config, show_progress=progress, **_engine(choice))
     except (EvaluationError, SettingsMismatchError, CliError, RayEngineError) as exc:
-        _fail(str(exc))
+        fail(console, str(exc))
     except KeyboardInterrupt:
         out = escape(str(config.out))
         console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
@@ -200,7 +190,7 @@ def _engine_choice(*options: Any) -> EngineChoice:
     try:
         return ray_options(*options)
     except CliError as exc:
-        _fail(str(exc))
+        fail(console, str(exc))
 
 
 def _engine(choice: EngineChoice) -> dict[str, Engine]:

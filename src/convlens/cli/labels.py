@@ -2,7 +2,7 @@
 
 ``convlens labels STUDY_DIR_OR_EXPORT --out DIR`` reads a study export folder (``convlens study export``)
 or a STUDY_DIR (exported first, into a temporary folder, with the study package) and writes the labels
-folder (:mod:`convlens.concepts.label_files`). ``convlens global LABELS_DIR --out DIR`` writes the
+folder (:mod:`convlens.labels.files`). ``convlens global LABELS_DIR --out DIR`` writes the
 trends, plots and pages (:mod:`convlens.reports.global_report`). Bad input gives one line and exit 2.
 """
 
@@ -26,7 +26,7 @@ console = Console(stderr=True)
 def load_translator(spec: str) -> Any:
     """``"package.module:name"`` -> the translator (``name`` called without arguments if it is callable
     and has no ``translate`` method); it must have ``name`` and ``translate(texts, source, context)``."""
-    from convlens.concepts.text import Translator
+    from convlens.labels.text import Translator
 
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
@@ -58,8 +58,8 @@ def _export_study(study_dir: Path, db: str | None, workdir: Path) -> Path:
     """Export a STUDY_DIR with the study package into ``workdir`` (CSV)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from convlens.study.export import export_study
-    from convlens.study.runtime import StudyDatabaseError, open_runtime
+    from convlens.study.batch.export import export_study
+    from convlens.study.game.opening import StudyDatabaseError, open_runtime
 
     try:
         runtime, engine = open_runtime(study_dir, db, migrate=False)
@@ -104,9 +104,9 @@ def labels_command(
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
 ) -> None:
     """Concept labels from a Deep Reveal study: text clusters, label scores, merged clusters, agreement, audit."""
-    from convlens.concepts.embedders import load_embedder
-    from convlens.concepts.label_pipeline import LabelSettings, run_labels
-    from convlens.concepts.study_export import is_export
+    from convlens.labels.embedders import load_embedder
+    from convlens.labels.export import is_export
+    from convlens.labels.pipeline import LabelSettings, run_labels
 
     try:
         settings = LabelSettings(max_chars=max_chars, wrong_rule=wrong_rule, class_aliases=_aliases(class_alias),

@@ -50,7 +50,7 @@ def create(
     """Turn INV runs into rounds (image x layer x cluster) and render their six reveal images."""
     from pydantic import ValidationError
 
-    from convlens.study.creation import CreateOptions, StudyCreationError, create_study, read_classes_file
+    from convlens.study.batch.create import CreateOptions, StudyCreationError, create_study, read_classes_file
 
     try:
         options = CreateOptions(
@@ -88,8 +88,8 @@ def export(
     """Write study.json, the data dictionary and rounds/plays/events/participants, streaming."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from convlens.study.export import FORMATS, export_study
-    from convlens.study.runtime import StudyDatabaseError, open_runtime
+    from convlens.study.batch.export import FORMATS, export_study
+    from convlens.study.game.opening import StudyDatabaseError, open_runtime
 
     if format not in FORMATS:
         fail(console, f"--format {format!r}: use csv or jsonl")
@@ -130,8 +130,8 @@ def serve(
     """Serve the Deep Reveal game of STUDY_DIR (migrates the database first; stops cleanly on SIGTERM)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from convlens.study.runtime import StudyDatabaseError
-    from convlens.study.server import serve as run_server
+    from convlens.study.game.opening import StudyDatabaseError
+    from convlens.study.web.server import serve as run_server
 
     try:
         run_server(study_dir, db, host, port, workers, rate_limit_ip, rate_limit_participant, rate_limit_storage,

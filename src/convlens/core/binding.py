@@ -1,7 +1,7 @@
 """A classifier bound for explanation: the one place that knows how to read a model.
 
 Every explainer — saliency methods (:mod:`convlens.methods`) and the concept explainers
-(:mod:`convlens.concepts`) — holds a :class:`ModelBinding`: the ``nn.Module`` (unwrapped from a
+(:mod:`convlens.inv`) — holds a :class:`ModelBinding`: the ``nn.Module`` (unwrapped from a
 :class:`~convlens.models.LoadedModel`), its name and class names, the output adapter that turns its
 output into (B, classes) logits, the differentiated score (logit / softmax / sigmoid), its device,
 and a per-input-shape cache of resolved layers.

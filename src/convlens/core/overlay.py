@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["colorize", "overlay_map"]
+__all__ = ["colorize", "overlay_blur", "overlay_map"]
 
 
 def colorize(saliency: np.ndarray, colormap: str = "jet") -> np.ndarray:
@@ -30,3 +30,13 @@ def overlay_map(image: Any, saliency: np.ndarray, alpha: float = 0.5, colormap: 
     heat = colorize(saliency, colormap).astype(np.float32)
     blended = (1 - alpha) * base + alpha * heat
     return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+def overlay_blur(saliency: np.ndarray) -> np.ndarray:
+    """Overlay smoothing of the INV explainer: Gaussian sigma 1, truncate 5.5 (scipy's default "reflect"
+    border), then min-max back to [0, 1] (all zeros for a constant map). Shared with the global report."""
+    from scipy.ndimage import gaussian_filter
+
+    blurred = gaussian_filter(np.asarray(saliency, dtype=np.float64), sigma=1.0, truncate=5.5)
+    lo, hi = blurred.min(), blurred.max()
+    return (blurred - lo) / (hi - lo) if hi > lo else np.zeros_like(blurred)

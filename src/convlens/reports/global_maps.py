@@ -4,7 +4,7 @@ Each merged group of clusters (one image, one layer) is drawn as the weight-aver
 clusters,  A_G = sum_C w_C A_C / sum_C w_C  (the authors' ``compute_average_heatmap``), smoothed like
 the INV explainer (Gaussian sigma 1, truncate 5.5), min-max normalised and laid over the image
 (jet, 0.5 opacity). INV folders are read only through INV's file-format module
-(:mod:`convlens.concepts.manifest`: its overlay smoothing, run lookup and ``load_inv_explanation``);
+(:mod:`convlens.inv.manifest`: its overlay smoothing, run lookup and ``load_inv_explanation``);
 the image is the folder's ``input.png`` when present. A missing or unreadable INV run gives a note on
 the page, never an error.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens.concepts import load_inv_explanation
-from convlens.concepts.manifest import find_run_root, index_inv_folders
-from convlens.concepts.manifest import overlay_blur as smooth
 from convlens.core.overlay import colorize, overlay_map
+from convlens.core.overlay import overlay_blur as smooth
+from convlens.inv import load_inv_explanation
+from convlens.inv.reader import find_run_root, index_inv_folders
 
 __all__ = ["InvLocator", "group_map", "smooth"]
 
@@ -41,7 +41,7 @@ class InvLocator:
     """Finds the INV folder of an image in the runs named by a labels folder (cached); problems become notes.
 
     Runs are found and indexed like ``convlens tcav`` finds them
-    (:func:`~convlens.concepts.manifest.find_run_root`, :func:`~convlens.concepts.manifest.index_inv_folders`).
+    (:func:`~convlens.inv.manifest.find_run_root`, :func:`~convlens.inv.manifest.index_inv_folders`).
     """
 
     runs: dict[str, Path]

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convlens.concepts.label_files import SEP, LabelsFolder, csv_text, read_labels
-from convlens.concepts.trends import ClassTrends, LabelTrend, ScoredCluster, class_trends
 from convlens.core.files import atomic_write_text
+from convlens.labels.export import optional_int
+from convlens.labels.files import SEP, LabelsFolder, csv_text, read_labels
+from convlens.labels.trends import ClassTrends, LabelTrend, global_explanations
 from convlens.reports.global_maps import InvLocator, relative_link
 from convlens.reports.html import template_environment
 
@@ -58,25 +59,6 @@ class GlobalResult:
 def slug(name: str) -> str:
     """A file-system-safe folder name for a class."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "class"
-
-
-def _optional_int(text: str | None) -> int | None:
-    return int(float(text)) if text not in (None, "") else None
-
-
-def _scored_clusters(folder: LabelsFolder) -> dict[str, list[ScoredCluster]]:
-    scores: dict[str, dict[str, float]] = defaultdict(dict)
-    for row in folder.label_scores:
-        scores[row["cluster_id"]][row["label"]] = float(row["score"])
-    by_class: dict[str, list[ScoredCluster]] = defaultdict(list)
-    for row in folder.clusters:
-        depth = _optional_int(row.get("layer_depth"))
-        if depth is None:
-            raise ValueError(f"cluster {row['cluster_id']} has no layer_depth: cannot place it on the depth axis")
-        n_layers = _optional_int(row.get("n_layers"))
-        cluster_scores = scores.get(row["cluster_id"], {})
-        by_class[row["class"]].append(ScoredCluster(row["image_id"], row["layer"], depth, n_layers, cluster_scores))
-    return by_class
 
 
 def read_tcav(path: Path | None) -> dict[tuple[str, str], list[dict[str, str]]]:
@@ -185,7 +167,7 @@ def _group_entries(folder: LabelsFolder) -> dict[str, list[dict[str, Any]]]:
             continue
         members = [(c, weights.get(c, 0.0)) for c in row["cluster_ids"].split(SEP) if c]
         by_class[row["class"]].append(row | {"members": members, "weight": float(row["weight"] or 0),
-                                             "depth": _optional_int(row["layer_depth"]) or 0,
+                                             "depth": optional_int(row["layer_depth"]) or 0,
                                              "labels": labels[row["group_id"]]})
     return by_class
 
@@ -262,8 +244,7 @@ def build_global(
         raise ValueError(f"{tcav_path}: no such TCAV file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classes = {name: class_trends(name, clusters, n_bootstrap, seed)
-               for name, clusters in sorted(_scored_clusters(folder).items())}
+    classes = global_explanations(folder, n_bootstrap=n_bootstrap, seed=seed)
     result = GlobalResult(out, classes, read_tcav(tcav_path))
     if not classes:
         result.notes.append("the labels folder has no clusters: nothing to explain")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from convlens.core.devices import DeviceError, check_device
 from convlens.data.base import ImageDataset
 from convlens.methods.registry import METHODS, get_method
 from convlens.metrics.registry import get_metric_spec, metric_class
@@ -30,7 +31,6 @@ __all__ = [
     "build_dataset",
     "check_config",
     "check_dataset",
-    "check_device",
     "check_out",
     "load_evaluation_model",
     "load_model_for",
@@ -117,7 +117,10 @@ def check_config(config: EvaluationConfig) -> torch.device:
         raise EvaluationError(f"--metric-score must be softmax, sigmoid or logit, got {config.metric_score!r}")
     _check_names(config)
     check_out(Path(config.out))
-    return check_device(config.device)
+    try:
+        return check_device(config.device)
+    except DeviceError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def _check_names(config: EvaluationConfig) -> None:
@@ -136,24 +139,6 @@ def _check_names(config: EvaluationConfig) -> None:
             get_metric_spec(metric)
         except ValueError as exc:
             raise EvaluationError(str(exc)) from exc
-
-
-def check_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` when this machine has that GPU; anything else is a clear error
-    (``convlens evaluate`` and ``convlens explain`` alike)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise EvaluationError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from exc
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise EvaluationError(f"--device {name!r}: convlens runs on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise EvaluationError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def check_out(out: Path) -> None:

@@ -29,13 +29,14 @@ from typing import Any, Protocol
 import torch
 
 import convlens
+from convlens.core.devices import DeviceError, check_device
 from convlens.core.engine import report_progress
 from convlens.core.params import ParamError
 from convlens.core.targets import class_id_from_name
 from convlens.models import LoadedModel, load
 from convlens.models.images import IMAGE_SUFFIXES, ImageLoadError, load_image
 from convlens.reports.html import render_explain_report
-from convlens.runners.evaluate_setup import EvaluationError, check_device, weights_digest
+from convlens.runners.evaluate_setup import weights_digest
 from convlens.runners.explain_image import ImageSettings, explain_image, file_digest
 from convlens.runners.explain_methods import build_explainers, get_explainer_spec, parse_method_params
 from convlens.runners.explain_store import (
@@ -192,7 +193,7 @@ def _method_names(requested: Sequence[str]) -> list[str]:
 def _device(text: str) -> torch.device:
     try:
         return check_device(text)
-    except EvaluationError as exc:
+    except DeviceError as exc:
         raise ExplainError(str(exc)) from None
 
 
@@ -200,7 +201,7 @@ def _weights_digest(weights: str | None) -> str | None:
     """SHA-256 of the ``--weights`` file, part of the fingerprint: new weights at the same path are recomputed."""
     try:
         return weights_digest(weights)
-    except EvaluationError as exc:
+    except DeviceError as exc:
         raise ExplainError(str(exc)) from None
 
 

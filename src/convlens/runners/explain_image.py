@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from convlens.concepts.inv import INV
-from convlens.concepts.inv_report import render_inv_page
 from convlens.core.maps import minmax_normalize
 from convlens.core.overlay import overlay_map
+from convlens.inv.explainer import INV
+from convlens.inv.report import render_inv_page
 from convlens.models import LoadedModel
 from convlens.models.images import load_image
 

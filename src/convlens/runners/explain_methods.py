@@ -1,6 +1,6 @@
 """Which explainers a ``convlens explain`` run uses, and their checked parameters.
 
-Saliency methods come from :mod:`convlens.methods` (the registry), INV from :mod:`convlens.concepts`;
+Saliency methods come from :mod:`convlens.methods` (the registry), INV from :mod:`convlens.inv`;
 both kinds declare a typed ``Params`` class (:class:`~convlens.core.params.MethodParams`) that checks
 types and ranges and parses command-line text, so ``--param rise.n_masks=2.5`` or ``sise.mu=2`` are
 refused before anything runs, with the range in the message.
@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from convlens.concepts.inv import INV
 from convlens.core.layers import resolve_layers
 from convlens.core.params import MethodParams, ParamError, ParamSpec, param
+from convlens.inv.explainer import INV
 from convlens.methods.registry import METHODS, get_method
 
 __all__ = ["ExplainerSpec", "build_explainers", "explainer_names", "get_explainer_spec", "parse_method_params"]

@@ -1,0 +1,41 @@
+"""From players' words to concept labels: a study export in, labels per INV cluster, their scores, merged
+groups, agreement and an audit trail out; then global explanations (how labels rise or fade with depth).
+
+Entry points: :func:`run_labels` (``convlens labels``), :func:`read_labels` (a labels folder back),
+:func:`global_explanations` (trends per class; ``convlens global`` adds its pages). Modules: ``export``
+(reading a study export), ``text`` (cleaning), ``embedders``, ``labelling`` (text clusters and
+representative words per class), ``scores``, ``agreement``, ``records``, ``pipeline``, ``files`` (the
+labels folder), ``trends``. Names are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "run_labels": "convlens.labels.pipeline",
+    "LabelSettings": "convlens.labels.records",
+    "LabelsResult": "convlens.labels.records",
+    "AuditRow": "convlens.labels.records",
+    "read_labels": "convlens.labels.files",
+    "LabelsFolder": "convlens.labels.files",
+    "read_export": "convlens.labels.export",
+    "load_embedder": "convlens.labels.embedders",
+    "global_explanations": "convlens.labels.trends",
+    "ClassTrends": "convlens.labels.trends",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convlens.labels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,284 @@
+"""``labels``: a study export in, concept labels, scores, merged groups, agreement and an audit trail out.
+
+:func:`run_labels` is the library entry point behind ``convlens labels`` (a benchmark calls it on an
+export folder). For every play it decides, and records in the audit trail, what the play is used for:
+
+* ``labelled``: a correct guess with a usable description; it feeds its class's text clustering
+  (:func:`convlens.labels.labelling.label_class`) and gets that class's label;
+* ``wrong_guess_labelled``: a wrong guess with a usable description; used only in the scores of its
+  cluster (divided by 4). It is labelled with the vocabulary of the class the player *guessed*, as the
+  authors did: ``LabelAnalysis.ipynb`` runs once per ``target_class``, selects the rows with
+  ``guessed_label_id == target_label`` both for the text clustering and for the final ``synonym``
+  mapping, and ``generate_explanations.py`` then groups those rows by their true class (``label_en``),
+  so a wrong guess's ``synonym`` in its (true-class) cluster comes from the guessed class's analysis.
+  The label is the text cluster of that class with the largest frequency-weighted mean cosine
+  similarity (or its own cluster when the same text occurs there), and only when that similarity is at
+  least ``LabelSettings.min_similarity``: the authors map only texts they clustered, so a text unlike
+  every description of the class has no label of its own to receive;
+* ``stats_only``: a guess without a description, a resign, or a guess whose description cannot be used
+  (non-English without a translator, empty or over-long text, only symbols or only the class name:
+  the reason reads ``description not used: ...``): counted in wins/losses/resigns and the cluster level
+  only;
+* ``unlabelled``: a description whose text cluster has no representative word (only stop-words), whose
+  guessed class has no labelled descriptions, or whose nearest text cluster is less similar than
+  ``min_similarity`` (the similarity is in the audit row); still counted in wins/losses and the level;
+* ``excluded``: gold rounds, abandoned plays, rows that do not parse, unknown rounds: not counted at all.
+
+Then :mod:`convlens.labels.scores` (scores, statistics, best labels, merges) and
+:mod:`convlens.labels.agreement`; :mod:`convlens.labels.files` writes the results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from convlens.labels.agreement import agreement_table
+from convlens.labels.embedders import Embedder, load_embedder
+from convlens.labels.export import ExportError, Play, StudyExport, is_export, read_export
+from convlens.labels.files import write_labels
+from convlens.labels.labelling import ClassLabelling, label_class
+from convlens.labels.records import (
+    EXCLUDED,
+    LABELLED,
+    STATS,
+    UNLABELLED,
+    UNUSED,
+    WRONG,
+    AuditRow,
+    LabelSettings,
+    LabelsResult,
+)
+from convlens.labels.scores import (
+    ClusterStats,
+    LabelVote,
+    full_merge,
+    merge_clusters,
+    score_labels,
+)
+from convlens.labels.text import (
+    Translator,
+    clean_description,
+    english_share,
+    is_english_tag,
+    load_stop_words,
+    words,
+)
+
+__all__ = ["AuditRow", "LabelSettings", "LabelsResult", "run_labels"]
+
+
+def _audit_row(play: Play) -> AuditRow:
+    return AuditRow(
+        play.play_id, play.participant_id, play.round_id, play.cluster_id, play.image_id, play.layer,
+        play.layer_depth, play.true_class, play.outcome, play.level, play.guessed_class, play.correct,
+        play.language, play.description,
+    )
+
+
+def _triage(export: StudyExport) -> tuple[list[AuditRow], list[tuple[AuditRow, Play]]]:
+    """One audit row per play; returns the rows and the (row, play) pairs that enter cluster statistics."""
+    rows = [AuditRow(play_id=r.raw.get("play_id", f"row {r.row_number}"), description=r.raw.get("description", ""),
+                     reason=r.reason, true_class=r.raw.get("true_class", ""), cluster_id=r.raw.get("cluster_id", ""))
+            for r in export.invalid]
+    counted = []
+    for play in export.plays:
+        row = _audit_row(play)
+        rows.append(row)
+        if play.gold:
+            row.reason = "gold round (attention check, not a cluster)"
+        elif play.round_id not in export.rounds:
+            row.reason = f"unknown round {play.round_id!r} (not in rounds)"
+        elif play.outcome == "abandoned":
+            row.reason = "abandoned: neither a guess nor a resign, not counted"
+        else:
+            counted.append((row, play))
+            row.status = STATS
+            if play.outcome == "resign":
+                unused = "; its description is not used" if play.description.strip() else ""
+                row.reason = f"resign (counted as level 5){unused}"
+            elif not play.description.strip():
+                row.reason = "no description (counted in wins/losses)"
+            else:
+                row.status, row.vocabulary_class = "", play.guessed_class  # a text to clean
+    return rows, counted
+
+
+def _translate(rows: Sequence[AuditRow], translator: Translator | None) -> None:
+    """English text for every pending row; non-English rows without a translator count in the
+    statistics only (their description is not used)."""
+    pending: dict[tuple[str, str], list[AuditRow]] = defaultdict(list)
+    for row in rows:
+        if row.status == "" and not is_english_tag(row.language):
+            if translator is None:
+                row.status = STATS
+                row.reason = f"{UNUSED}language {row.language!r} and no translator (pass one to translate)"
+            else:
+                pending[(row.language, row.vocabulary_class)].append(row)
+    for (language, context), group in pending.items():
+        texts = translator.translate([r.description for r in group], source=language, context=context)  # type: ignore[union-attr]
+        if len(texts) != len(group):
+            raise ValueError(f"translator {translator.name!r} returned {len(texts)} texts for {len(group)}")  # type: ignore[union-attr]
+        for row, text in zip(group, texts, strict=True):
+            row.translated = str(text)
+
+
+def _clean(rows: Sequence[AuditRow], aliases: Mapping[str, Sequence[str]], max_chars: int) -> None:
+    for row in rows:
+        if row.status != "":
+            continue
+        names = [row.vocabulary_class, *aliases.get(row.vocabulary_class, ())]
+        result = clean_description(row.translated or row.description, names, max_chars)
+        if result.text is None:
+            row.status, row.reason = STATS, UNUSED + (result.reason or "unusable text")
+            continue
+        row.cleaned = result.text
+        if not row.translated and len(words(result.text)) >= 3:
+            share = english_share(result.text)
+            if share < 0.5:
+                row.note = f"tagged {row.language or 'en'} but only {share:.0%} of its words are known English words"
+
+
+def _label_classes(rows: Sequence[AuditRow], embedder: Embedder) -> dict[str, ClassLabelling]:
+    stop_words = load_stop_words()
+    texts: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row.status == "" and row.correct:
+            texts[row.vocabulary_class].append(row.cleaned)
+    return {name: label_class(name, found, embedder, stop_words) for name, found in texts.items()}
+
+
+def _nearest_label(row: AuditRow, labelling: ClassLabelling, embedder: Embedder, min_similarity: float) -> bool:
+    """Place ``row`` in a text cluster of ``labelling``; False (row left unlabelled) below ``min_similarity``."""
+    if row.cleaned in labelling.texts:
+        row.text_cluster, _ = labelling.label_of(row.cleaned)
+        return True
+    nearest, row.similarity = labelling.nearest(embedder.encode([row.cleaned])[0])
+    if row.similarity < min_similarity:
+        row.status = UNLABELLED
+        row.reason = (f"nearest text cluster {nearest} of {row.vocabulary_class!r} has similarity "
+                      f"{row.similarity:.3g} < min_similarity {min_similarity:g}: no label is close enough")
+        return False
+    row.text_cluster = nearest
+    return True
+
+
+def _assign_labels(
+    rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabelling], embedder: Embedder, min_similarity: float
+) -> None:
+    for row in rows:
+        if row.status != "":
+            continue
+        labelling = labellings.get(row.vocabulary_class)
+        if labelling is None or not labelling.clusters:
+            row.status = UNLABELLED
+            row.reason = f"guessed class {row.vocabulary_class!r} has no labelled descriptions to take a label from"
+            continue
+        if not _nearest_label(row, labelling, embedder, min_similarity):
+            continue
+        cluster = labelling.clusters[row.text_cluster]  # type: ignore[index]
+        row.representative, row.label = cluster.representative, cluster.label
+        if not row.label:
+            row.status = UNLABELLED
+            row.reason = f"text cluster {row.text_cluster} has only stop-words: no representative word"
+        elif row.correct:
+            row.status = LABELLED
+        else:
+            row.status = WRONG
+            row.reason = "wrong guess: labelled with the guessed class's vocabulary, used only in scores (/4)"
+
+
+def _cluster_stats(
+    export: StudyExport, counted: Sequence[tuple[AuditRow, Play]], wrong_rule: str
+) -> list[ClusterStats]:
+    stats: dict[str, ClusterStats] = {}
+    for r in export.rounds.values():
+        if r.gold or not r.cluster_id:
+            continue
+        stats[r.round_id] = ClusterStats(
+            r.cluster_id, r.true_class, r.image_id, r.layer, r.layer_depth, r.n_layers, r.cluster_weight or 0.0,
+            r.fmap_count or 0, r.image_name, r.cluster_index, r.inv_run,
+        )
+    votes: dict[str, list[LabelVote]] = defaultdict(list)
+    for row, play in counted:
+        cluster = stats.get(play.round_id)
+        if cluster is None:
+            row.status, row.reason = EXCLUDED, "round is a gold round or has no INV cluster"
+            continue
+        if play.outcome == "resign":
+            cluster.resigns += 1
+            continue
+        cluster.guess_levels.append(play.level)
+        cluster.wins += play.outcome == "win"
+        cluster.losses += play.outcome == "lose"
+        if row.status in (LABELLED, WRONG):
+            votes[play.round_id].append(LabelVote(play.cluster_id, row.label, play.level, bool(play.correct)))
+    for round_id, cluster in stats.items():
+        cluster.scores = score_labels(votes.get(round_id, []), wrong_rule)  # type: ignore[arg-type]
+    for row, play in counted:
+        cluster = stats.get(play.round_id)
+        if cluster is not None and row.label in cluster.scores and row.status in (LABELLED, WRONG):
+            row.label_score = cluster.scores[row.label].score
+    return list(stats.values())
+
+
+def _agreement_units(rows: Sequence[AuditRow], clusters: Sequence[ClusterStats]) -> dict[str, dict[str, list[str]]]:
+    units: dict[str, dict[str, list[str]]] = defaultdict(dict)
+    for cluster in clusters:
+        units[cluster.class_name].setdefault(cluster.cluster_id, [])
+    for row in rows:
+        if row.status == LABELLED:
+            units[row.true_class].setdefault(row.cluster_id, []).append(row.label)
+    return {name: found for name, found in units.items() if any(found.values())}
+
+
+def _label_export(
+    export: StudyExport, embedder: Embedder, translator: Translator | None, settings: LabelSettings
+) -> LabelsResult:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    rows, counted = _triage(export)
+    _translate(rows, translator)
+    _clean(rows, settings.class_aliases, settings.max_chars)
+    timings["clean"] = time.perf_counter() - start
+    labellings = _label_classes(rows, embedder)
+    _assign_labels(rows, labellings, embedder, settings.min_similarity)
+    timings["label"] = time.perf_counter() - start - timings["clean"]
+    clusters = _cluster_stats(export, counted, settings.wrong_rule)
+    groups, full_groups = merge_clusters(clusters), full_merge(clusters)
+    agreement = agreement_table(_agreement_units(rows, clusters), settings.n_bootstrap, settings.seed)
+    timings["total"] = time.perf_counter() - start
+    return LabelsResult(export, embedder.describe(), settings, getattr(translator, "name", None), rows, labellings,
+                        clusters, groups, full_groups, agreement, timings=timings)
+
+
+def run_labels(
+    export_dir: str | Path,
+    out: str | Path | None = None,
+    embedder: Embedder | None = None,
+    translator: Translator | None = None,
+    settings: LabelSettings | None = None,
+    inv_base: str | Path | None = None,
+) -> LabelsResult:
+    """Label a study export folder; write the results into ``out`` if given.
+
+    ``embedder`` defaults to :func:`~convlens.labels.embedders.load_embedder` ``("auto")``;
+    ``inv_base`` is the folder relative INV run paths of ``study.json`` are taken against (default: the
+    export folder). Raises :class:`~convlens.labels.export.ExportError` for input that is not a
+    usable export (missing files or columns, no plays at all).
+    """
+    settings = settings or LabelSettings()
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir() or not is_export(export_dir):
+        raise ExportError(f"{export_dir}: not a study export folder (no plays.csv or plays.jsonl)")
+    export = read_export(export_dir)
+    if not export.plays and not export.invalid:
+        raise ExportError(f"{export_dir}: the export has no plays: nothing to label")
+    result = _label_export(export, embedder or load_embedder("auto"), translator, settings)
+    result.source = export_dir.resolve()
+    result.inv_runs = export.inv_runs(Path(inv_base) if inv_base is not None else None)
+    if out is not None:
+        write_labels(result, out)
+    return result

@@ -1,0 +1,149 @@
+"""Players' descriptions as text the label pipeline can use: cleaning, class-name removal, tokens, stop-words.
+
+INV's label analysis (Bianchi et al., IJCAI-24, LabelAnalysis.ipynb) lower-cases each description,
+removes the class name and its ``'s`` possessive as whole words, and takes the whitespace tokens that are
+not stop-words as candidate labels. Here, with every decision recorded for the audit trail:
+
+* :func:`clean_description` unescapes HTML entities, removes tags, normalises Unicode (NFKC, curly
+  apostrophes), replaces emoji, symbols and control characters by spaces, lower-cases and collapses
+  whitespace. Texts longer than ``max_chars`` are not used (a reason is returned, nothing is truncated).
+* :func:`class_name_pattern` matches a class name as whole words, with any space, hyphen or underscore
+  (or none) between its words, followed by an optional possessive (``'s``, ``s'``, ``'``) or plural
+  (``s``, ``es``). The plural goes beyond the authors' code, which left "parachutes" in place and so
+  could make the class name itself a label.
+* :func:`words` are letter runs (apostrophes and hyphens inside a word kept; digits and punctuation
+  dropped), unlike the authors' ``split(' ')`` which kept punctuation on tokens ("wings," != "wings").
+* :func:`load_stop_words`: NLTK's English list plus the authors' 14 additions, shipped as package data.
+* :class:`Translator`: the hook for non-English descriptions. Off by default: such descriptions are
+  excluded with a reason. The authors translated Italian answers with an online service (DeepL,
+  IT -> EN-US, the class name as context); plug any translator with this interface to do the same.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "DEFAULT_MAX_CHARS",
+    "CleanResult",
+    "Translator",
+    "class_name_pattern",
+    "clean_description",
+    "english_share",
+    "is_english_tag",
+    "load_stop_words",
+    "remove_class_names",
+    "words",
+]
+
+DEFAULT_MAX_CHARS = 1000
+_TAG = re.compile(r"<[^<>]*>")
+_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+_SPACE = re.compile(r"\s+")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "`": "'"})
+_DROP_CATEGORIES = ("S", "C")  # symbols (emoji, math, currency) and control/format/unassigned characters
+
+
+@runtime_checkable
+class Translator(Protocol):
+    """Translates descriptions into English (a plug-in; none is built in, so nothing goes online).
+
+    ``translate(texts, source, context)`` returns one English text per input; ``source`` is the
+    BCP-47 tag the player chose (e.g. ``"it"``); ``context`` is the class name (DeepL's ``context``).
+    """
+
+    name: str
+
+    def translate(self, texts: Sequence[str], source: str, context: str | None = None) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    """A cleaned description, or ``text=None`` and the reason it cannot be used."""
+
+    text: str | None
+    reason: str | None = None
+
+
+def is_english_tag(tag: str) -> bool:
+    """True for ``en``, ``en-US``, ... and for an empty tag (the game's default language is English)."""
+    return tag.strip().lower().replace("_", "-").split("-")[0] in ("", "en")
+
+
+def normalise_text(raw: str) -> str:
+    """HTML entities unescaped, tags removed, NFKC, straight apostrophes, no symbols, lower case."""
+    text = _TAG.sub(" ", html.unescape(raw))
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
+    text = "".join(
+        " " if unicodedata.category(ch)[0] in _DROP_CATEGORIES and not ch.isspace() else ch for ch in text
+    )
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+@lru_cache(maxsize=256)
+def class_name_pattern(names: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Whole-word pattern for the class names (words joined by optional space/hyphen/underscore) with
+    an optional possessive or plural ending; ``None`` when no name has a word."""
+    alternatives = []
+    for name in names:
+        parts = re.findall(r"[^\W_]+", name.lower().translate(_APOSTROPHES))
+        if parts:
+            alternatives.append(r"[\s_-]*".join(re.escape(p) for p in parts))
+    if not alternatives:
+        return None
+    alternatives.sort(key=len, reverse=True)
+    return re.compile(r"(?<![\w'])(?:" + "|".join(alternatives) + r")(?:'s|s'|es|s|')?(?![\w'])")
+
+
+def remove_class_names(text: str, names: Sequence[str]) -> str:
+    """``text`` without the class names (see :func:`class_name_pattern`), whitespace collapsed."""
+    pattern = class_name_pattern(tuple(names))
+    if pattern is None:
+        return text
+    return _SPACE.sub(" ", pattern.sub(" ", text)).strip()
+
+
+def words(text: str) -> list[str]:
+    """Letter runs of ``text`` in order (apostrophes/hyphens inside a word kept)."""
+    return _WORD.findall(text)
+
+
+def clean_description(raw: str, class_names: Sequence[str], max_chars: int = DEFAULT_MAX_CHARS) -> CleanResult:
+    """Clean one description for the class whose names are ``class_names`` (the class-name removal of the
+    authors' ``LabelAnalysis.ipynb``).
+
+    Returns the cleaned text, or ``None`` with the reason: empty, longer than ``max_chars`` (on the raw
+    text), nothing but symbols/markup, or nothing left once the class name is removed.
+    """
+    if not raw.strip():
+        return CleanResult(None, "empty description")
+    if len(raw) > max_chars:
+        return CleanResult(None, f"too long: {len(raw)} characters > {max_chars} (raise max_chars to use it)")
+    text = normalise_text(raw)
+    if not words(text):
+        return CleanResult(None, "no words (only symbols, emoji, digits or markup)")
+    text = remove_class_names(text, class_names)
+    if not words(text):
+        return CleanResult(None, "nothing but the class name")
+    return CleanResult(text)
+
+
+def english_share(text: str) -> float:
+    """Share of the words that simplemma knows as English (1.0 for a text without words)."""
+    import simplemma
+
+    return float(simplemma.in_target_language(text, lang="en")) if words(text) else 1.0
+
+
+@lru_cache(maxsize=1)
+def load_stop_words() -> frozenset[str]:
+    """NLTK's 179 English stop-words plus the INV authors' 14 (package data ``stopwords_en.txt``)."""
+    text = resources.files("convlens.labels").joinpath("data/stopwords_en.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))

@@ -1,1 +1,0 @@
-"""Alembic migrations of the Deep Reveal study database (run by :func:`convlens.study.db.upgrade`)."""

@@ -1,0 +1,38 @@
+"""TCAV with real statistics (Kim et al., ICML 2018), on Captum's concept pieces: does the model use a concept
+for a class?
+
+On your own concept tensors: :class:`ConceptSet` / :class:`RandomSets` (``concept_sets``), CAVs and their
+cache (``cav``), :class:`TCAVRunner` (``runner``: scores, the random-vs-random null, tests) and the
+statistics (``stats``). On a Deep Reveal study: :func:`run_study_tcav` (``study``) builds concept sets from
+the study's own revealed regions (``study_regions``, ``study_concepts``) and writes ``tcav.csv``.
+Names are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConceptSet": "convlens.tcav.concept_sets",
+    "RandomSets": "convlens.tcav.concept_sets",
+    "TCAVRunner": "convlens.tcav.runner",
+    "TCAVReport": "convlens.tcav.runner",
+    "TCAVTest": "convlens.tcav.runner",
+    "TcavSettings": "convlens.tcav.study",
+    "run_study_tcav": "convlens.tcav.study",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convlens.tcav' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
