@@ -1,6 +1,7 @@
 """The package's layers: nothing imports upward (README, Design).
 
-core · numerics · models · data  <-  methods · inv · labels · tcav  <-  metrics · reports  <-  runners  <-  study · crowd · cli
+core · numerics · models · data  <-  methods · inv · labels · tcav  <-  metrics · reports  <-  runners
+    <-  study · crowd · cli
 """
 
 from __future__ import annotations
