@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from convlens.core.files import temporary_name
 from convlens.runners.evaluate import EvaluationConfig, EvaluationError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -225,13 +226,13 @@ def test_a_rerun_clears_the_temporary_files_of_a_killed_run_and_nothing_else(tmp
     assert CliRunner().invoke(_cli(), args).exit_code == 0  # type: ignore[arg-type]
     records = out / "records" / "gradcam"
     stale = [  # what SIGKILL leaves behind mid-write (this version's names and the earlier `.json.*.tmp`)
-        records / ".0000000-385dad7297.json.k2j3h4k5.tmp", records / ".convlens-tmp-a1b2c3d4.tmp",
-        out / ".per_image.csv.x9y8z7w6.tmp", out / ".report.html.tmp", out / ".convlens-tmp-q1w2e3r4.tmp",
-        out / "samples" / "gradcam" / ".convlens-tmp-z0z0z0z0.tmp",
+        records / ".0000000-385dad7297.json.k2j3h4k5.tmp", records / temporary_name(suffix=".tmp"),
+        out / ".per_image.csv.x9y8z7w6.tmp", out / ".report.html.tmp", out / temporary_name(suffix=".tmp"),
+        out / "samples" / "gradcam" / temporary_name(suffix=".tmp"),
     ]
     kept = [  # the user's files, and names that are not the run's
         out / "notes.tmp", out / ".my-results.json.a1b2c3d4.tmp", out / "mine" / ".0000000-x.json.a1b2c3d4.tmp",
-        records / "notes.txt",
+        records / "notes.txt", out / ".convlens-tmp-notes", records / ".convlens-tmp-a1b2c3d4.tmp",
     ]
     for path in [*stale, *kept]:
         path.parent.mkdir(parents=True, exist_ok=True)

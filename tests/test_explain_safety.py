@@ -26,7 +26,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
-from convlens.core.files import OutputLock
+from convlens.core.files import OutputLock, temporary_name
 from convlens.models import LoadedModel, register_model
 from convlens.models.preprocessing import Preprocessing
 from convlens.models.zoo import load_state_dict, load_weights_into, unregister_model
@@ -300,17 +300,17 @@ def test_api_five_channel_input_says_what_the_model_takes(tiny_cnn) -> None:
 def test_leftovers_of_a_killed_run_are_removed_and_only_those(tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()
-    for name in (".convlens-tmp-abc12345", ".convlens-old-k2j4h5g6"):
+    for name in (temporary_name(), temporary_name("old")):
         (out / name).mkdir()
         (out / name / "input.png").write_bytes(b"x")
-    (out / ".convlens-tmp-q1w2e3r4.tmp").write_text("{")
-    for name in (".holiday.abcd1234", ".results.json.tmp", ".convlens-notes"):  # the user's hidden files
+    (out / temporary_name(suffix=".tmp")).write_text("{")
+    users = [".convlens-notes", ".convlens-tmp-abc12345", ".convlens-tmp-notes", ".holiday.abcd1234",
+             ".results.json.tmp"]  # the user's hidden files, some named like convlens's temporaries
+    for name in users:
         (out / name).write_text("mine")
     code, output = explain(_image(tmp_path / "a.png"), "--out", out)
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
-        ".convlens-notes", ".holiday.abcd1234", ".results.json.tmp",
-    ]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == users
 
 
 _KILLER = textwrap.dedent("""

@@ -1,12 +1,13 @@
 """Writing results safely: atomic files and folders, permissions that follow the umask, and clean-up
 of what a killed run left behind — and never anything else.
 
-Every temporary entry convlens creates is named ``.convlens-tmp-<random>`` (a folder or file being
-written) or ``.convlens-old-<random>`` (a folder of ours being replaced), next to its final place.
+Every temporary entry convlens creates is named ``.convlens-tmp-<32 hex digits>`` (a folder being
+written; files end in ``.tmp``) or ``.convlens-old-<32 hex digits>`` (a folder of ours being replaced),
+next to its final place: 128 random bits, so no name a user gives a file has that exact shape.
 :func:`remove_stale_temporaries` deletes exactly those names (and nothing else) — call it only while
 holding the output folder's lock (:class:`OutputLock`), so that no other run is still writing them.
 
-``tempfile`` creates folders 0700 and files 0600; results here get the permissions of any folder or
+Temporaries are created 0700 (folders) and 0600 (files); results here get the permissions of any folder or
 file the user creates (``0777`` / ``0666`` minus the umask), so a shared output folder stays readable
 as the user's own umask says.
 """
@@ -16,16 +17,48 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["OutputLock", "atomic_directory", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries"]
+__all__ = [
+    "OutputLock",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "is_temporary_name",
+    "remove_stale_temporaries",
+    "temporary_name",
+]
 
 TMP_PREFIX = ".convlens-tmp-"
 OLD_PREFIX = ".convlens-old-"
-_STALE = re.compile(r"^\.convlens-(tmp|old)-[A-Za-z0-9_]+(\.tmp)?$")
+_STALE = re.compile(r"^\.convlens-(tmp|old)-[0-9a-f]{32}(\.tmp)?$")
+
+
+def temporary_name(kind: str = "tmp", suffix: str = "") -> str:
+    """A fresh temporary's name: ``.convlens-<kind>-<32 random hex digits><suffix>`` (kind tmp or old)."""
+    return f".convlens-{kind}-{secrets.token_hex(16)}{suffix}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for exactly the names :func:`temporary_name` makes (what a killed run may have left)."""
+    return _STALE.match(name) is not None
+
+
+def _make_temporary(parent: Path, kind: str, directory: bool, suffix: str = "") -> Path:
+    """Create a new temporary folder or empty file in ``parent`` (exclusively: never an existing entry)."""
+    while True:
+        path = parent / temporary_name(kind, suffix)
+        try:
+            if directory:
+                path.mkdir()
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # pragma: no cover - 128 random bits
+            continue
+        return path
 
 
 def current_umask() -> int:
@@ -47,9 +80,9 @@ def _chmod_like_new(path: Path, directory: bool) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temp file in the same folder, fsync, rename over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    tmp = _make_temporary(path.parent, "tmp", directory=False, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -63,9 +96,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, like :func:`atomic_write_text` (images, plots)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    tmp = _make_temporary(path.parent, "tmp", directory=False, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -96,7 +129,7 @@ class atomic_directory:  # noqa: N801 - used like a function: ``with atomic_dire
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.path.parent))
+        self.tmp = _make_temporary(self.path.parent, "tmp", directory=True)
         _chmod_like_new(self.tmp, directory=True)
         return self.tmp
 
@@ -113,7 +146,7 @@ class atomic_directory:  # noqa: N801 - used like a function: ``with atomic_dire
         if not (self.path.exists() or self.path.is_symlink()):
             os.replace(self.tmp, self.path)
             return
-        old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=self.path.parent))
+        old = _make_temporary(self.path.parent, "old", directory=True)
         os.replace(self.path, old / "content")
         os.replace(self.tmp, self.path)
         shutil.rmtree(old, ignore_errors=True)
@@ -137,7 +170,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
-        if not _STALE.match(entry.name):
+        if not is_temporary_name(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
