@@ -21,6 +21,7 @@ from convlens.core.hooks import forward_with_grads
 from convlens.tcav.cav import ActivationStore, CAVCache, MiniBatchSGDClassifier, model_digest
 from convlens.tcav.concept_sets import ConceptSet, RandomSets, tensor_digest
 from convlens.tcav.runner import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.tcav.solver import LinearSVM
 from convlens.tcav.stats import compare_to_null, holm, pseudo_concept_means
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -252,12 +253,15 @@ def test_runner_report_holm_null_and_csv(tmp_path: Path) -> None:
         assert np.mean(t.null_magnitudes) == pytest.approx(0.0, abs=1e-12)  # one CAV per pair, used both ways
         assert t.magnitude.value == pytest.approx(np.mean(t.magnitudes))
         sign = "+" if t.magnitude.mean_difference > 0 else "-"
-        assert t.verdict == ("not significant" if t.p_holm >= 0.05 else f"used ({sign})")
+        assert t.verdict == ("no evidence at this power" if t.p_holm >= 0.05 else f"used ({sign})")
+        assert t.cav_accuracies and all(0 <= a <= 1 for a in t.cav_accuracies)
     assert report.counts["cavs_trained"] == 2 * (45 + 2 * 10)  # per layer: 45 random pairs + 2 concepts x 10 runs
     assert all(0 <= seconds < 120 for seconds in report.timings.values()) and report.timings["activations"] > 0
     rows = list(csv.DictReader(report.to_csv(tmp_path / "tcav.csv").open()))
     assert len(rows) == 4 and float(rows[0]["p_holm"]) == pytest.approx(tests[0].p_holm)
-    assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["scores"].split()) == 10
+    assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["sign_counts"].split()) == 10
+    assert rows[0]["statistic"] == "magnitude" and float(rows[0]["effect_size"]) == pytest.approx(
+        tests[0].magnitude.effect_size)
     cached = _tiny_run(tmp_path)  # second run: every CAV comes from the disk cache
     assert cached.counts["cavs_trained"] == 0 and cached.counts["cavs_loaded"] == 2 * (45 + 2 * 10)
     assert cached.counts["images_forwarded"] == 0  # activations are only computed for CAVs to train
@@ -346,7 +350,7 @@ def test_runner_deletes_spilled_activations_when_it_fails(tmp_path: Path, monkey
     def broken(*args: object, **kwargs: object) -> dict[str, float]:
         raise RuntimeError("classifier failed")
 
-    monkeypatch.setattr(MiniBatchSGDClassifier, "train_and_eval", broken)
+    monkeypatch.setattr(LinearSVM, "fit", broken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         runner = TCAVRunner(make_tiny_cnn(), ["block3"], random_runs=3, activation_dir=tmp_path)
