@@ -260,7 +260,8 @@ def _study_labels(root: Path, per_class: int) -> tuple[Path, dict[str, float]]:
     seconds["INV"] = time.perf_counter() - start
     create_study(root / "study", [root / "run"], CreateOptions(plays_per_round=1, rounds_per_player=40))
     plan = _study_plan(root / "study", root / "run", masks)
-    server = create_app(root / "study", None, rate_limit_ip="1000000/minute", rate_limit_participant="1000000/minute")
+    server = create_app(root / "study", None, rate_limit_ip="1000000/minute", rate_limit_participant="1000000/minute",
+                        rate_limit_consent="1000000/minute")  # 1000 participants from one address
     start = time.perf_counter()
     try:
         simulate(root / "study", plan, participants=1000, app=server, concurrent=4)

@@ -432,7 +432,8 @@ class CAVCache:
         try:
             entry = _read_entry(torch.load(path, map_location="cpu", weights_only=True), first, second, layer)
         except Exception as exc:  # whatever a damaged cache file raises, the CAV is trained again
-            warnings.warn(f"CAV cache file {path} cannot be read ({type(exc).__name__}: {exc}); trained again",
+            shown = Path(path).relative_to(Path(self.save_path).parent)  # cavs/<model id>/<file>: where it was
+            warnings.warn(f"CAV cache file {shown} cannot be read ({type(exc).__name__}: {exc}); trained again",
                           UserWarning, stacklevel=3)
             self.recomputed += 1
             return None
@@ -566,13 +567,13 @@ def _gram(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _times_rows(coef: torch.Tensor, values: np.ndarray, device: torch.device) -> np.ndarray:
-    """``coef @ X`` as float32 (K, F) (float32 arithmetic: the CAV file's precision), over column chunks."""
+    """``coef @ X`` in float64, stored as float32 (K, F) (the CAV file's precision), over column chunks: a CAV
+    trained alone or in a batch rounds to the same float32 values."""
     out = np.empty((coef.shape[0], values.shape[1]), dtype=np.float32)
     step = max(1, GRAM_CHUNK // max(1, values.shape[0]))
-    coef = coef.float()
     for start in range(0, values.shape[1], step):
-        part = torch.from_numpy(np.ascontiguousarray(values[:, start : start + step])).to(device)
-        out[:, start : start + step] = (coef @ part).cpu().numpy()
+        part = torch.from_numpy(np.ascontiguousarray(values[:, start : start + step])).to(device, torch.float64)
+        out[:, start : start + step] = (coef @ part).float().cpu().numpy()
     return out
 
 

@@ -60,7 +60,7 @@ from convlens.core.layers import LayerSpec, resolve_layers
 from convlens.tcav.cav import ActivationStore, CAVCache
 from convlens.tcav.concept_sets import ConceptSet, RandomSets
 from convlens.tcav.solver import LinearSVM
-from convlens.tcav.stats import NullComparison, compare_to_null, holm, pseudo_concept_means
+from convlens.tcav.stats import STATISTICS, NullComparison, compare_to_null, holm, pseudo_concept_means
 
 __all__ = [
     "MIN_RANDOM_RUNS",
@@ -115,7 +115,6 @@ def tcav_magnitude(sensitivities: np.ndarray, direction: np.ndarray) -> float:
     return float(np.mean(sensitivities @ direction) / np.linalg.norm(direction))
 
 
-STATISTICS = ("magnitude", "sign_count")
 NO_EVIDENCE = "no evidence at this power"
 PROJECTION_BYTES = 256 * 2**20  # CAVs (float32) held at once while projecting the class's gradients on them
 
@@ -395,12 +394,13 @@ class TCAVRunner:
         self,
         class_inputs: Mapping[int, torch.Tensor],
         concepts: Mapping[int, Sequence[ConceptSet]],
-        random_sets: RandomSets | Mapping[int, RandomSets],
+        random_sets: RandomSets | Mapping[int, RandomSets | Mapping[str, RandomSets]],
     ) -> TCAVReport:
         """Test every concept of ``concepts[k]`` for class k on the images ``class_inputs[k]``.
 
-        Random sets of each concept's size come from ``random_sets`` (one pool, or one per class): the first
-        N distinct sets that differ from the concept (:meth:`RandomSets.runs`).
+        Random sets of each concept's size come from ``random_sets`` (one pool, one per class, or per class
+        one per concept name): the first N distinct sets that differ from the concept
+        (:meth:`RandomSets.runs`). Concepts drawing the same random sets share their null.
         """
         plan = self._plan(class_inputs, concepts, random_sets)
         first = next(entries[0][0] for entries in plan.values())  # _plan keeps non-empty classes only
@@ -414,6 +414,8 @@ class TCAVRunner:
             with timer("model_hash"):
                 cavs = CAVCache(store, self.classifier, self.model_name, self.cache_dir, self.seed, self.device,
                                 background_writes=True)
+            with timer("cavs"):
+                self._train_ahead(plan, list(roles), cavs)
             tests = [test for class_id, entries in plan.items()
                      for test in self._class_tests(class_id, entries, class_inputs[class_id], roles, cavs, timer)]
             with timer("cavs"):
@@ -431,6 +433,20 @@ class TCAVRunner:
         return TCAVReport(
             self.model_name, tests, self.random_runs, self.alpha, self.statistic, dict(timer.seconds), counts
         )
+
+    def _train_ahead(self, plan: Plan, layers: list[str], cavs: CAVCache) -> None:
+        """Per layer, every class's CAVs in one solve per size (few large batches instead of one per class),
+        kept in memory for the class-by-class scoring; skipped when they would not all fit in it."""
+        widths = _layer_widths(self.model, layers, tuple(next(iter(plan.values()))[0][0].images.shape[1:]))
+        for layer in layers:
+            nulls = {tuple(r.digest for r in randoms): randoms for entries in plan.values() for _, randoms in entries}
+            null_pairs = [(randoms[i], randoms[j]) for randoms in nulls.values()
+                          for i in range(len(randoms)) for j in range(i + 1, len(randoms))]
+            runs = [(concept, r) for entries in plan.values() for concept, randoms in entries for r in randoms]
+            if 4 * widths[layer] * (len(null_pairs) + len(runs)) > cavs.memory_bytes // 2:
+                continue
+            cavs.directions(null_pairs, layer, accuracy=False)
+            cavs.directions(runs, layer)
 
     def _class_tests(
         self,
@@ -496,7 +512,7 @@ class TCAVRunner:
         self,
         class_inputs: Mapping[int, torch.Tensor],
         concepts: Mapping[int, Sequence[ConceptSet]],
-        random_sets: RandomSets | Mapping[int, RandomSets],
+        random_sets: RandomSets | Mapping[int, RandomSets | Mapping[str, RandomSets]],
     ) -> Plan:
         if not concepts or not any(concepts.values()):
             raise ValueError("no concept sets to test")
@@ -510,7 +526,11 @@ class TCAVRunner:
             if len(set(names)) != len(names):
                 raise ValueError(f"class {class_id}: concept names must be unique, got {names}")
             pool = random_sets[class_id] if isinstance(random_sets, Mapping) else random_sets
-            plan[class_id] = [(s, pool.runs(s.size, self.random_runs, exclude=(s.digest,))) for s in sets]
+            pools = pool if isinstance(pool, Mapping) else dict.fromkeys(names, pool)
+            missing = [name for name in names if name not in pools]
+            if missing:
+                raise ValueError(f"class {class_id}: no random pool for concepts {missing}")
+            plan[class_id] = [(s, pools[s.name].runs(s.size, self.random_runs, exclude=(s.digest,))) for s in sets]
         return plan
 
     def _test(
@@ -528,6 +548,23 @@ class TCAVRunner:
             cav_accuracies=tuple(float(a) for a in runs.accuracies), statistic=self.statistic, alpha=self.alpha,
             layer_role=role,
         )
+
+
+def _layer_widths(model: nn.Module, layers: Sequence[str], shape: tuple[int, ...]) -> dict[str, int]:
+    """Flattened output size of each layer, from one forward of a zero image."""
+    modules = dict(model.named_modules())
+    widths: dict[str, int] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda _module, _inputs, output, name=name: widths.__setitem__(name, int(output[0].numel())))
+        for name in layers]
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, *shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return widths
 
 
 @dataclass(frozen=True)

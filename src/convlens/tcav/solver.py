@@ -26,8 +26,6 @@ import torch
 
 __all__ = ["LinearSVM", "PairFit"]
 
-_STEPS = 31  # line-search step sizes 1, 1/2, ..., 2^-30
-_ARMIJO = 1e-4
 
 
 @dataclass(frozen=True)
@@ -48,14 +46,14 @@ class LinearSVM:
     Args:
         alpha: L2 penalty (that of Captum's default ``SGDClassifier``).
         folds: k of the k-fold cross-validated held-out accuracy (row i of a set is in fold i mod k).
-        tol: stop when half the squared Newton decrement is below it (the objective is then within ``tol``
-            of its minimum, to second order).
+        tol: stop when half the squared Newton decrement is below it. The squared hinge's Newton step is
+            exact once the margin violators settle, so the default waits for that step (rounding ends it).
         max_iter: Newton steps at most.
     """
 
     alpha: float = 0.01
     folds: int = 3
-    tol: float = 1e-14
+    tol: float = 1e-20
     max_iter: int = 100
 
     def __post_init__(self) -> None:
@@ -142,43 +140,53 @@ class LinearSVM:
             coef[state.index], intercept[state.index] = state.coef, state.intercept
             if not bool(moving.any()):
                 break
-            objective = slack.square().sum(1) / state.count[:, 0] + 0.5 * self.alpha * (
-                state.coef * state.kernel_coef).sum(1)
             if not bool(moving.all()):
-                state, d_coef, d_intercept, decrement, objective = state.keep(moving), d_coef[moving], \
-                    d_intercept[moving], decrement[moving], objective[moving]
+                state, d_coef, d_intercept = state.keep(moving), d_coef[moving], d_intercept[moving]
             kernel_step = _times(state.gram, d_coef)
-            size = self._step_size(state, d_coef, kernel_step, d_intercept, decrement, objective)
+            size = self._step_size(state, d_coef, kernel_step, d_intercept)
             state.coef = state.coef + size[:, None] * d_coef
             state.intercept = state.intercept + size * d_intercept
             state.kernel_coef = state.kernel_coef + size[:, None] * kernel_step
         coef[state.index], intercept[state.index] = state.coef, state.intercept
         return coef, intercept, iterations
 
-    def _step_size(self, state: _Batch, d_coef: torch.Tensor, kernel_step: torch.Tensor, d_intercept: torch.Tensor,
-                   decrement: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
-        """The largest of 1, 1/2, 1/4, ... that decreases the objective (``now``) enough (Armijo), for every
-        problem at once: along the step the margins move linearly and the penalty is quadratic in the size."""
-        margin, d_margin = state.kernel_coef + state.intercept[:, None], kernel_step + d_intercept[:, None]
-        penalty = 0.5 * self.alpha * torch.stack([(state.coef * state.kernel_coef).sum(1),
-                                                  2 * (state.coef * kernel_step).sum(1),
-                                                  (d_coef * kernel_step).sum(1)], 1)  # c0 + c1 t + c2 t^2
+    def _step_size(self, state: _Batch, d_coef: torch.Tensor, kernel_step: torch.Tensor,
+                   d_intercept: torch.Tensor) -> torch.Tensor:
+        """The exact minimiser t > 0 of the objective along the Newton step, for every problem at once.
 
-        def objective(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # t (m, T) step sizes
-            moved = margin[rows][:, None, :] + t[:, :, None] * d_margin[rows][:, None, :]
-            labels, quadratic = state.labels[rows][:, None, :], penalty[rows][:, None, :]
-            loss = ((1 - labels * moved).clamp_min(0) * labels.abs()).square().sum(2) / state.count[rows]
-            return loss + quadratic[..., 0] + t * (quadratic[..., 1] + t * quadratic[..., 2])
+        Along the step the slacks are a_i + t b_i and the penalty c0 + c1 t + c2 t^2, so the derivative
+        phi'(t) = (2/n) sum_i b_i (a_i + t b_i)_+ + c1 + 2 c2 t is increasing and piecewise linear, with
+        kinks where a slack reaches 0: evaluated at every kink, its zero lies on the first segment where it
+        turns non-negative (beyond the last kink only the rows with b_i > 0 stay active)."""
+        weight = state.labels.abs()  # 0 on padding rows
+        a = (1 - state.labels * (state.kernel_coef + state.intercept[:, None])) * weight
+        b = -state.labels * (kernel_step + d_intercept[:, None])
+        c1 = self.alpha * (state.coef * kernel_step).sum(1)
+        c2 = 0.5 * self.alpha * (d_coef * kernel_step).sum(1)
+        scale = 2 * weight * b / state.count
 
-        size = torch.ones_like(now)
-        everyone = torch.arange(len(now), device=now.device)
-        short = (objective(size[:, None], everyone)[:, 0] > now - _ARMIJO * decrement).nonzero()[:, 0]
-        if len(short):  # only the problems whose full Newton step is too long try shorter ones
-            steps = 2.0 ** -torch.arange(1, _STEPS, dtype=now.dtype, device=now.device)
-            t = steps.expand(len(short), -1)
-            accepted = objective(t, short) <= now[short][:, None] - _ARMIJO * t * decrement[short][:, None]
-            size[short] = steps[torch.where(accepted.any(1), accepted.to(torch.int8).argmax(1), _STEPS - 2)]
-        return size
+        def derivative(t: torch.Tensor) -> torch.Tensor:  # t (K, J) -> phi'(t) (K, J)
+            slack = (a[:, None, :] + t[:, :, None] * b[:, None, :]).clamp_min(0)
+            return (scale[:, None, :] * slack).sum(2) + c1[:, None] + 2 * c2[:, None] * t
+
+        kinks = torch.where((b != 0) & (weight > 0), -a / torch.where(b != 0, b, 1.0), -1.0)
+        kinks = torch.where(kinks > 0, kinks, math.inf).sort(1).values
+        points = torch.cat([torch.zeros_like(kinks[:, :1]), kinks], 1)  # 0, then the kinks (inf: none)
+        finite = torch.isfinite(points)
+        slopes = derivative(torch.where(finite, points, 0.0))
+        crossed = (slopes >= 0) & finite
+        crossed[:, 0] = False
+        after = torch.where(crossed.any(1), crossed.to(torch.int8).argmax(1), 0)  # first kink where phi' >= 0
+        last = finite.sum(1) - 1  # the last kink (0 when there is none)
+        rows = torch.arange(len(a), device=a.device)
+        inside = after > 0
+        left = torch.where(inside, after - 1, last)
+        t0, d0 = points[rows, left], slopes[rows, left]
+        t1, d1 = points[rows, after], slopes[rows, after]
+        beyond = (scale * b * ((b > 0) & (weight > 0))).sum(1) + 2 * c2  # phi'' past the last kink
+        size = torch.where(inside, t0 - d0 * (t1 - t0) / torch.where(d1 > d0, d1 - d0, 1.0),
+                           t0 - d0 / torch.where(beyond > 0, beyond, 1.0))
+        return size.clamp_min(0)
 
 
 @dataclass
