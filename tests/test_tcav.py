@@ -497,3 +497,13 @@ def test_cav_accuracy_against_chance() -> None:
     assert sum(math.comb(20, j) for j in range(14, 21)) / 2**20 == pytest.approx(0.0577, abs=1e-4)
     assert red.cav_accuracy > red.chance_accuracy and not red.cav_at_chance
     assert plain.cav_at_chance  # a set of random images is no concept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_solver_on_the_gpu_gives_the_cpu_directions() -> None:
+    x, first, second = _pairs(3, 16, 20, 20)
+    gram = torch.from_numpy(x @ x.T)
+    cpu = LinearSVM().fit(gram, torch.from_numpy(first), torch.from_numpy(second))
+    gpu = LinearSVM().fit(gram.cuda(), torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda())
+    np.testing.assert_allclose(gpu.coef.cpu().numpy(), cpu.coef.numpy(), rtol=1e-8, atol=1e-12)
+    assert torch.equal(gpu.accuracy.cpu(), cpu.accuracy)

@@ -25,11 +25,17 @@ scoring 1.0 lies at most sqrt(3) null SDs from their mean — never significant 
 many runs. The magnitude has no ceiling. Both are computed and written; ``statistic="sign_count"`` makes
 the paper's score decide.
 
+**Verdict.** ``used (+)`` / ``used (-)`` when significant after Holm; otherwise ``no evidence at this
+power`` — not "not used": effects below ``detectable_effect`` null SDs can be missed; ``cannot test`` when
+the null has no spread or is not finite (left out of Holm).
+
 Costs are shared: every distinct image is forwarded once for all layers, when the first CAV that needs
 it is trained (:class:`~convlens.tcav.cav.ActivationStore`); each class's gradients are computed once
-per layer and reused by every CAV; one CAV per random pair serves both directions and every concept of
-that size and every class; and CAVs are cached on disk under keys that hash the concept images, the
-model weights, the layer and the classifier settings (:class:`~convlens.tcav.cav.CAVCache`).
+per layer and projected on all its CAVs in one product; every CAV of a layer is asked for at once, so
+the missing ones train in one batched solve per size (:mod:`convlens.tcav.solver`); one CAV per random
+pair serves both directions and every concept of that size and every class; and CAVs are cached on disk
+under keys that hash the concept images, the model weights, the layer and the classifier settings
+(:class:`~convlens.tcav.cav.CAVCache`).
 """
 
 from __future__ import annotations
