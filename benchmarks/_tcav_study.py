@@ -223,15 +223,15 @@ def study_section(per_class: int, runs: int, seeds: int) -> str:
         root = Path(tmp)
         labels, steps = study_labels(root, per_class)
         timing = []
-        for label, pool, out in (("default (--random-pool study), cold CAV cache", "study", "study"),
-                                 ("default, warm CAV cache (2nd run)", "study", "study"),
-                                 ("--random-pool class, cold CAV cache", "class", "class")):
+        for label, pool, out in (("default (--random-pool study), cold CAV cache", "study", "tcav-study"),
+                                 ("default, warm CAV cache (2nd run)", "study", "tcav-study"),
+                                 ("--random-pool class, cold CAV cache", "class", "tcav-class")):
             seconds = cli("tcav", str(labels), "--out", str(root / out), "--random-pool", pool, "--random-runs",
                           str(runs), "--no-place")
             timing.append(_timing_row(label, root / out, seconds))
-        with (root / "study" / "tcav.csv").open(newline="", encoding="utf-8") as handle:
+        with (root / "tcav-study" / "tcav.csv").open(newline="", encoding="utf-8") as handle:
             verdicts = [r for r in csv.DictReader(handle) if r["layer"]]
-        manifest = json.loads((root / "study" / "tcav.json").read_text())
+        manifest = json.loads((root / "tcav-study" / "tcav.json").read_text())
         found = _power(labels, runs, seeds)
     ratio = timing[0][3] / timing[1][3]
     return "\n".join([

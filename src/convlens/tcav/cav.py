@@ -427,6 +427,10 @@ class CAVCache:
         if self.save_path is None:
             return None
         path = self.path(first, second, layer)
+        pending = self._writer.pending.get(path)  # trained in this run, its file not written yet
+        if pending is not None:
+            self.loaded += 1
+            return _read_entry(pending, first, second, layer)
         if not os.path.exists(path):
             return None
         try:
@@ -674,8 +678,9 @@ class _Writer:
 
     def __init__(self, limit: int = 512) -> None:
         self.limit = limit
+        self.pending: dict[str, dict[str, Any]] = {}  # path -> content, until its file is written
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[Future[None]] = deque()
+        self._futures: deque[Future[None]] = deque()
 
     def submit(self, path: str, content: dict[str, Any]) -> None:
         if self.limit == 0:
@@ -683,14 +688,22 @@ class _Writer:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlens-cav-writer")
-        while len(self._pending) >= self.limit:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(_write, path, content))
+        while len(self._futures) >= self.limit:
+            self._futures.popleft().result()
+        self.pending[path] = content
+        self._futures.append(self._pool.submit(self._write, path, content))
+
+    def _write(self, path: str, content: dict[str, Any]) -> None:
+        try:
+            _write(path, content)
+        finally:
+            if self.pending.get(path) is content:
+                del self.pending[path]
 
     def close(self) -> None:
         try:
-            while self._pending:
-                self._pending.popleft().result()
+            while self._futures:
+                self._futures.popleft().result()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
