@@ -507,3 +507,19 @@ def test_the_solver_on_the_gpu_gives_the_cpu_directions() -> None:
     gpu = LinearSVM().fit(gram.cuda(), torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda())
     np.testing.assert_allclose(gpu.coef.cpu().numpy(), cpu.coef.numpy(), rtol=1e-8, atol=1e-12)
     assert torch.equal(gpu.accuracy.cpu(), cpu.accuracy)
+
+
+def test_the_gram_cache_grows_and_forgets_without_changing_a_value() -> None:
+    """Inner products grown block by block (rows added over several solves), and recomputed after eviction,
+    equal X X^T of the rows asked for."""
+    from convlens.tcav.cav import _Grams
+
+    x = np.random.default_rng(4).normal(size=(30, 7)).astype(np.float32)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    grams = _Grams(torch.device("cpu"), max_bytes=8 * 21**2)  # 441 inner products at most
+    for layer, rows in (("a", [3, 1, 5]), ("a", [5, 9, 12, 1]), ("b", list(range(20))), ("a", [0, 29, 3])):
+        matrix, position = grams.over(layer, np.array(rows), lambda r: x[r])
+        at = position[np.array(rows)]
+        assert (at >= 0).all()
+        np.testing.assert_allclose(matrix[at][:, at].numpy(), exact[np.ix_(rows, rows)], rtol=1e-12)
+    assert list(grams._matrix) == ["a"]  # "b" (20 rows) was dropped to make room for "a" again

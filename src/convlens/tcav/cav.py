@@ -55,7 +55,7 @@ __all__ = ["ActivationStore", "CAVCache", "MiniBatchSGDClassifier", "cav_directi
 BATCH_BYTES = 64 * 2**20  # float64 bytes of one classifier mini-batch
 GRAM_CHUNK = 2**23  # float64 values of activations converted at a time (64 MiB)
 MEMORY_BYTES = 256 * 2**20  # CAVs kept in memory
-GRAM_ROWS = 6000  # rows of a layer's cached Gram matrix at most (288 MB of float64)
+GRAM_BYTES = 512 * 2**20  # Gram matrices kept, all layers together
 
 
 def model_digest(model: nn.Module) -> str:
@@ -352,7 +352,7 @@ class CAVCache:
         self.solves = 0  # batched solves (or single Captum fits)
         self._memory: OrderedDict[tuple[str, str, str], tuple[np.ndarray, float]] = OrderedDict()
         self._held = 0
-        self._grams = _Grams(self.device, GRAM_ROWS)
+        self._grams = _Grams(self.device, GRAM_BYTES)
         self._writer = _Writer(limit=512 if background_writes else 0)
         if self.save_path is not None:
             CAV.create_cav_dir_if_missing(self.save_path, self.model_id)
@@ -401,9 +401,9 @@ class CAVCache:
             return np.empty((0, 0), dtype=np.float32), np.empty(0)
         rows, accuracies = [], []
         for (concept, _), (first, second) in zip(pairs, ordered, strict=True):
-            vector, accuracy = found[(first.digest, second.digest)]
+            vector, held_out = found[(first.digest, second.digest)]
             rows.append(vector if concept is first else -vector)
-            accuracies.append(accuracy)
+            accuracies.append(held_out)
         return np.stack(rows), np.asarray(accuracies, dtype=float)
 
     def _recall(self, key: tuple[str, str, str]) -> tuple[np.ndarray, float] | None:
@@ -584,29 +584,35 @@ def _times_rows(coef: torch.Tensor, values: np.ndarray, device: torch.device) ->
 class _Grams:
     """X X^T (float64) over the activation-store rows seen so far, per layer, grown block by block: the
     solves of a class (its null, then its concepts) and of the classes sharing a random pool compute each
-    inner product once. Past ``max_rows`` rows a layer's matrix starts afresh."""
+    inner product once. Past ``max_bytes`` in all, the least recently used layers' matrices are dropped (and
+    a layer that alone would exceed it starts afresh with the rows asked for)."""
 
-    def __init__(self, device: torch.device, max_rows: int) -> None:
-        self.device, self.max_rows = device, max_rows
+    def __init__(self, device: torch.device, max_bytes: int) -> None:
+        self.device, self.max_bytes = device, max_bytes
         self._rows: dict[str, np.ndarray] = {}
-        self._matrix: dict[str, torch.Tensor] = {}
+        self._matrix: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._position: dict[str, np.ndarray] = {}
 
     def over(self, layer: str, rows: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray]) -> tuple[
         torch.Tensor, np.ndarray
     ]:
         """The layer's Gram matrix and, indexed by store row, each row's position in it (-1: not in it)."""
-        known = self._rows.get(layer, np.empty(0, dtype=np.int64))
+        known = self._rows.get(layer, np.empty(0, dtype=np.int64)) if layer in self._matrix else np.empty(0, np.int64)
         new = np.setdiff1d(np.unique(rows), known)
-        if len(known) + len(new) > self.max_rows:
+        if 8 * (len(known) + len(new)) ** 2 > self.max_bytes:
             known, new = np.empty(0, dtype=np.int64), np.unique(rows)
         if len(new) or layer not in self._matrix:
-            self._matrix[layer] = _grown(self._matrix.get(layer) if len(known) else None, fetch(known), fetch(new),
-                                         self.device)
+            previous = self._matrix.pop(layer, None)
+            matrix = _grown(previous if len(known) else None, fetch(known), fetch(new), self.device)
+            while self._matrix and 8 * (sum(m.shape[0] ** 2 for m in self._matrix.values()) + matrix.shape[0] ** 2) \
+                    > self.max_bytes:
+                self._matrix.popitem(last=False)
+            self._matrix[layer] = matrix
             known = np.concatenate([known, new])
             position = np.full(int(known.max()) + 1, -1, dtype=np.int64)
             position[known] = np.arange(len(known))
             self._rows[layer], self._position[layer] = known, position
+        self._matrix.move_to_end(layer)
         return self._matrix[layer], self._position[layer]
 
 
