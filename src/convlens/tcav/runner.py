@@ -6,36 +6,20 @@ class's images towards the concept raises the class logit h_k:
     S_{C,k,l}(x) = grad h_{l,k}(f_l(x)) . v_C^l                    (Kim et al., Eq. 1)
     TCAV_{C,k,l} = |{x in X_k : S_{C,k,l}(x) > 0}| / |X_k|         (Eq. 2; Captum's ``sign_count``)
 
-**Layer attribution.** The gradients grad h_{l,k}(f_l(x)) come from Captum's
-``LayerGradientXActivation(multiply_by_inputs=False)`` — Captum TCAV's own default, which despite its
-name returns the plain gradient of the target *logit* w.r.t. the layer output: exactly the directional
-derivative of Eq. 1. Gradient x activation would weight each unit by its activation and test a
-different quantity than the paper's.
+The gradients come from Captum's ``LayerGradientXActivation(multiply_by_inputs=False)``, Captum TCAV's
+default: the plain gradient of the logit w.r.t. the layer output, exactly Eq. 1's directional derivative.
+:class:`TCAVRunner` runs each concept against N random sets, lets each random set play the concept against
+the others (the random-vs-random null) and compares the means by a two-sided t-test, Holm-corrected over
+the class's tests (:mod:`convlens.tcav.stats` says why this form of the paper's test). The verdict uses the
+*magnitude* (mean directional derivative along the unit CAV) by default: the sign count saturates at 0 and
+1, where a concept can never lie more than sqrt(3) null SDs from the random sets. Verdicts: ``used (+)`` /
+``used (-)``, ``no evidence at this power`` (not "not used"), ``cannot test`` (a null without spread).
 
-:class:`TCAVRunner` runs, for every class, concept and layer, the concept against N random sets (the
-TCAV score and the magnitude of every run), lets each random set play the concept against the others
-(the random-vs-random null), and compares the concept's mean with the random sets' means by a two-sided
-t-test, Holm-corrected over all tests of the class, with effect sizes (:mod:`convlens.tcav.stats`
-says why this form of the paper's test and not the two-sample one, which is anti-conservative).
-
-**Statistic.** The verdict uses the *magnitude*, the mean directional derivative along the unit CAV, by
-default. The sign count saturates: when a class's gradients point one way, the TCAV score of a direction
-is ~1 or ~0, the random sets' mean scores spread over [0, 1] like a uniform variable, and a concept
-scoring 1.0 lies at most sqrt(3) null SDs from their mean — never significant after correction however
-many runs. The magnitude has no ceiling. Both are computed and written; ``statistic="sign_count"`` makes
-the paper's score decide.
-
-**Verdict.** ``used (+)`` / ``used (-)`` when significant after Holm; otherwise ``no evidence at this
-power`` — not "not used": effects below ``detectable_effect`` null SDs can be missed; ``cannot test`` when
-the null has no spread or is not finite (left out of Holm).
-
-Costs are shared: every distinct image is forwarded once for all layers, when the first CAV that needs
-it is trained (:class:`~convlens.tcav.cav.ActivationStore`); each class's gradients are computed once
-per layer and projected on all its CAVs in one product; every CAV of a layer is asked for at once, so
-the missing ones train in one batched solve per size (:mod:`convlens.tcav.solver`); one CAV per random
-pair serves both directions and every concept of that size and every class; and CAVs are cached on disk
-under keys that hash the concept images, the model weights, the layer and the classifier settings
-(:class:`~convlens.tcav.cav.CAVCache`).
+Costs are shared: every distinct image is forwarded once for all layers; each class's gradients are
+computed once and projected on all its CAVs in one product; every CAV of a layer is asked for at once, so
+the missing ones train in one batched solve per size (:mod:`convlens.tcav.solver`); one CAV per random pair
+serves both directions, every concept of that size and every class; and CAVs are cached on disk under keys
+that hash the concept images, the weights, the layer and the classifier (:class:`~convlens.tcav.cav.CAVCache`).
 """
 
 from __future__ import annotations
