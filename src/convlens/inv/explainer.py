@@ -52,13 +52,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from convlens.core.binding import ModelBinding
+from convlens.core.binding import BoundExplainer
 from convlens.core.hooks import eval_mode, forward_with_grads
 from convlens.core.inputs import as_image_batch, explained_input
-from convlens.core.layers import LayerSpec, describe_layers, resolve_layers
+from convlens.core.layers import describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams, ParamError, param
-from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec
+from convlens.core.targets import ScoreKind, TargetSpec
 from convlens.inv.clustering import (
     INV_SEED,
     ClusteringResult,
@@ -107,7 +107,7 @@ class INVParams(MethodParams):
                 raise ParamError("inv.embedding: 'opentsne' needs the openTSNE package: pip install openTSNE") from exc
 
 
-class INV:
+class INV(BoundExplainer):
     """INV layer-wise explanations: per layer, clusters of feature maps weighted by generalised Grad-CAM.
 
     Args:
@@ -131,41 +131,7 @@ class INV:
     default_layers: ClassVar[str] = "tail"
     uses_layers: ClassVar[bool] = True
     Params: ClassVar[type[INVParams]] = INVParams
-
-    def __init__(
-        self,
-        model: nn.Module | Any,
-        layers: LayerSpec | None = None,
-        score: ScoreKind | None = None,
-        output_adapter: OutputAdapter | None = None,
-        class_names: Sequence[str] | None = None,
-        params: INVParams | None = None,
-        **knobs: Any,
-    ) -> None:
-        self.binding = ModelBinding(model, score or self.default_score, output_adapter, class_names)
-        if params is not None and knobs:
-            raise ParamError("inv: give either params= or keyword parameters, not both")
-        if params is not None and not isinstance(params, INVParams):
-            raise ParamError(f"inv: params must be an INVParams, got {type(params).__name__}")
-        self.config: INVParams = params if params is not None else INVParams.from_mapping(knobs)
-        self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
-
-    # ------------------------------------------------------------------ the bound model
-    @property
-    def model(self) -> nn.Module:
-        return self.binding.model
-
-    @property
-    def score(self) -> ScoreKind:
-        return self.binding.score
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.binding.class_names
-
-    @property
-    def device(self) -> torch.device:
-        return self.binding.device
+    config: INVParams
 
     def params(self) -> dict[str, Any]:
         """The knobs recorded in every result (``n_jobs`` is left out: it does not change results)."""
@@ -176,8 +142,10 @@ class INV:
         return recorded
 
     # ------------------------------------------------------------------ layers
-    def layers_for(self, input_shape: Sequence[int]) -> list[ConvLayer]:
-        """The explained layers for inputs of shape (C, H, W), in forward order (resolved once per shape)."""
+    def explained_layers(self, input_shape: Sequence[int]) -> list[ConvLayer]:
+        """The conv layers INV explains for inputs of shape (C, H, W), in forward order (chosen once per shape).
+
+        Not a saliency method's ``layers_for(x)``, which gives the hooked layer names for a batch."""
         return self.layer_choice(input_shape)[0]
 
     def layer_choice(self, input_shape: Sequence[int]) -> tuple[list[ConvLayer], dict[str, Any]]:
