@@ -33,7 +33,7 @@ def _run(*args: str) -> tuple[int, str]:
 @pytest.mark.slow
 def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--per-block",
+    code, output = _run("explain", str(photos), "--methods", "gradcam,layercam", "--out", str(out), "--per-block",
                         "--layers", "blocks")
     assert code == 1, output  # exit 1: an image was skipped (listed)
     assert "broken.jpg" in output
@@ -49,7 +49,8 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
     assert "&lt;script&gt;coffee.jpg" in html and "<script>coffee" not in html  # user text escaped
     assert "broken.jpg" in html
     before = (out / "chelsea" / "result.json").stat().st_mtime_ns
-    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--layers", "blocks")
+    code, output = _run("explain", str(photos), "--methods", "gradcam,layercam", "--out", str(out),
+                        "--layers", "blocks")
     assert code == 1 and (out / "chelsea" / "result.json").stat().st_mtime_ns == before  # resumed, not recomputed
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -57,7 +58,7 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "nosuch"], "unknown method"),
+        (["--methods", "nosuch"], "unknown method"),
         (["--model", "resnet5O"], "did you mean resnet50"),
         (["--target", "1000"], "out of range"),
         (["--target", "not a class"], "unknown class name"),
@@ -108,10 +109,10 @@ def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:
     register_model("tiny-cli", lambda weights: wrap(tiny_cnn, Preprocessing(32, 32), list("abcde"), "tiny-cli"))
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
     try:
-        code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method", "inv",
+        code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--methods", "inv",
                             "--layers", "depth", "--param", "num_layers=2", "--param", "embedding=pca",
                             "--out", str(tmp_path / "out"))
-        mixed, mixed_output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method",
+        mixed, mixed_output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--methods",
                                    "gradcam,inv", "--param", "inv.layers=depth", "--param", "inv.num_layers=2",
                                    "--param", "inv.embedding=pca", "--out", str(tmp_path / "mixed"))
     finally:

@@ -213,7 +213,7 @@ def test_the_progress_bar_shows_image_ids_that_look_like_rich_markup(tmp_path: P
     (data / "list.csv").write_text("path,label\nok.png,0\ngone[/x].png,0\n")
     result = CliRunner().invoke(_cli(), [  # type: ignore[arg-type]
         "evaluate", "--data", str(data / "list.csv"), "--methods", "gradcam", "--metrics", "drop",
-        "--targets", "predicted", "--progress", "--out", str(tmp_path / "o2"),
+        "--target", "predicted", "--progress", "--out", str(tmp_path / "o2"),
     ])
     assert result.exit_code == 0, result.output
     assert [row["id"] for row in _csv(tmp_path / "o2/bad_images.csv")] == ["gone[/x].png"]

@@ -221,10 +221,10 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path: Path, c
         "out-is-file": ["--out", str(image)],
         "out-under-file": ["--out", str(image / "sub")],
         "device-tpu": ["--device", "tpu"],
-        "n-masks-float": ["--method", "rise", "--param", "rise.n_masks=2.5"],
-        "n-masks-text": ["--method", "rise", "--param", "rise.n_masks=abc"],
-        "inv-perplexity": ["--method", "inv", "--param", "inv.perplexity=0"],
-        "inv-cluster-range": ["--method", "inv", "--param", "inv.cluster_range=1,8"],
+        "n-masks-float": ["--methods", "rise", "--param", "rise.n_masks=2.5"],
+        "n-masks-text": ["--methods", "rise", "--param", "rise.n_masks=abc"],
+        "inv-perplexity": ["--methods", "inv", "--param", "inv.perplexity=0"],
+        "inv-cluster-range": ["--methods", "inv", "--param", "inv.cluster_range=1,8"],
         "empty-weights": ["--weights", empty],
         "wrong-weights": ["--weights", other],
         "score": ["--param", "score=probability"],
@@ -242,7 +242,7 @@ def test_out_of_range_sise_mu_names_the_range(tmp_path: Path) -> None:
 
     if "mu" not in [f for f in getattr(SISE.Params, "__dataclass_fields__", {})]:
         pytest.skip("SISE has no typed Params yet")
-    code, output = explain(_image(tmp_path / "a.png"), "--out", tmp_path / "o", "--method", "sise",
+    code, output = explain(_image(tmp_path / "a.png"), "--out", tmp_path / "o", "--methods", "sise",
                            "--param", "sise.mu=2")
     assert code == 2 and "sise.mu: must be [0, 1], got 2.0" in output and not (tmp_path / "o").exists()
 
@@ -434,7 +434,7 @@ def test_two_identical_runs_at_once_both_succeed_and_agree(tmp_path: Path) -> No
 
         runner.explain_image = logged
         from convlens.cli.main import app
-        app(["explain", sys.argv[2], "--model", TINY, "--out", sys.argv[3], "--method", "gradcam,rise",
+        app(["explain", sys.argv[2], "--model", TINY, "--out", sys.argv[3], "--methods", "gradcam,rise",
              "--param", "rise.n_masks=50"])
     """))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -483,7 +483,7 @@ def test_output_permissions_follow_the_umask(tmp_path: Path, mask: int) -> None:
     previous = os.umask(mask)
     try:
         out = tmp_path / "o"
-        code, output = explain(_image(tmp_path / "a.png"), "--out", out, "--method", "gradcam,inv",
+        code, output = explain(_image(tmp_path / "a.png"), "--out", out, "--methods", "gradcam,inv",
                                "--param", "inv.embedding=pca")
     finally:
         os.umask(previous)

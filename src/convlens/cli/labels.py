@@ -129,17 +129,20 @@ def labels_command(
 def global_command(
     labels_dir: Annotated[Path, typer.Argument(help="Output folder of `convlens labels`.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out/global"),
-    min_similarity: Annotated[float, typer.Option(
-        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over images for the slope intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     tcav: Annotated[Path | None, typer.Option(
         help="TCAV results CSV (default: LABELS_DIR/tcav.csv if present).")] = None,
     inv_root: Annotated[Path | None, typer.Option(help="Folder holding the INV runs, if they moved.")] = None,
+    min_similarity: Annotated[float | None, typer.Option(
+        hidden=True, help="Deprecated, no effect: the threshold belongs to `convlens labels`.")] = None,
 ) -> None:
     """Global explanations: per class, concepts that grow or fade with depth, plots and labelled maps."""
     from convlens.reports.global_report import build_global
+
+    if min_similarity is not None:  # accepted so that old scripts run; it never changed anything here
+        console.print("warning: --min-similarity has no effect on `convlens global` and is ignored: labels are "
+                      "final once `convlens labels --min-similarity` wrote them", soft_wrap=True, markup=False)
 
     if bootstrap < 1:
         fail(console, f"--bootstrap must be >= 1, got {bootstrap}")

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import fail
+from convlens.cli.common import ReadableHelpGroup, fail
 from convlens.cli.evaluate import evaluate as evaluate_command
-from convlens.cli.explain import console, execute, explain
+from convlens.cli.explain import DEFAULT_BATCH_SIZE, console, execute, explain
 from convlens.cli.labels import global_command, labels_command
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
@@ -23,6 +23,7 @@ from convlens.runners.explain_methods import ExplainerSpec
 
 app = typer.Typer(
     name="convlens",
+    cls=ReadableHelpGroup,
     help="Explain CNN image classifiers: where they look, what each layer sees.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,7 +49,7 @@ app.command()(explain)
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = DEFAULT_BATCH_SIZE,
 ) -> None:
     """Explain scikit-image's `chelsea` with the offline EfficientNet-Lite0 and every available method."""
     import skimage.data
@@ -94,14 +95,21 @@ def methods(
     ] = None,
 ) -> None:
     """List the explanation methods; with names, their parameters (types, defaults, ranges)."""
+    from convlens.methods.registry import LAYER_EXPLAINERS
     from convlens.runners.explain_methods import explainer_names, get_explainer_spec
 
     if not names:
-        table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)")
+        kinds = {"saliency": ("Saliency methods: one map per image; Python: convlens.create(NAME, model)", [])}
+        kinds["concept"] = ("Layer explainers: per layer, clusters of feature maps; Python: "
+                            + ", ".join(LAYER_EXPLAINERS.values()), [])
         for name in explainer_names():
             spec = get_explainer_spec(name)
-            table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
-        Console().print(table)
+            kinds[spec.kind][1].append((name, spec))
+        for title, rows in kinds.values():
+            table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)", title=title)
+            for name, spec in rows:
+                table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
+            Console().print(table)
         return
     for name in names:
         try:
