@@ -142,7 +142,7 @@ def global_command(
 
     if min_similarity is not None:  # accepted so that old scripts run; it never changed anything here
         console.print("warning: --min-similarity has no effect on `convlens global` and is ignored: labels are "
-                      "final once `convlens labels --min-similarity` wrote them", soft_wrap=True, markup=False)
+                      "final once `convlens labels` wrote them", soft_wrap=True, markup=False)
 
     if bootstrap < 1:
         fail(console, f"--bootstrap must be >= 1, got {bootstrap}")
