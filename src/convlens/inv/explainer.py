@@ -3,36 +3,18 @@
 For every explained convolutional layer and the target class, INV
 
 1. weights each feature map by a generalised Grad-CAM coefficient, as a percentage of the layer total
-   (:func:`~convlens.inv.weights.channel_weights`: ``alpha_k = mean_ij 1[A>0] 1[G>0] G``, "guided",
-   the authors' code, or Grad-CAM Eq. 1 ``alpha_k = mean_ij G``; ``w_k = 100 alpha_k / sum_k' alpha_k'``);
-2. prunes maps with ``w_k <= d(K)``, min-max normalises each kept map, reduces them with PCA (<= 50
-   components, seed 432), embeds them in 2-D with t-SNE (seed 432, perplexity 30), and clusters the
-   2-D points with Ward agglomerative clustering, choosing k in 3..8 by the silhouette on the same 2-D
-   points (:mod:`convlens.inv.clustering`, with its guards for small layers);
-3. gives each cluster the summed weight of its maps (percent of the *whole* layer, pruned maps
-   included), removes weak clusters ``w_C < max(max_j w_Cj / 3, mean_j w_Cj / 2)``, and draws each kept
-   cluster as the weight-averaged *raw* activation of its maps, up-sampled bilinearly and min-max
-   normalised.
+   (:func:`~convlens.inv.weights.channel_weights`: "guided" as the authors' code, or Grad-CAM Eq. 1);
+2. prunes maps with ``w_k <= d(K)``, and clusters the kept, min-max normalised maps: PCA (<= 50 components),
+   t-SNE to 2-D, Ward clustering with k in 3..8 chosen by the silhouette (:mod:`convlens.inv.clustering`);
+3. gives each cluster the summed weight of its maps (percent of the *whole* layer), removes weak clusters
+   ``w_C < max(max_j w_Cj / 3, mean_j w_Cj / 2)``, and draws each kept cluster as the weight-averaged *raw*
+   activation of its maps, up-sampled bilinearly and min-max normalised.
 
-Which layers: ``layers="tail"`` (default, the paper's: the last ``num_layers`` conv layers),
-``"depth"`` (``num_layers`` conv layers spread over the network's depth), ``"convs"`` (all), or any
-:func:`~convlens.core.layers.resolve_layers` spec; see :mod:`convlens.inv.layers`. The choice is
-recorded in the result and its manifest (``layer_choice``).
-
-Threads: PCA, t-SNE and clustering run on one BLAS and one OpenMP thread (the Barnes-Hut reduction's
-rounding depends on the thread count); ``n_jobs`` clusters *layers* in parallel threads instead, each
-limiting only its own OpenMP thread count while the calling thread holds the process-wide BLAS limit
-(see :mod:`convlens.inv.clustering`), so results are identical for every ``n_jobs`` (the speed-up
-needs free cores). The per-layer torch work runs with one torch thread: its tensors are tiny, and on a
-busy 2-core machine two intra-op threads made each small op ~30 ms instead of microseconds.
-
-Reproducibility: the same input on the same machine and settings gives identical clusters (tested),
-but the pipeline is chaotic in its input. Relative perturbations of 1e-6 of the kept maps — the size of
-the differences between one and two torch threads in the forward pass — change the t-SNE layout and
-often the silhouette's k (adjusted Rand index ~0.3-0.6 against the unperturbed clusters, measured in
-``benchmarks/bench_inv.py``). So the saved clusters, not a re-computation, are the reference: the
-manifest (:mod:`convlens.inv.manifest`) records every cluster with its stable id, members and
-maps, plus the library versions.
+Which layers: the paper's last ``num_layers`` conv layers by default (:mod:`convlens.inv.layers`).
+Why the saved clusters are the reference: the same input and settings give identical clusters on one
+machine (tested), but the pipeline is chaotic in its input — perturbations the size of one vs two torch
+threads' rounding change the t-SNE layout and often k (BENCHMARKS.md, section ``inv``) — so the manifest
+(:mod:`convlens.inv.manifest`) records every cluster with its stable id, members, maps and library versions.
 """
 
 from __future__ import annotations
@@ -267,7 +249,13 @@ class INV(BoundExplainer):
         self, layers: list[ConvLayer], acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], b: int,
         size: tuple[int, int], image_id: str,
     ) -> list[InvLayer]:
-        """Every layer of image ``b``, in ``n_jobs`` worker threads (see the module docstring on threads)."""
+        """Every layer of image ``b``, in ``n_jobs`` worker threads.
+
+        PCA, t-SNE and clustering run on one BLAS and one OpenMP thread (the Barnes-Hut reduction's rounding
+        depends on the thread count); ``n_jobs`` clusters *layers* in parallel threads instead, each limiting
+        only its own OpenMP thread count while the calling thread holds the process-wide BLAS limit, so results
+        are identical for every ``n_jobs``. The per-layer torch work runs on one torch thread: its tensors are
+        tiny, and on a busy machine intra-op threads made each small op orders of magnitude slower."""
         jobs = [
             (i, layer, acts[layer.name][b : b + 1].float(), grads[layer.name][b : b + 1].float())
             for i, layer in enumerate(layers)
