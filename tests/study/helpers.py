@@ -121,7 +121,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> LiveServer:
+    def start(self, timeout: float = 600.0) -> LiveServer:
         command = [sys.executable, "-m", "convlens.study.web.server", str(self.study_dir), "--port", str(self.port),
                    "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
                    "--rate-limit-consent", UNLIMITED]
@@ -154,9 +154,9 @@ class LiveServer:
         """SIGKILL the server's process group (the server and any worker it started)."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=300)
 
-    def terminate(self, timeout: float = 30.0) -> int:
+    def terminate(self, timeout: float = 300.0) -> int:
         """SIGTERM and wait: the exit code."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -210,7 +210,7 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
     import httpx
 
     rng = random.Random(index)
-    client = httpx.AsyncClient(base_url=base_url, timeout=60)
+    client = httpx.AsyncClient(base_url=base_url, timeout=300)  # a hang guard: a loaded machine answers late
     clients[index] = client
     try:
         csrf = await _join(client)

@@ -129,6 +129,7 @@ def test_browser_plays_whole_rounds(browser: Any, study_dir: Path) -> None:
     server = LiveServer(study_dir).start()
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(300_000)  # every wait ends on its event; the bound only catches a hang
         screens = Screens(page)
         page.goto(f"{server.url}/?PROLIFIC_PID=prolific-1&STUDY_ID=st-1&SESSION_ID=se-1")
         screens.shot("01-consent")
