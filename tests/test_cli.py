@@ -25,8 +25,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _run(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
+def _run(*args: str, columns: int | None = None) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), env={"COLUMNS": str(columns)} if columns else None)
     return result.exit_code, result.output
 
 
@@ -34,9 +34,9 @@ def _run(*args: str) -> tuple[int, str]:
 def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, output = _run("explain", str(photos), "--methods", "gradcam,layercam", "--out", str(out), "--per-block",
-                        "--layers", "blocks")
+                        "--layers", "blocks", columns=40)  # a 40-column terminal: paths are never wrapped
     assert code == 1, output  # exit 1: an image was skipped (listed)
-    assert "broken.jpg" in output
+    assert f"{photos / 'broken.jpg'}: " in output and f"{out / 'index.html'} " in output
     results = json.loads((out / "results.json").read_text())
     assert [s["path"].endswith("broken.jpg") for s in results["skipped"]] == [True]
     chelsea = json.loads((out / "chelsea" / "result.json").read_text())
@@ -97,8 +97,10 @@ def test_listing_commands() -> None:
         assert result.exit_code == 0 and all(text in rows[row] for row, text in checks.items()), result.output
     code, output = _run("methods", "nosuch")
     assert code == 2 and "unknown method 'nosuch'" in output
-    code, output = _run("models")
+    code, output = _run("models", columns=40)  # names are never cut, whatever the width
     assert code == 0 and "efficientnet_lite0" in output and "resnet50" in output
+    code, output = _run("methods", columns=40)
+    assert code == 0 and all(m in output for m in ("gradcampp", "scorecam", "adasise", "inv"))
 
 
 def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:

@@ -185,12 +185,13 @@ def _run(config: EvaluationConfig, progress: bool, choice: EngineChoice) -> None
         fail(console, str(exc))
     except KeyboardInterrupt:
         out = escape(str(config.out))
-        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume",
+                      soft_wrap=True)
         raise typer.Exit(code=130) from None
     _print_summary(result.summary, list(config.methods), list(config.metrics))
     if result.bad_images:
         listed = escape(str(result.files["bad_images"]))
-        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})")
+        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})", soft_wrap=True)
     typer.echo(f"{result.n_images} images; tables: {result.files['summary_md']}, {result.files['per_image']}; "
                f"report: {result.files['report']}")
 

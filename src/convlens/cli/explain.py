@@ -69,10 +69,11 @@ class _RichProgress:
         self.progress.advance(self.masked, count)
 
     def skipped(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]skipped[/] {escape(message)}")
+        self.progress.console.print(f"[yellow]skipped[/] {escape(message)}", soft_wrap=True)
 
     def waiting(self, out: Path) -> None:
-        self.progress.console.print(f"waiting: another convlens run is writing to {escape(str(out))} ...")
+        self.progress.console.print(f"waiting: another convlens run is writing to {escape(str(out))} ...",
+                                    soft_wrap=True)
 
 
 def run_command(
@@ -88,7 +89,8 @@ def run_command(
     with Progress(*columns, console=output, transient=False) as progress:
         result = execute_explain(plan, _RichProgress(progress), engine)
     page = escape(str(result.out / "index.html"))
-    output.print(f"[green]wrote[/] {page} ({len(result.records)} image(s), {len(result.skipped)} skipped)")
+    output.print(f"[green]wrote[/] {page} ({len(result.records)} image(s), {len(result.skipped)} skipped)",
+                 soft_wrap=True)
     return result
 
 

@@ -79,13 +79,24 @@ def models() -> None:
     """List the models that load offline."""
     from convlens.models import available_models
 
-    table = Table("name", "weights")
-    for name in available_models():
+    names = available_models()
+    table = _listing("name", "weights", names=names)
+    for name in names:
         weights = "pretrained (bundled)" if name == "efficientnet_lite0" else "random init or --weights PATH"
         table.add_row(escape(name), weights)
     table.add_row("<any torchvision classifier>", "random init or --weights PATH")
     table.add_row("timm:<name>", "random init or --weights PATH")
     Console().print(table)
+
+
+def _listing(*headers: str, names: list[str], title: str | None = None) -> Table:
+    """A table whose first column holds names a user types: never cut or split, whatever the terminal width
+    (the other columns fold their text instead of cutting it)."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True, min_width=max(map(len, names), default=0))
+    for header in headers[1:]:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 @app.command()
@@ -106,7 +117,8 @@ def methods(
             spec = get_explainer_spec(name)
             kinds[spec.kind][1].append((name, spec))
         for title, rows in kinds.values():
-            table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)", title=title)
+            table = _listing("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)",
+                             names=[name for name, _ in rows], title=title)
             for name, spec in rows:
                 table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
             Console().print(table)
@@ -120,8 +132,10 @@ def methods(
 
 
 def _parameter_table(spec: ExplainerSpec) -> Table:
-    table = Table("parameter", "type", "default", "range", "meaning", title=f"{spec.name} — {escape(spec.cls.paper)}")
-    for item in spec.describe():
+    items = spec.describe()
+    table = _listing("parameter", "type", "default", "range", "meaning", names=[*(i.name for i in items), "batch_size"],
+                     title=f"{spec.name} — {escape(spec.cls.paper)}")
+    for item in items:
         table.add_row(item.name, escape(item.type), escape(repr(item.default)), item.range, escape(item.doc))
     table.add_row("score", "'logit' | 'softmax' | 'sigmoid'", repr(spec.cls.default_score), "", "differentiated score")
     default_layers = escape(repr(getattr(spec.cls, "default_layers", None)))
