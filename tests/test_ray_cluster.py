@@ -42,24 +42,28 @@ FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """A head node without CPUs (no actor runs beside the driver) and two worker nodes with one CPU each."""
+def cluster(socket_dir: Path) -> Iterator[Any]:
+    """A head node without CPUs (no actor runs beside the driver) and two worker nodes with one CPU each.
+
+    Ray keeps its sockets under RAY_TMPDIR (else TMPDIR): a short folder, whatever the user's TMPDIR."""
     import logging
 
     from ray.cluster_utils import Cluster
 
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
-        cluster.wait_for_nodes(timeout=600)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"Ray cannot start a local cluster here: {exc}")
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", str(socket_dir))  # the driver subprocess of a test inherits it
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+            cluster.wait_for_nodes(timeout=600)
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            pytest.skip(f"Ray cannot start a local cluster here: {exc}")
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _config(out: Path) -> EvaluationConfig:

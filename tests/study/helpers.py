@@ -51,12 +51,13 @@ class PostgresCluster:
         self.count = 0
 
     @classmethod
-    def start_or_skip(cls) -> PostgresCluster:
+    def start_or_skip(cls, parent: Path | None = None) -> PostgresCluster:
+        """``parent``: where its folder goes (a short path: the server's socket lives there)."""
         bindir = _pg_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL is not installed (bash scripts/install_system_deps.sh installs it)")
         run_as: list[str] = []
-        base = Path(tempfile.mkdtemp(prefix="convlens-pg-"))
+        base = Path(tempfile.mkdtemp(prefix="convlens-pg-", dir=parent))
         if os.geteuid() == 0:
             try:
                 user = pwd.getpwnam("postgres")
@@ -76,7 +77,7 @@ class PostgresCluster:
         return cluster
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=120)
+        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=900)  # a hang guard
 
     def _start(self) -> None:
         data = self.base / "data"
@@ -84,7 +85,7 @@ class PostgresCluster:
                   "--no-instructions")
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.base / "log"),
-                  "-w", "-t", "60", "start")
+                  "-w", "-t", "600", "start")  # waits for readiness; 600 s only catches a hang
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://convlens@127.0.0.1:{self.port}/{database}"

@@ -29,12 +29,14 @@ DESCRIPTION = '<img src=x onerror="window.pwned=2"> striped fur, pointed ears'
 
 
 @pytest.fixture
-def browser() -> Any:
+def browser(socket_dir: Path) -> Any:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (bash scripts/install_system_deps.sh installs it)")
     with playwright.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        # chromium's profile socket goes under TMPDIR: a short one, whatever the user's TMPDIR
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
+                                     env={**os.environ, "TMPDIR": str(socket_dir)})
         yield instance
         instance.close()
 
