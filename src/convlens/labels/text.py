@@ -189,19 +189,41 @@ def is_known_english(word: str) -> bool:
     return bool(simplemma.is_known(word, lang="en"))
 
 
+# Prepositions that end the noun phrase a description starts with ("the handle *of* the cup": the head is
+# "handle"); a content word list puts that head last, where English noun phrases have it.
+PREPOSITIONS = frozenset((
+    "of", "on", "in", "with", "at", "near", "under", "over", "from", "by", "for", "to", "behind", "above", "below",
+    "around", "inside", "outside", "like", "through", "between", "against", "along", "across", "into", "onto",
+    "without", "beside", "besides", "among", "within", "upon",
+))
+
+
 def content_words(
     text: str, stop_words: frozenset[str], non_visual: Mapping[str, str] | None = None,
     removed: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[str]]:
-    """``(content, dropped)``: the words of ``text`` that may name something visible, in order, and the
-    non-visual ones (``category:word``). Stop-words and ``removed`` (class-name words) are neither."""
+    """``(content, dropped)``: the words of ``text`` that may name something visible and the non-visual ones
+    (``category:word``); stop-words and ``removed`` (class-name words) are neither.
+
+    ``content`` keeps the order of the text except for its **head**, moved to the end: the last content word
+    of the first stretch between prepositions that has one ("the handle of the white cup" -> handle is the
+    head: ``["white", "cup", "handle"]``; "looks like sharp teeth" -> teeth).
+    """
     non_visual = load_non_visual_words() if non_visual is None else non_visual
     content, dropped = [], []
+    head: int | None = None
+    stretch_start = 0
     for word in words(text):
-        if word in stop_words or word in removed or len(word) < 2:
+        if word in PREPOSITIONS:
+            if head is None and len(content) > stretch_start:
+                head = len(content) - 1
+            stretch_start = len(content)
+        if word in stop_words or word in removed or word in PREPOSITIONS or len(word) < 2:
             continue
         if word in non_visual:
             dropped.append(f"{non_visual[word]}:{word}")
         else:
             content.append(word)
+    if head is not None and head != len(content) - 1:
+        content.append(content.pop(head))
     return content, dropped
