@@ -69,6 +69,7 @@ class SimulatedPlay:
     guessed_class: str | None = None
     description: str | None = None
     kind: str = ""
+    concept: str = ""  # the concept the description names (the simulator's truth; "" for off-topic or none)
 
 
 @dataclass
@@ -219,6 +220,7 @@ class SimulatedParticipant:
         assert play is not None
         if self.wants_description:
             text, play.kind = self.model.description(play.guessed_class or "", play.outcome == "win")
+            play.concept = self.model.last_concept
             self.wants_description = False
             if text is not None:
                 play.description = text

@@ -10,15 +10,16 @@ something visible, spelling fixed: :mod:`convlens.labels.text`, :mod:`convlens.l
    ``silhouette_score`` default) over k = 2 .. min(n - 1, ``max_k``), ties to the smallest k
    (:func:`choose_text_clusters`). The bound keeps the search at ``max_k`` silhouettes of O(n^2) each
    (the authors scored every k: O(n^3)). With n < 3 distinct texts each is its own cluster;
-3. the representative of a text cluster is its **concept word** (:func:`concept_word`): the lemma with
-   the most plays that use it plus plays whose phrase has it as head (a content text ends on the head of
-   its phrase: English noun phrases end on their head noun, "green *eye*", "wheel *rim*", and
+3. the representative of a text cluster is its **concept word** (:func:`concept_word`): the lemma that
+   most of its plays have as the head of their phrase (a content text ends on its head: English noun
+   phrases end on their head noun, "green *eye*", "wheel *rim*", and
    :func:`~convlens.labels.text.content_words` moves the head of "the *handle* of the cup" last); ties go
-   to more heads, then to the lemma more plays of the whole class use, then to the authors' rule (the
+   to the lemma more of its plays use, then more plays of the whole class, then to the authors' rule (the
    word w maximising sum_d f_d cos(e(w), e(d)), :func:`representative_word`), then to the word seen
    first. It is written in its most frequent form. The authors' rule alone picks the word closest to
    the texts in embedding space, which is often the modifier or a generic word ("a green eye" -> green,
-   "eye shape" -> shape);
+   "eye shape" -> shape); counting uses first instead picks a modifier shared by synonyms ("rising steam",
+   "rising mist" -> rising);
 4. representatives that share a lemma are replaced by their most frequent form (:func:`merge_by_lemma`;
    simplemma, offline: "wings" -> "wing", "stripes" -> "stripe");
 5. every description maps to the label of its text cluster (:meth:`ClassLabelling.label_of`).
@@ -174,7 +175,7 @@ def concept_word(
         return "", 0.0
     class_plays = class_plays or {}
     order = list(forms)  # first seen
-    key = {m: (uses[m] + heads[m], heads[m], class_plays.get(m, 0)) for m in order}
+    key = {m: (heads[m], uses[m], class_plays.get(m, 0)) for m in order}
     top = max(key.values())
     tied = [m for m in order if key[m] == top]
     if len(tied) > 1 and tie_break is not None:

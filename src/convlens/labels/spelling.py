@@ -8,8 +8,8 @@ similarity ``1 - distance / max(len)`` (one adjacent swap, dropped, doubled or r
 * a word that simplemma's English dictionary does not know and that is at least ``min_similarity`` similar
   to a word of a class name (or its plural) is a **misspelt class name** and removed like the name;
 * a word that simplemma does not know, of at least ``min_length`` letters, is **merged** into the most
-  similar word of the vocabulary that players used more often (ties: the more frequent), when the
-  similarity is at least ``min_similarity``.
+  similar word of the vocabulary that players used more often, or as often when that word is a known
+  English word (ties: the more frequent), when the similarity is at least ``min_similarity``.
 
 Known English words are never changed ("cap" stays "cap" next to "cup"): a slip that makes another real
 word cannot be told from that word. The threshold was measured on generated slips (``benchmarks/
@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["DEFAULT_MIN_LENGTH", "DEFAULT_MIN_SIMILARITY", "SpellingFix", "spelling_fixes"]
 
 DEFAULT_MIN_SIMILARITY = 0.75
-DEFAULT_MIN_LENGTH = 4
+DEFAULT_MIN_LENGTH = 3
 CLASS_NAME = "class name"
 
 
@@ -71,7 +71,7 @@ def spelling_fixes(
     if not unknown:
         return {}
     fixes: dict[str, SpellingFix] = {}
-    names = sorted(w for w in class_words if len(w) >= min_length)
+    names = sorted(w for w in class_words if len(w) >= max(min_length, 4))  # "cat" is too short to be sure
     if names:
         similarity = cdist(unknown, names, scorer=OSA.normalized_similarity, workers=1)
         for row, word in enumerate(unknown):
@@ -84,8 +84,10 @@ def spelling_fixes(
         return fixes
     similarity = cdist(remaining, vocabulary, scorer=OSA.normalized_similarity, workers=1)
     frequency = np.asarray([counts[w] for w in vocabulary])
+    is_known = np.asarray([known(w) for w in vocabulary])
     for row, word in enumerate(remaining):
-        allowed = (frequency > counts[word]) & (similarity[row] >= min_similarity)
+        more = (frequency > counts[word]) | (is_known & (frequency == counts[word]))
+        allowed = more & (similarity[row] >= min_similarity)
         if not allowed.any():
             continue
         order = np.lexsort((-frequency, -similarity[row]))  # most similar, then most frequent
