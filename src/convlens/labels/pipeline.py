@@ -139,25 +139,36 @@ def _translate(rows: Sequence[AuditRow], translator: Translator | None) -> None:
 
 def _clean(rows: Sequence[AuditRow], classes: Sequence[str], aliases: Mapping[str, Sequence[str]],
            max_chars: int) -> None:
-    """Clean every pending row (every class name of the study removed) and set aside its non-visual words."""
+    """Clean every pending row (every class name of the study removed) and set aside its non-visual words.
+    Descriptions repeat: each distinct text is cleaned once."""
     every_name = [name for c in dict.fromkeys([*classes, *aliases]) for name in (c, *aliases.get(c, ()))]
     stop_words, non_visual = load_stop_words(), load_non_visual_words()
+    cleaned: dict[str, Any] = {}
+    shares: dict[str, float] = {}
+    removed: dict[tuple[str, ...], frozenset[str]] = {}
     for row in rows:
         if row.status != "":
             continue
-        result = clean_description(row.translated or row.description, every_name, max_chars)
+        raw = row.translated or row.description
+        if raw not in cleaned:
+            cleaned[raw] = clean_description(raw, every_name, max_chars)
+        result = cleaned[raw]
         if result.text is None:
             row.status, row.reason = STATS, UNUSED + (result.reason or "unusable text")
             continue
         row.cleaned = result.text
-        own = [n for c in dict.fromkeys([row.true_class, row.vocabulary_class]) for n in (c, *aliases.get(c, ()))]
-        content, dropped = content_words(result.text, stop_words, non_visual, name_words(own))
+        own = tuple(n for c in dict.fromkeys([row.true_class, row.vocabulary_class]) for n in (c, *aliases.get(c, ())))
+        if own not in removed:
+            removed[own] = name_words(own)
+        content, dropped = content_words(result.text, stop_words, non_visual, removed[own])
         row.content = " ".join(content)
         row.text_rules = "; ".join(f"non-visual {d}" for d in dropped)
         if not row.translated and len(words(result.text)) >= 3:
-            share = english_share(result.text)
-            if share < 0.5:
-                row.note = f"tagged {row.language or 'en'} but only {share:.0%} of its words are known English words"
+            if result.text not in shares:
+                shares[result.text] = english_share(result.text)
+            if shares[result.text] < 0.5:
+                row.note = (f"tagged {row.language or 'en'} but only {shares[result.text]:.0%} of its words are "
+                            "known English words")
 
 
 def _fix_spelling(rows: Sequence[AuditRow], every_name: Sequence[str], min_similarity: float) -> dict[str, Any]:
@@ -194,6 +205,9 @@ def _label_classes(rows: Sequence[AuditRow], embedder: Embedder, max_k: int) -> 
     for row in rows:
         if row.status == "" and row.correct:
             texts[row.vocabulary_class].append(row.content)
+    distinct = list(dict.fromkeys(t for found in texts.values() for t in found))
+    if distinct:
+        embedder.encode(distinct)  # one batch for the study; label_class reads the embedder's cache
     return {name: label_class(name, found, embedder, stop_words, max_k=max_k) for name, found in texts.items()}
 
 
