@@ -177,10 +177,19 @@ def test_global_by_hand_without_inv_runs(labelled, tmp_path: Path) -> None:
     assert trends["strings"].slope == pytest.approx(0.225)
     page = (tmp_path / "global" / "parachute" / "index.html").read_text()
     assert "map not available" in page and "not tested" in page and "used by the model (TCAV)" in page
+    # the overview ranks by evidence: canopy 1.6 + 1.0 = 2.6 of 2.6 + 1.35 -> 66 %, strings 34 %, canopy first
+    top = page.split("Top concepts (ranked by evidence)")[1].split("</table>")[0]
+    assert top.index(">canopy<") < top.index(">strings<") and "66 %" in top and "34 %" in top
+    assert page.index("Top concepts") < page.index("Concepts along the depth")
+    index = (tmp_path / "global" / "index.html").read_text()
+    assert "<b>canopy</b> 66 %" in index and "<b>strings</b> 34 %" in index
     assert any("INV run 'run' not found" in n for n in result.notes)
     with (tmp_path / "global" / "slopes.csv").open() as handle:
         rows = {(r["class"], r["label"]): r for r in csv.DictReader(handle)}
-    assert float(rows[(P, "canopy")]["slope"]) == pytest.approx(-1.3) and rows[(P, "canopy")]["rank_falling"] == "1"
+    assert float(rows[(P, "canopy")]["slope"]) == pytest.approx(-1.3)
+    # one image per class: no interval, so the overview falls back to the slope's sign, by total score
+    assert rows[(P, "canopy")]["rank_falling"] == "1" and rows[(P, "canopy")]["rank_evidence"] == "1"
+    assert float(rows[(P, "canopy")]["share"]) == pytest.approx(2.6 / 3.95)
 
 
 def test_tcav_verdicts_fill_the_slot(labelled, tmp_path: Path) -> None:
