@@ -185,7 +185,7 @@ def test_pipeline_drops_fillers_merges_slips_and_removes_misspelt_class_names(tm
     assert audit["c6"].content == "whiskers"  # another class's name is removed too
     for play_id, word in (("c4", "meta:idea"), ("c5", "generic:colours")):
         assert audit[play_id].status == "stats_only" and audit[play_id].label == ""
-        assert audit[play_id].reason == f"description not used: names no visual content (non-visual {word})"
+        assert audit[play_id].reason == f"description not used: names no visual content: non-visual {word}"
     assert audit["m2"].content == "wheels"
     # the wrong guess keeps a word of its own: "eye" (the misspelt "tigre" goes as a class name)
     assert (audit["m3"].status, audit["m3"].label, audit["m3"].content) == ("wrong_guess_labelled", "eye", "eye")

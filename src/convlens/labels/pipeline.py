@@ -194,8 +194,7 @@ def _fix_spelling(rows: Sequence[AuditRow], every_name: Sequence[str], min_simil
         row.content, row.text_rules = " ".join(kept), "; ".join(notes)
         if not kept:
             row.status = STATS
-            row.reason = UNUSED + "names no visual content" + (f" ({row.text_rules})" if row.text_rules else
-                                                                 " (only stop-words)")
+            row.reason = UNUSED + "names no visual content: " + (row.text_rules or "only stop-words")
     return fixes
 
 

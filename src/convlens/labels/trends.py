@@ -16,8 +16,9 @@ carry the label, and m the resampled multiplicity of each image:
 The overview ranks by **evidence**, not by slope alone (a slope of a label seen once, a typo or another
 class's word, is as steep as any): :attr:`ClassTrends.top` are the labels with the largest total score
 (sum over the class's clusters); "rising"/"falling" are the labels whose bootstrap interval lies above /
-below 0, by total score. Where no interval exists (one image, one layer) they fall back to the sign of
-the slope, still by total score, and the class's notes say so. Scores are those of single (unmerged)
+below 0, by total score, among those with at least ``MIN_SHARE`` (2 %) of the class's score. Where no
+interval exists (one image, one layer) they fall back to the sign of the slope, still by total score, and
+the class's notes say so. Scores are those of single (unmerged)
 clusters, as in the notebook.
 """
 
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 TOP_K = 6
+MIN_SHARE = 0.02  # a label below 2 % of its class's score is too rare to be called rising or falling
 N_BOOTSTRAP = 1000
 
 
@@ -133,10 +135,11 @@ class ClassTrends:
         return any(np.isfinite(t.ci_low) for t in self.trends)
 
     def _trending(self, sign: int) -> list[LabelTrend]:
+        evident = [t for t in self.by_evidence if self.share(t) >= MIN_SHARE]
         if self.intervals:
-            chosen = [t for t in self.by_evidence if t.interval_excludes_zero and sign * t.slope > 0]
+            chosen = [t for t in evident if t.interval_excludes_zero and sign * t.slope > 0]
         else:
-            chosen = [t for t in self.by_evidence if np.isfinite(t.slope) and sign * t.slope > 0]
+            chosen = [t for t in evident if np.isfinite(t.slope) and sign * t.slope > 0]
         return chosen[:TOP_K]
 
     @property
