@@ -39,7 +39,7 @@ import numpy as np
 from convlens.core.files import atomic_write_text
 from convlens.labels.export import optional_int
 from convlens.labels.files import SEP, LabelsFolder, csv_text, read_labels
-from convlens.labels.trends import ClassTrends, LabelTrend, global_explanations
+from convlens.labels.trends import MIN_SHARE, ClassTrends, LabelTrend, global_explanations
 from convlens.reports.global_maps import InvLocator, relative_link
 from convlens.reports.html import template_environment
 
@@ -221,12 +221,15 @@ def _class_images(
 
 
 def _trend_of(trends: ClassTrends) -> dict[str, str]:
-    """label -> "rising" / "falling" by the overview's rule (interval excludes 0, or the slope's sign where the
-    class has no interval), else "flat"."""
+    """label -> "rising" / "falling" by the overview's rule (at least ``MIN_SHARE`` of the class's score and an
+    interval that excludes 0, or the slope's sign where the class has no interval), "rare" below the share,
+    else "flat"."""
     found = {}
     for t in trends.trends:
         clear = t.interval_excludes_zero if trends.intervals else np.isfinite(t.slope) and t.slope != 0
         found[t.label] = ("rising" if t.slope > 0 else "falling") if clear else "flat"
+        if trends.share(t) < MIN_SHARE:
+            found[t.label] = "rare"
     return found
 
 
@@ -234,7 +237,9 @@ def _trend_text(trends: ClassTrends, kinds: dict[str, str]) -> dict[str, str]:
     """label -> the trend cell of the top-concepts table."""
     text = {}
     for t in trends.trends:
-        if kinds[t.label] == "flat":
+        if kinds[t.label] == "rare":
+            text[t.label] = f"too rare for a trend (< {MIN_SHARE:.0%} of the score)"
+        elif kinds[t.label] == "flat":
             text[t.label] = "no clear trend" if trends.intervals else "–"
         else:
             interval = f" [{t.ci_low:+.2f}, {t.ci_high:+.2f}]" if trends.intervals else " (no interval)"
