@@ -238,7 +238,7 @@ def _trend_text(trends: ClassTrends, kinds: dict[str, str]) -> dict[str, str]:
     text = {}
     for t in trends.trends:
         if kinds[t.label] == "rare":
-            text[t.label] = f"too rare for a trend (< {MIN_SHARE:.0%} of the score)"
+            text[t.label] = f"too rare for a trend (< {100 * MIN_SHARE:.0f} % of the score)"
         elif kinds[t.label] == "flat":
             text[t.label] = "no clear trend" if trends.intervals else "–"
         else:
