@@ -79,6 +79,12 @@ def _summary(result: Any, out: Path) -> None:
         typer.echo(f"  excluded, {reason}: {n}")
     for reason, n in sorted(result.unused_counts().items()):
         typer.echo(f"  counted, description not used ({reason}): {n}")
+    rules = result.text_rules()
+    merged, names = rules["spelling"]["merged"], rules["spelling"]["misspelt_class_names"]
+    typer.echo(f"  spelling: {len(merged)} words merged into their frequent form, {len(names)} misspelt class "
+               "names removed (labels.json text_rules)")
+    if result.gold is not None:
+        typer.echo(f"  gold filter: {result.gold.note}")
     for name, labelling in result.labellings.items():
         labels = sorted({c.label for c in labelling.clusters if c.label})
         typer.echo(f"  {name}: {sum(labelling.counts)} descriptions, {labelling.k} text clusters "
@@ -96,9 +102,15 @@ def labels_command(
         help="authors (÷4 if no right guess gave the label) | per_play.")] = "authors",
     class_alias: Annotated[list[str] | None, typer.Option(
         help="CLASS=ALIAS, also removed from texts (repeatable).")] = None,
-    min_similarity: Annotated[float, typer.Option(
-        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.4,
+    max_text_clusters: Annotated[int, typer.Option(
+        help="Largest number of text clusters per class tried by the silhouette search.")] = 40,
+    spelling_similarity: Annotated[float, typer.Option(
+        help="OSA similarity from which an unknown word is merged into a more frequent one (1 = off).")] = 0.75,
+    min_gold_accuracy: Annotated[float | None, typer.Option(
+        help="Drop the plays of participants whose gold accuracy (participants table: gold_correct / gold_plays) "
+             "is below this share, e.g. 0.5 (off by default).")] = None,
+    min_gold_plays: Annotated[int, typer.Option(
+        help="Participants with fewer gold plays are kept by the gold filter (too little to judge).")] = 1,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the agreement intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
@@ -110,7 +122,9 @@ def labels_command(
 
     try:
         settings = LabelSettings(max_chars=max_chars, wrong_rule=wrong_rule, class_aliases=_aliases(class_alias),
-                                 n_bootstrap=bootstrap, seed=seed, min_similarity=min_similarity)
+                                 n_bootstrap=bootstrap, seed=seed, max_text_clusters=max_text_clusters,
+                                 spelling_similarity=spelling_similarity, min_gold_accuracy=min_gold_accuracy,
+                                 min_gold_plays=min_gold_plays)
         plugin = load_translator(translator) if translator else None
         if not source.exists():
             raise ValueError(f"{source}: no such file or folder")
@@ -129,9 +143,6 @@ def labels_command(
 def global_command(
     labels_dir: Annotated[Path, typer.Argument(help="Output folder of `convlens labels`.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out/global"),
-    min_similarity: Annotated[float, typer.Option(
-        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over images for the slope intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     tcav: Annotated[Path | None, typer.Option(

@@ -65,7 +65,8 @@ def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-VERSIONED = ("convlens", "numpy", "scipy", "scikit-learn", "sentence-transformers", "simplemma", "krippendorff")
+VERSIONED = ("convlens", "numpy", "scipy", "scikit-learn", "sentence-transformers", "simplemma", "krippendorff",
+             "rapidfuzz")
 
 
 def _class_summary(result: LabelsResult) -> dict[str, Any]:
@@ -103,6 +104,7 @@ def _manifest(result: LabelsResult) -> dict[str, Any]:
         "counts": {"plays": len(result.audit), "status": result.status_counts(), "excluded": result.reason_counts(),
                    "description_not_used": result.unused_counts()},
         "classes": _class_summary(result),
+        "text_rules": result.text_rules(),
         "timings": result.timings,
     }
 
