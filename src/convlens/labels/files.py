@@ -46,7 +46,8 @@ from convlens.labels.records import AuditRow, LabelsResult
 from convlens.labels.scores import ClusterGroup
 from convlens.labels.text import load_stop_words
 
-__all__ = ["CSV_CELLS", "FORMAT", "FORMAT_VERSION", "LABELS_FOLDER", "LabelsFolder", "read_labels", "write_labels"]
+__all__ = ["CSV_CELLS", "FORMAT", "FORMAT_VERSION", "GLOBAL_FOLDER", "LABELS_FOLDER", "LabelsFolder", "read_labels",
+           "read_table", "write_labels"]
 
 FORMAT = "convlens-labels"
 FORMAT_VERSION = 2  # 2: sealed manifest (sizes and SHA-256 of every file), neutralised CSV cells
@@ -58,6 +59,10 @@ LABELS_FOLDER = FolderKind(
     names=frozenset({MANIFEST, *(f"{name}.csv" for name in TABLES)}),
     extra=frozenset({"tcav.csv", "tcav.previous.csv", "tcav.placed.json"}),  # what `convlens tcav` places here
 )
+# the folder of `convlens global` (written by convlens.reports.global_report; its class folders, one per class,
+# are listed in the sealed global.json); here so that every reader below the reports can check it
+GLOBAL_FOLDER = FolderKind(command="convlens global", manifest="global.json", format="convlens-global",
+                           names=frozenset({"global.json", "index.html", "trends.csv", "slopes.csv"}))
 SEP = "; "
 CLUSTER_COLUMNS = (
     "cluster_id", "class", "image_id", "image_name", "layer", "layer_depth", "n_layers", "cluster_index",
@@ -202,7 +207,7 @@ class LabelsFolder:
         """The rows of ``<name>.csv`` (one of ``audit``, ``text_clusters``, ``clusters``, ``label_scores``,
         ``groups``, ``group_labels``, ``agreement``), neutralised cells restored."""
         if name not in self.tables:
-            self.tables[name] = _read_table(self.directory / f"{name}.csv", self.manifest.get("csv_cells") == "raw")
+            self.tables[name] = read_table(self.directory / f"{name}.csv", self.manifest.get("csv_cells"))
         return self.tables[name]
 
     @property
@@ -234,13 +239,16 @@ class LabelsFolder:
         return self.table("agreement")
 
 
-def _read_table(path: Path, raw: bool) -> list[dict[str, str]]:
+def read_table(path: Path, csv_cells: str | None) -> list[dict[str, str]]:
+    """The rows of a CSV that ``convlens labels`` or ``convlens global`` wrote (a checked folder), each cell's
+    exact text restored where the manifest's ``csv_cells`` says ``neutralised``."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long description is a long cell, not an error
+    restored = csv_cells == "neutralised"
     with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        rows = [row if raw else {k: restore(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
+        rows = [{k: restore(v) if restored and isinstance(v, str) else v for k, v in row.items()}
+                for row in csv.DictReader(handle)]
     if any(None in row or None in row.values() for row in rows):
-        raise OutputFolderError(f"{path}: rows with a wrong number of cells; rerun `convlens labels`")
+        raise OutputFolderError(f"{path}: rows with a wrong number of cells; write this folder again")
     return rows
 
 

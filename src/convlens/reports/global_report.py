@@ -31,18 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convlens.core.outputs import FolderKind, OutputFolder
+from convlens.core.outputs import OutputFolder
 from convlens.labels.export import optional_int
-from convlens.labels.files import SEP, LabelsFolder, csv_text, read_labels
+from convlens.labels.files import GLOBAL_FOLDER, SEP, LabelsFolder, csv_text, read_labels
 from convlens.labels.trends import ClassTrends, LabelTrend, global_explanations
 from convlens.reports.global_maps import InvLocator, relative_link
 from convlens.reports.html import template_environment
 
 __all__ = ["GLOBAL_FOLDER", "GlobalResult", "build_global", "class_folders", "read_tcav", "slug"]
-
-# the class folders (one per class, named by slug) are listed in the sealed global.json
-GLOBAL_FOLDER = FolderKind(command="convlens global", manifest="global.json", format="convlens-global",
-                           names=frozenset({"global.json", "index.html", "trends.csv", "slopes.csv"}))
 
 PREVIEW_LABELS = {"best": 3, "full": 6}  # labels under a map: the authors' previews (full merge: six)
 DETAIL_LABELS = 10  # the authors' detail view ("first 10 features")
