@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convlens.core.files import OutputLock, _chmod_like_new, atomic_directory, is_temporary_name, temporary_name
+from convlens.core.files import OutputLock, _chmod_like_new, is_temporary_name, temporary_name
 
 __all__ = ["FolderKind", "OutputFolder", "OutputFolderError", "check_output_folder", "file_digest",
            "remove_dead_asides", "verify_output_folder"]
@@ -140,7 +140,6 @@ class OutputFolder:
         self.final = Path(path)
         self.kind = kind
         check_output_folder(self.final, kind)
-        self._atomic = atomic_directory(self.final, replaceable=lambda p: _is_own_folder(p, kind))
         self._lock: _AsideLock | None = None
         self.path = Path()
         self.sealed = False
@@ -156,7 +155,7 @@ class OutputFolder:
         except BaseException:
             self._lock.release()
             raise
-        self._atomic.tmp = self.path = self._lock.folder
+        self.path = self._lock.folder
         return self
 
     def seal(self, manifest: Mapping[str, Any], *, exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -177,17 +176,44 @@ class OutputFolder:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            if exc_type is None and not self.sealed:
-                self._atomic.__exit__(RuntimeError, None, None)  # a folder without its manifest is never put in place
-                raise RuntimeError(f"{self.final}: OutputFolder closed without seal(): nothing was written")
+            if exc_type is not None or not self.sealed:
+                shutil.rmtree(self.path, ignore_errors=True)
+                if exc_type is None:  # a folder without its manifest is never put in place
+                    raise RuntimeError(f"{self.final}: OutputFolder closed without seal(): nothing was written")
+                return
             try:
-                self._atomic.__exit__(exc_type, exc, tb)
-            except FileExistsError as error:
-                raise OutputFolderError(f"--out {self.final}: {error}") from None
+                self._put_in_place()
+            except BaseException:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
         finally:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+    def _put_in_place(self) -> None:
+        """Rename the built folder to its final name. A previous folder (checked again: still the command's
+        own) first goes aside under a lock of its own, so that a kill between the two renames leaves it for
+        the next run to remove (:func:`remove_dead_asides`); an error puts it back."""
+        final = self.final
+        if not (final.exists() or final.is_symlink()):
+            os.replace(self.path, final)
+            return
+        if final.is_symlink() or not final.is_dir():
+            raise OutputFolderError(f"--out {final}: exists and is not a folder: not replaced")
+        if not _is_own_folder(final, self.kind):
+            raise OutputFolderError(f"--out {final}: now holds files {self.kind.command} did not write: not replaced")
+        previous = _AsideLock(final.parent)
+        try:
+            os.replace(final, previous.folder)
+            try:
+                os.replace(self.path, final)
+            except BaseException:
+                os.replace(previous.folder, final)
+                raise
+            shutil.rmtree(previous.folder, ignore_errors=True)
+        finally:
+            previous.release()
 
 
 class _AsideLock:
