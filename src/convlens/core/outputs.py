@@ -6,6 +6,11 @@ outputs, marked by its manifest (:func:`check_output_folder`); it builds the new
 it into place, so a killed run leaves the previous folder or nothing, never a mixture
 (:class:`OutputFolder`); the manifest records every file's size and SHA-256, and readers check them
 (:func:`verify_output_folder`), so a file cut short or swapped after writing is named, not read.
+
+"Its own outputs" are the manifest's fixed names (:class:`FolderKind`) and, in a sealed folder, every file the
+manifest lists (e.g. per-class folders); a user's file added anywhere inside makes the folder foreign. The folder
+being built is locked (``flock``) while its run lives, so what a killed run left beside ``--out`` is removed by
+the next one (:func:`remove_dead_asides`), never a live run's folder.
 """
 
 from __future__ import annotations
