@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,3 +176,4 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
         except subprocess.TimeoutExpired:
             other.kill()
         _stop([*other_pids, *descendants(other.pid)])
+        shutil.rmtree(other_temp, ignore_errors=True)
