@@ -52,7 +52,7 @@ def test_labels_then_global(tmp_path: Path) -> None:
     (["labels", "{export}", "--translator", "json:dumps"], "has no name and translate"),
     (["labels", "{export}", "--class-alias", "oops"], "expected CLASS=ALIAS"),
     (["labels", "{export}", "--embedder", "word2vec"], "unknown embedder"),
-    (["global", "{tmp}"], "no labels.json"),
+    (["global", "{tmp}"], "labels.json: missing or not written by convlens labels"),
     (["global", "{tmp}", "--bootstrap", "0"], "--bootstrap must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

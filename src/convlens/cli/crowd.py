@@ -54,6 +54,7 @@ def simulate_command(
         config = load_study(study_dir)
         model = CrowdModel(concepts_per_class=concepts_per_class, trends=trends, trend_strength=trend_strength)
         plan = plan_crowd(load_rounds(study_dir), config.classes, model, seed)
+        plan.study_id = config.study_id
         target.mkdir(parents=True, exist_ok=True)
         (target / "crowd_plan.json").write_text(json.dumps(plan.to_json(), indent=2))
         import asyncio
@@ -90,7 +91,9 @@ def recovery_command(
         plan = CrowdPlan.from_json(json.loads(plan_file.read_text()))
         found = recovery(labels_dir, plan)
         signs = trend_signs(global_dir, plan) if global_dir is not None else []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # a labels or global folder that does not check out, a plan of another study
+        fail(console, str(exc))
+    except (OSError, KeyError, TypeError) as exc:
         fail(console, f"{type(exc).__name__}: {exc}")
     typer.echo(f"planted concept is the best label of {found.recovered} of {len(found.clusters)} clusters "
                f"({found.share:.0%})")

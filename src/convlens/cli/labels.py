@@ -114,10 +114,16 @@ def labels_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the agreement intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
+    raw_csv: Annotated[bool, typer.Option(
+        "--raw-csv", help="Write participants' text into the CSVs exactly as typed (by default a cell starting "
+                          "with = + - @ ' a tab or a carriage return gets a leading ' so that a spreadsheet shows "
+                          "it as text; convlens's readers restore it).")] = False,
 ) -> None:
     """Concept labels from a Deep Reveal study: text clusters, label scores, merged clusters, agreement, audit."""
+    from convlens.core.outputs import check_output_folder
     from convlens.labels.embedders import load_embedder
     from convlens.labels.export import is_export
+    from convlens.labels.files import LABELS_FOLDER, write_labels
     from convlens.labels.pipeline import LabelSettings, run_labels
 
     try:
@@ -128,13 +134,15 @@ def labels_command(
         plugin = load_translator(translator) if translator else None
         if not source.exists():
             raise ValueError(f"{source}: no such file or folder")
+        check_output_folder(out, LABELS_FOLDER)  # before the work: a user's folder is refused at once
         with tempfile.TemporaryDirectory(prefix="convlens-labels-") as workdir:
             folder, base = source, None
             if not is_export(source):
                 if not (source / "study.json").is_file():
                     raise ValueError(f"{source}: neither a study export (plays.csv|jsonl) nor a study folder")
                 folder, base = _export_study(source, db, Path(workdir)), source
-            result = run_labels(folder, out, load_embedder(embedder), plugin, settings, inv_base=base)
+            result = run_labels(folder, None, load_embedder(embedder), plugin, settings, inv_base=base)
+        write_labels(result, out, raw_csv=raw_csv)
     except (ValueError, OSError) as exc:
         fail(console, str(exc))
     _summary(result, out)
@@ -148,6 +156,9 @@ def global_command(
     tcav: Annotated[Path | None, typer.Option(
         help="TCAV results CSV (default: LABELS_DIR/tcav.csv if present).")] = None,
     inv_root: Annotated[Path | None, typer.Option(help="Folder holding the INV runs, if they moved.")] = None,
+    raw_csv: Annotated[bool, typer.Option(
+        "--raw-csv", help="Write labels and class names into the CSVs exactly (see `convlens labels --raw-csv`).")
+    ] = False,
 ) -> None:
     """Global explanations: per class, concepts that grow or fade with depth, plots and labelled maps."""
     from convlens.reports.global_report import build_global
@@ -155,7 +166,7 @@ def global_command(
     if bootstrap < 1:
         fail(console, f"--bootstrap must be >= 1, got {bootstrap}")
     try:
-        result = build_global(labels_dir, out, bootstrap, seed, tcav, inv_root)
+        result = build_global(labels_dir, out, bootstrap, seed, tcav, inv_root, raw_csv=raw_csv)
     except (ValueError, OSError) as exc:
         fail(console, str(exc))
     for note in result.notes:

@@ -324,8 +324,9 @@ def _free_port() -> int:
 def served(study_dir: str | Path, db: str | None = None, log: Path | None = None,
            timeout: float = 60.0) -> Iterator[str]:
     """``python -m convlens.study.web.server`` on a free loopback port (rate limits lifted) for the duration;
-    yields its URL and stops it with SIGTERM (SIGKILL after 30 s)."""
-    import httpx
+    yields its URL and stops it with SIGTERM (SIGKILL after 30 s). A watchdog stops it too if this process
+    is killed (:class:`~convlens.core.processes.ProcessWatchdog`)."""
+    from convlens.core.processes import ProcessWatchdog
 
     port = _free_port()
     command = [sys.executable, "-m", "convlens.study.web.server", str(study_dir), "--port", str(port),
@@ -334,8 +335,17 @@ def served(study_dir: str | Path, db: str | None = None, log: Path | None = None
     if db:
         command += ["--db", db]
     url = f"http://127.0.0.1:{port}"
-    with (log.open("a") if log else contextlib.nullcontext(subprocess.DEVNULL)) as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    with ProcessWatchdog() as watchdog:
+        with (log.open("a") if log else contextlib.nullcontext(subprocess.DEVNULL)) as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        watchdog.adopt(process.pid)
+        yield from _serving(process, url, log, timeout)
+
+
+def _serving(process: subprocess.Popen[bytes], url: str, log: Path | None, timeout: float) -> Iterator[str]:
+    """Wait for the server's /healthz, yield its URL, stop it (SIGTERM; SIGKILL after 30 s)."""
+    import httpx
+
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -183,6 +183,7 @@ class CrowdPlan:
     falling: dict[str, str]
     rounds: dict[str, PlantedRound]
     classes: list[str] = field(default_factory=list)
+    study_id: str | None = None  # the study planned (recovery refuses a labels folder of another study)
 
     def concept(self, name: str) -> Concept:
         found = next((c for c in CONCEPTS if c.name == name), None)
@@ -215,7 +216,7 @@ class CrowdPlan:
         return 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "model": asdict(self.model), "classes": self.classes,
+        return {"seed": self.seed, "study_id": self.study_id, "model": asdict(self.model), "classes": self.classes,
                 "class_concepts": self.class_concepts, "rising": self.rising, "falling": self.falling,
                 "concept_words": {n: list(self.concept(n).words) for names in self.class_concepts.values()
                                   for n in names},
@@ -227,7 +228,7 @@ class CrowdPlan:
         model = CrowdModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
         rounds = {k: PlantedRound(**v) for k, v in data["rounds"].items()}
         return cls(data["seed"], model, data["class_concepts"], data["rising"], data["falling"], rounds,
-                   data.get("classes", []))
+                   data.get("classes", []), data.get("study_id"))
 
 
 def _weighted(rng: random.Random, weights: Sequence[tuple[str, float]]) -> str:

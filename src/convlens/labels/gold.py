@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convlens.labels.export import ExportError, _iter_table, optional_int
+from convlens.labels.export import ExportError, iter_export_table, optional_int
 
 __all__ = ["GOLD_COLUMNS", "GoldFilter", "ParticipantGold", "gold_filter", "read_participant_gold"]
 
@@ -58,7 +58,7 @@ def read_participant_gold(export_dir: str | Path) -> dict[str, ParticipantGold] 
     """participant id -> gold record from ``participants.csv|jsonl``; None when the export has no such table
     or it lacks the ``gold_plays``/``gold_correct`` columns."""
     try:
-        path, rows = _iter_table(Path(export_dir), "participants")
+        path, rows = iter_export_table(export_dir, "participants")
     except ExportError:
         return None
     found: dict[str, ParticipantGold] = {}

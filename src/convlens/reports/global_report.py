@@ -7,7 +7,8 @@ benchmark calls it on a labels folder). It writes into ``out``:
 * ``slopes.csv`` — per class and label: least-squares slope over depth, 95 % bootstrap interval over
   images, direction, total score, its share of the class's score and its rank by it, images, and the
   TCAV columns (see below);
-* ``global.json`` — manifest (labels folder, embedder, settings, notes);
+* ``global.json`` — manifest (labels folder, embedder, settings, notes, ``csv_cells``, and every file's size
+  and SHA-256: the folder is written as a whole, see :func:`build_global`);
 * ``index.html`` (per class its top concepts by evidence, then those that rise or fade) and per class
   ``<class>/index.html``: the top concepts first, then ``top.png`` / ``rising.png`` / ``falling.png``
   (the six strongest concepts over depth; the six, by total score, whose slope interval lies above / below
@@ -26,7 +27,6 @@ columns ``class, label`` (or ``concept``), ``layer``, ``significant`` (true/fals
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,14 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from convlens.core.files import atomic_write_text
+from convlens.core.outputs import OutputFolder
 from convlens.labels.export import optional_int
-from convlens.labels.files import SEP, LabelsFolder, csv_text, read_labels
+from convlens.labels.files import GLOBAL_FOLDER, SEP, LabelsFolder, csv_text, read_labels
 from convlens.labels.trends import MIN_SHARE, ClassTrends, LabelTrend, global_explanations
 from convlens.reports.global_maps import InvLocator, relative_link
 from convlens.reports.html import template_environment
 
-__all__ = ["GlobalResult", "build_global", "read_tcav", "slug"]
+__all__ = ["GLOBAL_FOLDER", "GlobalResult", "build_global", "class_folders", "read_tcav", "slug"]
 
 PREVIEW_LABELS = {"best": 3, "full": 6}  # labels under a map: the authors' previews (full merge: six)
 DETAIL_LABELS = 10  # the authors' detail view ("first 10 features")
@@ -64,6 +64,22 @@ class GlobalResult:
 def slug(name: str) -> str:
     """A file-system-safe folder name for a class."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "class"
+
+
+def class_folders(names: Sequence[str]) -> dict[str, str]:
+    """Each class's folder name: its :func:`slug`, with ``-2``, ``-3``, ... where two classes share a slug
+    (even in letter case only) or a slug is one of the report's own file names."""
+    taken = {name.lower() for name in GLOBAL_FOLDER.names}
+    folders = {}
+    for name in names:
+        base = candidate = slug(name)
+        number = 1
+        while candidate.lower() in taken:
+            number += 1
+            candidate = f"{base}-{number}"
+        taken.add(candidate.lower())
+        folders[name] = candidate
+    return folders
 
 
 def read_tcav(path: Path | None) -> dict[tuple[str, str], list[dict[str, str]]]:
@@ -147,7 +163,7 @@ def _plot(trends: ClassTrends, chosen: Sequence[LabelTrend], title: str, path: P
     plt.close(figure)
 
 
-def _tables(result: GlobalResult) -> dict[str, str]:
+def _tables(result: GlobalResult, neutralised: bool) -> dict[str, str]:
     trends_rows, slope_rows = [], []
     for name, trends in result.classes.items():
         rising = {t.label: i for i, t in enumerate(trends.rising, 1)}
@@ -161,8 +177,9 @@ def _tables(result: GlobalResult) -> dict[str, str]:
                                falling.get(t.label, ""),
                                tcav_verdict(result.tcav.get((name, t.label)))])
     return {
-        "trends.csv": csv_text(("class", "label", "layer_depth", "layer", "mean_score", "n_clusters"), trends_rows),
-        "slopes.csv": csv_text(SLOPE_COLUMNS, slope_rows),
+        "trends.csv": csv_text(("class", "label", "layer_depth", "layer", "mean_score", "n_clusters"), trends_rows,
+                               neutralised=neutralised),
+        "slopes.csv": csv_text(SLOPE_COLUMNS, slope_rows, neutralised=neutralised),
     }
 
 
@@ -252,8 +269,9 @@ def _render_pages(result: GlobalResult, folder: LabelsFolder, locator: InvLocato
     groups = _group_entries(folder)
     agreement = {row["class_name"]: row for row in folder.agreement if row.get("scope") == "class"}
     summaries = []
+    folders = class_folders(list(result.classes))
     for name, trends in result.classes.items():
-        class_dir = result.out / slug(name)
+        class_dir = result.out / folders[name]
         (class_dir / "maps").mkdir(parents=True, exist_ok=True)
         evidence = "whose 95 % interval of the slope lies {} 0" if trends.intervals else "with a {} slope"
         _plot(trends, trends.top, f"{name}: strongest concepts (largest total score)", class_dir / "top.png",
@@ -270,37 +288,47 @@ def _render_pages(result: GlobalResult, folder: LabelsFolder, locator: InvLocato
             trend_of=kinds, trend_text=_trend_text(trends, kinds),
             tcav_present=bool(result.tcav), notes=trends.notes,
         )
-        atomic_write_text(class_dir / "index.html", html)
-        summaries.append({"name": name, "dir": slug(name), "trends": trends, "agreement": agreement.get(name)})
+        (class_dir / "index.html").write_text(html, encoding="utf-8")
+        summaries.append({"name": name, "dir": folders[name], "trends": trends, "agreement": agreement.get(name)})
     html = environment.get_template("global_index.html").render(
         classes=summaries, manifest=folder.manifest, notes=result.notes + locator.notes, tcav_present=bool(result.tcav))
-    atomic_write_text(result.out / "index.html", html)
+    (result.out / "index.html").write_text(html, encoding="utf-8")
 
 
 def build_global(
     labels_dir: str | Path, out: str | Path, n_bootstrap: int = 1000, seed: int = 0,
-    tcav: str | Path | None = None, inv_root: str | Path | None = None,
+    tcav: str | Path | None = None, inv_root: str | Path | None = None, *, raw_csv: bool = False,
 ) -> GlobalResult:
-    """Global explanations of every class of a labels folder, written into ``out``."""
+    """Global explanations of every class of a labels folder, written as a whole into ``out``.
+
+    The folder is built aside and renamed into place (:class:`~convlens.core.outputs.OutputFolder`), only
+    over a folder ``convlens global`` wrote; ``global.json`` records every file's size and SHA-256 (its
+    class folders included) and whether the CSVs' text cells are neutralised (``csv_cells``, as in the
+    labels folder; ``raw_csv`` leaves them as they are). Bad input (the labels folder does not check out, a
+    missing TCAV file, ``out`` holding a user's files) raises a ``ValueError`` before anything is written.
+    """
     folder = read_labels(labels_dir)
     tcav_path = Path(tcav) if tcav is not None else Path(labels_dir) / "tcav.csv"
     if tcav is not None and not tcav_path.is_file():
         raise ValueError(f"{tcav_path}: no such TCAV file")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    target = OutputFolder(out, GLOBAL_FOLDER)
     classes = global_explanations(folder, n_bootstrap=n_bootstrap, seed=seed)
-    result = GlobalResult(out, classes, read_tcav(tcav_path))
+    result = GlobalResult(Path(out), classes, read_tcav(tcav_path))
     if not classes:
         result.notes.append("the labels folder has no clusters: nothing to explain")
     runs = {name: Path(path) for name, path in folder.manifest.get("inv_runs", {}).items()}
     locator = InvLocator(runs, Path(inv_root) if inv_root is not None else None)
-    for name, text in _tables(result).items():
-        atomic_write_text(out / name, text)
-    _render_pages(result, folder, locator)
-    result.notes.extend(locator.notes)
-    manifest = {"format": "convlens-global", "format_version": 1, "labels": str(Path(labels_dir).resolve()),
-                "embedder": folder.manifest.get("embedder"), "bootstrap": {"n": n_bootstrap, "seed": seed},
-                "tcav": str(tcav_path) if result.tcav else None, "classes": list(classes),
-                "notes": {"global": result.notes, **{n: t.notes for n, t in classes.items()}}}
-    atomic_write_text(out / "global.json", json.dumps(manifest, indent=2, default=str))
+    with target:
+        result.out = target.path  # pages link to INV runs relative to the folder beside the final one
+        for name, text in _tables(result, neutralised=not raw_csv).items():
+            (target.path / name).write_text(text, encoding="utf-8")
+        _render_pages(result, folder, locator)
+        result.notes.extend(locator.notes)
+        manifest = {"format_version": 1, "labels": str(Path(labels_dir).resolve()),
+                    "embedder": folder.manifest.get("embedder"), "bootstrap": {"n": n_bootstrap, "seed": seed},
+                    "tcav": str(tcav_path) if result.tcav else None, "classes": list(classes),
+                    "csv_cells": "raw" if raw_csv else "neutralised",
+                    "notes": {"global": result.notes, **{n: t.notes for n, t in classes.items()}}}
+        target.seal(manifest)
+    result.out = Path(out)
     return result
