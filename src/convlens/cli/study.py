@@ -74,6 +74,8 @@ def create(
         needed = -(-summary["rounds"] * plays_per_round // summary["images"])
         typer.echo(f"Each participant plays at most {summary['images']} rounds (one per image): {summary['rounds']} "
                    f"rounds x {plays_per_round} plays need at least {needed} participants.")
+    for note in summary.get("notes", []):
+        typer.echo(f"Note: {note}")
     typer.echo(f"Admin token (also in {study_dir}/secrets.json): {summary['admin_token']}")
     typer.echo(f"Serve it with: convlens serve {study_dir}")
 

@@ -157,6 +157,7 @@ class CrowdPlan:
     falling: dict[str, str]
     rounds: dict[str, PlantedRound]
     classes: list[str] = field(default_factory=list)
+    study_id: str | None = None  # the study planned (recovery refuses a labels folder of another study)
 
     def concept(self, name: str) -> Concept:
         found = next((c for c in CONCEPTS if c.name == name), None)
@@ -189,7 +190,7 @@ class CrowdPlan:
         return 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "model": asdict(self.model), "classes": self.classes,
+        return {"seed": self.seed, "study_id": self.study_id, "model": asdict(self.model), "classes": self.classes,
                 "class_concepts": self.class_concepts, "rising": self.rising, "falling": self.falling,
                 "concept_words": {n: list(self.concept(n).words) for names in self.class_concepts.values()
                                   for n in names},
@@ -201,7 +202,7 @@ class CrowdPlan:
         model = CrowdModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
         rounds = {k: PlantedRound(**v) for k, v in data["rounds"].items()}
         return cls(data["seed"], model, data["class_concepts"], data["rising"], data["falling"], rounds,
-                   data.get("classes", []))
+                   data.get("classes", []), data.get("study_id"))
 
 
 def _weighted(rng: random.Random, weights: Sequence[tuple[str, float]]) -> str:
@@ -301,6 +302,7 @@ class PlayerModel:
         self.skill = traits.uniform(-plan.model.skill, plan.model.skill)
         self.rng = traits
         self.round: PlantedRound | None = None
+        self.last_concept = ""  # the concept the last description names ("" for off-topic or none)
 
     def start(self, planted: PlantedRound | None, round_key: str) -> None:
         """A new play of ``round_key`` (``planted`` is None for gold rounds)."""
@@ -326,22 +328,27 @@ class PlayerModel:
         return "guess", rng.choice(others) if others else true_class
 
     def description(self, guessed: str, correct: bool) -> tuple[str | None, str]:
-        """(text or None, kind): kind is planted | other | guessed-class | off-topic | none."""
+        """(text or None, kind): kind is planted | other | guessed-class | off-topic | none; the concept it
+        names is left in :attr:`last_concept`."""
         model, rng, planted = self.plan.model, self.rng, self.round
+        self.last_concept = ""
         if rng.random() >= model.describe:
             return None, "none"
         draw = rng.random()
         if planted is not None and correct:
             if draw < planted.clarity:
-                return paraphrase(self.plan.concept(planted.concept), guessed, model, rng), "planted"
+                return self._say(planted.concept, guessed), "planted"
             if draw < planted.clarity + model.other:
                 weights = [(n, w) for n, w in self.plan.depth_weights(planted.true_class, planted.depth,
                                                                         planted.n_layers) if n != planted.concept]
                 if weights:
-                    return paraphrase(self.plan.concept(_weighted(rng, weights)), guessed, model, rng), "other"
+                    return self._say(_weighted(rng, weights), guessed), "other"
         elif planted is not None and draw < 0.5 and self.plan.class_concepts.get(guessed):
-            name = rng.choice(self.plan.class_concepts[guessed])
-            return paraphrase(self.plan.concept(name), guessed, model, rng), "guessed-class"
+            return self._say(rng.choice(self.plan.class_concepts[guessed]), guessed), "guessed-class"
         elif planted is not None and 0.5 <= draw < 0.75:
-            return paraphrase(self.plan.concept(planted.concept), guessed, model, rng), "planted"
+            return self._say(planted.concept, guessed), "planted"
         return rng.choice(OFF_TOPIC), "off-topic"
+
+    def _say(self, concept: str, guessed: str) -> str:
+        self.last_concept = concept
+        return paraphrase(self.plan.concept(concept), guessed, self.plan.model, self.rng)

@@ -226,6 +226,15 @@ def _config(images: list[_Image], classes: list[str], options: CreateOptions, st
     )
 
 
+def identical_level0_images(root: Path, round_ids: Sequence[str]) -> list[list[str]]:
+    """Groups of rounds whose level-0 images are byte-identical (players cannot tell those rounds apart)."""
+    groups: dict[str, list[str]] = {}
+    for round_id in round_ids:
+        digest = hashlib.sha256((root / "images" / round_id / "level0.png").read_bytes()).hexdigest()
+        groups.setdefault(digest, []).append(round_id)
+    return [ids for ids in groups.values() if len(ids) > 1]
+
+
 def create_study(study_dir: str | os.PathLike[str], runs: Sequence[str | os.PathLike[str]],
                  options: CreateOptions | None = None) -> dict[str, Any]:
     """Build ``study_dir`` from INV ``runs``; returns a summary with the admin token (shown once)."""
@@ -258,5 +267,9 @@ def create_study(study_dir: str | os.PathLike[str], runs: Sequence[str | os.Path
         raise
     files = StudyFiles(study_dir)
     gold = sum(spec.gold for spec, _, _ in planned)
+    shared = identical_level0_images(files.root, [spec.round_id for spec, _, _ in planned])
+    notes = [f"{sum(map(len, shared))} rounds in {len(shared)} groups share a byte-identical level-0 image (players "
+             "cannot tell the rounds of a group apart at the first level)"] if shared else []
     return {"study_dir": str(files.root), "rounds": len(planned) - gold, "gold_rounds": gold,
-            "images": len(images), "classes": classes, "admin_token": secrets.admin_token}
+            "images": len(images), "classes": classes, "admin_token": secrets.admin_token,
+            "identical_level0": shared, "notes": notes}
