@@ -29,7 +29,7 @@ from convlens.runners.ray_engine import RayEngineError, RayOptions, _probe_addre
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'convlens[ray]'")
 pytestmark = [pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.timeout(300)]
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.timeout(1800)]
 
 
 def _free_port() -> int:
@@ -136,7 +136,7 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
     other_pids: list[int] = []
     driver_pids: list[int] = []
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a hang guard: the loop ends when the port opens or the head exits
         while time.monotonic() < deadline and other.poll() is None:
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -150,7 +150,7 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
         script.write_text(DRIVER)
         driver = subprocess.Popen([sys.executable, str(script), str(ready)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
-        _wait(ready, driver, 180)
+        _wait(ready, driver, 600)  # ends when the driver is ready or exits
         if not ready.exists():
             driver.kill()
             pytest.fail(f"the driver did not start its Ray: {driver.communicate()[1].decode()[-2000:]}")

@@ -159,9 +159,15 @@ def global_command(
     raw_csv: Annotated[bool, typer.Option(
         "--raw-csv", help="Write labels and class names into the CSVs exactly (see `convlens labels --raw-csv`).")
     ] = False,
+    min_similarity: Annotated[float | None, typer.Option(
+        hidden=True, help="Deprecated, no effect: labels are final once `convlens labels` wrote them.")] = None,
 ) -> None:
     """Global explanations: per class, concepts that grow or fade with depth, plots and labelled maps."""
     from convlens.reports.global_report import build_global
+
+    if min_similarity is not None:  # accepted so that old scripts run; it never changed anything here
+        console.print("warning: --min-similarity has no effect on `convlens global` and is ignored: labels are "
+                      "final once `convlens labels` wrote them", soft_wrap=True, markup=False)
 
     if bootstrap < 1:
         fail(console, f"--bootstrap must be >= 1, got {bootstrap}")

@@ -26,7 +26,7 @@ study_app = typer.Typer(help="Deep Reveal studies: create one from INV runs, exp
 @study_app.command("create")
 def create(
     study_dir: Annotated[Path, typer.Argument(help="New folder for the study.", show_default=False)],
-    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --method inv --out "
+    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --methods inv --out "
                                                           "DIR`); repeatable.", show_default=False)],
     classes: Annotated[Path | None, typer.Option(help="File with the study's classes, one per line "
                                                      "(default: the INV target classes).")] = None,

@@ -73,5 +73,5 @@ def tcav_command(
         fail(console, f"cannot write the results: {exc.strerror or exc}")
     for warning in caught:
         if "random runs" in str(warning.message):
-            console.print(f"warning: {warning.message}", markup=False)
+            console.print(f"warning: {warning.message}", markup=False, soft_wrap=True)
     _summary(result)

@@ -322,7 +322,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served(study_dir: str | Path, db: str | None = None, log: Path | None = None,
-           timeout: float = 60.0) -> Iterator[str]:
+           timeout: float = 600.0) -> Iterator[str]:
     """``python -m convlens.study.web.server`` on a free loopback port (rate limits lifted) for the duration;
     yields its URL and stops it with SIGTERM (SIGKILL after 30 s). A watchdog stops it too if this process
     is killed (:class:`~convlens.core.processes.ProcessWatchdog`)."""

@@ -1,7 +1,7 @@
 """``convlens study create``: INV runs -> a study directory with every round's reveal images rendered.
 
 INV runs are read only through :func:`convlens.inv.load_inv_explanation` and the run layout written by
-``convlens explain IMAGE --method inv --out DIR``: ``DIR/<image stem>/inv/inv.json`` with ``input.png``
+``convlens explain IMAGE --methods inv --out DIR``: ``DIR/<image stem>/inv/inv.json`` with ``input.png``
 (the model's view of the image) beside it. A folder that itself holds ``inv.json`` is accepted too.
 
 Rounds: one per kept cluster (image x layer x cluster) of the chosen layers, plus ``gold`` attention-check
@@ -85,7 +85,7 @@ def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """(image name, INV folder) pairs of one ``convlens explain --method inv`` output folder."""
+    """(image name, INV folder) pairs of one ``convlens explain --methods inv`` output folder."""
     run_dir = Path(run_dir)
     if (run_dir / "inv.json").is_file():
         name = run_dir.parent.name if run_dir.name == "inv" else run_dir.name
@@ -93,7 +93,7 @@ def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     found = sorted((p.parent.parent.name, p.parent) for p in run_dir.glob("*/inv/inv.json"))
     if not found:
         raise StudyCreationError(f"{run_dir}: no INV results (expected <image>/inv/inv.json from "
-                                 "`convlens explain IMAGE --method inv --out DIR`)")
+                                 "`convlens explain IMAGE --methods inv --out DIR`)")
     return found
 
 
