@@ -32,6 +32,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
+from convlens.core.files import is_temporary_name
 from convlens.core.outputs import verify_output_folder
 from convlens.inv.reveal import REVEAL_PERCENTAGES, reveal_image
 from convlens.labels.files import read_labels
@@ -509,8 +510,10 @@ def test_a_killed_run_leaves_the_previous_folder_whole(study: tuple[Path, Path],
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the previous one, whole
     verify_output_folder(out, TCAV_FOLDER)
     assert (labels / "tcav.csv").read_bytes() == placed
+    assert any(is_temporary_name(p.name) for p in tmp_path.iterdir())  # what the kills left beside the folders
     rerun = _run(labels, out, "--seed", "1")
     assert rerun.exit_code == 0, rerun.output
+    assert not any(is_temporary_name(p.name) for p in tmp_path.iterdir())  # and the rerun removed
     verify_output_folder(out, TCAV_FOLDER)
     assert (labels / "tcav.csv").read_bytes() == (out / "tcav.csv").read_bytes() != placed
 
