@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -550,3 +553,55 @@ def test_help_defines_the_statistic_and_lists_every_option() -> None:
                    "--alpha", "--layers", "--classes", "--model", "--weights", "--inv-root", "--place", "--out"):
         assert option in text
     assert "magnitude (default) = the mean, over the class's images, of the directional derivative" in STATISTIC_HELP
+
+
+_NAMES = ["tcav.csv", "tcav.json", "cavs", "notes.txt", ".convlens-tmp-notes", ".convlens-tmp-" + "a" * 31,
+          ".hidden", "sub", "=formula", "Tcav.CSV"]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(st.one_of(st.sampled_from(_NAMES), st.text("abcXY019._- é", min_size=1,
+                                                                               max_size=8)),
+                                  st.sampled_from(["file", "dir", "dir-with-file"]), st.binary(max_size=8)),
+                        max_size=4, unique_by=lambda e: e[0].lower()).filter(
+                            lambda es: all(e[0] not in (".", "..") and not is_temporary_name(e[0]) for e in es)),
+       place=st.sampled_from(["the folder", "a new folder in it", "a folder of the user's in it"]))
+def test_the_output_rule_holds_whatever_the_user_keeps(study: tuple[Path, Path], registered: None,
+                                                       entries: list, place: str) -> None:
+    """Whatever a user keeps in --out or around it: refused with one line and nothing changed, or done with
+    nothing of the user's changed and nothing new outside --out (the rule of convlens.core.outputs)."""
+    root = Path(tempfile.mkdtemp(prefix="rule-"))
+    try:
+        folder = root / "user"
+        folder.mkdir()
+        for name, kind, content in entries:
+            if kind == "file":
+                (folder / name).write_bytes(content)
+            else:
+                (folder / name).mkdir()
+                if kind == "dir-with-file":
+                    (folder / name / "mine.txt").write_bytes(content)
+        dirs = [name for name, kind, _ in entries if kind != "file"]
+        out = {"the folder": folder, "a new folder in it": folder / "results-new",
+               "a folder of the user's in it": folder / dirs[0] if dirs else folder / "results-new"}[place]
+        before = _snapshot(root)
+        result = _run(study[1], out, "--no-place")
+        after = _snapshot(root)
+        assert result.exit_code in (0, 2), result.output
+        if result.exit_code == 2:
+            lines = [line for line in result.output.splitlines() if not line.startswith("warning:")]
+            assert len(lines) == 1 and lines[0].startswith("error: ") and after == before, result.output
+            return
+        assert {k: v for k, v in before.items() if after.get(k) != v} == {}  # nothing of the user's changed
+        prefix = out.relative_to(root).as_posix()
+        assert [k for k in after if k not in before and not (k == prefix or k.startswith(prefix + "/"))] == []
+        assert not any(k.startswith(prefix + "/") for k in before)  # never into a folder holding the user's files
+        verify_output_folder(out, TCAV_FOLDER)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
