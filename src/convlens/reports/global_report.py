@@ -18,10 +18,10 @@ benchmark calls it on a labels folder). It writes into ``out``:
   top-6 labels (the authors' previews), each with a top-10 list (their detail view), linked to the
   image's INV page.
 
-TCAV slot ("used by the model"): when ``tcav`` (or ``LABELS_DIR/tcav.csv``) exists it is read with
-columns ``class, label`` (or ``concept``), ``layer``, ``significant`` (true/false) and optionally
-``direction``, ``p_value``, ``effect_size``; the verdict per label is shown in the table and in
-``slopes.csv``. Without it the column says "not tested".
+TCAV slot ("used by the model"): ``tcav`` (or ``LABELS_DIR/tcav.csv``), with columns ``class, label`` (or
+``concept``), ``layer``, ``significant`` (empty: not tested) and optionally ``direction``, ``p_value``,
+``effect_size``, ``detectable_effect_size``, ``layer_role``, ``verdict``, gives each label's verdict in the
+table and ``slopes.csv`` (:func:`tcav_verdict`); without it the column says "not tested".
 """
 
 from __future__ import annotations
@@ -83,9 +83,15 @@ def class_folders(names: Sequence[str]) -> dict[str, str]:
 
 
 def read_tcav(path: Path | None) -> dict[tuple[str, str], list[dict[str, str]]]:
-    """TCAV rows per (class, label) from a CSV (empty when ``path`` is None or missing)."""
+    """TCAV rows per (class, label) from a CSV (empty when ``path`` is None or missing). A ``tcav.csv`` in
+    an output folder of ``convlens tcav`` is read only if the folder checks out (its manifest's hashes)."""
     if path is None or not path.is_file():
         return {}
+    from convlens.core.outputs import verify_output_folder
+    from convlens.tcav.study import TCAV_FOLDER
+
+    if path.name == "tcav.csv" and (path.parent / TCAV_FOLDER.manifest).is_file():
+        verify_output_folder(path.parent, TCAV_FOLDER)  # a cut or half-written tcav.csv is named, not read
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     found: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
@@ -111,17 +117,24 @@ def _details(row: dict[str, str], keys: Sequence[str]) -> str:
 
 
 def tcav_verdict(rows: Sequence[dict[str, str]] | None) -> str:
-    """'yes: layer (direction, p, effect)' per significant layer; 'no (n layers tested)' with the smallest
-    p; 'not tested: <reason>' for a concept ``convlens tcav`` skipped; or 'not tested'."""
+    """'yes: layer (direction, p, effect)' per significant layer, an earlier layer marked as having no known
+    answer; 'no evidence at this power (n layers tested, ...)' with the smallest p (never "not used": the test
+    misses small effects); 'cannot test: <reason>'; 'not tested: <reason>' for a concept ``convlens tcav``
+    skipped; or 'not tested'."""
     if not rows:
         return "not tested"
     tested = [r for r in rows if str(r.get("significant", "")).strip()]
     if not tested:
+        untestable = next((r["verdict"] for r in rows if str(r.get("verdict", "")).startswith("cannot test")), "")
+        if untestable:
+            return untestable
         reason = next((r["verdict"] for r in rows if str(r.get("verdict", "")).startswith("skipped: ")), "")
         return f"not tested: {reason.removeprefix('skipped: ')}" if reason else "not tested"
     significant = [r for r in tested if str(r.get("significant", "")).strip().lower() in ("true", "1", "yes")]
     if not significant:
-        head = f"no ({len(tested)} layer{'s' if len(tested) != 1 else ''} tested)"
+        bound = _float(tested[0].get("detectable_effect_size"))
+        head = f"no evidence at this power ({len(tested)} layer{'s' if len(tested) != 1 else ''} tested" + (
+            f"; |effect_size| >= {bound:.2g} is detected)" if bound is not None else ")")
         scored = [r for r in tested if _float(r.get("p_value")) is not None]
         if not scored:
             return head
@@ -132,7 +145,9 @@ def tcav_verdict(rows: Sequence[dict[str, str]] | None) -> str:
     parts = []
     for r in significant:
         extra = _details(r, ("direction", "p_value", "effect_size"))
-        parts.append(f"{r.get('layer', '?')}" + (f" ({extra})" if extra else ""))
+        earlier = "earlier layer, no known answer" if r.get("layer_role") == "earlier" else ""
+        details = "; ".join(part for part in (earlier, extra) if part)
+        parts.append(f"{r.get('layer', '?')}" + (f" ({details})" if details else ""))
     return "yes: " + "; ".join(parts)
 
 
