@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from convlens.core.engine import MaskedForwardEngine
 from convlens.core.params import ParamError
 from convlens.methods import create
 from convlens.methods.rise import RISE, RISEParams, rise_masks
@@ -107,15 +108,33 @@ def test_copies_of_one_image_share_the_masked_forwards_and_equal_single_calls(
     assert together.forward_passes == 3 + 2 * 40
 
 
-def test_streamed_masks_are_the_seeded_generator_in_chunks(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
-    """n_masks masks in chunks of batch_size drawn from one generator seeded with ``seed``, then Eq. 6."""
-    explanation = RISE(tiny_cnn, n_masks=10, grid_size=3, p=0.4, seed=2, batch_size=4).explain(tiny_images[0], 1)
+@pytest.mark.parametrize("batch_size", [4, 64, 100, 200])
+def test_streamed_masks_are_the_seeded_generator_in_blocks_of_64(
+    tiny_cnn: nn.Module, tiny_images: torch.Tensor, batch_size: int
+) -> None:
+    """n_masks masks drawn from one generator seeded with ``seed`` in blocks of 64 (the last one shorter),
+    whatever the batch size, then Eq. 6; forwards are cut to ``batch_size``."""
+    explainer = RISE(tiny_cnn, n_masks=150, grid_size=3, p=0.4, seed=2, batch_size=batch_size)
+    explanation = explainer.explain(tiny_images[0], 1)
     generator = torch.Generator().manual_seed(2)
-    masks = torch.cat([rise_masks(k, (32, 32), 3, 0.4, generator) for k in (4, 4, 2)])
+    masks = torch.cat([rise_masks(k, (32, 32), 3, 0.4, generator) for k in (64, 64, 22)])
     with torch.no_grad():
         scores = torch.softmax(tiny_cnn(tiny_images[0] * masks), dim=1)[:, 1]
-    expected = (scores[:, None, None] * masks[:, 0]).sum(0) / (10 * 0.4)
+    expected = (scores[:, None, None] * masks[:, 0]).sum(0) / (150 * 0.4)
     torch.testing.assert_close(explanation.maps[0], expected, rtol=1e-4, atol=1e-6)
+    assert explanation.forward_passes == 1 + 150
+    sizes: list[int] = []
+    engine_run = MaskedForwardEngine.run
+
+    def spy(self: MaskedForwardEngine, x: torch.Tensor, masks: object, *args: object, **kwargs: object) -> torch.Tensor:
+        on_chunk = kwargs.pop("on_chunk")
+        return engine_run(self, x, masks, *args, on_chunk=lambda m, s: (sizes.append(len(m)), on_chunk(m, s)),
+                          **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MaskedForwardEngine, "run", spy)
+        explainer.explain(tiny_images[0], 1)
+    assert sizes == [min(batch_size, 150 - start) for start in range(0, 150, batch_size)]
 
 
 @pytest.mark.parametrize(

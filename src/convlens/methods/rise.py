@@ -16,7 +16,11 @@ from convlens.core.params import MethodParams, param
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.methods.scorecam import same_image_groups
 
-__all__ = ["RISE", "RISEParams", "rise_masks"]
+__all__ = ["MASK_BLOCK", "RISE", "RISEParams", "rise_masks"]
+
+MASK_BLOCK = 64
+"""Masks are drawn from the seeded generator in blocks of this many, whatever ``batch_size``: the same seed
+gives the same masks, so the same map, for every batch size (forwards are then cut to ``batch_size``)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,9 @@ class RISE(Explainer):
     """RISE (Eq. 6): ``S(λ) ≈ 1/(N·p) Σ_i f(I ⊙ M_i) · M_i(λ)`` with N random smooth masks.
 
     Defaults from the paper: N = 4000 masks, s = 7 grid, p = 0.5, the softmax probability as score
-    (:class:`RISEParams`). Masks are generated chunk by chunk from a seeded generator and accumulated on
-    the fly: memory does not grow with N. Pass ``masks`` (N, 1, H, W) to use a fixed mask set instead
+    (:class:`RISEParams`). Masks are drawn in blocks of :data:`MASK_BLOCK` from a generator seeded with
+    ``seed`` and accumulated on the fly: memory does not grow with N, and the map does not depend on
+    ``batch_size``. Pass ``masks`` (N, 1, H, W) to use a fixed mask set instead
     (then ``n_masks`` is their number). Rows of a batch that hold the same image share their masked
     forwards (``forward_passes`` counts them once).
     """
@@ -80,12 +85,23 @@ class RISE(Explainer):
             return self.fixed_masks if self.fixed_masks.ndim == 4 else self.fixed_masks[:, None]
         generator = torch.Generator().manual_seed(self.config.seed)
         n_masks, grid_size, p = self.config.n_masks, self.config.grid_size, self.config.p
+        blocks = (
+            rise_masks(min(MASK_BLOCK, n_masks - start), size, grid_size, p, generator)
+            for start in range(0, n_masks, MASK_BLOCK)
+        )
+        pending: list[torch.Tensor] = []  # drawn, not yet handed out
 
         def chunk(i: int) -> torch.Tensor | None:
-            start = i * self.batch_size
-            if start >= n_masks:
+            """The next ``batch_size`` masks (fewer at the end), cut from the fixed-size blocks."""
+            held = sum(len(block) for block in pending)
+            while held < self.batch_size and (block := next(blocks, None)) is not None:
+                pending.append(block)
+                held += len(block)
+            if not pending:
                 return None
-            return rise_masks(min(self.batch_size, n_masks - start), size, grid_size, p, generator)
+            masks = torch.cat(pending) if len(pending) > 1 else pending[0]
+            pending[:] = [masks[self.batch_size :]] if len(masks) > self.batch_size else []
+            return masks[: self.batch_size]
 
         return chunk
 
