@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
 import sys
@@ -90,7 +91,15 @@ def make_app(study_dir: Path, db: str | None = None, **kwargs: Any) -> Any:
     kwargs.setdefault("rate_limit_ip", "100000/minute")
     kwargs.setdefault("rate_limit_participant", "100000/minute")
     kwargs.setdefault("rate_limit_consent", "100000/minute")
+    kwargs.setdefault("rate_limit_consent_session", "100000/minute")
     return create_app(study_dir, db, **kwargs)
+
+
+def set_study(study_dir: Path, **fields: Any) -> None:
+    """Edit the study's study.json (``quota=None`` with ``rounds_per_player=N``: as many rounds as fit, up to N)."""
+    config = json.loads((study_dir / "study.json").read_text())
+    config.update(fields)
+    (study_dir / "study.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
 
 
 @pytest.fixture

@@ -109,10 +109,12 @@ class PostgresCluster:
 
 
 class LiveServer:
-    """``python -m convlens.study.web.server`` in its own process (and process group) on a loopback port."""
+    """``convlens study serve`` (as ``python -m convlens``) in its own process (and process group) on a loopback
+    port; ``extra``: more command-line options."""
 
-    def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None) -> None:
-        self.study_dir, self.db, self.workers = study_dir, db, workers
+    def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None,
+                 extra: tuple[str, ...] = (), limits: bool = False) -> None:
+        self.study_dir, self.db, self.workers, self.extra, self.limits = study_dir, db, workers, extra, limits
         self.port = free_port()
         self.log = log or study_dir / "server.log"
         self.process: subprocess.Popen | None = None
@@ -122,9 +124,11 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> LiveServer:
-        command = [sys.executable, "-m", "convlens.study.web.server", str(self.study_dir), "--port", str(self.port),
-                   "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
-                   "--rate-limit-consent", UNLIMITED]
+        command = [sys.executable, "-m", "convlens", "study", "serve", str(self.study_dir), "--port", str(self.port),
+                   "--workers", str(self.workers), *self.extra]
+        if not self.limits:
+            command += ["--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED, "--rate-limit-consent",
+                        UNLIMITED, "--rate-limit-consent-session", UNLIMITED]
         if self.db:
             command += ["--db", self.db]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,11 +1,15 @@
 """Database of a Deep Reveal study: SQLAlchemy 2 models, engines with durable commits, Alembic upgrade.
 
 Tables: ``study_meta`` (which study owns the database), ``rounds`` (from rounds.json, with an ``assigned``
-counter for the plays-per-round cap), ``participants`` (pseudonymous; running totals for the leaderboard; a
-Prolific id at most once),
-``plays`` (one participant playing one round; unique per participant and round) and ``events`` (append-only
-log of start / reveal / guess / describe / resign; unique per participant and client request id, so a
-retried request is never stored twice).
+counter for the plays-per-round cap: plays planned, running or finished), ``participants`` (pseudonymous;
+running totals for the leaderboard; a Prolific id at most once; their quota and lease), ``planned_rounds``
+(the rounds reserved for a participant at consent, not yet shown, each at a position of the participant's
+sequence), ``plays`` (one participant and one round once shown, unique per pair; state ``active`` ->
+``guessed`` (description asked, answer still hidden) -> ``win`` | ``lose``, or ``resign``, or ``abandoned``
+(the lease ran out)), ``events``
+(append-only log of start / reveal / guess / describe / skip / resign / expire with what the player had on
+screen; unique per participant and client request id, so a retried request is never stored twice) and
+``admin_signouts`` (admin cookies signed out before they expire).
 
 Durability: SQLite runs in WAL mode with ``synchronous=FULL`` (every commit fsyncs the log) and writing
 transactions start with ``BEGIN IMMEDIATE`` (no lock-upgrade deadlocks between threads or worker
@@ -37,9 +41,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = [
+    "AdminSignout",
     "Base",
     "Event",
     "Participant",
+    "PlannedRound",
     "Play",
     "Round",
     "StudyMeta",
@@ -105,6 +111,9 @@ class Participant(Base):
     wins: Mapped[int] = mapped_column(Integer, default=0)
     gold_plays: Mapped[int] = mapped_column(Integer, default=0)
     gold_correct: Mapped[int] = mapped_column(Integer, default=0)
+    quota: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Play(Base):
@@ -123,8 +132,20 @@ class Play(Base):
     score: Mapped[int] = mapped_column(Integer, default=0)
     description: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(35))
+    description_screen: Mapped[str | None] = mapped_column(String(10))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PlannedRound(Base):
+    """A round reserved for a participant at consent (its slot counted in ``rounds.assigned``), not yet shown."""
+
+    __tablename__ = "planned_rounds"
+    __table_args__ = (UniqueConstraint("participant_id", "round_id", name="uq_planned_participant_round"),)
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=True)
+    participant_id: Mapped[int] = mapped_column(ForeignKey("participants.id"), index=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"))
+    position: Mapped[int] = mapped_column(Integer)
 
 
 class Event(Base):
@@ -139,8 +160,17 @@ class Event(Base):
     guessed_class: Mapped[str | None] = mapped_column(String(100))
     text: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(35))
+    screen: Mapped[str] = mapped_column(String(10), default="level")
     request_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdminSignout(Base):
+    """An admin cookie (by its random id) signed out before its expiry: refused from then on."""
+
+    __tablename__ = "admin_signouts"
+    cookie_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    signed_out_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def _sqlite_listeners(engine: Engine) -> None:
