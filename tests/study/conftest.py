@@ -5,6 +5,7 @@ PostgreSQL is not installed: ``bash scripts/install_system_deps.sh`` installs it
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import json
 import re
@@ -119,7 +120,8 @@ class ApiPlayer:
         page = self.client.get("/" + query)
         assert page.status_code == 200, page.text
         self.csrf = CSRF_META.search(page.text).group(1)
-        hidden = dict(re.findall(r'name="(prolific_pid|study_id|session_id)" value="([^"]*)"', page.text))
+        found = re.findall(r'name="(prolific_pid|study_id|session_id)" value="([^"]*)"', page.text)
+        hidden = {name: html.unescape(value) for name, value in found}  # as a browser reads the form
         form = {"csrftoken": self.csrf, "consent": "yes", "consent_version": "1", **hidden}
         if nickname is not None:
             form["nickname"] = nickname

@@ -48,6 +48,7 @@ from convlens.study.game.plan import (
     StudyFullError,
     capacity,
     item_key,
+    lock_rounds,
     open_slots,
     plan_rounds,
     release,
@@ -212,6 +213,7 @@ class StudyRuntime:
     def _expire(self, session: Session, participant: Participant, now: datetime) -> None:
         """The lease ran out: release the planned rounds, abandon a running play (slot back), count a guess
         that waited for its description without one."""
+        lock_rounds(session)
         planned = list(session.scalars(select(PlannedRound).where(PlannedRound.participant_id == participant.id)))
         for entry in planned:
             release(session, entry.round_id)
@@ -320,8 +322,8 @@ class StudyRuntime:
                 participant.lease_expires_at = None
                 return self.done_view(participant)
             if self.policy.needs_history and not self.rounds[planned.round_id].gold:
-                swap_at_start(session, config=self.config, rounds=self.rounds, policy=self.policy,
-                              participant=participant, play=planned)
+                planned = swap_at_start(session, config=self.config, rounds=self.rounds, policy=self.policy,
+                                        participant=participant, planned=planned)
             play = Play(public_id=secrets.token_hex(12), participant_id=participant.id, round_id=planned.round_id,
                         position=planned.position, state="active", level=0, image_token=secrets.token_urlsafe(24),
                         score=0, started_at=now)

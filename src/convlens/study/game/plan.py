@@ -31,14 +31,14 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from convlens.study.game.assignment import AssignmentPolicy, Candidate, PastPlay, seeded
 from convlens.study.store.config import RoundSpec, StudyConfig
 from convlens.study.store.db import Participant, PlannedRound, Play, Round
 
-__all__ = ["DEFAULT_QUOTA", "Quota", "StudyFullError", "capacity", "claim", "item_key", "open_slots",
+__all__ = ["DEFAULT_QUOTA", "Quota", "StudyFullError", "capacity", "claim", "item_key", "lock_rounds", "open_slots",
            "plan_rounds", "release", "resolve_quota", "swap_at_start"]
 
 DEFAULT_QUOTA = 20
@@ -135,6 +135,17 @@ def capacity(slots: Mapping[str, int], gold_items: set[str], quota: Quota) -> in
     return low
 
 
+ROUNDS_LOCK = 0x636F6E766C656E73  # "convlens": the advisory lock of transactions that change several rounds
+
+
+def lock_rounds(session: Session) -> None:
+    """Serialise the transactions that claim or release several rounds (planning, swapping, expiring): on
+    PostgreSQL a transaction-scoped advisory lock, so that two of them never wait on each other's rows
+    (a deadlock); SQLite runs one writer at a time anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROUNDS_LOCK})
+
+
 def claim(session: Session, round_id: str, cap: int | None) -> bool:
     """One more play of ``round_id`` (under ``cap`` when given), atomically; False when the round is full."""
     query = update(Round).where(Round.id == round_id)
@@ -207,6 +218,7 @@ def plan_rounds(session: Session, *, config: StudyConfig, rounds: Mapping[str, R
     """Claim ``normal`` non-gold and ``gold`` gold rounds for ``participant`` and add them as planned rounds at
     positions ``first_position ...`` (gold at random positions, the rest shuffled). Raises
     :class:`StudyFullError` when the study cannot give them (the caller's transaction is then rolled back)."""
+    lock_rounds(session)
     per_image = config.one_round_per_image
     played, items = _taken(session, participant, rounds, per_image)
     slots = open_slots(session, config)
@@ -252,27 +264,35 @@ def _place(session: Session, participant: Participant, normal_ids: list[str], go
 
 
 def swap_at_start(session: Session, *, config: StudyConfig, rounds: Mapping[str, RoundSpec], policy: AssignmentPolicy,
-                  participant: Participant, play: PlannedRound) -> None:
-    """For an adaptive policy (``needs_history``): at the start of a planned non-gold play, ask the policy
-    again, with today's history, among the planned round and the open rounds of its own or of a still
-    free item; a different pick is claimed and the planned slot released (the quota stays guaranteed)."""
+                  participant: Participant, planned: PlannedRound) -> PlannedRound:
+    """For an adaptive policy (``needs_history``): when a planned non-gold round is due, ask the policy again,
+    with the history of now, among the participant's planned non-gold rounds and the open rounds of items
+    still free for them. A planned pick swaps positions with the due one; a free pick is claimed and takes
+    the due one's place, whose slot is released (the quota stays guaranteed). Returns the round to start."""
+    lock_rounds(session)
     per_image = config.one_round_per_image
-    own = item_key(rounds[play.round_id], per_image)
     played, items = _taken(session, participant, rounds, per_image)
-    candidates = _candidates(session, config, policy, played, items - {own})
-    planned = session.get(Round, play.round_id)
-    history = _history(session, config.plays_per_round, also=(planned.id,)).get(planned.id, ())
-    candidates.append(Candidate(planned.id, False, planned.assigned, planned.cluster_id, planned.image_id,
-                                planned.layer, planned.true_class, tuple(history), 0))
+    mine = [p for p in session.scalars(select(PlannedRound).where(PlannedRound.participant_id == participant.id))
+            if not rounds[p.round_id].gold]
+    candidates = _candidates(session, config, policy, played, items)
+    history = _history(session, config.plays_per_round, also=tuple(p.round_id for p in mine))
+    for entry in mine:
+        spec = rounds[entry.round_id]
+        candidates.append(Candidate(spec.round_id, False, 0, spec.cluster_id, spec.image_id, spec.layer,
+                                    spec.true_class, tuple(history.get(spec.round_id, ())), 0))
+    by_round = {entry.round_id: entry for entry in mine}
     attempt = 0
     while candidates:
-        rng = seeded(config.assignment_seed, participant.id, "start", play.position, attempt)
+        rng = seeded(config.assignment_seed, participant.id, "start", planned.position, attempt)
         chosen = policy.choose(candidates, rng, participant.public_id)
-        if chosen.round_id == play.round_id:
-            return
+        if chosen.round_id in by_round:
+            other = by_round[chosen.round_id]
+            other.position, planned.position = planned.position, other.position
+            return other
         if claim(session, chosen.round_id, config.plays_per_round):
-            release(session, play.round_id)
-            play.round_id = chosen.round_id
-            return
+            release(session, planned.round_id)
+            planned.round_id = chosen.round_id
+            return planned
         candidates = [c for c in candidates if c.round_id != chosen.round_id]
         attempt += 1
+    return planned
