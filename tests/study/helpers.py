@@ -199,8 +199,10 @@ def _next_action(view: dict, rng: random.Random, classes: list[str]) -> tuple[st
         if draw < 0.52:
             return f"/api/plays/{play}/resign", {}
         return f"/api/plays/{play}/guess", {"class_name": rng.choice(classes)}
-    if view["state"] in ("win", "lose") and not view["described"] and rng.random() < 0.8:
-        return f"/api/plays/{play}/describe", {"text": f"edges and colour {rng.randrange(1000)}", "language": "en"}
+    if view["state"] == "guessed":  # the description is asked before the answer; 80 % write one
+        if rng.random() < 0.8:
+            return f"/api/plays/{play}/describe", {"text": f"edges and colour {rng.randrange(1000)}", "language": "en"}
+        return f"/api/plays/{play}/skip", {}
     return "/api/next", {}
 
 

@@ -11,7 +11,14 @@ from sqlalchemy import Engine, select
 from convlens.study.game.actions import StudyRuntime
 from convlens.study.game.assignment import get_policy
 from convlens.study.game.plan import resolve_quota
-from convlens.study.store.config import RoundSpec, StudyConfig, StudyFiles, load_rounds, load_study
+from convlens.study.store.config import (
+    RoundSpec,
+    StudyConfig,
+    StudyFiles,
+    check_study_folder,
+    load_rounds,
+    load_study,
+)
 from convlens.study.store.db import Round, StudyMeta, current_revision, make_engine, make_sessions, upgrade
 
 __all__ = ["StudyDatabaseError", "database_url", "open_runtime", "prepare_database"]
@@ -56,9 +63,7 @@ def prepare_database(engine: Engine, config: StudyConfig, rounds: list[RoundSpec
 def open_runtime(study_dir: str | os.PathLike[str], db: str | None = None, migrate: bool = True,
                  pool_size: int = 10) -> tuple[StudyRuntime, Engine]:
     """Load the study and connect; ``migrate=False`` (server workers) only checks the schema is current."""
-    files = StudyFiles(study_dir)
-    if files.root.exists() and not files.root.is_dir():
-        raise NotADirectoryError(f"{files.root}: not a folder (give the study folder made by `convlens study create`)")
+    files = check_study_folder(study_dir)
     config = load_study(files.root)
     rounds = load_rounds(files.root)
     quota = resolve_quota(config, rounds)

@@ -191,10 +191,12 @@ def _candidates(session: Session, config: StudyConfig, policy: AssignmentPolicy,
 
 def _taken(session: Session, participant: Participant, rounds: Mapping[str, RoundSpec],
            per_image: bool) -> tuple[set[str], set[str]]:
-    """(round ids, items) the participant already has: planned, or played in any state (abandoned included)."""
-    played = set(session.scalars(select(Play.round_id).where(Play.participant_id == participant.id)))
-    played |= set(session.scalars(select(PlannedRound.round_id).where(PlannedRound.participant_id == participant.id)))
-    return played, {item_key(rounds[r], per_image) for r in played}
+    """(round ids, items) the participant already has: planned or played rounds, and their items — except the
+    image of an abandoned play, which never showed its answer (the abandoned round itself stays excluded)."""
+    states = dict(session.execute(select(Play.round_id, Play.state).where(Play.participant_id == participant.id)).all())
+    planned = set(session.scalars(select(PlannedRound.round_id).where(PlannedRound.participant_id == participant.id)))
+    shown = {r for r, state in states.items() if state != "abandoned"} | planned
+    return set(states) | planned, {item_key(rounds[r], per_image) for r in shown}
 
 
 def _pick_normal(session: Session, config: StudyConfig, policy: AssignmentPolicy, participant: Participant,

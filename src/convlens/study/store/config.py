@@ -214,8 +214,16 @@ class StudyFiles:
         return path
 
 
-def load_study(root: str | os.PathLike[str]) -> StudyConfig:
+def check_study_folder(root: str | os.PathLike[str]) -> StudyFiles:
+    """The study folder's paths; ``NotADirectoryError`` when the path is a file (one clear line)."""
     files = StudyFiles(root)
+    if files.root.exists() and not files.root.is_dir():
+        raise NotADirectoryError(f"{files.root}: not a folder (give the study folder made by `convlens study create`)")
+    return files
+
+
+def load_study(root: str | os.PathLike[str]) -> StudyConfig:
+    files = check_study_folder(root)
     if not files.config.is_file():
         raise FileNotFoundError(f"{files.root}: no {STUDY_JSON}; create the study with `convlens study create`")
     try:
@@ -258,7 +266,14 @@ def write_secrets(root: Path, value: StudySecrets) -> None:
 def load_secrets(root: str | os.PathLike[str]) -> StudySecrets:
     """``secrets.json``; ``CONVLENS_STUDY_ADMIN_TOKEN`` in the environment overrides the admin token (validated
     like the file's: at least 16 characters, else ``ValueError``)."""
-    value = StudySecrets.model_validate_json(StudyFiles(root).secrets.read_text())
+    path = check_study_folder(root).secrets
+    try:
+        value = StudySecrets.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (the admin token and signing key made by `convlens study create`)"
+                                ) from None
+    except (ValidationError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a secrets file written by `convlens study create`") from None
     override = os.environ.get("CONVLENS_STUDY_ADMIN_TOKEN")
     if not override:
         return value

@@ -140,10 +140,11 @@ def run_server(settings: ServerSettings) -> str:
     import uvicorn
 
     from convlens.study.game.opening import database_url, open_runtime
-    from convlens.study.store.config import load_secrets
+    from convlens.study.store.config import load_secrets, load_study
     from convlens.study.web.app import ENV_SETTINGS, AppSettings
 
     settings.check()
+    load_study(settings.study_dir)  # a missing or broken study stops here, before the secrets are read
     load_secrets(settings.study_dir)  # a bad CONVLENS_STUDY_ADMIN_TOKEN stops here, not in every worker
     _, engine = open_runtime(settings.study_dir, settings.db, migrate=True)
     engine.dispose()

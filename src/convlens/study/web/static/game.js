@@ -54,7 +54,7 @@
   }
 
   function showNotice(text) {
-    $("notice").textContent = text || "";
+    $("notice").textContent = text ? text.charAt(0).toUpperCase() + text.slice(1) : "";
     $("notice").hidden = !text;
   }
 
