@@ -174,6 +174,7 @@ class LoadResult:
     failures: list[str] = field(default_factory=list)
     pending: dict[int, tuple[str, dict]] = field(default_factory=dict)  # player -> unacknowledged request
     elapsed: float = 0.0
+    images: int = 0
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -207,8 +208,9 @@ def _next_action(view: dict, rng: random.Random, classes: list[str]) -> tuple[st
 
 
 async def play(base_url: str, index: int, submissions: int, classes: list[str], result: LoadResult,
-               clients: dict[int, Any]) -> None:
-    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event).
+               clients: dict[int, Any], images: bool = False) -> None:
+    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event); with
+    ``images``, it also fetches every image a view points to, as a browser does.
 
     Stops at the first refused or failed request (recorded in ``result.failures``; a request without an
     answer stays in ``result.pending``).
@@ -222,7 +224,7 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
         csrf = await _join(client)
         client.headers["x-csrftoken"] = csrf
         view: dict = {"state": "over", "play": None, "described": True}  # first action: /api/next
-        done = 0
+        done, shown = 0, None
         while done < submissions:
             path, body = _next_action(view, rng, classes)
             body = {"request_id": str(uuid.uuid4()), **body}
@@ -235,6 +237,12 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
                 return
             del result.pending[index]
             view = response.json()
+            if images and view.get("image") not in (None, shown):  # a new picture, as a browser loads it
+                shown = view["image"]
+                if (await client.get(shown)).status_code != 200:
+                    result.failures.append(f"image of {path}")
+                    return
+                result.images += 1
             if path != "/api/next" or not view.get("resumed"):
                 result.acknowledged.append((path.rsplit("/", 1)[-1], body["request_id"], index))
                 done += 1
@@ -242,14 +250,15 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
         result.failures.append(f"player {index}: {type(exc).__name__}")
 
 
-async def run_load(base_url: str, players: int, submissions: int, classes: list[str],
-                   stop_after: int | None = None) -> tuple[LoadResult, list[asyncio.Task], dict[int, Any]]:
+async def run_load(base_url: str, players: int, submissions: int, classes: list[str], stop_after: int | None = None,
+                   images: bool = False) -> tuple[LoadResult, list[asyncio.Task], dict[int, Any]]:
     """``players`` concurrent players x ``submissions``; with ``stop_after`` the run returns once that many
     submissions are acknowledged (the players keep going until the caller kills the server)."""
     result = LoadResult()
     clients: dict[int, Any] = {}
     start = time.perf_counter()
-    tasks = [asyncio.create_task(play(base_url, i, submissions, classes, result, clients)) for i in range(players)]
+    tasks = [asyncio.create_task(play(base_url, i, submissions, classes, result, clients, images))
+             for i in range(players)]
     if stop_after is None:
         await asyncio.gather(*tasks)
     else:
