@@ -86,14 +86,21 @@ def test_a_registration_race_on_one_prolific_id_is_a_409(app: Any, monkeypatch: 
     runtime.register("1", None, {"prolific_pid": None})  # without an id the insert still goes through
 
 
-def test_migration_head_matches_the_models(tmp_path: Path) -> None:
+def test_migration_head_matches_the_models(database: str) -> None:
+    """On SQLite and PostgreSQL the migrations give the models' schema, and db.HEAD (what a restart compares
+    with, without loading Alembic) is Alembic's head."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'schema.sqlite'}")
+    from convlens.study.store.db import HEAD, _alembic_config, schema_revision
+
+    engine = make_engine(database)
     upgrade(engine)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert ScriptDirectory.from_config(_alembic_config(connection)).get_current_head() == HEAD
+    assert schema_revision(engine) == HEAD
     engine.dispose()
 
 

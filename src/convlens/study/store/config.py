@@ -189,6 +189,7 @@ class StudyFiles:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.images = self.root / "images"
+        self._checked: dict[tuple[str, str], Path] = {}
 
     @property
     def config(self) -> Path:
@@ -207,10 +208,16 @@ class StudyFiles:
         return self.root / "study.sqlite"
 
     def image(self, round_id: str, name: str) -> Path:
-        """``images/<round_id>/<name>``, refusing any path that resolves outside ``images/``."""
+        """``images/<round_id>/<name>``, refusing any path that resolves outside ``images/`` (each checked path
+        is remembered: the server asks for the same few thousand files again and again)."""
+        found = self._checked.get((round_id, name))
+        if found is not None:
+            return found
         path = (self.images / round_id / name).resolve()
         if not path.is_relative_to(self.images) or path.parent.parent != self.images:
             raise PermissionError(f"image path {round_id}/{name} leaves the study's images folder")
+        if len(self._checked) < 100_000:
+            self._checked[(round_id, name)] = path
         return path
 
 

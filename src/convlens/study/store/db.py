@@ -37,10 +37,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = [
+    "HEAD",
     "AdminSignout",
     "Base",
     "Event",
@@ -52,11 +55,13 @@ __all__ = [
     "current_revision",
     "make_engine",
     "make_sessions",
+    "schema_revision",
     "upgrade",
     "utcnow",
 ]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+HEAD = "0003"  # the newest migration (tests/study/test_hardening.py checks it against Alembic's script folder)
 SQLITE_BUSY_TIMEOUT_S = 30.0
 ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite auto-increments INTEGER PRIMARY KEY only
 
@@ -218,8 +223,19 @@ def _alembic_config(connection: Any) -> Any:
     return config
 
 
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision, read with one query (None: no schema yet)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply the Alembic migrations shipped in ``convlens/study/store/migrations`` up to ``revision``."""
+    """Apply the Alembic migrations shipped in ``convlens/study/store/migrations`` up to ``revision``; a
+    database already at :data:`HEAD` is left alone without loading Alembic (a restart stays fast)."""
+    if revision in ("head", HEAD) and schema_revision(engine) == HEAD:
+        return
     from alembic import command
 
     with engine.begin() as connection:
@@ -228,10 +244,4 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def current_revision(engine: Engine) -> tuple[str | None, str]:
     """(database revision, newest shipped revision)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-        head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
-    return current, head or ""
+    return schema_revision(engine), HEAD

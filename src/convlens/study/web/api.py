@@ -40,34 +40,34 @@ def _token(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
-def next_round(request: Request, body: NextRequest) -> dict[str, Any]:
+def next_round(request: Request, body: NextRequest) -> JSONResponse:
     """The active play, a newly assigned round, or ``{"done": true, ...}``."""
-    return _runtime(request).next_play(_token(request), body.request_id)
+    return JSONResponse(_runtime(request).next_play(_token(request), body.request_id))
 
 
-def reveal(request: Request, play_id: PlayId, body: RevealRequest) -> dict[str, Any]:
+def reveal(request: Request, play_id: PlayId, body: RevealRequest) -> JSONResponse:
     """Go to ``level`` (= current + 1); the new image token is valid once the reveal is stored."""
-    return _runtime(request).reveal(_token(request), play_id, body.request_id, body.level)
+    return JSONResponse(_runtime(request).reveal(_token(request), play_id, body.request_id, body.level))
 
 
-def guess(request: Request, play_id: PlayId, body: GuessRequest) -> dict[str, Any]:
-    return _runtime(request).guess(_token(request), play_id, body.request_id, body.class_name)
+def guess(request: Request, play_id: PlayId, body: GuessRequest) -> JSONResponse:
+    return JSONResponse(_runtime(request).guess(_token(request), play_id, body.request_id, body.class_name))
 
 
-def describe(request: Request, play_id: PlayId, body: DescribeRequest) -> dict[str, Any]:
+def describe(request: Request, play_id: PlayId, body: DescribeRequest) -> JSONResponse:
     runtime = _runtime(request)
     if len(body.text) > runtime.config.max_description_chars:
         raise GameError(422, f"description longer than {runtime.config.max_description_chars} characters")
-    return runtime.describe(_token(request), play_id, body.request_id, body.text, body.language)
+    return JSONResponse(runtime.describe(_token(request), play_id, body.request_id, body.text, body.language))
 
 
-def skip(request: Request, play_id: PlayId, body: SkipRequest) -> dict[str, Any]:
+def skip(request: Request, play_id: PlayId, body: SkipRequest) -> JSONResponse:
     """No description for this guess: the play ends (recorded as a ``skip`` event)."""
-    return _runtime(request).skip(_token(request), play_id, body.request_id)
+    return JSONResponse(_runtime(request).skip(_token(request), play_id, body.request_id))
 
 
-def resign(request: Request, play_id: PlayId, body: ResignRequest) -> dict[str, Any]:
-    return _runtime(request).resign(_token(request), play_id, body.request_id)
+def resign(request: Request, play_id: PlayId, body: ResignRequest) -> JSONResponse:
+    return JSONResponse(_runtime(request).resign(_token(request), play_id, body.request_id))
 
 
 def image(request: Request, image_token: ImageToken) -> Response:

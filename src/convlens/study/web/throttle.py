@@ -28,10 +28,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from http.cookies import SimpleCookie
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
 
 from convlens.study.store.config import check_rate_limit
 from convlens.study.web.security import CSRF_COOKIE, SESSION_COOKIE
@@ -102,13 +102,13 @@ class RateLimitMiddleware:
             return None
         return "p:" + digest[:32]
 
-    def _checks(self, scope: dict, address: str, participant: str | None, cookies: SimpleCookie) -> list[tuple]:
+    def _checks(self, scope: dict, address: str, participant: str | None, cookies: dict[str, str]) -> list[tuple]:
         path, method = scope["path"], scope["method"]
         checks = [("ip", participant or address)]
         if method == "POST" and path.startswith("/api/"):
             checks.append(("participant", participant or address))
         elif method == "POST" and path == "/consent":
-            csrf = cookies[CSRF_COOKIE].value if CSRF_COOKIE in cookies else "none"
+            csrf = cookies.get(CSRF_COOKIE, "none")
             checks += [("consent", address), ("consent_session", "s:" + hashlib.sha256(csrf.encode()).hexdigest())]
         elif method == "POST" and path in ("/admin/login", "/admin/logout"):
             checks.append(("admin_login", address))
@@ -118,16 +118,11 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in EXEMPT or scope["path"].startswith("/static/"):
             await self.app(scope, receive, send)
             return
-        cookies: SimpleCookie = SimpleCookie()
         raw = dict(scope.get("headers") or []).get(b"cookie")
-        if raw:
-            try:
-                cookies.load(raw.decode("latin-1"))
-            except Exception:  # a malformed cookie header: treated as no cookies
-                cookies = SimpleCookie()
+        cookies = cookie_parser(raw.decode("latin-1")) if raw else {}
         client = scope.get("client")
         address = "ip:" + (client[0] if client else "unknown")
-        token = cookies[SESSION_COOKIE].value if SESSION_COOKIE in cookies else None
+        token = cookies.get(SESSION_COOKIE)
         participant = await self._participant(token)
         for name, key in self._checks(scope, address, participant, cookies):
             for item in self.items[name]:
