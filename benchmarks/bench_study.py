@@ -287,7 +287,7 @@ def _inline_threadpool() -> Any:
     import convlens.study.web.pages
     import convlens.study.web.throttle
 
-    async def inline(function: Any, *args: Any, **kwargs: Any) -> Any:
+    async def inline(function: Any, /, *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
 
     modules = (fastapi.routing, starlette.concurrency, convlens.study.web.pages, convlens.study.web.throttle)

@@ -42,6 +42,7 @@ __all__ = ["EXPORT_FOLDER", "FORMATS", "export_rows", "export_study", "format_ro
 
 FORMATS = ("csv", "jsonl")
 BATCH = 1000
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # one encoder (json.dumps with options builds one per call)
 EXPORT_FOLDER = FolderKind(
     command="convlens study export", manifest="manifest.json", format="convlens-study-export",
     names=frozenset({"manifest.json", "study.json", "data_dictionary.json", "data_dictionary.md",
@@ -50,10 +51,12 @@ EXPORT_FOLDER = FolderKind(
 
 
 def _iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with ``Z`` and microseconds (SQLite hands back naive UTC times, PostgreSQL aware ones)."""
     if value is None:
         return None
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return value.isoformat().replace("+00:00", "Z")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def _rounds(session: Session) -> Iterator[dict[str, Any]]:
@@ -113,20 +116,16 @@ ROWS = {"rounds": _rounds, "plays": _plays, "events": _events, "participants": _
 
 
 def export_rows(session: Session, table: str) -> Iterator[dict[str, Any]]:
-    """Rows of one exported table, in the data dictionary's column order."""
+    """Rows of one exported table, in the data dictionary's column order (checked on the first row)."""
     if table not in ROWS:
         raise ValueError(f"unknown table {table!r}; tables: {', '.join(ROWS)}")
     columns = [c["name"] for c in TABLES[table]]
-    for row in ROWS[table](session):
-        yield {name: row[name] for name in columns}
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
+    rows = ROWS[table](session)
+    for row in rows:
+        if list(row) != columns:
+            raise RuntimeError(f"{table}: the export's columns {list(row)} differ from the data dictionary's")
+        yield row
+        yield from rows
 
 
 def format_rows(rows: Iterator[dict[str, Any]], table: str, fmt: str, *, neutralise: bool = True) -> Iterator[str]:
@@ -141,14 +140,15 @@ def format_rows(rows: Iterator[dict[str, Any]], table: str, fmt: str, *, neutral
     if fmt == "csv":
         writer.writerow(columns)
     for count, row in enumerate(rows, 1):
-        if fmt == "csv":
-            cells = [_csv_value(v) for v in row.values()]
+        if fmt == "csv":  # null -> "", booleans true/false (inline: this runs for every cell of the study)
+            cells = ["" if v is None else ("true" if v else "false") if v.__class__ is bool else v
+                     for v in row.values()]
             for i in texts:
                 if cells[i]:
                     cells[i] = neutralise_cell(cells[i])
             writer.writerow(cells)
         else:
-            buffer.write(json.dumps(row, ensure_ascii=False) + "\n")
+            buffer.write(_JSON(row) + "\n")
         if count % BATCH == 0:
             yield buffer.getvalue()
             buffer.seek(0)

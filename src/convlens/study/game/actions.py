@@ -80,6 +80,9 @@ PLAY = tuple(PL.c[name] for name in ("id", "public_id", "participant_id", "round
 Q_ME = select(*ME).where(PT.c.token_hash == bindparam("b_hash")).with_for_update()
 Q_ME_BY_ID = select(*ME).where(PT.c.id == bindparam("b_id"))
 Q_PLAY = select(*PLAY).where(PL.c.public_id == bindparam("b_play")).with_for_update()
+Q_ME_AND_PLAY = (select(*(c.label(f"me_{c.name}") for c in ME), *PLAY)
+                 .select_from(PT.outerjoin(PL, PL.c.public_id == bindparam("b_play")))
+                 .where(PT.c.token_hash == bindparam("b_hash")))
 Q_RUNNING = select(*PLAY).where(PL.c.participant_id == bindparam("b_id"), PL.c.state.in_(RUNNING))
 Q_IMAGE = (select(PL.c.round_id, PL.c.level, PL.c.state).join(PT, PT.c.id == PL.c.participant_id)
            .where(PL.c.image_token == bindparam("b_token"), PT.c.token_hash == bindparam("b_hash")))
@@ -159,7 +162,7 @@ class StudyRuntime:
 
     def _read(self) -> Any:
         """A connection for reading (on SQLite its transaction takes no write lock)."""
-        return self.engine.execution_options(readonly=True).connect()
+        return self.reader.kw["bind"].connect()
 
     @property
     def lease(self) -> timedelta:
@@ -295,6 +298,25 @@ class StudyRuntime:
         if row.participant_id != me["id"]:
             raise GameError(403, "this play belongs to another participant")
         return dict(row._mapping)
+
+    def _me_and_play(self, connection: Connection, token: str | None,
+                     play_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The participant and the play, locked in that order (PostgreSQL: two ``FOR UPDATE`` queries, the order
+        every transaction keeps); on SQLite, where the transaction itself is the lock, in one query."""
+        if connection.dialect.name != "sqlite" or not token:
+            me = self._me(connection, token)
+            return me, self._own_play(connection, me, play_id)
+        row = connection.execute(Q_ME_AND_PLAY, {"b_hash": hash_token(token), "b_play": play_id}).first()
+        if row is None or row.me_id is None:
+            me = self._me(connection, token)  # 401, or the play's own checks below
+            return me, self._own_play(connection, me, play_id)
+        values = row._mapping
+        me = {name: values[f"me_{name}"] for name in ME_NAMES}
+        if values["id"] is None:
+            raise GameError(404, "unknown play")
+        if values["participant_id"] != me["id"]:
+            raise GameError(403, "this play belongs to another participant")
+        return me, {column.name: values[column.name] for column in PLAY}
 
     def _lapsed_row(self, connection: Connection, me: dict[str, Any], now: datetime) -> tuple[dict[str, Any], bool]:
         """The participant after expiring its lease if it ran out (rare: through the ORM), and whether it did."""
@@ -487,8 +509,7 @@ class StudyRuntime:
                 running: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], datetime]:
         """Lock the participant and the play; a lapsed lease expires first; the play must be in ``running``."""
         now = self.clock()
-        me = self._me(connection, token)
-        play = self._own_play(connection, me, play_id)
+        me, play = self._me_and_play(connection, token, play_id)
         me, lapsed = self._lapsed_row(connection, me, now)
         if lapsed:
             play = self._own_play(connection, me, play_id)

@@ -31,7 +31,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from convlens.study.game.assignment import AssignmentPolicy, Candidate, PastPlay, seeded
@@ -146,17 +146,23 @@ def lock_rounds(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROUNDS_LOCK})
 
 
+_ROUNDS = Round.__table__
+_CLAIM = (update(_ROUNDS).where(_ROUNDS.c.id == bindparam("b_round"), _ROUNDS.c.assigned < bindparam("b_cap"))
+          .values(assigned=_ROUNDS.c.assigned + 1))
+_CLAIM_GOLD = update(_ROUNDS).where(_ROUNDS.c.id == bindparam("b_round")).values(assigned=_ROUNDS.c.assigned + 1)
+_RELEASE = update(_ROUNDS).where(_ROUNDS.c.id == bindparam("b_round")).values(assigned=_ROUNDS.c.assigned - 1)
+
+
 def claim(session: Session, round_id: str, cap: int | None) -> bool:
     """One more play of ``round_id`` (under ``cap`` when given), atomically; False when the round is full."""
-    query = update(Round).where(Round.id == round_id)
-    if cap is not None:
-        query = query.where(Round.assigned < cap)
-    return session.execute(query.values(assigned=Round.assigned + 1)).rowcount == 1
+    if cap is None:
+        return session.execute(_CLAIM_GOLD, {"b_round": round_id}).rowcount == 1
+    return session.execute(_CLAIM, {"b_round": round_id, "b_cap": cap}).rowcount == 1
 
 
 def release(session: Session, round_id: str) -> None:
     """Give a planned or abandoned play's slot back."""
-    session.execute(update(Round).where(Round.id == round_id).values(assigned=Round.assigned - 1))
+    session.execute(_RELEASE, {"b_round": round_id})
 
 
 def _history(session: Session, cap: int, also: tuple[str, ...] = ()) -> dict[str, list[PastPlay]]:
