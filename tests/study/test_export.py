@@ -323,3 +323,59 @@ def test_every_round_field_round_trips_through_the_label_reader(study_dir: Path,
             expected = "" if value is None and name in ("cluster_id", "layer") else value
             actual = getattr(got, name)
             assert actual == pytest.approx(expected) if isinstance(value, float) else actual == expected, name
+
+
+def test_the_output_folder_rule_for_any_folder_contents(study_dir: Path, tmp_path: Path) -> None:
+    """Hypothesis: whatever a folder holds, the export either refuses it (it holds something the export did
+    not write) and changes nothing, or (empty, missing, or an earlier export) becomes exactly one export;
+    nothing outside the folder ever changes."""
+    import uuid
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from convlens.core.outputs import OutputFolderError
+
+    app = make_app(study_dir)
+    _scenario(app)
+    engine, config = app.state.engine, app.state.runtime.config
+    own = sorted(EXPORT_FOLDER.names)
+    names = st.sampled_from([*own, "notes.txt", ".hidden", "plays.CSV", "sub", ".convlens-tmp-notes"])
+    manifest = json.dumps({"format": EXPORT_FOLDER.format, "files": {}}).encode()
+
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.dictionaries(names, st.binary(max_size=16), max_size=4), st.booleans(), st.booleans())
+    def check(contents: dict[str, bytes], marked: bool, exists: bool) -> None:
+        outer = tmp_path / uuid.uuid4().hex
+        folder = outer / "out"
+        outer.mkdir()
+        (outer / "beside.txt").write_bytes(b"the user's")
+        if exists:
+            folder.mkdir()
+            for name, data in contents.items():
+                (folder / name).write_bytes(manifest if name == "manifest.json" and marked else data)
+        before, around = snapshot(folder) if exists else {}, snapshot(outer)
+        foreign = [n for n in contents if n not in own] if exists else []
+        is_own = not exists or not contents or (marked and "manifest.json" in contents and not foreign)
+        try:
+            export_study(engine, config, folder, "csv")
+            refused = False
+        except OutputFolderError:
+            refused = True
+        assert refused == (not is_own), (contents, marked, exists)
+        if refused:
+            assert snapshot(outer) == around and snapshot(folder) == before
+        else:
+            assert sorted(p.name for p in folder.iterdir()) == sorted(
+                ["study.json", "data_dictionary.json", "data_dictionary.md", "rounds.csv", "plays.csv", "events.csv",
+                 "participants.csv", "manifest.json"])
+            verify_output_folder(folder, EXPORT_FOLDER)
+        assert sorted(p.name for p in outer.iterdir()) == (["beside.txt"] + (["out"] if exists or not refused
+                                                                               else []))
+        assert (outer / "beside.txt").read_bytes() == b"the user's"
+
+    check()
+    engine.dispose()

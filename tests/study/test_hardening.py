@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -261,3 +263,68 @@ def test_cli_errors_print_brackets_verbatim(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     flat = result.output.replace("\n", "")
     assert flat.startswith("error:") and str(missing) in flat and "no study.json" in flat
+
+
+def test_migration_0003_marks_the_former_flow_and_keeps_old_players_going(study_dir: Path, database: str) -> None:
+    """A database from before quotas (revision 0002) with a described play and a participant in the middle of
+    the game: after the upgrade the old describe event and play say the answer was on screen, and the old
+    participant gets the rest of the study's quota planned and plays on."""
+    from sqlalchemy import text
+
+    from convlens.study.store.db import Event, Play
+
+    engine = make_engine(database)
+    upgrade(engine, "0002")
+    rounds = [r for r in json.loads((study_dir / "rounds.json").read_text())["rounds"] if not r["gold"]]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO study_meta (key, value) VALUES ('study_id', 'study'), "
+                                "('study_version', '1')"))
+        for spec in json.loads((study_dir / "rounds.json").read_text())["rounds"]:
+            values = {k: v for k, v in spec.items() if k != "round_id"}
+            connection.execute(text(
+                "INSERT INTO rounds (id, cluster_id, image_id, image_name, layer, layer_depth, n_layers, "
+                "cluster_index, cluster_weight, fmap_count, true_class, gold, inv_run, assigned) VALUES (:id, "
+                ":cluster_id, :image_id, :image_name, :layer, :layer_depth, :n_layers, :cluster_index, "
+                ":cluster_weight, :fmap_count, :true_class, :gold, :inv_run, 0)"), {"id": spec["round_id"], **values})
+        person = connection.execute(Participant.__table__.insert().values(
+            public_id="a" * 16, token_hash=hashlib.sha256(b"old-token").hexdigest(), consent_version="1",
+            created_at=utcnow(), score=80, plays=1, wins=1, gold_plays=0, gold_correct=0)).inserted_primary_key[0]
+        play = connection.execute(text(
+            "INSERT INTO plays (public_id, participant_id, round_id, position, state, level, score, started_at, "
+            "description, guessed_class, correct, ended_at) VALUES (:p, :who, :r, 1, 'win', 2, 80, :t, 'ears', "
+            ":c, :yes, :t) RETURNING id"), {"p": "b" * 24, "who": person, "r": rounds[0]["round_id"], "t": utcnow(),
+                                            "c": rounds[0]["true_class"], "yes": True}).scalar()
+        for number, kind in enumerate(("start", "guess", "describe"), 1):
+            connection.execute(text(
+                "INSERT INTO events (play_id, participant_id, round_id, type, level, request_id, created_at) "
+                "VALUES (:play, :who, :r, :k, 2, :q, :t)"), {"play": play, "who": person, "r": rounds[0]["round_id"],
+                                                            "k": kind, "t": utcnow(),
+                                                            "q": f"00000000-0000-4000-8000-00000000000{number}"})
+    upgrade(engine)
+    with engine.connect() as connection:
+        screens = dict(connection.execute(select(Event.type, Event.screen)).all())
+        described = connection.execute(select(Play.description_screen)).scalar()
+    assert screens == {"start": "level", "guess": "level", "describe": "answer"} and described == "answer"
+    engine.dispose()
+    app = make_app(study_dir, database)
+    old = TestClient(app)
+    old.cookies.set("dr_session", "old-token")
+    csrf = CSRF_META.search(old.get("/play").text).group(1)
+    view = old.post("/api/next", json={"request_id": "00000000-0000-4000-8000-000000000009"},
+                    headers={"x-csrftoken": csrf}).json()
+    assert view["state"] == "active" and (view["round_number"], view["rounds_total"]) == (2, 3)
+    app.state.engine.dispose()
+
+
+def test_one_entry_point() -> None:
+    """`convlens study serve` is the server's one command line (`convlens serve` its alias, the same options);
+    the former argparse module entry point is gone."""
+    from convlens.study.web import server
+
+    def options(args: list[str]) -> set[str]:
+        text = CliRunner().invoke(cli_app, [*args, "--help"], terminal_width=200).output
+        return set(re.findall(r"--[a-z][a-z-]+", text))
+
+    assert options(["study", "serve"]) == options(["serve"]) and "--rate-limit-storage" in options(["serve"])
+    assert not hasattr(server, "main") and "argparse" not in Path(server.__file__).read_text()
+    assert server.WORKER_HEALTHCHECK_S >= 30  # workers that start slowly on a busy machine are not killed
