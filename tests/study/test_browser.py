@@ -194,6 +194,7 @@ def test_browser_plays_a_whole_quota(browser: Any, study_dir: Path) -> None:
         assert sum(golds) == 1  # the quota's one gold round, somewhere in the sequence
         page.goto(f"{server.url}/done")
         assert "DONE42" in page.inner_text("#completion-code")
+        screens.shot("08b-done-page")
         page.goto(f"{server.url}/leaderboard")
         assert page.inner_text("#leaderboard td.name") == NICK  # shown as text, not run
         screens.shot("09-leaderboard")

@@ -268,3 +268,32 @@ def test_gold_rounds_for_every_participant_at_random_positions(study_dir: Path) 
 def _is_gold(runtime: Any, play_id: str) -> bool:
     with runtime.reader.begin() as session:
         return runtime.rounds[session.scalar(select(Play.round_id).where(Play.public_id == play_id))].gold
+
+
+def test_the_server_sweeps_expired_leases_by_itself(study_dir: Path) -> None:
+    """The background task of a running server expires the leases that ran out without any request of the
+    participant (here the clock jumps; the task's period is shortened)."""
+    import asyncio
+
+    from convlens.study.web.app import _sweeper
+
+    app, clock = _lease_app(study_dir)
+    player = ApiPlayer(app)
+    view = player.next()
+    clock.now += timedelta(seconds=601)
+
+    async def run() -> str:
+        task = asyncio.create_task(_sweeper(app.state.runtime, 0.01))
+        try:
+            for _ in range(3000):  # until the task has swept (bounded, not a timing assumption)
+                with app.state.runtime.reader.begin() as session:
+                    state = session.scalar(select(Play.state).where(Play.public_id == view["play"]))
+                if state == "abandoned":
+                    return state
+                await asyncio.sleep(0.01)
+            return state
+        finally:
+            task.cancel()
+
+    assert asyncio.run(run()) == "abandoned"
+    app.state.engine.dispose()
