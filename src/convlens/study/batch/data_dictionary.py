@@ -108,8 +108,8 @@ TABLES: dict[str, list[dict[str, str]]] = {
         _c("wins", "integer", "correct guesses"),
         _c("gold_plays", "integer", "finished gold plays"),
         _c("gold_correct", "integer", "correct guesses on gold rounds"),
-        _c("gold_accuracy", "number", "gold_correct / gold_plays: the attention check (e.g. drop participants "
-           "below a threshold with `convlens labels`)", "0..1; null without a finished gold play"),
+        _c("gold_accuracy", "number", "gold_correct / gold_plays: the attention check, to drop participants "
+           "below a threshold the study sets", "0..1; null without a finished gold play"),
     ],
 }
 
