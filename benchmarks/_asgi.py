@@ -69,8 +69,11 @@ class Browser:
         return json.loads(data)
 
     async def play(self, classes: list[str]) -> int:
-        """Start, two reveals, a guess and a description, fetching each new image; returns the 5 submissions."""
+        """Start, two reveals, a guess and a description, fetching each new image; returns the 5 submissions
+        (0 when the participant's quota is done)."""
         view = await self.post("/api/next")
+        if view.get("done"):
+            return 0
         await self.request("GET", view["image"])
         for level in (1, 2):
             view = await self.post(f"/api/plays/{view['play']}/reveal", level=level)

@@ -213,16 +213,33 @@ def test_ctrl_c_exits_130_after_a_clean_shutdown_and_no_process_holds_torch(stud
     assert single.process.wait(timeout=60) == 130 and "shut down cleanly" in single.log.read_text()
 
 
-def test_export_and_the_cli_never_import_torch(study_dir: Path, tmp_path: Path) -> None:
+MODEL_CODE = ("torch", "torchvision", "timm", "convlens.models", "convlens.methods", "convlens.runners", "convlens.inv",
+              "sentence_transformers")
+
+
+def test_export_the_app_and_a_least_settled_play_never_import_model_code(study_dir: Path, tmp_path: Path) -> None:
+    """`convlens study export` (the CLI, in a fresh interpreter), and the application itself playing a round
+    under the least-settled policy (which reads descriptions with the label pipeline's text tools), load
+    neither torch nor any model code."""
     server = LiveServer(study_dir).start()
     server.terminate()
+    check = f"heavy = [m for m in sys.modules if m.startswith({MODEL_CODE!r})]\nassert not heavy, heavy\n"
     code = ("import sys\nfrom convlens.cli.main import app\n"
             "try:\n    app(sys.argv[1:], prog_name='convlens')\nexcept SystemExit as done:\n    assert not done.code\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\nprint('no torch')\n")
+            + check + "print('no model code')\n")
     result = subprocess.run([sys.executable, "-c", code, "study", "export", str(study_dir), "--out",
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+    assert result.returncode == 0 and "no model code" in result.stdout, result.stderr
     assert (tmp_path / "x" / "plays.csv").is_file()
+    set_study(study_dir, assignment_policy="least-settled")
+    play = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+            "from study.conftest import ApiPlayer, make_app\n"
+            f"app = make_app({str(study_dir)!r})\nplayer = ApiPlayer(app)\nview = player.next()\n"
+            "player.act(view['play'], 'guess', class_name='cat')\n"
+            "assert player.act(view['play'], 'describe', text='striped fur', language='en').status_code == 200\n"
+            "assert not player.next().get('done')\n" + check + "print('no model code')\n")
+    result = subprocess.run([sys.executable, "-c", play], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "no model code" in result.stdout, result.stderr
 
 
 def _consent_cookies(url: str) -> httpx.Response:
