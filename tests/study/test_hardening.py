@@ -88,22 +88,31 @@ def test_a_registration_race_on_one_prolific_id_is_a_409(app: Any, monkeypatch: 
     runtime.register("1", None, {"prolific_pid": None})  # without an id the insert still goes through
 
 
-def test_migration_head_matches_the_models(database: str) -> None:
-    """On SQLite and PostgreSQL the migrations give the models' schema, and db.HEAD (what a restart compares
-    with, without loading Alembic) is Alembic's head."""
+def test_migration_head_matches_the_models(database: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """On SQLite and PostgreSQL the migrations give the models' schema, an empty database created at once at
+    HEAD gives the same, and db.HEAD (what a start compares with, without loading Alembic) is Alembic's head."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
 
-    from convlens.study.store.db import HEAD, _alembic_config, schema_revision
+    from convlens.study.store.db import HEAD, _alembic_config, _create_fresh, schema_revision
 
-    engine = make_engine(database)
-    upgrade(engine)
-    with engine.connect() as connection:
-        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert ScriptDirectory.from_config(_alembic_config(connection)).get_current_head() == HEAD
-    assert schema_revision(engine) == HEAD
-    engine.dispose()
+    migrated = make_engine(database)
+    upgrade(migrated, "0001")  # not empty: the migrations run, one after the other
+    upgrade(migrated)
+    fresh = make_engine(f"sqlite:///{tmp_path / 'fresh.sqlite'}" if database.startswith("sqlite")
+                        else request.getfixturevalue("postgres").new_database())
+    assert _create_fresh(fresh) and not _create_fresh(fresh)  # an empty database: created at HEAD, once
+    for engine in (migrated, fresh):
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            assert ScriptDirectory.from_config(_alembic_config(connection)).get_current_head() == HEAD
+            tables = inspect(connection).get_table_names()
+        assert schema_revision(engine) == HEAD and sorted(tables) == sorted([*Base.metadata.tables, "alembic_version"])
+    upgrade(fresh)  # a no-op at HEAD
+    for engine in (migrated, fresh):
+        engine.dispose()
 
 
 def test_migration_0002_refuses_duplicated_prolific_ids(tmp_path: Path) -> None:

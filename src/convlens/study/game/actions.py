@@ -83,6 +83,9 @@ Q_PLAY = select(*PLAY).where(PL.c.public_id == bindparam("b_play")).with_for_upd
 Q_ME_AND_PLAY = (select(*(c.label(f"me_{c.name}") for c in ME), *PLAY)
                  .select_from(PT.outerjoin(PL, PL.c.public_id == bindparam("b_play")))
                  .where(PT.c.token_hash == bindparam("b_hash")))
+Q_ME_AND_PLAY_LOCKED = (select(*(c.label(f"me_{c.name}") for c in ME), *PLAY)
+                        .select_from(PT.join(PL, PL.c.public_id == bindparam("b_play")))
+                        .where(PT.c.token_hash == bindparam("b_hash")).with_for_update())
 Q_RUNNING = select(*PLAY).where(PL.c.participant_id == bindparam("b_id"), PL.c.state.in_(RUNNING))
 Q_IMAGE = (select(PL.c.round_id, PL.c.level, PL.c.state).join(PT, PT.c.id == PL.c.participant_id)
            .where(PL.c.image_token == bindparam("b_token"), PT.c.token_hash == bindparam("b_hash")))
@@ -301,19 +304,16 @@ class StudyRuntime:
 
     def _me_and_play(self, connection: Connection, token: str | None,
                      play_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The participant and the play, locked in that order (PostgreSQL: two ``FOR UPDATE`` queries, the order
-        every transaction keeps); on SQLite, where the transaction itself is the lock, in one query."""
-        if connection.dialect.name != "sqlite" or not token:
+        """The participant and the play in one query, both rows locked (PostgreSQL locks them in the order of
+        the query's tables: the participant first, as every transaction does; on SQLite the transaction itself
+        is the lock). Without such a pair, the two separate queries say what is wrong (401, 404)."""
+        query = Q_ME_AND_PLAY if connection.dialect.name == "sqlite" else Q_ME_AND_PLAY_LOCKED
+        row = connection.execute(query, {"b_hash": hash_token(token), "b_play": play_id}).first() if token else None
+        if row is None or row.me_id is None or row.id is None:
             me = self._me(connection, token)
-            return me, self._own_play(connection, me, play_id)
-        row = connection.execute(Q_ME_AND_PLAY, {"b_hash": hash_token(token), "b_play": play_id}).first()
-        if row is None or row.me_id is None:
-            me = self._me(connection, token)  # 401, or the play's own checks below
             return me, self._own_play(connection, me, play_id)
         values = row._mapping
         me = {name: values[f"me_{name}"] for name in ME_NAMES}
-        if values["id"] is None:
-            raise GameError(404, "unknown play")
         if values["participant_id"] != me["id"]:
             raise GameError(403, "this play belongs to another participant")
         return me, {column.name: values[column.name] for column in PLAY}

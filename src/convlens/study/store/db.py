@@ -208,9 +208,12 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
 
 def make_sessions(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
-    """(writer, reader) session factories; readers take no write lock on SQLite."""
+    """(writer, reader) session factories. Readers take no write lock on SQLite; on PostgreSQL they run in
+    autocommit (each read its own snapshot, no BEGIN and ROLLBACK round trips: the image requests are reads);
+    a read that needs one snapshot of several tables (the export) opens its own transaction."""
     writer = sessionmaker(engine, expire_on_commit=False)
-    reader = sessionmaker(engine.execution_options(readonly=True), expire_on_commit=False)
+    options = {"readonly": True} if engine.dialect.name == "sqlite" else {"isolation_level": "AUTOCOMMIT"}
+    reader = sessionmaker(engine.execution_options(**options), expire_on_commit=False)
     return writer, reader
 
 
@@ -231,10 +234,25 @@ def schema_revision(engine: Engine) -> str | None:
         return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def _create_fresh(engine: Engine) -> bool:
+    """An empty database gets the newest schema at once: the models' tables and Alembic's version table
+    stamped :data:`HEAD` (Alembic's recipe for a database built from scratch, without running every
+    migration; tests/study/test_hardening.py checks it equals the migrated schema). False if not empty."""
+    with engine.begin() as connection:
+        if inspect(connection).get_table_names():
+            return False
+        Base.metadata.create_all(connection)
+        connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"))
+        connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": HEAD})
+    return True
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the Alembic migrations shipped in ``convlens/study/store/migrations`` up to ``revision``; a
-    database already at :data:`HEAD` is left alone without loading Alembic (a restart stays fast)."""
-    if revision in ("head", HEAD) and schema_revision(engine) == HEAD:
+    database already at :data:`HEAD` is left alone and an empty one is created at :data:`HEAD`, both without
+    loading Alembic (starting a server stays fast)."""
+    if revision in ("head", HEAD) and (schema_revision(engine) == HEAD or _create_fresh(engine)):
         return
     from alembic import command
 
