@@ -372,15 +372,17 @@ def main() -> None:
         cpu, profile = profile_play(make_study(root, runs, "profile"), 200 if not args.quick else 50)
         raw["profile_cpu_ms"] = 1000 * cpu
         for label, cluster in backends():
-            for workers in ((1,) if cluster is None else (1, 2)):
+            runs_of = [(1, args.players)] + ([(1, 10)] if args.players > 10 else [])
+            runs_of += [] if cluster is None else [(2, args.players)]
+            for workers, players in runs_of:
                 study = make_study(root, runs, f"s{len(raw)}")
                 db = None if cluster is None else cluster.new_database()
                 url = db or f"sqlite:///{study / 'study.sqlite'}"
                 LiveServer(study, db).start().kill()  # migrate and load the rounds before measuring
                 bare = bare_insert_rate(url, args.inserts)
-                load = load_run(study, db, url, args.players, args.submissions, workers)
-                raw[f"{label} x{workers}"] = {"bare_inserts_per_s": bare, **load}
-                rows.append([label, workers, f"{load['server_cpu_ms']:.2f} / {load['client_cpu_ms']:.2f}",
+                load = load_run(study, db, url, players, args.submissions, workers)
+                raw[f"{label} x{workers} {players} players"] = {"bare_inserts_per_s": bare, **load}
+                rows.append([label, workers, players, f"{load['server_cpu_ms']:.2f} / {load['client_cpu_ms']:.2f}",
                              f"{load['images'] / max(1, load['acknowledged']):.2f}", f"{bare:.0f}",
                              f"{load['throughput']:.0f}", f"{load['throughput'] / bare:.2f}", f"{load['p50_ms']:.1f}",
                              f"{load['p95_ms']:.1f}", f"{load['acknowledged']}",
@@ -416,13 +418,15 @@ def main() -> None:
         "",
         "### Load: CPU per submission with its image requests, throughput, durability",
         "",
-        f"{args.players} concurrent simulated players x {args.submissions} submissions (httpx + asyncio on the "
-        "same machine as the server; every new image fetched as a browser does), one server on loopback; every "
+        f"{args.players} (and 10) concurrent simulated players x {args.submissions} submissions each (httpx + "
+        "asyncio on the same machine as the server; every new image fetched as a browser does; each player "
+        "registers first, which plans its quota), one server on loopback; every "
         "submission is one committed event. CPU: server (all processes) / client, milliseconds per "
         "acknowledged submission (goal: server <= 2 ms). *Bare* = one writer inserting one row per durable "
         "transaction into the same database with the same settings, measured just before the load.",
         "",
-        markdown_table(["database", "workers", "CPU ms / submission (server / client)", "images / submission",
+        markdown_table(["database", "workers", "players", "CPU ms / submission (server / client)",
+                        "images / submission",
                         "bare inserts/s", "server submissions/s", "server / bare", "p50 ms", "p95 ms",
                         "acknowledged", "lost / duplicated"], rows),
         "",

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -44,6 +45,7 @@ __all__ = ["ENV_SETTINGS", "SWEEP_S", "AppSettings", "app_from_env", "create_app
 HERE = Path(__file__).resolve().parent
 ENV_SETTINGS = "CONVLENS_STUDY_APP"
 SWEEP_S = 30.0
+THREADS = 10  # = the engine's pool size (convlens.study.store.db.make_engine)
 access_log = logging.getLogger("convlens.study.access")
 logger = logging.getLogger("convlens.study")
 
@@ -141,6 +143,9 @@ def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migr
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # as many threads for the synchronous endpoints as database connections: more would only queue for
+        # a connection (or SQLite's one writer) while contending for the interpreter
+        to_thread.current_default_thread_limiter().total_tokens = THREADS
         logger.info("serving study %s (%d rounds, quota %d) on %s", config.study_id, len(runtime.rounds),
                     runtime.quota.total, engine.dialect.name)
         sweeper = asyncio.create_task(_sweeper(runtime, min(SWEEP_S, max(1.0, config.lease_seconds / 4))))
