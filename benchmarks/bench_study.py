@@ -55,9 +55,9 @@ NOTE = (
     "latency is mostly waiting (p50 ≈ players / throughput, Little's law); a person needs seconds per action, "
     "so this load stands for hundreds of simultaneous players. The CPU column is the server's CPU (all its "
     "processes) per acknowledged submission, its image requests and the players' registrations included; the "
-    "client's runs on the same 2 cores. 50 players without think time keep the server saturated, and then each "
-    "submission costs more CPU (threads waiting for the one SQLite writer or a pool connection, more connections "
-    "for the event loop) than with 10. Where a durable commit is slow (a busy disk) the server keeps up with a "
+    "client's runs on the same 2 cores. 50 players without think time keep the server saturated, 10 leave it "
+    "idle part of the time; on this shared machine the figures move by about 20 % from run to run. Where a "
+    "durable commit is slow (a busy disk) the server keeps up with a "
     "good share of the bare rate; where it is fast, the bare writer, which does nothing else, runs thousands of "
     "commits per second and the server is bound by its CPU per submission."
 )
