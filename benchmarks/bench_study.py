@@ -414,7 +414,7 @@ def main() -> None:
         "From launching the console script to the first healthy `/healthz` (goal <= 1.5 s), and the resident "
         "memory of each process after start (goal <= 150 MB per worker; with 2 workers: the parent, "
         "multiprocessing's resource tracker and the workers). The first start of a study creates its database "
-        "with the Alembic migrations; a restart finds the schema current without loading Alembic.",
+        "(the newest schema at once); a restart finds the schema current; neither loads Alembic.",
         "",
         markdown_table(["workers", "start", "healthy after (s)", "resident MB per process", "torch loaded"], starts),
         "",
