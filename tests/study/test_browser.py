@@ -45,12 +45,14 @@ def shots() -> None:
 
 
 @pytest.fixture
-def browser() -> Any:
+def browser(socket_dir: Path) -> Any:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (bash scripts/install_system_deps.sh installs it)")
     with playwright.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        # chromium's profile socket goes under TMPDIR: a short one, whatever the user's TMPDIR
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
+                                     env={**os.environ, "TMPDIR": str(socket_dir)})
         yield instance
         instance.close()
 
@@ -180,6 +182,7 @@ def test_browser_plays_a_whole_quota(browser: Any, study_dir: Path) -> None:
     server = LiveServer(study_dir).start()
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(300_000)  # every wait ends on its event; the bound only catches a hang
         screens = Screens(page)
         page.goto(f"{server.url}/?PROLIFIC_PID=prolific-1&STUDY_ID=st-1&SESSION_ID=se-1")
         assert "You will play 3 rounds" in " ".join(page.inner_text("main").split())
@@ -251,7 +254,7 @@ def _fill(url: str) -> int:
     """Register participants over HTTP until the consent page says the study is full."""
     joined = 0
     while True:
-        with httpx.Client(base_url=url, timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=300) as client:
             page = client.get("/")
             if 'id="study-full"' in page.text:
                 return joined

@@ -48,7 +48,7 @@ def proxied(study_dir: Path, tmp_path: Path) -> Iterator[tuple[str, str, LiveSer
     http, https = free_port(), free_port()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                     "/CN=study.example.org", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-                   check=True, capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=600)
     site = (DEPLOY / "nginx-deep-reveal.conf").read_text()
     site = site.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace("listen 80;", f"listen {http};")
     site = site.replace("listen 443 ", f"listen {https} ").replace("[::]:80", f"[::]:{http}")
@@ -66,7 +66,8 @@ def proxied(study_dir: Path, tmp_path: Path) -> Iterator[tuple[str, str, LiveSer
     command = [NGINX, "-p", str(logs), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"]
     nginx = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + 600  # a hang guard: waits for nginx to answer
+        while time.monotonic() < deadline:
             try:
                 httpx.get(f"https://127.0.0.1:{https}/healthz", verify=False, timeout=2)
                 break
@@ -77,13 +78,13 @@ def proxied(study_dir: Path, tmp_path: Path) -> Iterator[tuple[str, str, LiveSer
         yield f"http://127.0.0.1:{http}", f"https://127.0.0.1:{https}", server
     finally:
         nginx.terminate()
-        nginx.wait(timeout=30)
+        nginx.wait(timeout=300)
         server.kill()
 
 
 def _client(address: str) -> httpx.Client:
     """A client whose connections come from ``address`` (another loopback address: another machine)."""
-    return httpx.Client(verify=False, timeout=30, transport=httpx.HTTPTransport(local_address=address, verify=False))
+    return httpx.Client(verify=False, timeout=300, transport=httpx.HTTPTransport(local_address=address, verify=False))
 
 
 def test_the_nginx_example_serves_the_study(proxied: tuple[str, str, LiveServer]) -> None:
@@ -136,7 +137,7 @@ def test_systemd_units_verify_and_use_real_options(tmp_path: Path) -> None:
         (tmp_path / name).write_text(unit)
     result = subprocess.run([analyze, "verify", *(str(tmp_path / n) for n in (
         "convlens-study.service", "convlens-study-backup.service", "convlens-study-backup.timer"))],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=600)  # hang guard
     problems = [line for line in result.stderr.splitlines() if "convlens-study" in line]  # warnings, too
     assert problems == [], result.stderr
 
@@ -145,7 +146,7 @@ def test_a_backup_while_serving_is_a_whole_database(study_dir: Path, tmp_path: P
     server = LiveServer(study_dir).start()
     try:
         for _ in range(3):
-            with httpx.Client(base_url=server.url, timeout=30) as client:
+            with httpx.Client(base_url=server.url, timeout=300) as client:
                 csrf = CSRF_META.search(client.get("/").text).group(1)
                 client.post("/consent", data={"csrftoken": csrf, "consent": "yes", "consent_version": "1"})
                 client.post("/api/next", json={"request_id": "8f14e45f-ceea-467f-a0e6-1f0e5a3c1d2b"},

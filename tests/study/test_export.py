@@ -171,7 +171,10 @@ def test_participant_text_is_spreadsheet_safe_in_csv(study_dir: Path, tmp_path: 
         assert manifest["csv_cells"] == cells_flag
         assert json.loads((tmp_path / folder / "study.json").read_text())["csv_cells"] == cells_flag
     meta = json.loads((tmp_path / "safe" / "study.json").read_text())
-    assert meta["neutralised_columns"] == {t: list(c) for t, c in PARTICIPANT_TEXT.items()}
+    assert meta["participant_text"] == {t: list(c) for t, c in PARTICIPANT_TEXT.items()}
+    for folder in ("safe", "raw", "exact"):  # the label pipeline's reader gets the exact words back from all three
+        (play_row,) = reader.read_export(tmp_path / folder).plays
+        assert play_row.description == FORMULAS["description"], folder
     markdown = (tmp_path / "safe" / "data_dictionary.md").read_text()
     assert "single quote" in markdown and "participant text: neutralised in CSV" in markdown
 

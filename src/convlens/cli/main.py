@@ -18,9 +18,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
 
-from convlens.cli.common import fail
+from convlens.cli.common import DEFAULT_BATCH_SIZE, ReadableHelpGroup, fail, readable_metavars
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
 
@@ -38,8 +37,8 @@ LAZY_COMMANDS = {
 ORDER = ("explain", "demo", "models", "methods", "evaluate", "study", "serve", "labels", "global", "tcav")
 
 
-class _LazyCommands(TyperGroup):
-    """A Typer group whose heavy commands are imported on first use."""
+class _LazyCommands(ReadableHelpGroup):
+    """The root group (readable help texts) whose heavy commands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
@@ -50,18 +49,20 @@ class _LazyCommands(TyperGroup):
             module, function = LAZY_COMMANDS[name]
             single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
             single.command(name=name)(getattr(importlib.import_module(module), function))
-            self.add_command(typer.main.get_command(single), name)
+            command = typer.main.get_command(single)
+            readable_metavars(command)
+            self.add_command(command, name)
         return super().get_command(ctx, name)
 
 
 app = typer.Typer(
     name="convlens",
+    cls=_LazyCommands,
     help="Explain CNN image classifiers: where they look, what each layer sees.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    cls=_LazyCommands,
 )
 
 # Demo settings: chosen so the whole demo runs in about two minutes on 2 CPU cores (shown on the page).
@@ -79,7 +80,7 @@ def main(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = DEFAULT_BATCH_SIZE,
 ) -> None:
     """Explain scikit-image's `chelsea` with the offline EfficientNet-Lite0 and every available method."""
     import skimage.data
@@ -111,13 +112,24 @@ def models() -> None:
     """List the models that load offline."""
     from convlens.models import available_models
 
-    table = Table("name", "weights")
-    for name in available_models():
+    names = available_models()
+    table = _listing("name", "weights", names=names)
+    for name in names:
         weights = "pretrained (bundled)" if name == "efficientnet_lite0" else "random init or --weights PATH"
         table.add_row(escape(name), weights)
     table.add_row("<any torchvision classifier>", "random init or --weights PATH")
     table.add_row("timm:<name>", "random init or --weights PATH")
     Console().print(table)
+
+
+def _listing(*headers: str, names: list[str], title: str | None = None) -> Table:
+    """A table whose first column holds names a user types: never cut or split, whatever the terminal width
+    (the other columns fold their text instead of cutting it)."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True, min_width=max(map(len, names), default=0))
+    for header in headers[1:]:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 @app.command()
@@ -128,14 +140,22 @@ def methods(
 ) -> None:
     """List the explanation methods; with names, their parameters (types, defaults, ranges)."""
     from convlens.cli.explain import console
+    from convlens.methods.registry import LAYER_EXPLAINERS
     from convlens.runners.explain_methods import explainer_names, get_explainer_spec
 
     if not names:
-        table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)")
+        kinds = {"saliency": ("Saliency methods: one map per image; Python: convlens.create(NAME, model)", [])}
+        kinds["concept"] = ("Layer explainers: per layer, clusters of feature maps; Python: "
+                            + ", ".join(LAYER_EXPLAINERS.values()), [])
         for name in explainer_names():
             spec = get_explainer_spec(name)
-            table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
-        Console().print(table)
+            kinds[spec.kind][1].append((name, spec))
+        for title, rows in kinds.values():
+            table = _listing("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)",
+                             names=[name for name, _ in rows], title=title)
+            for name, spec in rows:
+                table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
+            Console().print(table)
         return
     for name in names:
         try:
@@ -146,8 +166,10 @@ def methods(
 
 
 def _parameter_table(spec: ExplainerSpec) -> Table:
-    table = Table("parameter", "type", "default", "range", "meaning", title=f"{spec.name} — {escape(spec.cls.paper)}")
-    for item in spec.describe():
+    items = spec.describe()
+    table = _listing("parameter", "type", "default", "range", "meaning", names=[*(i.name for i in items), "batch_size"],
+                     title=f"{spec.name} — {escape(spec.cls.paper)}")
+    for item in items:
         table.add_row(item.name, escape(item.type), escape(repr(item.default)), item.range, escape(item.doc))
     table.add_row("score", "'logit' | 'softmax' | 'sigmoid'", repr(spec.cls.default_score), "", "differentiated score")
     default_layers = escape(repr(getattr(spec.cls, "default_layers", None)))

@@ -34,7 +34,7 @@ def _validation_message(exc: Exception) -> str:
 @study_app.command("create")
 def create(
     study_dir: Annotated[Path, typer.Argument(help="New folder for the study.", show_default=False)],
-    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --method inv --out "
+    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --methods inv --out "
                                                           "DIR`); repeatable.", show_default=False)],
     classes: Annotated[Path | None, typer.Option(help="File with the study's classes, one per line "
                                                      "(default: the INV target classes).")] = None,
@@ -103,6 +103,8 @@ def create(
     if filled < summary["slots"]:
         typer.echo(f"Note: {summary['slots'] - filled} plays cannot be given to a full quota; a smaller --quota "
                    "spreads them better.")
+    for note in summary.get("notes", []):
+        typer.echo(f"Note: {note}")
     typer.echo(f"Admin token (also in {study_dir}/secrets.json): {summary['admin_token']}")
     typer.echo(f"Serve it with: convlens study serve {study_dir}")
 

@@ -3,12 +3,12 @@
 Types: ``string``, ``integer``, ``number``, ``boolean`` (CSV: ``true``/``false``), ``datetime`` (ISO 8601
 UTC, ``Z`` suffix). A null is an empty CSV cell and ``null`` in JSON Lines. Participant text (descriptions,
 nicknames, the Prolific, study and session ids from the URL; the columns marked *participant text*) is
-exported as the participant gave it (bounded, control characters refused) in JSON Lines. In CSV such a cell
-that a spreadsheet would run as a formula — it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
-return — or that starts with a single quote gets one single quote in front (OWASP, "CSV injection"):
-spreadsheets then show it as text. Drop that one leading quote to get the exact text back (convlens's
-readers do: ``convlens.core.csv_cells.restore``). ``study.json``'s ``csv_cells`` says whether this was done
-(``neutralised``) or not (``raw``: ``study export --raw-csv``).
+exported as the participant gave it (bounded, control characters refused) in JSON Lines. In CSV every text
+cell that a spreadsheet would run as a formula — it starts with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return — or that starts with a single quote gets one single quote in front (OWASP, "CSV
+injection"): spreadsheets then show it as text. Drop that one leading quote to get the exact text back
+(convlens's readers do: ``convlens.core.csv_cells.restore``). ``study.json``'s ``csv_cells`` says whether
+this was done (``neutralised``) or not (``raw``: ``study export --raw-csv``).
 """
 
 from __future__ import annotations

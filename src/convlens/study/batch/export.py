@@ -9,10 +9,12 @@ and SHA-256. Rows are read with ``yield_per`` (server-side cursors on PostgreSQL
 so memory does not grow with the study; all tables come from one snapshot (one read transaction,
 REPEATABLE READ on PostgreSQL).
 
-Spreadsheet safety: in CSV, the cells that carry participant text (:data:`PARTICIPANT_TEXT`) are neutralised
-(:func:`convlens.core.csv_cells.neutralise`: a cell a spreadsheet would run as a formula starts with a
-quote; :func:`convlens.core.csv_cells.restore` inverts it exactly) unless ``raw_csv``; ``study.json`` and the
-manifest say which (``"csv_cells": "neutralised" | "raw"``). JSON Lines is always exact.
+Spreadsheet safety: in CSV every text cell — participant text above all (:data:`PARTICIPANT_TEXT`) — is
+neutralised (:func:`convlens.core.csv_cells.neutralise`: a cell a spreadsheet would run as a formula, or that
+starts with a quote, gets a leading quote; :func:`convlens.core.csv_cells.restore` inverts it exactly, and
+the label pipeline's reader does so for every text cell) unless ``raw_csv``; ``study.json`` and the manifest
+say which (``"csv_cells": "neutralised" | "raw"``). Numbers, booleans and times never start with those
+characters. JSON Lines is always exact.
 """
 
 from __future__ import annotations
@@ -129,24 +131,20 @@ def export_rows(session: Session, table: str) -> Iterator[dict[str, Any]]:
 
 
 def format_rows(rows: Iterator[dict[str, Any]], table: str, fmt: str, *, neutralise: bool = True) -> Iterator[str]:
-    """CSV (header, RFC 4180 quoting, empty = null, booleans true/false, participant text neutralised unless
+    """CSV (header, RFC 4180 quoting, empty = null, booleans true/false, every text cell neutralised unless
     ``neutralise`` is false) or JSON Lines (exact), in chunks."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use csv or jsonl")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = [c["name"] for c in TABLES[table]]
-    texts = [i for i, name in enumerate(columns) if name in PARTICIPANT_TEXT.get(table, ())] if neutralise else []
+    guard = neutralise_cell if neutralise else str
     if fmt == "csv":
         writer.writerow(columns)
     for count, row in enumerate(rows, 1):
         if fmt == "csv":  # null -> "", booleans true/false (inline: this runs for every cell of the study)
-            cells = ["" if v is None else ("true" if v else "false") if v.__class__ is bool else v
-                     for v in row.values()]
-            for i in texts:
-                if cells[i]:
-                    cells[i] = neutralise_cell(cells[i])
-            writer.writerow(cells)
+            writer.writerow(["" if v is None else ("true" if v else "false") if v.__class__ is bool
+                             else guard(v) if v.__class__ is str else v for v in row.values()])
         else:
             buffer.write(_JSON(row) + "\n")
         if count % BATCH == 0:
@@ -175,7 +173,7 @@ def study_metadata(config: StudyConfig, backend: str, quota: Quota | None = None
         "one_round_per_image": config.one_round_per_image, "assignment_policy": config.assignment_policy,
         "description_flow": "before-answer (events.screen / plays.description_screen = level; rows marked "
                             "answer were written after the answer was shown, by convlens before this flow)",
-        "csv_cells": csv_cells, "neutralised_columns": {t: list(c) for t, c in PARTICIPANT_TEXT.items()},
+        "csv_cells": csv_cells, "participant_text": {t: list(c) for t, c in PARTICIPANT_TEXT.items()},
         "data_dictionary_version": DATA_DICTIONARY_VERSION, "database_backend": backend,
     }
 

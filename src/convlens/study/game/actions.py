@@ -1,28 +1,24 @@
 """The rules of Deep Reveal, one database transaction per player action.
 
 Every action locks the participant's row first (``SELECT ... FOR UPDATE``; on SQLite every writing
-transaction is ``BEGIN IMMEDIATE``), so one participant's requests are applied one at a time in a
-well-defined order; each action appends one row to ``events`` with the client's request id and what the
-player had on screen, and a request repeated with the same id is answered from the stored state instead
-of being applied twice.
+transaction is ``BEGIN IMMEDIATE``), so one participant's requests apply one at a time; each appends one row
+to ``events`` with the client's request id and what was on screen, and a request repeated with the same id
+is answered from the stored state instead of being applied twice.
 
-A play: ``start`` (the next planned round of the quota, :mod:`convlens.study.game.plan`) -> ``reveal``\\* ->
-``guess`` (recorded; the answer stays hidden) -> ``describe`` or ``skip`` — asked with the last reveal level
-still on screen, so the words say what led to the guess — -> the answer and the full image; or ``resign``
-(the answer at once). Nothing about the answer (class, correctness, points, a changed total) reaches the
-browser before the play ends.
+A play: ``start`` (the next planned round of the quota, :mod:`convlens.study.game.plan`) -> ``reveal`` (any number) ->
+``guess`` (recorded; the answer stays hidden) -> ``describe`` or ``skip``, asked with the last reveal level
+still on screen so the words say what led to the guess -> the answer and the full image; or ``resign``.
+Nothing about the answer (class, correctness, points, a changed total) reaches the browser before the end.
 
-Lease: each action keeps the participant's lease ``lease_seconds`` ahead. When it runs out
-(:meth:`StudyRuntime.sweep`, or the participant's next request) a running play is recorded as
-``abandoned`` and its slot goes back, a guess still waiting for its description counts without one, and the
-planned rounds are released; a participant who comes back later gets a new plan if the study can still
-give the rest of the quota, else an end screen without the code. Within the lease, a returning player
-continues the same play.
+Lease: each action keeps the participant's lease ``lease_seconds`` ahead. When it runs out (:meth:`sweep`,
+or the participant's next request) a running play is recorded as ``abandoned`` and its slot goes back, a
+guess waiting for its description counts without one, and the planned rounds are released; back later, a
+participant gets a new plan if the study can still give the rest of the quota, else an end screen without
+the code. Within the lease, a returning player continues the same play.
 
-Scoring rule (:data:`SCORING_RULE`): a correct guess at reveal level k (0..5) earns ``100 - 10 k``
-points (100 at 2 % revealed ... 50 at 30 %), mirroring the INV label weight ``1 - 0.1 k``; a wrong guess
-and a resign earn 0; descriptions earn nothing, so that the text is never written for points. Gold rounds
-are scored like any round (nothing tells them apart but their content).
+Scoring (:data:`SCORING_RULE`): a correct guess at reveal level k (0..5) earns ``100 - 10 k`` points,
+mirroring the INV label weight ``1 - 0.1 k``; a wrong guess and a resign earn 0; descriptions earn nothing,
+so that the text is never written for points. Gold rounds are scored like any round.
 """
 
 from __future__ import annotations

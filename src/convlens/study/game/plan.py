@@ -2,27 +2,24 @@
 
 *Quota* (:class:`Quota`): the rounds a participant must finish (win, lose or resign) for the completion
 code; ``gold`` of them are gold rounds (``round(gold_rate x quota)``, at least one when the study has gold
-rounds and a positive rate), at random positions of the participant's sequence. ``study.json``'s ``quota``
-must be one a participant can finish in an empty study (:func:`resolve_quota` refuses it otherwise);
-the former ``rounds_per_player`` is read as an upper bound.
+rounds and a positive rate), at random positions. ``study.json``'s ``quota`` must be one a participant can
+finish in an empty study (:func:`resolve_quota`); the former ``rounds_per_player`` is read as an upper bound.
 
-*Items*: what a participant may have at most once — an image with ``one_round_per_image`` (the default:
-the end of a play shows its image whole), else a round. A study's *open slots* are, per item, the unused
-plays-per-round slots of its non-gold rounds.
+*Items*: what a participant may have at most once — an image with ``one_round_per_image`` (the default: the
+end of a play shows its image whole), else a round. *Open slots*: per item, the unused plays-per-round slots
+of its non-gold rounds.
 
-*Plan* (:func:`plan_rounds`): at consent the server claims the whole quota at once, in one transaction — a
-slot of a non-gold round for each normal position (the assignment policy picks, :mod:`.assignment`) and a
-gold round for each gold position (gold rounds have no cap; the planner takes those whose image has the
-fewest open slots, so that gold does not block the normal slots) — and stores them as planned rounds.
-If the study cannot give the quota, nothing is claimed and the newcomer sees "this study is full" before
-any play. Planned slots are released when the participant's lease runs out (:mod:`.actions`).
+*Plan* (:func:`plan_rounds`): at consent the server claims the whole quota in one transaction — a slot of a
+non-gold round per normal position (the assignment policy picks) and a gold round per gold position (no cap;
+those whose image has the fewest open slots, so that gold does not block them) — as planned rounds. If the
+study cannot give the quota, nothing is claimed and the newcomer sees "this study is full" before any play.
+Planned slots are released when the participant's lease runs out (:mod:`.actions`).
 
-*Capacity* (:func:`capacity`): how many more participants the study can take now. k participants can each
-be given n = quota - gold distinct normal items and gold distinct gold items exactly when
-``sum_i min(s_i, k) >= k n`` over the open slots s_i, with the images that also carry a gold round
-contributing at most ``k (|gold items| - gold)`` of that sum (each participant keeps ``gold`` of them for its
-gold rounds) and ``|gold items| >= gold``: a participant takes an item at most once, so an item serves at
-most k of them (the transportation-problem condition of Gale's theorem for bipartite b-matchings).
+*Capacity* (:func:`capacity`): how many more participants the study can take now. k participants can each be
+given n = quota - gold distinct normal items and ``gold`` distinct gold items exactly when
+``sum_i min(s_i, k) >= k n`` over the open slots s_i, the images that also carry a gold round contributing at
+most ``k (|gold items| - gold)`` of that sum, and ``|gold items| >= gold``: a participant takes an item at
+most once, so an item serves at most k of them (Gale's condition for bipartite b-matchings).
 """
 
 from __future__ import annotations
