@@ -2,6 +2,7 @@
 # System packages used by the Deep Reveal tests, installed when missing (Debian/Ubuntu, apt-get):
 #   postgresql  the server, load and fault tests on PostgreSQL start a throw-away cluster with its initdb
 #   chromium    the real-browser test (Playwright drives Debian's chromium, no browser download)
+#   nginx       the deployment test runs deploy/nginx-deep-reveal.conf in front of the study server
 # Needs root (or password-less sudo). When a package cannot be installed this script says so and exits 0:
 # the tests that need it skip with a message and everything else still runs.
 set -uo pipefail
@@ -9,8 +10,9 @@ set -uo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -eq 0 ]; then
-  echo "system packages: postgresql and chromium present"
+  echo "system packages: postgresql, chromium and nginx present"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

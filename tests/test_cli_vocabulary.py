@@ -34,9 +34,12 @@ runner = CliRunner()
 
 
 def _command_paths(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path, through click's group API (the root loads its heavy commands only when asked)."""
     paths = [path]
-    for name, sub_command in getattr(command, "commands", {}).items():
-        paths += _command_paths(sub_command, (*path, name))
+    if hasattr(command, "list_commands"):
+        context = click.Context(command)
+        for name in command.list_commands(context):
+            paths += _command_paths(command.get_command(context, name), (*path, name))
     return paths
 
 

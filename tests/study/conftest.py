@@ -5,7 +5,9 @@ PostgreSQL is not installed: ``bash scripts/install_system_deps.sh`` installs it
 from __future__ import annotations
 
 import hashlib
+import html
 import io
+import json
 import re
 import shutil
 import sys
@@ -90,7 +92,15 @@ def make_app(study_dir: Path, db: str | None = None, **kwargs: Any) -> Any:
     kwargs.setdefault("rate_limit_ip", "100000/minute")
     kwargs.setdefault("rate_limit_participant", "100000/minute")
     kwargs.setdefault("rate_limit_consent", "100000/minute")
+    kwargs.setdefault("rate_limit_consent_session", "100000/minute")
     return create_app(study_dir, db, **kwargs)
+
+
+def set_study(study_dir: Path, **fields: Any) -> None:
+    """Edit the study's study.json (``quota=None`` with ``rounds_per_player=N``: as many rounds as fit, up to N)."""
+    config = json.loads((study_dir / "study.json").read_text())
+    config.update(fields)
+    (study_dir / "study.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
 
 
 @pytest.fixture
@@ -110,7 +120,8 @@ class ApiPlayer:
         page = self.client.get("/" + query)
         assert page.status_code == 200, page.text
         self.csrf = CSRF_META.search(page.text).group(1)
-        hidden = dict(re.findall(r'name="(prolific_pid|study_id|session_id)" value="([^"]*)"', page.text))
+        found = re.findall(r'name="(prolific_pid|study_id|session_id)" value="([^"]*)"', page.text)
+        hidden = {name: html.unescape(value) for name, value in found}  # as a browser reads the form
         form = {"csrftoken": self.csrf, "consent": "yes", "consent_version": "1", **hidden}
         if nickname is not None:
             form["nickname"] = nickname

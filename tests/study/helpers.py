@@ -110,10 +110,12 @@ class PostgresCluster:
 
 
 class LiveServer:
-    """``python -m convlens.study.web.server`` in its own process (and process group) on a loopback port."""
+    """``convlens study serve`` (as ``python -m convlens``) in its own process (and process group) on a loopback
+    port; ``extra``: more command-line options."""
 
-    def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None) -> None:
-        self.study_dir, self.db, self.workers = study_dir, db, workers
+    def __init__(self, study_dir: Path, db: str | None = None, workers: int = 1, log: Path | None = None,
+                 extra: tuple[str, ...] = (), limits: bool = False) -> None:
+        self.study_dir, self.db, self.workers, self.extra, self.limits = study_dir, db, workers, extra, limits
         self.port = free_port()
         self.log = log or study_dir / "server.log"
         self.process: subprocess.Popen | None = None
@@ -123,9 +125,11 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 600.0) -> LiveServer:
-        command = [sys.executable, "-m", "convlens.study.web.server", str(self.study_dir), "--port", str(self.port),
-                   "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
-                   "--rate-limit-consent", UNLIMITED]
+        command = [sys.executable, "-m", "convlens", "study", "serve", str(self.study_dir), "--port", str(self.port),
+                   "--workers", str(self.workers), *self.extra]
+        if not self.limits:
+            command += ["--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED, "--rate-limit-consent",
+                        UNLIMITED, "--rate-limit-consent-session", UNLIMITED]
         if self.db:
             command += ["--db", self.db]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -171,6 +175,7 @@ class LoadResult:
     failures: list[str] = field(default_factory=list)
     pending: dict[int, tuple[str, dict]] = field(default_factory=dict)  # player -> unacknowledged request
     elapsed: float = 0.0
+    images: int = 0
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -196,14 +201,17 @@ def _next_action(view: dict, rng: random.Random, classes: list[str]) -> tuple[st
         if draw < 0.52:
             return f"/api/plays/{play}/resign", {}
         return f"/api/plays/{play}/guess", {"class_name": rng.choice(classes)}
-    if view["state"] in ("win", "lose") and not view["described"] and rng.random() < 0.8:
-        return f"/api/plays/{play}/describe", {"text": f"edges and colour {rng.randrange(1000)}", "language": "en"}
+    if view["state"] == "guessed":  # the description is asked before the answer; 80 % write one
+        if rng.random() < 0.8:
+            return f"/api/plays/{play}/describe", {"text": f"edges and colour {rng.randrange(1000)}", "language": "en"}
+        return f"/api/plays/{play}/skip", {}
     return "/api/next", {}
 
 
 async def play(base_url: str, index: int, submissions: int, classes: list[str], result: LoadResult,
-               clients: dict[int, Any]) -> None:
-    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event).
+               clients: dict[int, Any], images: bool = False) -> None:
+    """One simulated player: consent, then ``submissions`` acknowledged actions (each one stored event); with
+    ``images``, it also fetches every image a view points to, as a browser does.
 
     Stops at the first refused or failed request (recorded in ``result.failures``; a request without an
     answer stays in ``result.pending``).
@@ -217,7 +225,7 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
         csrf = await _join(client)
         client.headers["x-csrftoken"] = csrf
         view: dict = {"state": "over", "play": None, "described": True}  # first action: /api/next
-        done = 0
+        done, shown = 0, None
         while done < submissions:
             path, body = _next_action(view, rng, classes)
             body = {"request_id": str(uuid.uuid4()), **body}
@@ -230,6 +238,12 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
                 return
             del result.pending[index]
             view = response.json()
+            if images and view.get("image") not in (None, shown):  # a new picture, as a browser loads it
+                shown = view["image"]
+                if (await client.get(shown)).status_code != 200:
+                    result.failures.append(f"image of {path}")
+                    return
+                result.images += 1
             if path != "/api/next" or not view.get("resumed"):
                 result.acknowledged.append((path.rsplit("/", 1)[-1], body["request_id"], index))
                 done += 1
@@ -237,14 +251,15 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
         result.failures.append(f"player {index}: {type(exc).__name__}")
 
 
-async def run_load(base_url: str, players: int, submissions: int, classes: list[str],
-                   stop_after: int | None = None) -> tuple[LoadResult, list[asyncio.Task], dict[int, Any]]:
+async def run_load(base_url: str, players: int, submissions: int, classes: list[str], stop_after: int | None = None,
+                   images: bool = False) -> tuple[LoadResult, list[asyncio.Task], dict[int, Any]]:
     """``players`` concurrent players x ``submissions``; with ``stop_after`` the run returns once that many
     submissions are acknowledged (the players keep going until the caller kills the server)."""
     result = LoadResult()
     clients: dict[int, Any] = {}
     start = time.perf_counter()
-    tasks = [asyncio.create_task(play(base_url, i, submissions, classes, result, clients)) for i in range(players)]
+    tasks = [asyncio.create_task(play(base_url, i, submissions, classes, result, clients, images))
+             for i in range(players)]
     if stop_after is None:
         await asyncio.gather(*tasks)
     else:

@@ -1,8 +1,8 @@
-"""The game's API: whole rounds, order rules, integrity of what the browser may see, idempotent retries."""
+"""The game's API: whole rounds (describe before the answer), order rules, integrity of what the browser may
+see, idempotent retries."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from convlens.study.store.db import Event, Participant, Play
-from study.conftest import CLASSES, ApiPlayer, make_app, true_class
+from study.conftest import CLASSES, ApiPlayer, make_app, set_study, true_class
 
 
 def _events(app: Any, play_id: str) -> list[tuple[str, int, str | None, str | None]]:
@@ -34,40 +34,74 @@ def _round_file(app: Any, play_id: str, name: str) -> bytes:
     return (app.state.runtime.files.images / round_id / name).read_bytes()
 
 
-def test_whole_round_reveal_guess_describe(app: Any, player: ApiPlayer) -> None:
+HIDDEN = {"true_class", "correct", "points", "described"}
+
+
+def test_whole_round_reveal_guess_describe_then_the_answer(app: Any, player: ApiPlayer) -> None:
+    """The description is asked after the guess with the last level still shown, and nothing about the answer
+    (class, correctness, points, a changed score, the full image) comes before it is sent."""
     view = player.next()
-    assert view["state"] == "active" and view["level"] == 0 and "true_class" not in view
+    assert view["state"] == "active" and view["level"] == 0 and not HIDDEN & set(view)
     assert _image(player, view) == _round_file(app, view["play"], "level0.png")
     for level in (1, 2):
         view = player.act(view["play"], "reveal", level=level).json()
-        assert view["level"] == level and "true_class" not in view
+        assert view["level"] == level and not HIDDEN & set(view)
         assert _image(player, view) == _round_file(app, view["play"], f"level{level}.png")
     answer = true_class(app, view["play"])
-    result = player.act(view["play"], "guess", class_name=answer).json()
-    assert (result["state"], result["true_class"], result["points"], result["score"]) == ("win", answer, 80, 80)
-    assert _image(player, result) == _round_file(app, view["play"], "full.png")  # full image only now
+    asked = player.act(view["play"], "guess", class_name=answer)
+    guessed = asked.json()
+    assert (guessed["state"], guessed["guessed_class"], guessed["score"], guessed["level"]) == ("guessed", answer, 0, 2)
+    assert set(guessed) == {"play", "state", "level", "levels", "revealed", "image", "round_number", "rounds_total",
+                            "score", "guessed_class"}  # an allow-list: nothing about the answer
+    assert guessed["image"] == view["image"]  # the same level-2 image stays on screen
+    assert _image(player, guessed) == _round_file(app, view["play"], "level2.png")
+    assert player.next() == {**guessed, "resumed": True}  # a reload asks for the description again
     described = player.act(view["play"], "describe", text="  pointy ears  ", language="it").json()
+    assert (described["state"], described["true_class"], described["points"], described["score"]) == (
+        "win", answer, 80, 80)
     assert described["described"] is True
+    assert _image(player, described) == _round_file(app, view["play"], "full.png")  # the full image only now
     assert _events(app, view["play"]) == [("start", 0, None, None), ("reveal", 1, None, None),
                                           ("reveal", 2, None, None), ("guess", 2, answer, None),
                                           ("describe", 2, None, "pointy ears")]
+    with app.state.runtime.reader.begin() as session:
+        play = session.scalar(select(Play).where(Play.public_id == view["play"]))
+        screens = list(session.scalars(select(Event.screen).where(Event.play_id == play.id)))
+    assert play.description_screen == "level" and set(screens) == {"level"}
 
 
-def test_scoring_rule_lose_resign_and_totals(app: Any, player: ApiPlayer) -> None:
+def test_a_skipped_description_is_an_event_and_ends_the_round(app: Any, player: ApiPlayer) -> None:
     view = player.next()
     wrong = next(c for c in CLASSES if c != true_class(app, view["play"]))
-    lost = player.act(view["play"], "guess", class_name=wrong).json()
+    guessed = player.act(view["play"], "guess", class_name=wrong).json()
+    assert guessed["state"] == "guessed" and "correct" not in guessed
+    skipped = player.act(view["play"], "skip").json()
+    assert (skipped["state"], skipped["correct"], skipped["described"]) == ("lose", False, False)
+    assert [e[0] for e in _events(app, view["play"])] == ["start", "guess", "skip"]
+    assert player.act(view["play"], "describe", text="late", language="en").status_code == 409  # after the answer
+
+
+def test_scoring_rule_lose_resign_and_totals(study_dir: Path) -> None:
+    set_study(study_dir, quota=None, rounds_per_player=3, one_round_per_image=False, gold_rate=0.0)
+    app = make_app(study_dir)
+    player = ApiPlayer(app)
+    view = player.next()
+    wrong = next(c for c in CLASSES if c != true_class(app, view["play"]))
+    player.act(view["play"], "guess", class_name=wrong)
+    lost = player.act(view["play"], "skip").json()
     assert (lost["state"], lost["points"], lost["correct"]) == ("lose", 0, False)
     view = player.next()
     for level in range(1, 6):
         view = player.act(view["play"], "reveal", level=level).json()
-    won = player.act(view["play"], "guess", class_name=true_class(app, view["play"])).json()
+    player.act(view["play"], "guess", class_name=true_class(app, view["play"]))
+    won = player.act(view["play"], "describe", text="ears", language="en").json()
     assert won["points"] == 50  # 100 - 10 * 5
     view = player.next()
     resigned = player.act(view["play"], "resign").json()
     assert (resigned["state"], resigned["points"], resigned["score"]) == ("resign", 0, 50)
     stats = player.client.get("/api/stats").json()
     assert (stats["score"], stats["win"], stats["lose"], stats["resign"], stats["rank"]) == (50, 1, 1, 1, 1)
+    app.state.engine.dispose()
 
 
 def test_order_rules_answer_clear_4xx(app: Any, player: ApiPlayer) -> None:
@@ -76,6 +110,7 @@ def test_order_rules_answer_clear_4xx(app: Any, player: ApiPlayer) -> None:
     assert player.act(play, "reveal", level=2).status_code == 409  # skipping a level
     assert player.act(play, "reveal", level=0).status_code == 422  # levels start at 1
     assert player.act(play, "describe", text="x", language="en").status_code == 409  # before a guess
+    assert player.act(play, "skip").status_code == 409  # nothing to skip yet
     assert player.act(play, "guess", class_name="zebra").status_code == 422  # not a study class
     for level in range(1, 6):
         view = player.act(play, "reveal", level=level).json()
@@ -83,10 +118,12 @@ def test_order_rules_answer_clear_4xx(app: Any, player: ApiPlayer) -> None:
     assert beyond.status_code == 409 and "0..5" in beyond.json()["detail"]
     player.act(play, "guess", class_name=CLASSES[0])
     again = player.act(play, "guess", class_name=CLASSES[1])
-    assert again.status_code == 409 and again.json()["detail"] == "this round is over"
-    assert player.act(play, "resign").status_code == 409
+    assert again.status_code == 409 and again.json()["detail"] == "you already guessed"
+    assert player.act(play, "resign").status_code == 409  # no giving up once the guess is in
+    assert player.act(play, "reveal", level=5).status_code == 409
     assert player.act(play, "describe", text="ok", language="en").status_code == 200
     assert player.act(play, "describe", text="twice", language="en").status_code == 409
+    assert player.act(play, "skip").status_code == 409
     resigned = player.next()["play"]
     player.act(resigned, "resign")
     assert player.act(resigned, "describe", text="x", language="en").status_code == 409
@@ -157,18 +194,21 @@ def test_never_sends_the_answer_or_full_image_during_a_round(app: Any, player: A
         view = raw.json()
     page = player.client.get("/play").text
     assert "/img/" not in page and answer not in player.client.get("/api/stats").text  # nothing finished yet
+    guessed = player.act(view["play"], "guess", class_name=answer)
+    assert answer not in guessed.text.replace(f'"guessed_class":"{answer}"', "")  # only the player's own words
+    assert _image(player, guessed.json()) != full and answer not in player.client.get("/api/stats").text
 
 
 def test_done_view_with_completion_code(study_dir: Path) -> None:
-    config = json.loads((study_dir / "study.json").read_text())
-    config["rounds_per_player"] = 2
-    (study_dir / "study.json").write_text(json.dumps(config))
+    set_study(study_dir, quota=2)
     app = make_app(study_dir)
     player = ApiPlayer(app, query="?PROLIFIC_PID=p123&STUDY_ID=s9&SESSION_ID=x7")
-    for _ in range(2):
-        player.act(player.next()["play"], "resign")
+    for number in (1, 2):
+        view = player.next()
+        assert (view["round_number"], view["rounds_total"]) == (number, 2)
+        player.act(view["play"], "resign")
     done = player.next()
-    assert done == {"done": True, "score": 0, "completion_code": "DONE42", "completion_url": None}
+    assert done == {"done": True, "completed": True, "score": 0, "completion_code": "DONE42", "completion_url": None}
     with app.state.runtime.reader.begin() as session:
         person = session.scalar(select(Participant))
     assert (person.prolific_pid, person.study_id_param, person.session_id_param) == ("p123", "s9", "x7")
@@ -178,6 +218,7 @@ def test_done_view_with_completion_code(study_dir: Path) -> None:
 def test_health_and_pages(app: Any, player: ApiPlayer) -> None:
     health = player.client.get("/healthz").json()
     assert health["status"] == "ok" and health["database"] == "sqlite" and health["rounds"] > 0
+    assert health["quota"] == 3 and health["capacity"] >= 1
     for path in ("/play", "/leaderboard", "/stats"):
         assert player.client.get(path).status_code == 200
     from fastapi.testclient import TestClient

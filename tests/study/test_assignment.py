@@ -1,10 +1,9 @@
 """Assignment: random order per player, never a round twice, never a second round of an image the player
-already played (the default), the plays-per-round cap (also under concurrency, on SQLite and PostgreSQL),
-gold rounds mixed in, pluggable policies, no give-up while eligible rounds remain."""
+already played (the default), the plays-per-round cap (also under concurrency, on SQLite and PostgreSQL, for
+plays and for registrations), pluggable policies, no give-up while eligible rounds remain."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from convlens.study.game.actions import StudyRuntime
+from convlens.study.game import plan
 from convlens.study.game.assignment import (
     POLICIES,
     AssignmentPolicy,
@@ -24,14 +24,12 @@ from convlens.study.game.assignment import (
     register_policy,
 )
 from convlens.study.store.config import load_rounds
-from convlens.study.store.db import Participant, Play, Round
-from study.conftest import ApiPlayer, make_app, true_class
+from convlens.study.store.db import Play, Round
+from study.conftest import ApiPlayer, make_app, set_study, true_class
 
 
 def _set(study_dir: Path, **fields: Any) -> None:
-    config = json.loads((study_dir / "study.json").read_text())
-    config.update(fields)
-    (study_dir / "study.json").write_text(json.dumps(config))
+    set_study(study_dir, **fields)
 
 
 def _play_all(player: ApiPlayer) -> list[str]:
@@ -71,13 +69,15 @@ def test_one_round_per_image_by_default(study_dir: Path) -> None:
                 player.act(view["play"], "resign")
             else:
                 player.act(view["play"], "guess", class_name=true_class(app, view["play"]))
+                player.act(view["play"], "skip")
         assert sorted(seen) == sorted(images)  # one round of every image (the caps leave room)
     app.state.engine.dispose()
 
 
 def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) -> None:
-    """With ``one_round_per_image: false`` (a team's explicit choice) every player meets every round."""
-    _set(study_dir, plays_per_round=10, one_round_per_image=False)
+    """With ``one_round_per_image: false`` (a team's explicit choice) and a quota of every round, every player
+    meets every round."""
+    _set(study_dir, plays_per_round=10, one_round_per_image=False, quota=None, rounds_per_player=1000)
     app = make_app(study_dir)
     orders = [_rounds_of(app, _play_all(ApiPlayer(app))) for _ in range(3)]
     everything = sorted(r.round_id for r in load_rounds(study_dir))
@@ -88,28 +88,49 @@ def test_each_player_gets_every_round_once_in_a_random_order(study_dir: Path) ->
 
 
 def test_plays_per_round_cap_and_gold_for_everyone(study_dir: Path) -> None:
-    _set(study_dir, plays_per_round=1, one_round_per_image=False)
+    """One play per round: participants join until the study is full; every one of them gets the gold round,
+    no cluster round is played twice, and the slots left could not give anyone a full quota."""
+    _set(study_dir, plays_per_round=1, one_round_per_image=False, quota=4, gold_rate=0.25)
     app = make_app(study_dir)
     rounds = load_rounds(study_dir)
     gold = {r.round_id for r in rounds if r.gold}
-    seen = [set(_rounds_of(app, _play_all(ApiPlayer(app)))) for _ in range(3)]
+    seen = []
+    while True:
+        try:
+            player = ApiPlayer(app)
+        except AssertionError:  # the consent was refused: the study is full
+            break
+        seen.append(set(_rounds_of(app, _play_all(player))))
     normal = Counter(r for s in seen for r in s if r not in gold)
-    assert set(normal) == {r.round_id for r in rounds if not r.gold} and max(normal.values()) == 1
-    assert all(gold <= s for s in seen)  # every player meets the gold rounds
+    assert all(len(s) == 4 and len(s & gold) == 1 for s in seen)  # a full quota, one gold round each
+    assert max(normal.values()) == 1 and len(seen) == (len(rounds) - len(gold)) // 3
+    assert TestClient(app).get("/").text.count('id="study-full"') == 1
     app.state.engine.dispose()
 
 
 def test_concurrent_players_never_exceed_the_cap(study_dir: Path, database: str) -> None:
-    _set(study_dir, plays_per_round=2, rounds_per_player=100, one_round_per_image=False)
+    """Twelve registrations at once where eight fit, then the eight play at once: the registrations that fit
+    get a full quota, the rest the full page, and no round passes its cap."""
+    _set(study_dir, plays_per_round=2, one_round_per_image=False, quota=7, gold_rate=0.0)
     app = make_app(study_dir, database)
-    players = [ApiPlayer(app) for _ in range(6)]
+    slots = 2 * sum(not r.gold for r in load_rounds(study_dir))
+
+    def join(_: int) -> ApiPlayer | None:
+        try:
+            return ApiPlayer(app)
+        except AssertionError:
+            return None
+
     with ThreadPoolExecutor(max_workers=6) as pool:
-        list(pool.map(_play_all, players))
+        players = [p for p in pool.map(join, range(12)) if p is not None]
+        assert len(players) == slots // 7
+        orders = list(pool.map(_play_all, players))
+    assert all(len(order) == 7 for order in orders)
     with app.state.runtime.reader.begin() as session:
         assigned = dict(session.execute(select(Round.id, Round.assigned).where(~Round.gold)).all())
         plays = Counter(session.scalars(select(Play.round_id)))
-    assert max(assigned.values()) == 2 and all(plays[r] == n for r, n in assigned.items())
-    assert sum(assigned.values()) == 2 * len(assigned)  # every slot used, none twice
+    assert max(assigned.values()) <= 2 and all(plays[r] == n for r, n in assigned.items())
+    assert sum(assigned.values()) == 7 * len(players)  # every claimed slot was played, none twice
     app.state.engine.dispose()
 
 
@@ -133,10 +154,12 @@ class _Heaviest(AssignmentPolicy):
 def test_a_registered_policy_is_used_by_the_server(study_dir: Path) -> None:
     register_policy("first-id", _Heaviest)
     try:
-        _set(study_dir, assignment_policy="first-id", plays_per_round=10)
+        _set(study_dir, assignment_policy="first-id", plays_per_round=10, one_round_per_image=False, quota=5,
+             gold_rate=0.0)
         app = make_app(study_dir)
         order = _rounds_of(app, _play_all(ApiPlayer(app)))
-        assert order == sorted(order)
+        normal = sorted(r.round_id for r in load_rounds(study_dir) if not r.gold)
+        assert sorted(order) == normal[:5]  # the policy's picks (in a shuffled order)
         app.state.engine.dispose()
     finally:
         POLICIES.pop("first-id")
@@ -153,19 +176,20 @@ def test_failed_claims_never_end_the_game_while_rounds_remain(study_dir: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Other players may take a round's last slot between the candidate list and the claim: the server asks
     the policy again while candidates remain (here 12 claims fail in a row), not a fixed number of times."""
-    _set(study_dir, plays_per_round=1)
+    _set(study_dir, plays_per_round=1, one_round_per_image=False, quota=2, gold_rate=0.0)
     app = make_app(study_dir)
     runtime = app.state.runtime
     normal = sorted(r for r, spec in runtime.rounds.items() if not spec.gold)
-    assert len(normal) > 12
+    assert len(normal) > 14
     with runtime.write() as session:  # taken by others: at the cap, but still in the stale candidate list
         session.execute(update(Round).where(Round.id.in_(normal[:12])).values(assigned=1))
 
-    def stale(self: StudyRuntime, session: Any, participant: Participant) -> list[Candidate]:
-        return [Candidate(r.id, r.gold, 0, r.cluster_id, r.image_id, r.layer) for r in session.scalars(select(Round))]
+    def stale(session: Any, config: Any, policy: Any, exclude_rounds: set, exclude_items: set) -> list[Candidate]:
+        return [Candidate(r.id, r.gold, 0, r.cluster_id, r.image_id, r.layer) for r in session.scalars(select(Round))
+                if r.id not in exclude_rounds and not r.gold]
 
-    monkeypatch.setattr(StudyRuntime, "_candidates", stale)
+    monkeypatch.setattr(plan, "_candidates", stale)
     monkeypatch.setattr(runtime, "policy", _FirstNormal())
-    view = ApiPlayer(app).next()
-    assert not view.get("done") and _rounds_of(app, [view["play"]]) == [normal[12]]
+    player = ApiPlayer(app)
+    assert sorted(_rounds_of(app, _play_all(player))) == normal[12:14]
     app.state.engine.dispose()

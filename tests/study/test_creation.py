@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,16 @@ def test_bad_options_give_one_clear_error_and_write_nothing(inv_run: Path, tmp_p
 def test_missing_runs_and_existing_folder(inv_run: Path, tmp_path: Path, study_template: Path) -> None:
     with pytest.raises(StudyCreationError, match="no INV results"):
         create_study(tmp_path / "s1", [tmp_path])
-    with pytest.raises(StudyCreationError, match="not empty"):
+    with pytest.raises(StudyCreationError, match="not an empty folder"):
         create_study(study_template, [inv_run])
 
 
-def test_cli_create_and_errors(inv_run: Path, tmp_path: Path) -> None:
+def test_cli_create_prints_the_quota_and_capacity(inv_run: Path, tmp_path: Path) -> None:
+    """The tiny run at ``block3.1``: three images with two clusters each (6 rounds); gold rounds on chelsea and
+    coffee (``--gold 2``, seed 0). Quota 3 (one round per image, 3 images), gold 1 (rate 0.1 of 3, at least 1),
+    so every participant plays all three images: one of chelsea/coffee as gold, the other two as cluster
+    rounds. Astronaut is never gold, so its 2 rounds x 3 plays = 6 slots admit 6 participants, who use 12
+    of the 18 cluster slots (chelsea and coffee: one cluster play each per participant)."""
     from typer.testing import CliRunner
 
     from convlens.cli.main import app
@@ -111,11 +117,83 @@ def test_cli_create_and_errors(inv_run: Path, tmp_path: Path) -> None:
                                  str(classes), "--gold", "2", "--layers", "block3.1", "--title", "My study"])
     assert result.exit_code == 0, result.output
     rounds = load_rounds(tmp_path / "s")
-    assert {r.layer for r in rounds if not r.gold} == {"block3.1"} and sum(r.gold for r in rounds) == 2
-    assert load_study(tmp_path / "s").title == "My study"
-    normal, images = sum(not r.gold for r in rounds), len({r.image_id for r in rounds})
-    needed = -(-normal * 3 // images)  # default plays per round: 3; one round per image and participant
-    assert f"at most {images} rounds (one per image): {normal} rounds x 3 plays need at least {needed}" in " ".join(
-        result.output.split())
+    assert {r.layer for r in rounds if not r.gold} == {"block3.1"}
+    assert sorted(r.image_name for r in rounds if r.gold) == ["chelsea", "coffee"]
+    assert sorted(r.image_name for r in rounds if not r.gold) == ["astronaut"] * 2 + ["chelsea"] * 2 + ["coffee"] * 2
+    config = load_study(tmp_path / "s")
+    assert (config.title, config.quota, config.gold_rate, config.lease_seconds) == ("My study", 3, 0.1, 1200)
+    text = " ".join(result.output.split())
+    assert "6 rounds + 2 gold rounds from 3 images" in text
+    assert "Quota: each participant finishes 3 rounds (one per image), 1 of them gold, for the completion code" in text
+    assert "Capacity: 6 participants (6 rounds x 3 plays = 18 plays; they fill 12)." in text
+    assert "Note: 6 plays cannot be given to a full quota" in text
     bad = runner.invoke(app, ["study", "create", str(tmp_path / "t"), "--from", str(inv_run), "--gold", "-1"])
     assert bad.exit_code == 2 and "--gold -1" in bad.output and not (tmp_path / "t").exists()
+    too_many = runner.invoke(app, ["study", "create", str(tmp_path / "u"), "--from", str(inv_run), "--quota", "4"])
+    flat = " ".join(too_many.output.split())
+    assert too_many.exit_code == 2 and "quota 4 cannot be finished" in flat and "at most 3 images" in flat
+    assert not (tmp_path / "u").exists() and "Traceback" not in too_many.output
+
+
+def test_a_missing_inv_json_is_named_or_skipped(inv_run: Path, tmp_path: Path) -> None:
+    """One image's inv.json gone: creation stops with its folder's name; --skip-broken leaves it out, says so."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from convlens.cli.main import app
+
+    run = tmp_path / "run"
+    shutil.copytree(inv_run, run)
+    (run / "coffee" / "inv" / "inv.json").unlink()
+    with pytest.raises(StudyCreationError, match=r"coffee/inv: no inv.json .*--skip-broken"):
+        create_study(tmp_path / "refused", [run], CreateOptions(classes=CLASSES))
+    assert not (tmp_path / "refused").exists()
+    result = CliRunner().invoke(app, ["study", "create", str(tmp_path / "s"), "--from", str(run), "--skip-broken"])
+    assert result.exit_code == 0, result.output
+    assert "skipped:" in result.output and "coffee" in " ".join(result.output.split())
+    assert {r.image_name for r in load_rounds(tmp_path / "s")} == {"chelsea", "astronaut"}
+
+
+KILLED_CREATE = """
+import os, sys, time
+from pathlib import Path
+import convlens.study.batch.create as create
+
+real = create._render
+
+def render(root, planned):
+    real(root, planned[:2])
+    Path(sys.argv[1]).write_text(str(root))  # the temporary folder exists and is half written
+    time.sleep(600)
+
+create._render = render
+from convlens.cli.main import app
+app(sys.argv[2:], prog_name="convlens")
+"""
+
+
+def test_a_killed_create_leaves_nothing_a_rerun_does_not_remove(inv_run: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    target, marker = tmp_path / "studies" / "pilot", tmp_path / "marker"
+    args = ["study", "create", str(target), "--from", str(inv_run)]
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CREATE, str(marker), *args])
+    try:
+        for _ in range(6000):
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), "the child never reached the rendering"
+        half = Path(marker.read_text())
+        assert half.parent == target.parent and half.name.startswith(".convlens-tmp-") and half.is_dir()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not target.exists()  # nothing half written at the study's place
+    rerun = subprocess.run([sys.executable, "-m", "convlens", *args], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in target.parent.iterdir()) == ["pilot"]  # the killed run's temporaries are gone
+    assert len(load_rounds(target)) > 2 and (target / "secrets.json").is_file()

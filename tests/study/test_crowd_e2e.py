@@ -32,8 +32,8 @@ def test_study_crowd_export_labels_global(inv_run: Path, tmp_path: Path) -> None
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
     study, export, labels, report = (tmp_path / name for name in ("study", "export", "labels", "global"))
     _cli("study", "create", study, "--from", inv_run, "--classes", tmp_path / "classes.txt", "--plays-per-round", 8,
-         "--rounds-per-player", 30, "--gold", 1)
-    _cli("study", "simulate", study, "--seed", 0)  # as many participants as it takes: one round per image each
+         "--quota", 1, "--gold", 1)  # one round each: every round can be filled (images have unequal rounds)
+    _cli("study", "simulate", study, "--seed", 0)  # as many participants as it takes
     run = json.loads((study / "simulation" / "crowd_run.json").read_text())
     assert run["summary"]["unknown_images"] == 0
     _cli("study", "export", study, "--out", export)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from convlens.study.game.opening import StudyDatabaseError
 from convlens.study.store.config import load_secrets
 from convlens.study.store.db import Base, Participant, make_engine, upgrade, utcnow
 from convlens.study.web import security
-from study.conftest import CSRF_META, ApiPlayer, make_app
+from study.conftest import CSRF_META, ApiPlayer, make_app, set_study
 
 PID = "5f1e2d3c4b5a69788796a5b4"
 
@@ -87,15 +88,31 @@ def test_a_registration_race_on_one_prolific_id_is_a_409(app: Any, monkeypatch: 
     runtime.register("1", None, {"prolific_pid": None})  # without an id the insert still goes through
 
 
-def test_migration_head_matches_the_models(tmp_path: Path) -> None:
+def test_migration_head_matches_the_models(database: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """On SQLite and PostgreSQL the migrations give the models' schema, an empty database created at once at
+    HEAD gives the same, and db.HEAD (what a start compares with, without loading Alembic) is Alembic's head."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'schema.sqlite'}")
-    upgrade(engine)
-    with engine.connect() as connection:
-        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-    engine.dispose()
+    from convlens.study.store.db import HEAD, _alembic_config, _create_fresh, schema_revision
+
+    migrated = make_engine(database)
+    upgrade(migrated, "0001")  # not empty: the migrations run, one after the other
+    upgrade(migrated)
+    fresh = make_engine(f"sqlite:///{tmp_path / 'fresh.sqlite'}" if database.startswith("sqlite")
+                        else request.getfixturevalue("postgres").new_database())
+    assert _create_fresh(fresh) and not _create_fresh(fresh)  # an empty database: created at HEAD, once
+    for engine in (migrated, fresh):
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            assert ScriptDirectory.from_config(_alembic_config(connection)).get_current_head() == HEAD
+            tables = inspect(connection).get_table_names()
+        assert schema_revision(engine) == HEAD and sorted(tables) == sorted([*Base.metadata.tables, "alembic_version"])
+    upgrade(fresh)  # a no-op at HEAD
+    for engine in (migrated, fresh):
+        engine.dispose()
 
 
 def test_migration_0002_refuses_duplicated_prolific_ids(tmp_path: Path) -> None:
@@ -152,15 +169,29 @@ def test_admin_login_limited_per_ip_whatever_the_cookie(study_dir: Path) -> None
     app.state.engine.dispose()
 
 
-def test_consent_limited_per_ip_whatever_the_cookie(study_dir: Path) -> None:
-    app = make_app(study_dir, rate_limit_consent=None)  # study.json's: 30/minute
-    client = TestClient(app)
+def test_consent_limited_per_ip_and_per_browser_whatever_the_cookie(study_dir: Path) -> None:
+    """study.json's consent limits: 60 a minute per address (generous: a class behind one NAT registers at once)
+    and 10 a minute per browser session (its CSRF cookie), whatever session cookie comes with it."""
+    set_study(study_dir, plays_per_round=1000)
+    app = make_app(study_dir, rate_limit_consent=None, rate_limit_consent_session=None)
     statuses = []
-    for _ in range(31):
-        client.cookies.clear()
+    for _ in range(61):
+        client = TestClient(app)  # a new browser each time
         client.cookies.set("dr_session", secrets.token_urlsafe(32))
         statuses.append(_consent(client).status_code)
-    assert statuses == [303] * 30 + [429]
+    assert statuses == [303] * 60 + [429]
+    app.state.engine.dispose()
+    app = make_app(study_dir, rate_limit_consent=None, rate_limit_consent_session=None)
+    browser = TestClient(app)
+    csrf = CSRF_META.search(browser.get("/").text).group(1)
+    statuses = []
+    for _ in range(11):
+        browser.cookies.delete("dr_session")
+        browser.cookies.set("dr_session", secrets.token_urlsafe(32))
+        form = {"csrftoken": csrf, "consent": "yes", "consent_version": "1"}
+        statuses.append(browser.post("/consent", data=form, follow_redirects=False).status_code)
+    assert statuses == [303] * 10 + [429]
+    assert TestClient(app).get("/").status_code == 200  # another browser at the same address still gets in
     app.state.engine.dispose()
 
 
@@ -219,16 +250,17 @@ def test_only_a_ticked_box_counts_as_consent(app: Any) -> None:
     assert _consent(TestClient(app)).status_code == 303
 
 
-def test_the_game_page_shows_the_study_reveal_percentages(study_dir: Path) -> None:
-    config = json.loads((study_dir / "study.json").read_text())
-    config["reveal_percentages"] = [1.5, 3, 6, 12, 24, 48]
-    (study_dir / "study.json").write_text(json.dumps(config))
+def test_the_game_shows_the_study_reveal_percentages(study_dir: Path) -> None:
+    """The share revealed comes from study.json through the API (gold rounds: their own levels), never from
+    numbers in the script."""
+    set_study(study_dir, reveal_percentages=[1.5, 3, 6, 12, 24, 48], gold_rate=0.0)
     app = make_app(study_dir)
     player = ApiPlayer(app)
-    page = player.client.get("/play").text
-    assert "data-percent='[1.5, 3.0, 6.0, 12.0, 24.0, 48.0]'" in page
+    view = player.next()
+    assert view["revealed"] == 1.5
+    assert player.act(view["play"], "reveal", level=1).json()["revealed"] == 3.0
     script = player.client.get("/static/game.js").text
-    assert "dataset.percent" in script and "4.5" not in script  # no hard-coded percentages left
+    assert "view.revealed" in script and "4.5" not in script and "PERCENT" not in script
     consent = " ".join(TestClient(app).get("/").text.split())
     assert "6 steps, 1.5&nbsp;% to 48&nbsp;% of the image" in consent
     app.state.engine.dispose()
@@ -240,3 +272,68 @@ def test_cli_errors_print_brackets_verbatim(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     flat = result.output.replace("\n", "")
     assert flat.startswith("error:") and str(missing) in flat and "no study.json" in flat
+
+
+def test_migration_0003_marks_the_former_flow_and_keeps_old_players_going(study_dir: Path, database: str) -> None:
+    """A database from before quotas (revision 0002) with a described play and a participant in the middle of
+    the game: after the upgrade the old describe event and play say the answer was on screen, and the old
+    participant gets the rest of the study's quota planned and plays on."""
+    from sqlalchemy import text
+
+    from convlens.study.store.db import Event, Play
+
+    engine = make_engine(database)
+    upgrade(engine, "0002")
+    rounds = [r for r in json.loads((study_dir / "rounds.json").read_text())["rounds"] if not r["gold"]]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO study_meta (key, value) VALUES ('study_id', 'study'), "
+                                "('study_version', '1')"))
+        for spec in json.loads((study_dir / "rounds.json").read_text())["rounds"]:
+            values = {k: v for k, v in spec.items() if k != "round_id"}
+            connection.execute(text(
+                "INSERT INTO rounds (id, cluster_id, image_id, image_name, layer, layer_depth, n_layers, "
+                "cluster_index, cluster_weight, fmap_count, true_class, gold, inv_run, assigned) VALUES (:id, "
+                ":cluster_id, :image_id, :image_name, :layer, :layer_depth, :n_layers, :cluster_index, "
+                ":cluster_weight, :fmap_count, :true_class, :gold, :inv_run, 0)"), {"id": spec["round_id"], **values})
+        person = connection.execute(Participant.__table__.insert().values(
+            public_id="a" * 16, token_hash=hashlib.sha256(b"old-token").hexdigest(), consent_version="1",
+            created_at=utcnow(), score=80, plays=1, wins=1, gold_plays=0, gold_correct=0)).inserted_primary_key[0]
+        play = connection.execute(text(
+            "INSERT INTO plays (public_id, participant_id, round_id, position, state, level, score, started_at, "
+            "description, guessed_class, correct, ended_at) VALUES (:p, :who, :r, 1, 'win', 2, 80, :t, 'ears', "
+            ":c, :yes, :t) RETURNING id"), {"p": "b" * 24, "who": person, "r": rounds[0]["round_id"], "t": utcnow(),
+                                            "c": rounds[0]["true_class"], "yes": True}).scalar()
+        for number, kind in enumerate(("start", "guess", "describe"), 1):
+            connection.execute(text(
+                "INSERT INTO events (play_id, participant_id, round_id, type, level, request_id, created_at) "
+                "VALUES (:play, :who, :r, :k, 2, :q, :t)"), {"play": play, "who": person, "r": rounds[0]["round_id"],
+                                                            "k": kind, "t": utcnow(),
+                                                            "q": f"00000000-0000-4000-8000-00000000000{number}"})
+    upgrade(engine)
+    with engine.connect() as connection:
+        screens = dict(connection.execute(select(Event.type, Event.screen)).all())
+        described = connection.execute(select(Play.description_screen)).scalar()
+    assert screens == {"start": "level", "guess": "level", "describe": "answer"} and described == "answer"
+    engine.dispose()
+    app = make_app(study_dir, database)
+    old = TestClient(app)
+    old.cookies.set("dr_session", "old-token")
+    csrf = CSRF_META.search(old.get("/play").text).group(1)
+    view = old.post("/api/next", json={"request_id": "00000000-0000-4000-8000-000000000009"},
+                    headers={"x-csrftoken": csrf}).json()
+    assert view["state"] == "active" and (view["round_number"], view["rounds_total"]) == (2, 3)
+    app.state.engine.dispose()
+
+
+def test_one_entry_point() -> None:
+    """`convlens study serve` is the server's one command line (`convlens serve` its alias, the same options);
+    the former argparse module entry point is gone."""
+    from convlens.study.web import server
+
+    def options(args: list[str]) -> set[str]:
+        text = CliRunner().invoke(cli_app, [*args, "--help"], terminal_width=200).output
+        return set(re.findall(r"--[a-z][a-z-]+", text))
+
+    assert options(["study", "serve"]) == options(["serve"]) and "--rate-limit-storage" in options(["serve"])
+    assert not hasattr(server, "main") and "argparse" not in Path(server.__file__).read_text()
+    assert server.WORKER_HEALTHCHECK_S >= 30  # workers that start slowly on a busy machine are not killed

@@ -165,7 +165,7 @@ def test_gold_rounds_mixed_in_at_the_uniform_rate() -> None:
 def _set(study_dir: Path, **fields: Any) -> None:
     config = json.loads((study_dir / "study.json").read_text())
     config.update(fields)
-    (study_dir / "study.json").write_text(json.dumps(config))
+    (study_dir / "study.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
 
 
 def _round_of(app: Any, play: str) -> tuple[str, bool]:
@@ -184,13 +184,14 @@ def _play_everything(app: Any, words: dict[str, str], default: str) -> None:
         answer = app.state.runtime.rounds[round_id].true_class
         assert player.act(view["play"], "guess", class_name=answer).status_code == 200
         text = words.get(round_id, default)
-        assert player.act(view["play"], "describe", text=text, language="en").status_code == 200
+        assert player.act(view["play"], "describe", text=text, language="en").status_code == 200  # then the answer
 
 
 def test_the_server_gives_the_next_play_to_the_least_settled_round(study_dir: Path) -> None:
     """Two participants describe every round alike ("fur"), except round A (both "wheels": settled) and
     round B ("stripes" then "spots": contested); the third participant's first cluster round is B."""
-    _set(study_dir, assignment_policy="least-settled", plays_per_round=10, one_round_per_image=False)
+    _set(study_dir, assignment_policy="least-settled", plays_per_round=10, one_round_per_image=False, quota=None,
+         rounds_per_player=1000)  # every round for every participant
     assert POLICIES["least-settled"] is LeastSettledPolicy
     app = make_app(study_dir)
     normal = sorted(r for r, spec in app.state.runtime.rounds.items() if not spec.gold)

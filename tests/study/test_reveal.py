@@ -95,6 +95,20 @@ def test_bad_inputs_are_refused() -> None:
     assert GOLD_PERCENTAGES[-1] == 100.0
 
 
-def test_png_bytes_are_deterministic() -> None:
-    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert png_bytes(pixels) == png_bytes(pixels.copy())
+def test_png_bytes_decode_to_the_literal_reveal() -> None:
+    """The PNG a round serves decodes (PIL, an independent decoder) to the reveal re-computed literally,
+    pixel for pixel, as 8-bit RGB; encoding the same pixels twice gives the same bytes."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    fmap = rng.random((8, 8))
+    expected, _ = literal_reveal(image, fmap, 13.0)
+    encoded = png_bytes(reveal_image(image, fmap, 13.0))
+    with Image.open(io.BytesIO(encoded)) as decoded:
+        assert (decoded.format, decoded.mode, decoded.size) == ("PNG", "RGB", (64, 64))
+        np.testing.assert_array_equal(np.asarray(decoded), expected)
+    assert 0 < expected.mean() < image.mean() / 2  # a partial reveal, not a trivial one
+    assert encoded == png_bytes(expected.copy())

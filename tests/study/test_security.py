@@ -164,3 +164,102 @@ def test_body_size_limit_and_security_headers(app: Any, player: ApiPlayer) -> No
     assert page.headers["x-frame-options"] == "DENY"
     session = next(c for c in player.client.cookies.jar if c.name == "dr_session")
     assert session.has_nonstandard_attr("HttpOnly") or "httponly" in str(session._rest).lower()
+
+
+def test_a_bearer_header_does_not_skip_csrf(app: Any, player: ApiPlayer) -> None:
+    """asgi-csrf skips its check for ``Authorization: Bearer``; no state change here takes a bearer token."""
+    body = {"request_id": str(uuid.uuid4())}
+    forged = player.client.post("/api/next", json=body, headers={"authorization": "Bearer x"})
+    assert forged.status_code == 403 and "CSRF" in forged.json()["detail"]
+    fresh = TestClient(app)
+    fresh.get("/")
+    form = {"consent": "yes", "consent_version": "1"}
+    assert fresh.post("/consent", data=form, headers={"authorization": "Bearer x"},
+                      follow_redirects=False).status_code == 403
+
+
+def test_multipart_and_other_bodies_are_a_clean_4xx(app: Any, player: ApiPlayer) -> None:
+    files = {"file": ("a.txt", b"hello", "text/plain")}
+    for path in ("/consent", "/admin/login", "/api/next"):
+        response = player.client.post(path, data={"csrftoken": player.csrf}, files=files,
+                                      headers={"x-csrftoken": player.csrf})
+        assert response.status_code == 415 and "urlencoded" in response.json()["detail"], path
+    plain = player.client.post("/api/next", content=b"{}", headers={"x-csrftoken": player.csrf,
+                                                                     "content-type": "text/plain"})
+    assert plain.status_code == 415
+    assert player.post("/api/next").status_code == 200  # JSON still passes
+
+
+def test_sign_out_invalidates_the_admin_cookie_on_the_server(app: Any, study_dir: Path) -> None:
+    admin = _admin(app, study_dir)
+    cookie = admin.cookies.get("dr_admin")
+    assert admin.get("/admin/api/progress").status_code == 200
+    csrf = CSRF_META.search(admin.get("/admin").text).group(1)
+    assert admin.post("/admin/logout", data={"csrftoken": csrf}, follow_redirects=False).status_code == 303
+    thief = TestClient(app)  # someone who kept a copy of the cookie
+    thief.cookies.set("dr_admin", cookie)
+    assert thief.get("/admin/api/progress").status_code == 401
+    assert 'name="token"' in thief.get("/admin").text  # the login form, not the progress
+    again = _admin(app, study_dir)  # signing in again gives a new, working cookie
+    assert again.cookies.get("dr_admin") != cookie and again.get("/admin/api/progress").status_code == 200
+
+
+def test_rate_limited_pages_answer_with_a_page(study_dir: Path) -> None:
+    limited = make_app(study_dir, rate_limit_ip="2/minute")
+    client = TestClient(limited)
+    statuses = [client.get("/leaderboard") for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    page = statuses[-1]
+    assert page.headers["content-type"].startswith("text/html") and int(page.headers["retry-after"]) >= 1
+    assert "<h1>Too many requests</h1>" in page.text and "{" not in page.text.split("<main>")[1].split("</main>")[0]
+    api = client.get("/api/leaderboard")
+    assert api.status_code == 429 and api.json()["detail"].startswith("too many requests")
+    limited.state.engine.dispose()
+
+
+def test_a_class_behind_one_address_is_not_throttled_as_one(study_dir: Path) -> None:
+    """Once registered, participants are limited each on their own: 12 players behind one address (one NAT)
+    with an address limit of 30 requests a minute: their 24 anonymous requests (consent page and form) count
+    for the address, their 72 game requests do not; anonymous traffic then meets the address's limit."""
+    from study.conftest import set_study
+
+    set_study(study_dir, plays_per_round=100)
+    app = make_app(study_dir, rate_limit_ip="30/minute", rate_limit_consent="100/minute")
+    for _ in range(12):
+        player = ApiPlayer(app)
+        view = player.next()
+        assert player.act(view["play"], "reveal", level=1).status_code == 200
+        shown = player.act(view["play"], "reveal", level=2).json()["image"]
+        assert player.client.get(shown).status_code == 200
+        assert player.act(view["play"], "resign").status_code == 200
+        assert player.client.get("/stats").status_code == 200
+    stranger = TestClient(app)
+    statuses = [stranger.get("/leaderboard").status_code for _ in range(7)]
+    assert statuses == [200] * 6 + [429]  # 30 - 24 left for the address
+    app.state.engine.dispose()
+
+
+def test_the_admin_page_summarises_and_pages(app: Any, study_dir: Path) -> None:
+    """Capacity, gold accuracy, rounds by state, a timeline, a thumbnail per round and pages of 50 rows."""
+    from convlens.study.game.queries import PAGE_SIZE
+
+    for _ in range(2):
+        player = ApiPlayer(app)
+        while not (view := player.next()).get("done"):
+            player.act(view["play"], "resign")
+    admin = _admin(app, study_dir)
+    page = admin.get("/admin").text
+    data = admin.get("/admin/api/progress").json()
+    totals = data["totals"]
+    assert totals["completed"] == 2 and totals["finished_plays"] == 6 and totals["capacity"] >= 1
+    assert f'<span class="big" id="capacity">{totals["capacity"]}</span>' in page
+    assert sum(totals["rounds_by_state"].values()) == totals["rounds"] and 'id="timeline"' in page
+    assert data["gold_accuracy"] == 0.0 and "0%" in page  # both resigned their gold round
+    rounds = data["rounds"]
+    assert len(rounds) == min(PAGE_SIZE, len(app.state.runtime.rounds))
+    assert page.count('class="thumb"') == len(rounds)
+    thumb = admin.get(f"/admin/thumb/{rounds[0]['round_id']}")
+    assert thumb.status_code == 200 and thumb.content.startswith(b"\x89PNG")
+    assert TestClient(app).get(f"/admin/thumb/{rounds[0]['round_id']}").status_code == 401
+    assert admin.get("/admin/thumb/../secrets").status_code in (401, 404)
+    assert admin.get("/admin?rounds=99999&people=abc").status_code == 200  # clamped, not an error

@@ -24,7 +24,7 @@ from convlens.labels.text import load_stop_words
 from convlens.study.batch.create import CreateOptions, create_study
 from convlens.study.game.settle import one_edit_apart
 from convlens.study.store.db import Participant, Play, Round
-from study.conftest import CLASSES, make_app
+from study.conftest import CLASSES, make_app, set_study
 
 
 def test_vocabulary_words_name_one_concept_each() -> None:
@@ -185,8 +185,10 @@ def test_what_the_simulator_did_is_what_the_server_stored(small_study: Path, tmp
 
 def test_enough_participants_join_to_fill_every_round(small_study: Path, tmp_path: Path) -> None:
     """``participants=None``: participants keep joining until every non-gold round started its plays per round,
-    although the server gives each of them at most one round per image."""
+    although the server gives each of them at most one round per image (a quota of one round: images with
+    unequal numbers of rounds can be filled exactly only when participants need not play every image)."""
     study = _fresh(small_study, tmp_path, "fill")
+    set_study(study, quota=1)
     plan = plan_crowd(RoundOracle(study).rounds.values(), CLASSES, seed=3)
     app = make_app(study)
     run = simulate(study, plan, participants=None, app=app, concurrent=3)

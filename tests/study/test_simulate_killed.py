@@ -24,7 +24,7 @@ def _server_of(pid: int) -> int | None:
             command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"convlens.study.web.server" in command:
+        if b"study" in command and b"serve" in command[command.index(b"study"):]:  # convlens study serve
             return child
     return None
 

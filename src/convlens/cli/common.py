@@ -14,11 +14,16 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperGroup
 
-__all__ = ["CliError", "ReadableHelpGroup", "fail", "old_spelling", "parse_literal", "readable_metavars",
-           "split_list"]
+__all__ = ["DEFAULT_BATCH_SIZE", "CliError", "ReadableHelpGroup", "fail", "old_spelling", "parse_literal",
+           "readable_metavars", "split_list"]
 
 T = TypeVar("T")
 
+
+# Every command's --batch-size (masked inputs per forward pass) defaults to the library's (Explainer, ExplainConfig,
+# EvaluationConfig): the CLI and Python give the same maps for the same call. (Here rather than in cli.explain, so
+# that `convlens` itself starts without importing torch.)
+DEFAULT_BATCH_SIZE = 64
 
 class CliError(Exception):
     """A user error: printed as one line, non-zero exit, nothing written."""

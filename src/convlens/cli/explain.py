@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from convlens.cli.common import CliError, fail, old_spelling
+from convlens.cli.common import DEFAULT_BATCH_SIZE, CliError, fail, old_spelling
 from convlens.cli.engines import (
     AddressOption,
     EngineChoice,
@@ -45,9 +45,6 @@ __all__ = ["DEFAULT_BATCH_SIZE", "explain", "parse_params", "run_command"]
 
 console = Console(stderr=True)
 
-# Every command's --batch-size (masked inputs per forward pass) defaults to the library's (Explainer, ExplainConfig,
-# EvaluationConfig): the CLI and Python give the same maps for the same call.
-DEFAULT_BATCH_SIZE = 64
 DEFAULT_METHOD = "gradcam"
 
 

@@ -1,29 +1,63 @@
-"""The ``convlens`` command line."""
+"""The ``convlens`` command line.
+
+Importing this module is light (typer, rich): the commands that need torch, the model code or the label
+pipeline (explain, evaluate, labels, global, tcav) are imported only when named (:class:`_LazyCommands`), so
+``convlens study serve`` and ``convlens study export`` never load torch — nor do the server's worker
+processes, which import this module again when they start.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import ReadableHelpGroup, fail
-from convlens.cli.evaluate import evaluate as evaluate_command
-from convlens.cli.explain import DEFAULT_BATCH_SIZE, console, execute, explain
-from convlens.cli.labels import global_command, labels_command
+from convlens.cli.common import DEFAULT_BATCH_SIZE, ReadableHelpGroup, fail, readable_metavars
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
-from convlens.cli.tcav import tcav_command
-from convlens.runners.explain import ExplainConfig
-from convlens.runners.explain_methods import ExplainerSpec
+
+if TYPE_CHECKING:
+    from convlens.runners.explain_methods import ExplainerSpec
+
+# name -> (module, function): registered when the command is used (or for --help)
+LAZY_COMMANDS = {
+    "explain": ("convlens.cli.explain", "explain"),
+    "evaluate": ("convlens.cli.evaluate", "evaluate"),
+    "labels": ("convlens.cli.labels", "labels_command"),
+    "global": ("convlens.cli.labels", "global_command"),
+    "tcav": ("convlens.cli.tcav", "tcav_command"),
+}
+ORDER = ("explain", "demo", "models", "methods", "evaluate", "study", "serve", "labels", "global", "tcav")
+
+
+class _LazyCommands(ReadableHelpGroup):
+    """The root group (readable help texts) whose heavy commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, function = LAZY_COMMANDS[name]
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+            single.command(name=name)(getattr(importlib.import_module(module), function))
+            command = typer.main.get_command(single)
+            readable_metavars(command)
+            self.add_command(command, name)
+        return super().get_command(ctx, name)
+
 
 app = typer.Typer(
     name="convlens",
-    cls=ReadableHelpGroup,
+    cls=_LazyCommands,
     help="Explain CNN image classifiers: where they look, what each layer sees.",
     no_args_is_help=True,
     add_completion=False,
@@ -43,9 +77,6 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-app.command()(explain)
-
-
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
@@ -55,6 +86,8 @@ def demo(
     import skimage.data
     from PIL import Image
 
+    from convlens.cli.explain import console, execute
+    from convlens.runners.explain import ExplainConfig
     from convlens.runners.explain_methods import explainer_names
 
     image_path = out / "inputs" / "chelsea.png"
@@ -106,6 +139,7 @@ def methods(
     ] = None,
 ) -> None:
     """List the explanation methods; with names, their parameters (types, defaults, ranges)."""
+    from convlens.cli.explain import console
     from convlens.methods.registry import LAYER_EXPLAINERS
     from convlens.runners.explain_methods import explainer_names, get_explainer_spec
 
@@ -145,12 +179,8 @@ def _parameter_table(spec: ExplainerSpec) -> Table:
     return table
 
 
-app.command(name="evaluate")(evaluate_command)
 app.add_typer(study_app, name="study")
-app.command(name="serve")(serve_command)
-app.command(name="labels")(labels_command)
-app.command(name="global")(global_command)
-app.command(name="tcav")(tcav_command)
+app.command(name="serve", help="Alias of `convlens study serve` (kept so that scripts keep working).")(serve_command)
 
 if __name__ == "__main__":
     app()

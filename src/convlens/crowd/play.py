@@ -58,6 +58,10 @@ class SimulationError(RuntimeError):
     """The server refused or failed a request the simulated participant had to make."""
 
 
+class StudyFull(SimulationError):  # noqa: N818 - a state of the study, as the server's page says
+    """The server's consent page says the study is full: nobody more can join."""
+
+
 @dataclass
 class SimulatedPlay:
     """What one simulated participant did in one round (the simulator's own log)."""
@@ -184,12 +188,16 @@ class SimulatedParticipant:
 
     async def join(self) -> None:
         page = await self._send("GET", "/")
+        if 'id="study-full"' in page.text:
+            raise StudyFull("the study is full")
         found = CSRF_META.search(page.text)
         if page.status_code != 200 or found is None:
             raise SimulationError(f"consent page: {page.status_code}, no CSRF token")
         form = {**dict(HIDDEN.findall(page.text)), "csrftoken": found.group(1), "consent": "yes",
                 "nickname": f"sim-{self.index}"}
         response = await self._send("POST", "/consent", data=form)
+        if response.status_code == 409 and 'id="study-full"' in response.text:
+            raise StudyFull("the study is full")
         if response.status_code not in (200, 303):
             raise SimulationError(f"consent refused: {response.status_code} {response.text[:200]}")
         self.client.headers["x-csrftoken"] = found.group(1)
@@ -218,13 +226,18 @@ class SimulatedParticipant:
             return may_start and await self._new_play()
         play, view = self.play, self.view
         assert play is not None
-        if self.wants_description:
-            text, play.kind = self.model.description(play.guessed_class or "", play.outcome == "win")
+        if self.wants_description:  # asked before the answer, which the simulator knows (the round)
+            spec = self.oracle.rounds.get(play.round_id or "")
+            right = spec is not None and play.guessed_class == spec.true_class
+            text, play.kind = self.model.description(play.guessed_class or "", right)
             play.concept = self.model.last_concept
             self.wants_description = False
             if text is not None:
                 play.description = text
                 self.view = await self._post(f"/api/plays/{view['play']}/describe", text=text, language="en")
+            else:
+                self.view = await self._post(f"/api/plays/{view['play']}/skip")
+            play.outcome = self.view["state"]
             return True
         spec = self.oracle.rounds.get(play.round_id or "")
         action, guessed = self.model.act(view["level"], view["levels"], spec.true_class if spec else None)
@@ -235,7 +248,7 @@ class SimulatedParticipant:
         else:
             self.view = await self._post(f"/api/plays/{view['play']}/guess",
                                          class_name=guessed or self.model.plan.classes[0])
-            self.wants_description = True
+            self.wants_description = self.view["state"] == "guessed"
         play.level, play.outcome = self.view["level"], self.view["state"]
         play.guessed_class = self.view.get("guessed_class")
         return True
@@ -274,14 +287,19 @@ async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPl
     run = CrowdRun()
     order = seeded(plan.seed, "interleaving")
     active: list[SimulatedParticipant] = []
-    joined = 0
+    joined, full = 0, False
     start = time.perf_counter()
     try:
         while True:
             under_budget = budget is None or len(run.plays) < budget
-            while len(active) < concurrent and under_budget and enrolment.more(joined, run):
+            while len(active) < concurrent and under_budget and not full and enrolment.more(joined, run):
                 player = SimulatedParticipant(joined, clients(), PlayerModel(plan, joined), oracle, run, plan.seed)
-                await player.join()
+                try:
+                    await player.join()
+                except StudyFull:  # nobody more can be given a full quota: the ones playing finish
+                    await player.client.aclose()
+                    full = True
+                    break
                 active.append(player)
                 joined += 1
             if not active:
@@ -323,13 +341,13 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def served(study_dir: str | Path, db: str | None = None, log: Path | None = None,
            timeout: float = 600.0) -> Iterator[str]:
-    """``python -m convlens.study.web.server`` on a free loopback port (rate limits lifted) for the duration;
-    yields its URL and stops it with SIGTERM (SIGKILL after 30 s). A watchdog stops it too if this process
-    is killed (:class:`~convlens.core.processes.ProcessWatchdog`)."""
+    """``convlens study serve`` (as ``python -m convlens``) on a free loopback port (rate limits lifted) for the
+    duration; yields its URL and stops it with SIGTERM (SIGKILL after 30 s). A watchdog stops it too if this
+    process is killed (:class:`~convlens.core.processes.ProcessWatchdog`)."""
     from convlens.core.processes import ProcessWatchdog
 
     port = _free_port()
-    command = [sys.executable, "-m", "convlens.study.web.server", str(study_dir), "--port", str(port),
+    command = [sys.executable, "-m", "convlens", "study", "serve", str(study_dir), "--port", str(port),
                "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED, "--rate-limit-consent", UNLIMITED,
                "--log-level", "warning"]
     if db:

@@ -9,17 +9,24 @@ rounds (known answer, high reveal): for each of ``gold`` images (seeded choice),
 the deepest layer that has one, revealed at 50..100 % instead of 2..30 %. Gold rounds have no cluster id
 (their plays are not measurements of a cluster). The true class of a round is the INV target class.
 Everything is deterministic: the same runs and options give byte-identical rounds.json and PNGs.
+
+The quota (rounds each participant finishes for the completion code) is fixed here and printed with the
+study's capacity (:mod:`convlens.study.game.plan`). An image folder of a run that cannot be read (its
+``inv.json`` or ``input.png`` missing or broken) stops the creation with its name, unless ``skip_broken``,
+which leaves it out and lists it. The study folder is built aside under a temporary name derived from its
+path (``.convlens-tmp-<32 hex>``, locked while in use) and renamed into place, so a killed run leaves no
+half study, and its rerun removes what the killed one left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from convlens.inv.reveal import GOLD_PERCENTAGES, REVEAL_PERCENTAGES, png_bytes, reveal_levels
+from convlens.study.game.plan import capacity, item_key, resolve_quota
 from convlens.study.store.config import (
     DEFAULT_CONSENT,
     InvRunRecord,
@@ -44,9 +52,10 @@ class StudyCreationError(ValueError):
     """Bad input for ``study create`` (one clear message; nothing written)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CreateOptions:
-    """What the team chooses at creation (``None`` classes: the INV target classes found)."""
+    """What the team chooses at creation (``None`` classes: the INV target classes found; ``None`` quota: up to
+    ``rounds_per_player`` (default 20) rounds, as many as a participant can play)."""
 
     title: str = "Deep Reveal"
     study_id: str | None = None
@@ -58,11 +67,15 @@ class CreateOptions:
     layers: list[str] | None = None
     languages: list[str] = field(default_factory=lambda: ["en", "it"])
     plays_per_round: int = 3
-    rounds_per_player: int = 20
+    quota: int | None = None
+    rounds_per_player: int | None = None
+    gold_rate: float = 0.1
+    lease_seconds: int = 1200
     completion_code: str | None = None
     completion_url: str | None = None
     seed: int = 0
     one_round_per_image: bool = True
+    skip_broken: bool = False
 
 
 @dataclass
@@ -85,33 +98,43 @@ def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """(image name, INV folder) pairs of one ``convlens explain --methods inv`` output folder."""
+    """(image name, INV folder) pairs of one ``convlens explain --methods inv`` output folder, also the image
+    folders whose ``inv/`` holds no ``inv.json`` (the reader then names them)."""
     run_dir = Path(run_dir)
     if (run_dir / "inv.json").is_file():
         name = run_dir.parent.name if run_dir.name == "inv" else run_dir.name
         return [(name, run_dir)]
-    found = sorted((p.parent.parent.name, p.parent) for p in run_dir.glob("*/inv/inv.json"))
-    if not found:
+    found = sorted((p.parent.name, p) for p in run_dir.glob("*/inv") if p.is_dir())
+    if not any((folder / "inv.json").is_file() for _, folder in found):
         raise StudyCreationError(f"{run_dir}: no INV results (expected <image>/inv/inv.json from "
                                  "`convlens explain IMAGE --methods inv --out DIR`)")
     return found
 
 
-def _load_images(runs: Sequence[str | os.PathLike[str]]) -> list[_Image]:
+def _load_images(runs: Sequence[str | os.PathLike[str]], skip_broken: bool) -> tuple[list[_Image], list[str]]:
+    """The readable images of ``runs``, and the broken image folders (refused unless ``skip_broken``)."""
     from convlens.inv.reader import load_inv_with_input
 
-    images = []
+    images, broken = [], []
     for run in runs:
         if not Path(run).is_dir():
             raise StudyCreationError(f"{run}: not a folder")
         for name, folder in find_inv_folders(run):
             try:
+                if not (folder / "inv.json").is_file():
+                    raise ValueError(f"{folder}: no inv.json (the INV result of image {name} is missing)")
                 explanation, pixels = load_inv_with_input(folder)
-            except ValueError as exc:
-                raise StudyCreationError(str(exc)) from exc
-            version = int(json.loads((folder / "inv.json").read_text()).get("format_version", 0))
+                version = int(json.loads((folder / "inv.json").read_text()).get("format_version", 0))
+            except (ValueError, OSError) as exc:
+                if not skip_broken:
+                    raise StudyCreationError(f"{str(exc).splitlines()[0]}; fix or remove it, or pass --skip-broken "
+                                             "to leave such images out") from exc
+                broken.append(str(exc).splitlines()[0])
+                continue
             images.append(_Image(Path(run).resolve().name, name, folder, explanation, pixels, version))
-    return images
+    if not images:
+        raise StudyCreationError("no readable INV result in the runs given")
+    return images, broken
 
 
 def _round_id(key: str) -> str:
@@ -217,13 +240,58 @@ def _config(images: list[_Image], classes: list[str], options: CreateOptions, st
     return StudyConfig(
         study_id=study_id, title=options.title, study_version=options.study_version,
         consent_version=options.consent_version, consent_text=options.consent_text, classes=classes,
-        languages=options.languages, plays_per_round=options.plays_per_round,
-        rounds_per_player=options.rounds_per_player, completion_code=options.completion_code,
+        languages=options.languages, plays_per_round=options.plays_per_round, quota=options.quota,
+        rounds_per_player=options.rounds_per_player, gold_rate=options.gold_rate,
+        lease_seconds=options.lease_seconds, completion_code=options.completion_code,
         completion_url=options.completion_url, assignment_seed=options.seed,
         one_round_per_image=options.one_round_per_image,
         reveal_percentages=list(REVEAL_PERCENTAGES), gold_percentages=list(GOLD_PERCENTAGES),
         layer_choice=options.layers, inv_runs=list(runs.values()), convlens_version=convlens.__version__,
     )
+
+
+@contextlib.contextmanager
+def _building(study_dir: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``study_dir`` named after its path, locked while in use; one a killed
+    run left is removed first. Renamed into place when the block ends without an error."""
+    import fcntl
+
+    key = hashlib.sha256(str(study_dir.resolve()).encode()).hexdigest()[:32]
+    tmp, lock_path = study_dir.parent / f".convlens-tmp-{key}", study_dir.parent / f".convlens-tmp-{key}.tmp"
+    handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyCreationError(f"{study_dir}: another `study create` is writing this study now") from None
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+        tmp.mkdir()
+        try:
+            yield tmp
+            if study_dir.exists():
+                study_dir.rmdir()  # empty (checked before)
+            tmp.rename(study_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(handle)
+
+
+def _capacity(planned: list[tuple[RoundSpec, np.ndarray, _Image]], config: StudyConfig) -> dict[str, int]:
+    """Quota, gold rounds per participant, participants the fresh study can take and its play slots."""
+    specs = [spec for spec, _, _ in planned]
+    quota = resolve_quota(config, specs)
+    per_image = config.one_round_per_image
+    slots: dict[str, int] = {}
+    for spec in specs:
+        if not spec.gold:
+            key = item_key(spec, per_image)
+            slots[key] = slots.get(key, 0) + config.plays_per_round
+    gold_items = {item_key(spec, per_image) for spec in specs if spec.gold}
+    return {"quota": quota.total, "gold_per_participant": quota.gold, "slots": sum(slots.values()),
+            "participants": capacity(slots, gold_items, quota)}
 
 
 def identical_level0_images(root: Path, round_ids: Sequence[str]) -> list[list[str]]:
@@ -237,39 +305,39 @@ def identical_level0_images(root: Path, round_ids: Sequence[str]) -> list[list[s
 
 def create_study(study_dir: str | os.PathLike[str], runs: Sequence[str | os.PathLike[str]],
                  options: CreateOptions | None = None) -> dict[str, Any]:
-    """Build ``study_dir`` from INV ``runs``; returns a summary with the admin token (shown once)."""
+    """Build ``study_dir`` from INV ``runs``; returns a summary with the admin token (shown once), the quota
+    and the capacity."""
     options = options or CreateOptions()
     study_dir = Path(study_dir)
-    if study_dir.exists() and any(study_dir.iterdir()):
-        raise StudyCreationError(f"{study_dir} exists and is not empty; choose a new study folder")
+    if study_dir.exists() and (not study_dir.is_dir() or any(study_dir.iterdir())):
+        raise StudyCreationError(f"{study_dir} exists and is not an empty folder; choose a new study folder")
     if not runs:
         raise StudyCreationError("no INV run given (--from DIR)")
-    images = _load_images(runs)
+    images, broken = _load_images(runs, options.skip_broken)
     classes = _check_classes(images, options.classes)
     _check_layers(images, options.layers)
     planned = _plan(images, options)
     study_id = options.study_id or (re.sub(r"[^A-Za-z0-9_.-]+", "-", study_dir.resolve().name)[:64] or "study")
     config = _config(images, classes, options, study_id)
-    study_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".study-", dir=study_dir.parent))
     try:
+        fits = _capacity(planned, config)
+    except ValueError as exc:
+        raise StudyCreationError(f"--quota: {exc}") from None
+    config = config.model_copy(update={"quota": fits["quota"], "rounds_per_player": None})
+    study_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _building(study_dir) as tmp:
         _render(tmp, planned)
         rounds = {"rounds": [spec.model_dump() for spec, _, _ in planned]}
         (tmp / "rounds.json").write_text(json.dumps(rounds, indent=2, sort_keys=True))
-        (tmp / "study.json").write_text(config.model_dump_json(indent=2))
+        (tmp / "study.json").write_text(config.model_dump_json(indent=2, exclude_none=True))
         secrets = new_secrets()
         write_secrets(tmp, secrets)
-        if study_dir.exists():
-            study_dir.rmdir()
-        tmp.rename(study_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = StudyFiles(study_dir)
     gold = sum(spec.gold for spec, _, _ in planned)
     shared = identical_level0_images(files.root, [spec.round_id for spec, _, _ in planned])
     notes = [f"{sum(map(len, shared))} rounds in {len(shared)} groups share a byte-identical level-0 image (players "
              "cannot tell the rounds of a group apart at the first level)"] if shared else []
     return {"study_dir": str(files.root), "rounds": len(planned) - gold, "gold_rounds": gold,
-            "images": len(images), "classes": classes, "admin_token": secrets.admin_token,
+            "images": len(images), "classes": classes, "admin_token": secrets.admin_token, "broken": broken,
+            "plays_per_round": config.plays_per_round, "lease_seconds": config.lease_seconds, **fits,
             "identical_level0": shared, "notes": notes}

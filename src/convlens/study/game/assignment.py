@@ -1,24 +1,25 @@
-"""Which round a participant plays next: a pluggable policy behind a small interface.
+"""Which rounds a participant plays: a pluggable policy behind a small interface.
 
-The server computes the *eligible* rounds — not yet played by this participant, with ``one_round_per_image``
-(the default) not of an image the participant already played (the end of a play shows the answer), and (for
-non-gold rounds) assigned fewer than ``plays_per_round`` times — and asks the policy to pick one with a random generator
-seeded by (study seed, participant number, play number), so every assignment can be replayed for an audit
-(the participant number is the participant's database row id, in order of registration: a replay of the
-same players in the same order — e.g. the simulated crowd of :mod:`convlens.crowd.play` — gets the
-same assignments, which a random public id would prevent). The
-pick is then claimed atomically (``UPDATE rounds SET assigned = assigned + 1 WHERE assigned < cap``), so
-concurrent players never push a round past its cap; if the claim fails the policy is asked again, without the
-round that failed, for as long as candidates remain.
+At consent the server plans the participant's whole quota (:mod:`convlens.study.game.plan`): it claims one
+slot of a non-gold round per normal position, asking the policy each time to pick among the *eligible*
+rounds — not yet played or planned by this participant, with ``one_round_per_image`` (the default) not of
+an image the participant already has (the end of a play shows the answer), and assigned fewer than
+``plays_per_round`` times — with a random generator seeded by (study seed, participant number, position,
+retry), so every assignment can be replayed for an audit (the participant number is the participant's
+database row id, in order of registration: a replay of the same players in the same order — e.g. the
+simulated crowd of :mod:`convlens.crowd.play` — gets the same assignments). Each pick is claimed
+atomically (``UPDATE rounds SET assigned = assigned + 1 WHERE assigned < cap``), so concurrent players
+never push a round past its cap; if the claim fails the policy is asked again without that round, for as
+long as candidates remain. Gold rounds are placed by the planner itself (a study-set share of every
+quota, at random positions), never by the policy.
 
-Gold rounds are eligible for every participant (no cap: each participant's attention is measured) and
-compete with the normal rounds on equal terms under the uniform policy, so they are mixed into each
-participant's random order at the rate ``gold rounds / eligible rounds``.
-
-Policies: ``uniform`` (:class:`UniformPolicy`) and ``least-settled`` (:class:`LeastSettledPolicy`: the
-next play goes to the round where one more play is worth most, by the measure of
-:mod:`convlens.study.game.settle`). A new policy subclasses :class:`AssignmentPolicy` (``needs_history = True``
-to receive each candidate's finished plays) and registers itself with :func:`register_policy`;
+Policies: ``uniform`` (:class:`UniformPolicy`: every eligible round of the images with the most open slots
+equally likely, so the slots run out evenly and the last participants can still be given a full quota)
+and ``least-settled`` (:class:`LeastSettledPolicy`: the next play goes to the round where one more play is
+worth most, by the measure of :mod:`convlens.study.game.settle`; being adaptive, it is asked again when
+each planned play starts, with the history of that moment). A new policy subclasses
+:class:`AssignmentPolicy` (``needs_history = True`` to receive each candidate's finished plays and to be
+asked again at the start of each play) and registers itself with :func:`register_policy`;
 ``study.json``'s ``assignment_policy`` names it.
 """
 
@@ -70,6 +71,7 @@ class Candidate:
     layer: str | None
     true_class: str | None = None
     history: tuple[PastPlay, ...] = ()
+    image_open: int = 0  # open slots of the candidate's image (its round, without one_round_per_image)
 
 
 class AssignmentPolicy(ABC):
@@ -84,21 +86,25 @@ class AssignmentPolicy(ABC):
 
 
 class UniformPolicy(AssignmentPolicy):
-    """Every eligible round equally likely: a random order per participant, gold rounds mixed in."""
+    """Every eligible round of the images with the most open slots equally likely (the planner shuffles the
+    quota's order): slots run out evenly over the images, so a full quota of distinct images stays possible
+    for as many participants as the caps allow."""
 
     name = "uniform"
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random, participant: str) -> Candidate:
-        ordered = sorted(candidates, key=lambda c: c.round_id)  # independent of database row order
-        return ordered[rng.randrange(len(ordered))]
+        most = max(c.image_open for c in candidates)
+        ordered = sorted((c for c in candidates if c.image_open == most), key=lambda c: c.round_id)
+        return ordered[rng.randrange(len(ordered))]  # sorted: independent of database row order
 
 
 class LeastSettledPolicy(AssignmentPolicy):
     """The next play goes to the round where one more description can do most for its label (the optimistic
     knowledge gradient of its leading word vs its rival), weighted by the chance that a play gives a
     description at all (:func:`convlens.study.game.settle.play_value`); ties (e.g. all unplayed rounds) go to
-    the round assigned least, then at random. Gold rounds are mixed in at the uniform
-    policy's rate: with probability ``gold candidates / candidates`` a random gold round.
+    the round assigned least, then at random. Gold candidates (the server's planner never passes any: it
+    places gold rounds itself) are mixed in at the uniform rate: with probability ``gold candidates /
+    candidates`` a random gold round.
 
     The plays-per-round cap still bounds every round; the policy decides where the plays go first, so
     a study that stops at a budget of plays (participants x rounds per player) spends it on the rounds

@@ -10,7 +10,15 @@ from sqlalchemy import Engine, select
 
 from convlens.study.game.actions import StudyRuntime
 from convlens.study.game.assignment import get_policy
-from convlens.study.store.config import RoundSpec, StudyConfig, StudyFiles, load_rounds, load_study
+from convlens.study.game.plan import resolve_quota
+from convlens.study.store.config import (
+    RoundSpec,
+    StudyConfig,
+    StudyFiles,
+    check_study_folder,
+    load_rounds,
+    load_study,
+)
 from convlens.study.store.db import Round, StudyMeta, current_revision, make_engine, make_sessions, upgrade
 
 __all__ = ["StudyDatabaseError", "database_url", "open_runtime", "prepare_database"]
@@ -55,20 +63,25 @@ def prepare_database(engine: Engine, config: StudyConfig, rounds: list[RoundSpec
 def open_runtime(study_dir: str | os.PathLike[str], db: str | None = None, migrate: bool = True,
                  pool_size: int = 10) -> tuple[StudyRuntime, Engine]:
     """Load the study and connect; ``migrate=False`` (server workers) only checks the schema is current."""
-    files = StudyFiles(study_dir)
+    files = check_study_folder(study_dir)
     config = load_study(files.root)
     rounds = load_rounds(files.root)
+    quota = resolve_quota(config, rounds)
+    policy = get_policy(config.assignment_policy)
+    if not migrate and db is None and not files.sqlite.is_file():
+        raise StudyDatabaseError(f"{files.sqlite}: no database: the study has never been served (serve it with "
+                                 "`convlens study serve`, or give --db)")
     engine = make_engine(database_url(files.root, db), pool_size=pool_size)
     if migrate:
         prepare_database(engine, config, rounds)
     else:
         current, head = current_revision(engine)
         if current != head:
-            raise StudyDatabaseError(f"database schema {current} is not the current {head}: run `convlens serve` "
-                                     "(it migrates before starting workers)")
+            raise StudyDatabaseError(f"database schema {current} is not the current {head}: run `convlens study "
+                                     "serve` (it migrates before starting workers)")
     writer, reader = make_sessions(engine)
     by_id = {spec.round_id: spec for spec in rounds}
     lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-    runtime = StudyRuntime(config, files, by_id, get_policy(config.assignment_policy), writer, reader, lock)
+    runtime = StudyRuntime(config, files, by_id, policy, writer, reader, quota, lock)
     return runtime, engine
 

@@ -1,11 +1,15 @@
 """Database of a Deep Reveal study: SQLAlchemy 2 models, engines with durable commits, Alembic upgrade.
 
 Tables: ``study_meta`` (which study owns the database), ``rounds`` (from rounds.json, with an ``assigned``
-counter for the plays-per-round cap), ``participants`` (pseudonymous; running totals for the leaderboard; a
-Prolific id at most once),
-``plays`` (one participant playing one round; unique per participant and round) and ``events`` (append-only
-log of start / reveal / guess / describe / resign; unique per participant and client request id, so a
-retried request is never stored twice).
+counter for the plays-per-round cap: plays planned, running or finished), ``participants`` (pseudonymous;
+running totals for the leaderboard; a Prolific id at most once; their quota and lease), ``planned_rounds``
+(the rounds reserved for a participant at consent, not yet shown, each at a position of the participant's
+sequence), ``plays`` (one participant and one round once shown, unique per pair; state ``active`` ->
+``guessed`` (description asked, answer still hidden) -> ``win`` | ``lose``, or ``resign``, or ``abandoned``
+(the lease ran out)), ``events``
+(append-only log of start / reveal / guess / describe / skip / resign / expire with what the player had on
+screen; unique per participant and client request id, so a retried request is never stored twice) and
+``admin_signouts`` (admin cookies signed out before they expire).
 
 Durability: SQLite runs in WAL mode with ``synchronous=FULL`` (every commit fsyncs the log) and writing
 transactions start with ``BEGIN IMMEDIATE`` (no lock-upgrade deadlocks between threads or worker
@@ -33,24 +37,31 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = [
+    "HEAD",
+    "AdminSignout",
     "Base",
     "Event",
     "Participant",
+    "PlannedRound",
     "Play",
     "Round",
     "StudyMeta",
     "current_revision",
     "make_engine",
     "make_sessions",
+    "schema_revision",
     "upgrade",
     "utcnow",
 ]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+HEAD = "0003"  # the newest migration (tests/study/test_hardening.py checks it against Alembic's script folder)
 SQLITE_BUSY_TIMEOUT_S = 30.0
 ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite auto-increments INTEGER PRIMARY KEY only
 
@@ -105,6 +116,9 @@ class Participant(Base):
     wins: Mapped[int] = mapped_column(Integer, default=0)
     gold_plays: Mapped[int] = mapped_column(Integer, default=0)
     gold_correct: Mapped[int] = mapped_column(Integer, default=0)
+    quota: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Play(Base):
@@ -123,8 +137,20 @@ class Play(Base):
     score: Mapped[int] = mapped_column(Integer, default=0)
     description: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(35))
+    description_screen: Mapped[str | None] = mapped_column(String(10))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PlannedRound(Base):
+    """A round reserved for a participant at consent (its slot counted in ``rounds.assigned``), not yet shown."""
+
+    __tablename__ = "planned_rounds"
+    __table_args__ = (UniqueConstraint("participant_id", "round_id", name="uq_planned_participant_round"),)
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=True)
+    participant_id: Mapped[int] = mapped_column(ForeignKey("participants.id"), index=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"))
+    position: Mapped[int] = mapped_column(Integer)
 
 
 class Event(Base):
@@ -139,8 +165,17 @@ class Event(Base):
     guessed_class: Mapped[str | None] = mapped_column(String(100))
     text: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(35))
+    screen: Mapped[str] = mapped_column(String(10), default="level")
     request_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdminSignout(Base):
+    """An admin cookie (by its random id) signed out before its expiry: refused from then on."""
+
+    __tablename__ = "admin_signouts"
+    cookie_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    signed_out_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def _sqlite_listeners(engine: Engine) -> None:
@@ -168,14 +203,19 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         _sqlite_listeners(engine)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
+        # no overflow: under a burst the request threads wait for one of the pool's connections instead of
+        # opening (and, on return, closing) extra ones, which costs more than the requests themselves
+        return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60, pool_recycle=3600)
     raise ValueError(f"unsupported database URL {url.split(':', 1)[0]}: use sqlite:///PATH or postgresql+psycopg://")
 
 
 def make_sessions(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
-    """(writer, reader) session factories; readers take no write lock on SQLite."""
+    """(writer, reader) session factories. Readers take no write lock on SQLite; on PostgreSQL they run in
+    autocommit (each read its own snapshot, no BEGIN and ROLLBACK round trips: the image requests are reads);
+    a read that needs one snapshot of several tables (the export) opens its own transaction."""
     writer = sessionmaker(engine, expire_on_commit=False)
-    reader = sessionmaker(engine.execution_options(readonly=True), expire_on_commit=False)
+    options = {"readonly": True} if engine.dialect.name == "sqlite" else {"isolation_level": "AUTOCOMMIT"}
+    reader = sessionmaker(engine.execution_options(**options), expire_on_commit=False)
     return writer, reader
 
 
@@ -188,8 +228,34 @@ def _alembic_config(connection: Any) -> Any:
     return config
 
 
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision, read with one query (None: no schema yet)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _create_fresh(engine: Engine) -> bool:
+    """An empty database gets the newest schema at once: the models' tables and Alembic's version table
+    stamped :data:`HEAD` (Alembic's recipe for a database built from scratch, without running every
+    migration; tests/study/test_hardening.py checks it equals the migrated schema). False if not empty."""
+    with engine.begin() as connection:
+        if inspect(connection).get_table_names():
+            return False
+        Base.metadata.create_all(connection)
+        connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"))
+        connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": HEAD})
+    return True
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply the Alembic migrations shipped in ``convlens/study/store/migrations`` up to ``revision``."""
+    """Apply the Alembic migrations shipped in ``convlens/study/store/migrations`` up to ``revision``; a
+    database already at :data:`HEAD` is left alone and an empty one is created at :data:`HEAD`, both without
+    loading Alembic (starting a server stays fast)."""
+    if revision in ("head", HEAD) and (schema_revision(engine) == HEAD or _create_fresh(engine)):
+        return
     from alembic import command
 
     with engine.begin() as connection:
@@ -198,10 +264,4 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def current_revision(engine: Engine) -> tuple[str | None, str]:
     """(database revision, newest shipped revision)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-        head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
-    return current, head or ""
+    return schema_revision(engine), HEAD

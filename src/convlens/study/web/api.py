@@ -1,7 +1,8 @@
 """JSON endpoints of the game (POST: CSRF header + per-participant rate limit) and the image route.
 
-``POST /api/next`` · ``POST /api/plays/{play}/reveal|guess|describe|resign`` · ``GET /img/{token}`` ·
-``GET /api/stats`` · ``GET /api/leaderboard`` · ``GET /healthz``.
+``POST /api/next`` · ``POST /api/plays/{play}/reveal|guess|describe|skip|resign`` · ``GET /img/{token}`` ·
+``GET /api/stats`` · ``GET /api/leaderboard`` · ``GET /healthz`` (database, quota and capacity: how many
+more participants the study can take).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from convlens.study.game.actions import GameError, StudyRuntime
@@ -21,6 +22,7 @@ from convlens.study.web.schemas import (
     NextRequest,
     ResignRequest,
     RevealRequest,
+    SkipRequest,
 )
 from convlens.study.web.security import SESSION_COOKIE
 
@@ -38,37 +40,43 @@ def _token(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
-def next_round(request: Request, body: NextRequest) -> dict[str, Any]:
+def next_round(request: Request, body: NextRequest) -> JSONResponse:
     """The active play, a newly assigned round, or ``{"done": true, ...}``."""
-    return _runtime(request).next_play(_token(request), body.request_id)
+    return JSONResponse(_runtime(request).next_play(_token(request), body.request_id))
 
 
-def reveal(request: Request, play_id: PlayId, body: RevealRequest) -> dict[str, Any]:
+def reveal(request: Request, play_id: PlayId, body: RevealRequest) -> JSONResponse:
     """Go to ``level`` (= current + 1); the new image token is valid once the reveal is stored."""
-    return _runtime(request).reveal(_token(request), play_id, body.request_id, body.level)
+    return JSONResponse(_runtime(request).reveal(_token(request), play_id, body.request_id, body.level))
 
 
-def guess(request: Request, play_id: PlayId, body: GuessRequest) -> dict[str, Any]:
-    return _runtime(request).guess(_token(request), play_id, body.request_id, body.class_name)
+def guess(request: Request, play_id: PlayId, body: GuessRequest) -> JSONResponse:
+    return JSONResponse(_runtime(request).guess(_token(request), play_id, body.request_id, body.class_name))
 
 
-def describe(request: Request, play_id: PlayId, body: DescribeRequest) -> dict[str, Any]:
+def describe(request: Request, play_id: PlayId, body: DescribeRequest) -> JSONResponse:
     runtime = _runtime(request)
     if len(body.text) > runtime.config.max_description_chars:
         raise GameError(422, f"description longer than {runtime.config.max_description_chars} characters")
-    return runtime.describe(_token(request), play_id, body.request_id, body.text, body.language)
+    return JSONResponse(runtime.describe(_token(request), play_id, body.request_id, body.text, body.language))
 
 
-def resign(request: Request, play_id: PlayId, body: ResignRequest) -> dict[str, Any]:
-    return _runtime(request).resign(_token(request), play_id, body.request_id)
+def skip(request: Request, play_id: PlayId, body: SkipRequest) -> JSONResponse:
+    """No description for this guess: the play ends (recorded as a ``skip`` event)."""
+    return JSONResponse(_runtime(request).skip(_token(request), play_id, body.request_id))
 
 
-def image(request: Request, image_token: ImageToken) -> FileResponse:
-    """The current level's image of the participant's own active play (the full image once it ended)."""
+def resign(request: Request, play_id: PlayId, body: ResignRequest) -> JSONResponse:
+    return JSONResponse(_runtime(request).resign(_token(request), play_id, body.request_id))
+
+
+def image(request: Request, image_token: ImageToken) -> Response:
+    """The current level's image of the participant's own running play (the full image once it ended)."""
     path = _runtime(request).image_path(_token(request), image_token)
-    if not path.is_file():
-        raise GameError(404, "no such image")
-    return FileResponse(path, media_type="image/png")
+    try:
+        return Response(path.read_bytes(), media_type="image/png")
+    except OSError:
+        raise GameError(404, "no such image") from None
 
 
 def stats(request: Request) -> dict[str, Any]:
@@ -81,15 +89,18 @@ def top(request: Request) -> dict[str, Any]:
 
 
 def health(request: Request) -> JSONResponse:
-    """200 when the database answers; 503 otherwise."""
+    """200 when the database answers (with the quota and the study's capacity: how many more participants it
+    can give a full quota); 503 otherwise."""
     runtime = _runtime(request)
     try:
         with runtime.reader.begin() as session:
             session.execute(text("SELECT 1"))
+            capacity = runtime.capacity(session)
     except Exception as exc:  # the health check reports any database failure
         return JSONResponse({"status": "error", "database": type(exc).__name__}, status_code=503)
     return JSONResponse({"status": "ok", "study": runtime.config.study_id, "rounds": len(runtime.rounds),
-                         "database": request.app.state.backend})
+                         "database": request.app.state.backend, "quota": runtime.quota.total,
+                         "capacity": capacity})
 
 
 ACTION_ROUTES = [
@@ -97,6 +108,7 @@ ACTION_ROUTES = [
     ("/api/plays/{play_id}/reveal", reveal),
     ("/api/plays/{play_id}/guess", guess),
     ("/api/plays/{play_id}/describe", describe),
+    ("/api/plays/{play_id}/skip", skip),
     ("/api/plays/{play_id}/resign", resign),
 ]
 READ_ROUTES = [("/img/{image_token}", image), ("/api/stats", stats), ("/api/leaderboard", top), ("/healthz", health)]

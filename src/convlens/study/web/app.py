@@ -1,51 +1,69 @@
 """The Deep Reveal web application (FastAPI): :func:`create_app` for one study directory and database.
 
 Middleware, outermost first: request log (method, path without query string — Prolific ids stay out of
-the logs — status, milliseconds), security headers, body-size limit, CSRF (:mod:`convlens.study.web.security`);
-slowapi rate limits (:class:`RateLimits`) are decorators on the routes (its ASGI middleware re-sends the
-response start for every chunk of a streamed response, which breaks the streaming export). Errors: a refused
-action answers ``{"detail": message}`` with its 4xx status; invalid bodies answer FastAPI's 422 with the failing fields.
+the logs — status, milliseconds), security headers (HSTS over HTTPS), body-size limit, rate limits
+(:mod:`convlens.study.web.throttle`), CSRF with the body-type check (:mod:`convlens.study.web.security`).
+Errors: a refused action answers ``{"detail": message}`` with its 4xx status; invalid bodies answer
+FastAPI's 422 with the failing fields. A background task expires the leases that ran out
+(:meth:`convlens.study.game.actions.StudyRuntime.sweep`) every :data:`SWEEP_S` seconds.
 
-``convlens serve`` runs :func:`app_from_env` in uvicorn workers (settings from ``CONVLENS_STUDY_*``).
+``convlens study serve`` runs :func:`app_from_env` in uvicorn workers (settings from
+``CONVLENS_STUDY_APP``, JSON of :class:`AppSettings`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from slowapi import Limiter
-from slowapi.errors import RateLimitExceeded
-from slowapi.util import get_remote_address
+from starlette.concurrency import run_in_threadpool
 
 from convlens.study.game.actions import GameError
 from convlens.study.game.opening import open_runtime
 from convlens.study.store.config import load_secrets
 from convlens.study.web.api import ACTION_ROUTES, READ_ROUTES
 from convlens.study.web.pages import ADMIN_ROUTES, PAGE_ROUTES
-from convlens.study.web.security import (
-    BodyLimitMiddleware,
-    SecurityHeadersMiddleware,
-    client_ip,
-    csrf_protect,
-    participant_key,
-)
+from convlens.study.web.security import BodyLimitMiddleware, SecurityHeadersMiddleware, csrf_protect
+from convlens.study.web.throttle import RateLimitMiddleware, RateLimits
 
-__all__ = ["app_from_env", "create_app"]
+__all__ = ["ENV_SETTINGS", "SWEEP_S", "AppSettings", "app_from_env", "create_app"]
 
 HERE = Path(__file__).resolve().parent
+ENV_SETTINGS = "CONVLENS_STUDY_APP"
+SWEEP_S = 30.0
+THREADS = 10  # = the engine's pool size (convlens.study.store.db.make_engine)
 access_log = logging.getLogger("convlens.study.access")
 logger = logging.getLogger("convlens.study")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppSettings:
+    """What a server worker needs to build the application (rate limits: None = study.json's)."""
+
+    study_dir: str
+    db: str | None = None
+    migrate: bool = False
+    rate_limit_ip: str | None = None
+    rate_limit_participant: str | None = None
+    rate_limit_consent: str | None = None
+    rate_limit_consent_session: str | None = None
+    rate_limit_admin_login: str | None = None
+    rate_limit_storage: str = "memory://"
+    secure_cookies: bool = False
 
 
 class AccessLogMiddleware:
@@ -84,73 +102,78 @@ def _handlers(app: FastAPI) -> None:
     async def game_error(request: Request, exc: GameError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
-    @app.exception_handler(RateLimitExceeded)
-    async def too_many(request: Request, exc: RateLimitExceeded) -> JSONResponse:
-        return JSONResponse({"detail": f"too many requests ({exc.detail}); wait a moment"}, status_code=429,
-                            headers={"retry-after": "60"})
 
-
-@dataclass(frozen=True)
-class RateLimits:
-    """slowapi limit strings: per IP (every route but /healthz), per participant (game actions), and per IP on
-    the consent form and the admin login/logout (strict: they are the unauthenticated state changes)."""
-
-    ip: str
-    participant: str
-    consent: str
-    admin_login: str
-
-
-def _routes(app: FastAPI, limiter: Limiter, limits: RateLimits) -> None:
-    """Every route limited per client IP; game actions also per participant; the forms per IP, strictly."""
-    per_ip = limiter.shared_limit(limits.ip, scope="ip", key_func=get_remote_address)
-    per_participant = limiter.shared_limit(limits.participant, scope="participant", key_func=participant_key)
-    forms = {"/consent": limiter.shared_limit(limits.consent, scope="consent", key_func=client_ip),
-             "/admin/login": limiter.shared_limit(limits.admin_login, scope="admin-login", key_func=client_ip)}
-    forms["/admin/logout"] = forms["/admin/login"]
+def _routes(app: FastAPI) -> None:
     for path, endpoint in ACTION_ROUTES:
-        app.add_api_route(path, per_ip(per_participant(endpoint)), methods=["POST"])
+        app.add_api_route(path, endpoint, methods=["POST"])
     for path, endpoint in READ_ROUTES:
-        app.add_api_route(path, endpoint if path == "/healthz" else per_ip(endpoint), methods=["GET"])
+        app.add_api_route(path, endpoint, methods=["GET"])
     for path, endpoint, method in [*PAGE_ROUTES, *ADMIN_ROUTES]:
-        limited = per_ip(forms[path](endpoint) if method == "POST" else endpoint)
-        app.add_api_route(path, limited, methods=[method], include_in_schema=False)
+        app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+
+async def _sweeper(runtime: Any, every: float) -> None:
+    """Expire the leases that ran out, every ``every`` seconds, for as long as the server runs."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await run_in_threadpool(runtime.sweep)
+        except Exception:  # a database hiccup must not end the task: the next round tries again
+            logger.exception("lease sweep failed")
 
 
 def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migrate: bool = True,
                rate_limit_ip: str | None = None, rate_limit_participant: str | None = None,
-               rate_limit_consent: str | None = None, rate_limit_admin_login: str | None = None,
-               rate_limit_storage: str = "memory://", secure_cookies: bool = False) -> Any:
+               rate_limit_consent: str | None = None, rate_limit_consent_session: str | None = None,
+               rate_limit_admin_login: str | None = None, rate_limit_storage: str = "memory://",
+               secure_cookies: bool = False) -> Any:
     """The ASGI application for ``study_dir`` on database URL ``db`` (default: STUDY_DIR/study.sqlite).
 
     ``migrate=False`` (server workers) only checks the schema; the rate limits default to study.json's.
     """
     runtime, engine = open_runtime(study_dir, db, migrate=migrate)
     secrets = load_secrets(study_dir)
+    config = runtime.config
+    limits = RateLimits(ip=rate_limit_ip or config.rate_limit_ip,
+                        participant=rate_limit_participant or config.rate_limit_participant,
+                        consent=rate_limit_consent or config.rate_limit_consent,
+                        consent_session=rate_limit_consent_session or config.rate_limit_consent_session,
+                        admin_login=rate_limit_admin_login or config.rate_limit_admin_login)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        logger.info("serving study %s (%d rounds) on %s", runtime.config.study_id, len(runtime.rounds),
-                    engine.dialect.name)
+        # as many threads for the synchronous endpoints as database connections: more would only queue for
+        # a connection (or SQLite's one writer) while contending for the interpreter
+        to_thread.current_default_thread_limiter().total_tokens = THREADS
+        logger.info("serving study %s (%d rounds, quota %d) on %s", config.study_id, len(runtime.rounds),
+                    runtime.quota.total, engine.dialect.name)
+        sweeper = asyncio.create_task(_sweeper(runtime, min(SWEEP_S, max(1.0, config.lease_seconds / 4))))
         yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         engine.dispose()
         logger.info("shut down cleanly: database connections closed")
 
-    app = FastAPI(title=runtime.config.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    limiter = Limiter(key_func=get_remote_address, storage_uri=rate_limit_storage)
+    app = FastAPI(title=config.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime, app.state.engine, app.state.secrets = runtime, engine, secrets
-    app.state.limiter, app.state.backend, app.state.secure_cookies = limiter, engine.dialect.name, secure_cookies
+    app.state.backend, app.state.secure_cookies = engine.dialect.name, secure_cookies
     app.state.templates = _templates()
+    app.state.limits = limits
     _handlers(app)
-    config = runtime.config
-    _routes(app, limiter, RateLimits(rate_limit_ip or config.rate_limit_ip,
-                                     rate_limit_participant or config.rate_limit_participant,
-                                     rate_limit_consent or config.rate_limit_consent,
-                                     rate_limit_admin_login or config.rate_limit_admin_login))
+    _routes(app)
+
+    def page(status: int, message: str) -> bytes:
+        template = app.state.templates.get_template("message.html")
+        return template.render(config=config, csrf_token="", title="Too many requests", message=message,
+                               status=status).encode()
+
     wrapped = csrf_protect(app, secrets.signing_key, secure_cookies)
+    wrapped = RateLimitMiddleware(wrapped, limits, rate_limit_storage, runtime.known_participant, page,
+                                  runtime.known_tokens)
     wrapped = BodyLimitMiddleware(wrapped)
-    wrapped = SecurityHeadersMiddleware(wrapped)
+    wrapped = SecurityHeadersMiddleware(wrapped, secure=secure_cookies)
     wrapped = AccessLogMiddleware(wrapped)
     wrapped.state = app.state  # tests and tools reach the runtime through the outer app
     wrapped.fastapi = app
@@ -158,15 +181,7 @@ def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migr
 
 
 def app_from_env() -> Any:
-    """Factory for ``uvicorn --factory`` workers: study and options from ``CONVLENS_STUDY_*`` variables."""
-    env = os.environ
-    return create_app(
-        env["CONVLENS_STUDY_DIR"], env.get("CONVLENS_STUDY_DB") or None,
-        migrate=env.get("CONVLENS_STUDY_MIGRATE", "0") == "1",
-        rate_limit_ip=env.get("CONVLENS_STUDY_RATE_IP") or None,
-        rate_limit_participant=env.get("CONVLENS_STUDY_RATE_PARTICIPANT") or None,
-        rate_limit_consent=env.get("CONVLENS_STUDY_RATE_CONSENT") or None,
-        rate_limit_admin_login=env.get("CONVLENS_STUDY_RATE_ADMIN_LOGIN") or None,
-        rate_limit_storage=env.get("CONVLENS_STUDY_RATE_STORAGE", "memory://"),
-        secure_cookies=env.get("CONVLENS_STUDY_SECURE_COOKIES", "0") == "1",
-    )
+    """Factory for ``uvicorn --factory`` workers: :class:`AppSettings` as JSON in ``CONVLENS_STUDY_APP``."""
+    settings = AppSettings(**json.loads(os.environ[ENV_SETTINGS]))
+    values = asdict(settings)
+    return create_app(values.pop("study_dir"), values.pop("db"), **values)

@@ -17,6 +17,7 @@ __all__ = [
     "NextRequest",
     "ResignRequest",
     "RevealRequest",
+    "SkipRequest",
 ]
 
 PLAY_ID_PATTERN = r"^[0-9a-f]{24}$"
@@ -57,6 +58,10 @@ class GuessRequest(_Request):
 
 
 class ResignRequest(_Request):
+    request_id: RequestId
+
+
+class SkipRequest(_Request):
     request_id: RequestId
 
 
