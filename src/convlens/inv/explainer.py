@@ -23,8 +23,9 @@ Threads: PCA, t-SNE and clustering run on one BLAS and one OpenMP thread (the Ba
 rounding depends on the thread count); ``n_jobs`` clusters *layers* in parallel threads instead, each
 limiting only its own OpenMP thread count while the calling thread holds the process-wide BLAS limit
 (see :mod:`convlens.inv.clustering`), so results are identical for every ``n_jobs`` (the speed-up
-needs free cores). The per-layer torch work runs with one torch thread: its tensors are tiny, and on a
-busy 2-core machine two intra-op threads made each small op ~30 ms instead of microseconds.
+needs free cores). The per-layer torch work runs with one torch thread
+(:func:`convlens.core.threads.limit_threads`): its tensors are tiny, and on a busy 2-core machine two
+intra-op threads made each small op ~30 ms instead of microseconds.
 
 Reproducibility: the same input on the same machine and settings gives identical clusters (tested),
 but the pipeline is chaotic in its input. Relative perturbations of 1e-6 of the kept maps — the size of
@@ -37,13 +38,12 @@ maps, plus the library versions.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -59,6 +59,7 @@ from convlens.core.layers import LayerSpec, describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams, ParamError, param
 from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec
+from convlens.core.threads import limit_threads
 from convlens.inv.clustering import (
     INV_SEED,
     ClusteringResult,
@@ -304,7 +305,7 @@ class INV:
             (i, layer, acts[layer.name][b : b + 1].float(), grads[layer.name][b : b + 1].float())
             for i, layer in enumerate(layers)
         ]
-        with blas_single_thread(), _single_torch_thread():  # process-wide limits, held until every worker ends
+        with blas_single_thread(), limit_threads(1, required=True):  # process-wide, held until every worker ends
             limit_openmp = openmp_limiter()
 
             def run(job: tuple[int, ConvLayer, torch.Tensor, torch.Tensor]) -> InvLayer:
@@ -387,17 +388,6 @@ def _weighted_clusters(
             id=f"{image_id}:{layer_name}:{position}",
         ))
     return clusters, weak, rank, weak_bound
-
-
-@contextlib.contextmanager
-def _single_torch_thread() -> Iterator[None]:
-    """One torch intra-op thread for the body (process-wide setting, restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _versions() -> dict[str, str]:

@@ -62,6 +62,7 @@ from convlens.core.hooks import forward_with_grads
 from convlens.core.maps import minmax_exact, upsample
 from convlens.core.params import MethodParams, param
 from convlens.core.targets import class_scores
+from convlens.core.threads import limit_threads
 from convlens.methods.advise_avx import AVXResult, avx_protocol
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
@@ -169,6 +170,7 @@ class PeakGroups:
     evaluated: list[int]
 
     @classmethod
+    @limit_threads()
     def of(cls, relevance: torch.Tensor, activations: torch.Tensor, weights_top1: torch.Tensor,
            weights_top2: torch.Tensor) -> PeakGroups:
         """Groups from (K,) peak counts, (K, h, w) activations and (K,) Grad-CAM weights of both classes."""
@@ -212,6 +214,7 @@ class ADVISE(Explainer):
     def avx_options(self) -> AVXOptions:
         return self.config.avx_options()
 
+    @limit_threads()
     def _upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.config.upsample == "bicubic_matlab":
             return imresize_bicubic(maps, size)
@@ -241,6 +244,7 @@ class ADVISE(Explainer):
             )
         return layer, activations, grads[layer][:batch].float(), grads[layer][batch:].float()
 
+    @limit_threads()
     def _fallback_map(self, activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """No peak group gives a non-zero map: Grad-CAM over all units, rescaled and up-sampled."""
         cam = torch.relu(torch.einsum("k,khw->hw", weights, activations))

@@ -84,6 +84,7 @@ from convlens.core.layers import LayerSpec, describe_layers
 from convlens.core.maps import minmax_exact
 from convlens.core.params import MethodParams, param
 from convlens.core.targets import ScoreKind, class_scores, resolve_targets
+from convlens.core.threads import limit_threads
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.methods.sise_scoring import BlockScores, score_fast, score_full
 from convlens.numerics.otsu import code_otsu_threshold, otsu_threshold
@@ -310,6 +311,7 @@ class SISE(Explainer):
             relative_threshold=relative,
         )
 
+    @limit_threads()
     def _select(
         self, acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], layers: Sequence[str]
     ) -> list[list[BlockSelection]]:
@@ -361,6 +363,7 @@ class SISE(Explainer):
         return score_full(engine, image, class_id, activations, size, baseline, self.batch_size)
 
     # ------------------------------------------------------------------ phase 4
+    @limit_threads()
     def _fuse(self, blocks: list[BlockSelection], scores: BlockScores) -> SISEImage:
         """Phase 4 of one image: normalise every ``V_b`` and fuse the informative blocks low -> high."""
         normalised = minmax_exact(scores.vis_maps)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from convlens.core.targets import ScoreKind
+from convlens.core.threads import limit_threads
 
 __all__ = [
     "AVXOptions",
@@ -151,9 +152,13 @@ def class_sensitivity(map_top1: torch.Tensor, map_top2: torch.Tensor, options: A
     return torch.nan_to_num(correlation, nan=0.0), check
 
 
+@limit_threads()
 def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int = 8
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(SSIM, FSIMc, MSE / 255^2)`` of masked images (G, 3, H, W) against the original (3, H, W), 0..255."""
+    """``(SSIM, FSIMc, MSE / 255^2)`` of masked images (G, 3, H, W) against the original (3, H, W), 0..255.
+
+    On one torch thread (:mod:`convlens.core.threads`): a few hundred small operations per chunk of images.
+    """
     import piq
 
     ssim_values, fsim_values = [], []
