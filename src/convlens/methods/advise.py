@@ -9,8 +9,8 @@ Follows the official MATLAB code (``imADVISE.m``, ``iComputeSum.m``, ``ADVISEker
 2. relevance of unit k: ``R_k`` = number of peaks (``findpeaks``) of the locally adaptive bandwidth KDE
    (Shimazaki & Shinomoto 2010, :func:`convlens.numerics.kde.ssvkernel`) of its ``Z = h*w`` *raw*
    activation values on the grid ``linspace(0, 1, Z)``; 0 where the KDE fails (imADVISE.m l.30-45);
-3. gradients ``G1 = d p_c1 / dA`` and ``G2 = d p_c2 / dA`` of the softmax *probabilities* (one batched
-   forward + backward of the image twice; imADVISE.m l.50-53);
+3. gradients ``G1 = d p_c1 / dA`` and ``G2 = d p_c2 / dA`` of the softmax *probabilities* (one forward and
+   one backward from each class's probability to the layer; imADVISE.m l.50-53);
 4. for every peak count r = min R .. max R with a non-empty group ``S_r = {k : R_k = r}``:
    ``M1 = ReLU(sum_{k in S_r} w1_k A_k)`` with ``w1_k = (1/Z) sum_ij G1_kij`` (Grad-CAM weights within the
    group, iComputeSum.m), likewise ``M2``; both rescaled to [0, 1] and bicubic-upsampled (MATLAB
@@ -58,10 +58,10 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from convlens.core.hooks import forward_with_grads
+from convlens.core.hooks import LayerCapture
 from convlens.core.maps import minmax_exact, upsample
 from convlens.core.params import MethodParams, param
-from convlens.core.targets import class_scores
+from convlens.core.targets import adapt_output, class_scores
 from convlens.core.threads import limit_threads
 from convlens.methods.advise_avx import AVXResult, avx_protocol
 from convlens.methods.base import Explainer, MethodOutput
@@ -230,19 +230,22 @@ class ADVISE(Explainer):
             raise ValueError(
                 f"ADVISE uses one feature layer, got {len(layers)} ({', '.join(layers)}): pass layers=NAME"
             )
-        layer, batch = layers[0], x.shape[0]
-        targets = torch.cat([class_ids, runner_up])
-        _, acts, grads = forward_with_grads(
-            self.model, torch.cat([x, x]), [layer], lambda lg: class_scores(lg, targets, self.score),
-            self.output_adapter,
-        )
-        activations = acts[layer][:batch].float()
+        layer = layers[0]
+        with torch.enable_grad(), LayerCapture(self.model, [layer], keep_graph=True) as capture:
+            logits = adapt_output(self.model(x.detach().clone().requires_grad_(True)), self.output_adapter)
+            acts = capture.activations[layer]
+            # one forward, one backward per class (imADVISE.m: dlgradient of each class's probability)
+            grads = [torch.autograd.grad(class_scores(logits, ids, self.score).sum(), acts, retain_graph=True,
+                                         allow_unused=True)[0] for ids in (class_ids, runner_up)]
+        if grads[0] is None or grads[1] is None:
+            raise ValueError(f"the target score does not depend on layer {layer!r}: pick a layer before the head")
+        activations = acts.detach().float()
         if activations.ndim != 4 or activations.shape[2] * activations.shape[3] < 3:
             raise ValueError(
                 f"layer {layer!r} gives {tuple(activations.shape)}: ADVISE needs (B, K, h, w) maps with h*w >= 3 "
                 "(the KDE grid has h*w points); pick an earlier layer"
             )
-        return layer, activations, grads[layer][:batch].float(), grads[layer][batch:].float()
+        return layer, activations, grads[0].float(), grads[1].float()
 
     @limit_threads()
     def _fallback_map(self, activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -319,7 +322,7 @@ class ADVISE(Explainer):
             maps=maps,
             layer_maps={f"R={r}": group_maps[r] for r in sorted(group_maps)},
             extras=self._extras(layer, images),
-            forward_passes=2 * batch + sum(len(info["groups"]) for info in images),
+            forward_passes=batch + sum(len(info["groups"]) for info in images),
             backward_passes=2 * batch,
             timings={key: timings[key] for key in ("forward_backward", "kde", "maps", "avx")},
         )
