@@ -291,11 +291,11 @@ def worker(args: argparse.Namespace) -> None:
     default_threads = torch.get_num_threads()
     only = None if args.stages is None else {_key(s) for s in args.stages.split(",")}
     stages = build_stages(args.size or (96 if args.quick else 224), args.quick, only)
-    loads = {"start": load_average()}
-    for load_name in LOADS:
+    loads = {"at the start": load_average()}
+    for load_name in args.loads.split(","):
         with busy_cores() if load_name == "busy" else contextlib.nullcontext():
             measure(stages, load_name, default_threads)
-            loads[load_name] = load_average()
+            loads[f"after the {load_name} runs"] = load_average()
     out: dict[str, Any] = {"default_threads": default_threads, "loads": loads,
                            "stages": [{"name": s.name, "phases": s.phases, "times": s.times} for s in stages]}
     if args.goals:
@@ -307,14 +307,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- parent: report
-def run_worker(policy: str, args: argparse.Namespace, goals: bool) -> dict[str, Any]:
+def run_worker(policy: str, args: argparse.Namespace, loads: str, goals: bool) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if POLICIES[policy] is not None:
         env["OMP_WAIT_POLICY"] = POLICIES[policy]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "worker.json"
-        command = [sys.executable, __file__, "--worker-out", str(out), "--sise-factors", args.sise_factors]
+        command = [sys.executable, __file__, "--worker-out", str(out), "--sise-factors", args.sise_factors,
+                   "--loads", loads]
         command += ["--quick"] * args.quick + ["--goals"] * goals
         command += [] if args.size is None else ["--size", str(args.size)]
         command += [] if args.stages is None else ["--stages", args.stages]
@@ -368,8 +369,8 @@ def report(args: argparse.Namespace, passive: dict[str, Any], spin: dict[str, An
     from _sections import machine_line, markdown_table
 
     threads = passive["default_threads"]
-    loads = "; ".join(f"{name} worker: start {r['loads']['start']}, after quiet {r['loads']['quiet']}, after busy "
-                      f"{r['loads']['busy']}" for name, r in (("passive", passive), ("spinning", spin)))
+    loads = "; ".join(f"{name} worker: " + ", ".join(f"{key} {value}" for key, value in r["loads"].items())
+                      for name, r in (("passive", passive), ("spinning", spin)))
     parts = [
         "## Speed under load (`benchmarks/bench_load.py`)",
         machine_line() + f" · {'quick run (96 x 96, small sizes)' if args.quick else 'full run'} · default {threads} "
@@ -415,12 +416,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # internal: one wait policy's worker
     parser.add_argument("--goals", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loads", default="quiet,busy", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out is not None:
         worker(args)
         return
-    passive = run_worker("passive", args, goals=not args.no_goals)
-    spin = run_worker("spin", args, goals=False)
+    passive = run_worker("passive", args, "quiet,busy", goals=not args.no_goals)
+    spin = run_worker("spin", args, "busy", goals=False)  # on one thread the policy changes nothing
     body = report(args, passive, spin)
     print(body)
     if not args.no_write and not args.quick:
