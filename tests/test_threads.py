@@ -206,3 +206,32 @@ def test_import_convlens_makes_openmp_threads_sleep_while_they_wait() -> None:
     assert _policy(f"import convlens, torch; {show}") == "PASSIVE"
     assert _policy(f"import convlens; {show}", OMP_WAIT_POLICY="active") == "active"
     assert _policy(f"import torch, convlens; {show}") == "None"
+
+
+def test_the_load_benchmark_starts_and_stops_its_busy_loops() -> None:
+    """benchmarks/bench_load.py's busy condition: one spinning process per requested core while the body runs,
+    none left afterwards (also when the body fails)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_load.py"
+    spec = importlib.util.spec_from_file_location("convlens_bench_load", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = real_popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+        spec.loader.exec_module(bench)
+        patch.setattr(bench.subprocess, "Popen", recording_popen)
+        patch.setattr(bench.time, "sleep", lambda _: None)
+        with pytest.raises(RuntimeError, match="body"), bench.busy_cores(2) as count:
+            assert count == 2 and len(started) == 2 and all(p.poll() is None for p in started)
+            raise RuntimeError("body")
+    assert all(p.poll() is not None for p in started)
