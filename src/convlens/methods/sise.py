@@ -115,7 +115,7 @@ class SISECascadeParams(MethodParams):
     )
     blur_sigma: float = param(5.0, "Gaussian sigma in pixels of baseline='blur'", gt=0)
     fast: bool = param(False, "score one medoid per group of similar masks (approximate, fewer forwards)")
-    fast_factor: float = param(6.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
+    fast_factor: float = param(8.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
     fast_scores: Literal["gp", "medoid"] = param("gp", "fast mode: GP-interpolated or the medoid's score")
 
 
