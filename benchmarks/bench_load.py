@@ -20,7 +20,8 @@ fast SISE >= 5x faster than full SISE with an EBPG within 0.01 on the real photo
 than 1.5x slower on the default threads than on one thread under the same load.
 
 Usage: ``python benchmarks/bench_load.py [--quick] [--stages gradcam,advise] [--no-goals] [--no-write]``
-(the full run takes about a quarter of an hour on 2 quiet cores).
+(the full run took 20 minutes on 2 cores shared with other jobs, load average 2-4.5; ``--quick``
+checks the whole path at 96 x 96 with small sizes).
 """
 
 from __future__ import annotations
