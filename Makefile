@@ -28,8 +28,9 @@ demo: $(VENV)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
+# PYTEST_ARGS: extra pytest options (.ci/run adds --durations=25 and, for its random-order variant, -p randomly)
 test: $(VENV)/.installed-test system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks tools

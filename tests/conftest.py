@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# No per-example deadline: on a loaded machine a 200 ms example is not a failure (the suite passes under load).
+settings.register_profile("convlens", deadline=None)
+settings.load_profile("convlens")
 
 
 class TinyCNN(nn.Module):
@@ -112,3 +119,14 @@ def sise_reference() -> ModuleType:
 def kde_reference() -> ModuleType:
     """adaptivekde and the literal ADVISEkernel.m port of ``tests/_kde_reference.py`` (KDE and ADVISE tests)."""
     return load_helper("_kde_reference")
+
+
+@pytest.fixture(scope="session")
+def socket_dir() -> Iterator[Path]:
+    """A short folder for programs that put AF_UNIX sockets under TMPDIR (PostgreSQL, chromium, Ray): a socket
+    path has at most 107 bytes, and the suite must pass with a long TMPDIR. World-traversable, so that a
+    PostgreSQL run as the ``postgres`` user can reach its own folder inside."""
+    folder = Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -96,3 +96,18 @@ def make_play(play_id: str, round_row: dict[str, Any], outcome: str, level: int,
         "outcome": outcome, "level": level, "guessed_class": guessed, "correct": correct, "description": description,
         "language": language, "score": 0, "started_at": "", "ended_at": "",
     }
+
+
+# A tiny study for the output-folder tests: one class, two layers, a few words the toy embedder knows, one
+# description that a spreadsheet would run as a formula (it must come back exactly, and be inert in the CSVs).
+TINY_TABLE = {"fins": [1, 0, 0], "scales": [0, 1, 0], "water": [0, 0.8, 0.2]}
+FORMULA = '=HYPERLINK("http://example.com/x","fins")'
+
+
+def tiny_export(directory: Path, study_id: str = "tiny") -> Path:
+    """A study export of two rounds (layers L0 and L1 of image A, class tench) and six plays."""
+    rounds = [make_round("A", depth, 0, "tench", n_layers=2) for depth in range(2)]
+    words = {0: ["fins", "the fins", FORMULA], 1: ["scales", "water", "-scales"]}
+    plays = [make_play(f"p{depth}{k}", rounds[depth], "win", k, text)
+             for depth in range(2) for k, text in enumerate(words[depth])]
+    return write_export(directory, rounds, plays, {"study_id": study_id, "classes": ["tench"]})

@@ -343,7 +343,7 @@ def test_cli_explain_with_advise(tmp_path: Path) -> None:
 
     Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["explain", str(tmp_path / "chelsea.png"), "--method", "advise", "--out",
+    result = CliRunner().invoke(app, ["explain", str(tmp_path / "chelsea.png"), "--methods", "advise", "--out",
                                       str(out), "--per-block", "--param", "advise.selection=avx"])
     assert result.exit_code == 0, result.output
     record = json.loads(next(out.rglob("result.json")).read_text())

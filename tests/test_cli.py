@@ -25,18 +25,18 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _run(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
+def _run(*args: str, columns: int | None = None) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), env={"COLUMNS": str(columns)} if columns else None)
     return result.exit_code, result.output
 
 
 @pytest.mark.slow
 def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--per-block",
-                        "--layers", "blocks")
+    code, output = _run("explain", str(photos), "--methods", "gradcam,layercam", "--out", str(out), "--per-block",
+                        "--layers", "blocks", columns=40)  # a 40-column terminal: paths are never wrapped
     assert code == 1, output  # exit 1: an image was skipped (listed)
-    assert "broken.jpg" in output
+    assert f"{photos / 'broken.jpg'}: " in output and f"{out / 'index.html'} " in output
     results = json.loads((out / "results.json").read_text())
     assert [s["path"].endswith("broken.jpg") for s in results["skipped"]] == [True]
     chelsea = json.loads((out / "chelsea" / "result.json").read_text())
@@ -49,7 +49,8 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
     assert "&lt;script&gt;coffee.jpg" in html and "<script>coffee" not in html  # user text escaped
     assert "broken.jpg" in html
     before = (out / "chelsea" / "result.json").stat().st_mtime_ns
-    code, output = _run("explain", str(photos), "--method", "gradcam,layercam", "--out", str(out), "--layers", "blocks")
+    code, output = _run("explain", str(photos), "--methods", "gradcam,layercam", "--out", str(out),
+                        "--layers", "blocks")
     assert code == 1 and (out / "chelsea" / "result.json").stat().st_mtime_ns == before  # resumed, not recomputed
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -57,7 +58,7 @@ def test_explain_folder_skips_bad_files_and_resumes(photos: Path, tmp_path: Path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "nosuch"], "unknown method"),
+        (["--methods", "nosuch"], "unknown method"),
         (["--model", "resnet5O"], "did you mean resnet50"),
         (["--target", "1000"], "out of range"),
         (["--target", "not a class"], "unknown class name"),
@@ -96,8 +97,10 @@ def test_listing_commands() -> None:
         assert result.exit_code == 0 and all(text in rows[row] for row, text in checks.items()), result.output
     code, output = _run("methods", "nosuch")
     assert code == 2 and "unknown method 'nosuch'" in output
-    code, output = _run("models")
+    code, output = _run("models", columns=40)  # names are never cut, whatever the width
     assert code == 0 and "efficientnet_lite0" in output and "resnet50" in output
+    code, output = _run("methods", columns=40)
+    assert code == 0 and all(m in output for m in ("gradcampp", "scorecam", "adasise", "inv"))
 
 
 def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:
@@ -108,10 +111,10 @@ def test_inv_over_depth_from_the_command_line(tmp_path: Path, tiny_cnn) -> None:
     register_model("tiny-cli", lambda weights: wrap(tiny_cnn, Preprocessing(32, 32), list("abcde"), "tiny-cli"))
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
     try:
-        code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method", "inv",
+        code, output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--methods", "inv",
                             "--layers", "depth", "--param", "num_layers=2", "--param", "embedding=pca",
                             "--out", str(tmp_path / "out"))
-        mixed, mixed_output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--method",
+        mixed, mixed_output = _run("explain", str(tmp_path / "cat.png"), "--model", "tiny-cli", "--methods",
                                    "gradcam,inv", "--param", "inv.layers=depth", "--param", "inv.num_layers=2",
                                    "--param", "inv.embedding=pca", "--out", str(tmp_path / "mixed"))
     finally:

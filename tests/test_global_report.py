@@ -4,7 +4,6 @@ merge with its top-6, and every group's top-10 list (the authors' previews and d
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.labels.files import CLUSTER_COLUMNS, GROUP_COLUMNS, SCORE_COLUMNS, csv_text
+from convlens.core.outputs import OutputFolder
+from convlens.labels.files import (
+    CLUSTER_COLUMNS,
+    FORMAT_VERSION,
+    GROUP_COLUMNS,
+    LABELS_FOLDER,
+    SCORE_COLUMNS,
+    csv_text,
+)
 from convlens.labels.scores import ClusterStats, LabelScore, full_merge
 from convlens.reports.global_maps import group_map, smooth
 from convlens.reports.global_report import build_global
@@ -62,7 +69,6 @@ FULL = [("fins", 3.0), ("scales", 2.25), ("hand", 2.0), ("grass", 1.5), ("water"
 
 
 def _labels_folder(folder: Path) -> Path:
-    folder.mkdir()
     clusters = [[cid, "tench", "T", "T.png", "L0", 0, 1, k, WEIGHTS[cid], 4, 2, 0, 0, 1, 5, best, f"T:L0:g{k}", "run"]
                 for k, (cid, best) in enumerate([("T:L0:0", "fins"), ("T:L0:1", "hand")])]
     scores = [[cid, "tench", "T", "L0", 0, 1, label, 1, 0.0, 1, 0, s, label == max(table, key=table.get)]
@@ -78,12 +84,14 @@ def _labels_folder(folder: Path) -> Path:
              "groups.csv": csv_text(GROUP_COLUMNS, groups),
              "group_labels.csv": csv_text(("group_id", "merge", "rank", "label", "strength"), group_labels),
              "agreement.csv": "scope\n"}
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    manifest = {"format": "convlens-labels", "format_version": 1, "study": {"study_id": "hand"}, "inv_runs": {},
+    files |= {"audit.csv": "play_id\n", "text_clusters.csv": "class\n"}
+    manifest = {"format_version": FORMAT_VERSION, "study": {"study_id": "hand"}, "inv_runs": {}, "csv_cells": "raw",
                 "embedder": {"name": "toy"}, "settings": {"wrong_rule": "authors"}, "translator": None,
                 "counts": {"plays": 12, "status": {"labelled": 12}}}
-    (folder / "labels.json").write_text(json.dumps(manifest))
+    with OutputFolder(folder, LABELS_FOLDER) as target:  # sealed like `convlens labels` seals its folder
+        for name, text in files.items():
+            (target.path / name).write_text(text)
+        target.seal(manifest)
     return folder
 
 

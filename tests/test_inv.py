@@ -72,20 +72,20 @@ def test_default_layers_vgg16_are_the_nine_relus_of_blocks_3_to_5() -> None:
         vgg = torchvision.models.vgg16(weights=None)
     vgg = vgg.to_empty(device="cpu").eval()
     inv = INV(vgg)
-    layers = inv.layers_for((3, 64, 64))
+    layers = inv.explained_layers((3, 64, 64))
     assert [layer.name for layer in layers] == [f"features.{i}" for i in (11, 13, 15, 18, 20, 22, 25, 27, 29)]
     assert [layer.conv for layer in layers] == [f"features.{i}" for i in (10, 12, 14, 17, 19, 21, 24, 26, 28)]
     assert [layer.channels for layer in layers] == [256] * 3 + [512] * 6
     for layer in layers:  # every chosen module is the ReLU right after its conv
         assert isinstance(vgg.get_submodule(layer.name), nn.ReLU)
         assert isinstance(vgg.get_submodule(layer.conv), nn.Conv2d)
-    raw = INV(vgg, post_activation=False).layers_for((3, 64, 64))
+    raw = INV(vgg, post_activation=False).explained_layers((3, 64, 64))
     assert [layer.name for layer in raw] == [layer.conv for layer in layers]
 
 
 def test_tiny_cnn_uses_all_three_convs_with_a_warning(tiny_cnn: nn.Module) -> None:
     with pytest.warns(UserWarning, match="only 3 convolutional layers"):
-        layers = INV(tiny_cnn).layers_for((3, 32, 32))
+        layers = INV(tiny_cnn).explained_layers((3, 32, 32))
     assert [layer.name for layer in layers] == TINY_LAYERS  # block3 has no BN: conv -> ReLU
     assert [layer.conv for layer in layers] == ["block1.0", "block2.0", "block3.0"]
 
@@ -117,7 +117,7 @@ def test_chain_rules_shared_activation_and_containers() -> None:
 
 def test_explicit_layers_are_explained_in_forward_order(tiny_cnn: nn.Module, tiny_images: torch.Tensor) -> None:
     inv = INV(tiny_cnn, layers=["block3.0", "block1.0"])  # conv names map to their post-ReLU outputs
-    assert [layer.name for layer in inv.layers_for((3, 32, 32))] == ["block1.2", "block3.1"]
+    assert [layer.name for layer in inv.explained_layers((3, 32, 32))] == ["block1.2", "block3.1"]
     explanation = inv.explain(tiny_images[0])
     assert [layer.name for layer in explanation.layers] == ["block1.2", "block3.1"]
 

@@ -160,8 +160,8 @@ def test_depth_on_efficientnet_lite0_leaves_the_last_stage() -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     convs = find_conv_layers(model, (3, 224, 224))
     assert len(convs) == 49
-    tail = INV(model).layers_for((3, 224, 224))
-    depth = INV(model, layers="depth").layers_for((3, 224, 224))
+    tail = INV(model).explained_layers((3, 224, 224))
+    depth = INV(model, layers="depth").explained_layers((3, 224, 224))
     assert {layer.spatial for layer in tail} == {(7, 7)}
     assert [layer.position for layer in depth] == [5, 10, 16, 21, 27, 32, 38, 43, 48]
     assert [layer.spatial[0] for layer in depth] == [56, 28, 14, 14, 14, 14, 7, 7, 7]

@@ -187,20 +187,19 @@ def test_label_class_end_to_end_with_a_toy_embedder() -> None:
     assert labelling.texts == ["red canopy", "canopy", "ropes strings", "strings", "blue sky", "sky"]
     assert labelling.counts == [1, 2, 1, 1, 1, 3]
     assert labelling.k == 3 and labelling.assignment.tolist() == [0, 0, 1, 1, 2, 2]
-    # cluster 0: red = 1*cos((1,0),(1.9,.1)) + 2*cos((1,0),(.9,.1)); canopy scores higher
+    # cluster 0: canopy is used by all 3 plays, red by 1; cluster 1: strings 2 of 2, ropes 1; cluster 2: sky 4 of 4
     assert [c.label for c in labelling.clusters] == ["canopy", "strings", "sky"]
+    assert [c.representative_score for c in labelling.clusters] == [1.0, 1.0, 1.0]
     assert labelling.label_of("blue sky") == (2, "sky")
-    cluster, similarity = labelling.nearest(np.array([0.0, 0.0, 1.0, 0.0]))
-    # frequency-weighted mean cosine over cluster 2: "blue sky" (0, .1, 1.9, 0) once, "sky" (0, 0, 1, 0) 3 times
-    blue_sky = np.array([0, 0.1, 1.9, 0])
-    expected = (blue_sky[2] / np.linalg.norm(blue_sky) + 3 * 1.0) / 4
-    assert cluster == 2 and similarity == pytest.approx(expected)
+    assert labelling.lemma_plays == {"red": 1, "canopy": 3, "rope": 1, "string": 2, "blue": 1, "sky": 4}
+    assert labelling.labels_by_lemma == {"canopy": "canopy", "string": "strings", "sky": "sky"}
 
 
 def test_label_class_one_description() -> None:
     labelling = label_class("tench", ["green scales"], ToyEmbedder(TABLE), load_stop_words())
     assert labelling.rule == RULE_SMALL and labelling.k == 1
-    assert labelling.clusters[0].label == "green"  # both words are the toy "other" vector: a tie, first seen wins
+    # one play uses each word: the tie goes to the last word, the head of the noun phrase
+    assert labelling.clusters[0].label == "scales"
 
 
 def test_label_class_only_stop_words_gives_an_empty_label() -> None:

@@ -45,12 +45,14 @@ def test_labels_then_global(tmp_path: Path) -> None:
     (["labels", "{tmp}/missing"], "no such file or folder"),
     (["labels", "{tmp}"], "neither a study export"),
     (["labels", "{export}", "--wrong-rule", "sometimes"], "wrong_rule must be one of"),
-    (["labels", "{export}", "--min-similarity", "2"], "min_similarity must be a cosine similarity in [-1, 1]"),
+    (["labels", "{export}", "--spelling-similarity", "0.2"], "spelling_similarity must be in [0.5, 1]"),
+    (["labels", "{export}", "--min-gold-accuracy", "1.5"], "min_gold_accuracy must be a share in [0, 1]"),
+    (["labels", "{export}", "--max-text-clusters", "1"], "max_text_clusters must be >= 2"),
     (["labels", "{export}", "--translator", "nowhere"], "expected MODULE:NAME"),
     (["labels", "{export}", "--translator", "json:dumps"], "has no name and translate"),
     (["labels", "{export}", "--class-alias", "oops"], "expected CLASS=ALIAS"),
     (["labels", "{export}", "--embedder", "word2vec"], "unknown embedder"),
-    (["global", "{tmp}"], "no labels.json"),
+    (["global", "{tmp}"], "labels.json: missing or not written by convlens labels"),
     (["global", "{tmp}", "--bootstrap", "0"], "--bootstrap must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
@@ -92,11 +94,13 @@ def test_study_dir_is_exported_first(tmp_path: Path) -> None:
     assert "the export has no plays: nothing to label" in " ".join(result.output.split())
 
 
-def test_min_similarity_option_defaults_to_the_library_default() -> None:
+def test_options_default_to_the_library_defaults() -> None:
     import inspect
 
     from convlens.cli.labels import labels_command
-    from convlens.labels.records import DEFAULT_MIN_SIMILARITY, LabelSettings
+    from convlens.labels.records import LabelSettings
 
-    assert inspect.signature(labels_command).parameters["min_similarity"].default == DEFAULT_MIN_SIMILARITY
-    assert LabelSettings().min_similarity == DEFAULT_MIN_SIMILARITY
+    parameters = inspect.signature(labels_command).parameters
+    defaults = LabelSettings()
+    for name in ("max_text_clusters", "spelling_similarity", "min_gold_accuracy", "min_gold_plays"):
+        assert parameters[name].default == getattr(defaults, name)

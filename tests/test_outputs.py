@@ -138,3 +138,49 @@ def test_restore_inverts_neutralise(text: str) -> None:
     cell = neutralise(text)
     assert restore(cell) == text
     assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+
+
+# ------------------------------------------------------------------ what a killed build leaves, and user files deep
+def test_a_killed_builds_leftovers_are_removed_by_the_next_run_and_nothing_else(tmp_path: Path) -> None:
+    from convlens.core.outputs import _AsideLock, remove_dead_asides
+
+    dead = tmp_path / temporary_name()  # a build killed mid-way: its folder and its (unlocked) lock file
+    (dead / "sub").mkdir(parents=True)
+    (dead / "a.csv").write_text("half")
+    Path(f"{dead}.tmp").write_text("")
+    users = [tmp_path / temporary_name(), tmp_path / (temporary_name() + ".tmp"), tmp_path / ".convlens-tmp-notes"]
+    users[0].mkdir()  # a temporary folder of another kind of run (no lock file beside it): not ours to judge
+    users[1].write_text("an atomic write in progress")
+    users[2].write_text("mine")
+    live = _AsideLock(tmp_path)  # a build in progress in another run
+    live.folder.mkdir()
+    try:
+        assert remove_dead_asides(tmp_path) == [dead.name]
+        assert not dead.exists() and not Path(f"{dead}.tmp").exists()
+        assert all(p.exists() for p in users) and live.folder.is_dir() and live.file.is_file()
+        _write(tmp_path / "out")  # every OutputFolder clears its parent's dead builds first (none left now)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".convlens-tmp-")) == sorted(
+            [users[0].name, users[1].name, users[2].name, live.folder.name, live.file.name])
+    finally:
+        live.release()
+    assert not live.file.exists()
+
+
+def test_a_file_a_user_added_inside_an_own_folder_is_foreign(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _write(out)
+    (out / "sub" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match=r"holds 'sub/my-notes\.txt'"):
+        _write(out)
+    assert (out / "sub" / "my-notes.txt").read_text() == "mine"
+    (out / "sub" / "my-notes.txt").unlink()
+    with OutputFolder(out, KIND) as folder:  # an unsealed cache inside is the command's own
+        (folder.path / "sub").mkdir()
+        (folder.path / "sub" / "cache").mkdir()
+        (folder.path / "sub" / "cache" / "x.bin").write_bytes(b"1")
+        (folder.path / "sub" / "b.bin").write_bytes(b"2")
+        manifest = folder.seal({}, exclude=["sub/cache"])
+    assert set(manifest["files"]) == {"sub/b.bin"} and manifest["unsealed"] == ["sub/cache"]
+    (out / "sub" / "cache" / "y.bin").write_bytes(b"3")  # the cache grew: still the command's
+    check_output_folder(out, KIND)
+    _write(out)

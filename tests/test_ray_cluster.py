@@ -42,24 +42,28 @@ FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """A head node without CPUs (no actor runs beside the driver) and two worker nodes with one CPU each."""
+def cluster(socket_dir: Path) -> Iterator[Any]:
+    """A head node without CPUs (no actor runs beside the driver) and two worker nodes with one CPU each.
+
+    Ray keeps its sockets under RAY_TMPDIR (else TMPDIR): a short folder, whatever the user's TMPDIR."""
     import logging
 
     from ray.cluster_utils import Cluster
 
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
-        cluster.wait_for_nodes()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"Ray cannot start a local cluster here: {exc}")
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", str(socket_dir))  # the driver subprocess of a test inherits it
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+            cluster.wait_for_nodes(timeout=600)
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            pytest.skip(f"Ray cannot start a local cluster here: {exc}")
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _config(out: Path) -> EvaluationConfig:
@@ -131,7 +135,7 @@ def test_a_worker_node_killed_mid_run_costs_nothing(cluster: Any, embedded_table
         if victim in cluster.worker_nodes:  # the run failed before the kill
             cluster.remove_node(victim, allow_graceful=False)
         cluster.add_node(num_cpus=1)  # two worker nodes again for the other tests
-        cluster.wait_for_nodes()
+        cluster.wait_for_nodes(timeout=600)
 
     assert len(stored) == IMAGES and len(set(stored)) == IMAGES
     assert _tables(out) == embedded_tables
@@ -152,7 +156,7 @@ def test_a_killed_driver_resumes_without_recomputing(cluster: Any, embedded_tabl
     driver = subprocess.Popen([sys.executable, "-m", "convlens.cli.main", *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = out / "records" / METHODS[-1]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a hang guard only: the loop ends with the third image or the driver
     while driver.poll() is None and time.monotonic() < deadline and len(list(last.glob("*.json"))) < 3:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)

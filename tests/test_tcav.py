@@ -20,7 +20,15 @@ from conftest import make_tiny_cnn
 from convlens.core.hooks import forward_with_grads
 from convlens.tcav.cav import ActivationStore, CAVCache, MiniBatchSGDClassifier, model_digest
 from convlens.tcav.concept_sets import ConceptSet, RandomSets, tensor_digest
-from convlens.tcav.runner import TCAVReport, TCAVRunner, layer_sensitivities, tcav_magnitude, tcav_score
+from convlens.tcav.runner import (
+    TCAVReport,
+    TCAVRunner,
+    detectable_effect,
+    layer_sensitivities,
+    tcav_magnitude,
+    tcav_score,
+)
+from convlens.tcav.solver import LinearSVM
 from convlens.tcav.stats import compare_to_null, holm, pseudo_concept_means
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,6 +73,95 @@ def test_pseudo_concept_means_skip_the_diagonal() -> None:
     assert pseudo_concept_means(scores) == pytest.approx([0.5, 0.25, 0.75])
     with pytest.raises(ValueError):
         pseudo_concept_means(np.zeros((2, 2)))
+
+
+# --- the batched L2-SVM solver ----------------------------------------------------------------------------
+
+
+def _reference_svm(x: np.ndarray, y: np.ndarray, alpha: float = 0.01) -> tuple[np.ndarray, float]:
+    """The L2-SVM objective (1/n) sum max(0, 1 - y (w.x + b))^2 + alpha/2 |w|^2 minimised by scipy's L-BFGS."""
+    from scipy.optimize import minimize
+
+    def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
+        slack = np.maximum(1 - y * (x @ p[:-1] + p[-1]), 0)
+        grad = -2 * y * slack / len(y)
+        return (slack**2).mean() + alpha / 2 * p[:-1] @ p[:-1], np.r_[x.T @ grad + alpha * p[:-1], grad.sum()]
+
+    p = minimize(objective, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
+                 options={"gtol": 1e-13, "ftol": 1e-16, "maxiter": 100000}).x
+    return p[:-1], float(p[-1])
+
+
+def _pairs(seed: int, k: int, s: int, t: int, rows: int = 100, features: int = 20) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)) + 0.3
+    x[:40, :3] += 0.8  # rows 0-39 lean one way: some pairs separate, some do not
+    first = np.stack([rng.choice(rows, s, replace=False) for _ in range(k)])
+    second = np.stack([rng.choice(rows, t, replace=False) for _ in range(k)])
+    return x, first, second
+
+
+def test_svm_directions_are_the_minimiser_scipy_and_sklearn_find() -> None:
+    """Batched finite Newton in the span == L-BFGS on the primal objective == sklearn's LinearSVC (squared hinge,
+    C = 1/(n alpha), its intercept penalty made negligible by intercept_scaling)."""
+    from sklearn.svm import LinearSVC
+
+    x, first, second = _pairs(0, 8, 20, 20)
+    fit = LinearSVM().fit(torch.from_numpy(x @ x.T), torch.from_numpy(first), torch.from_numpy(second))
+    for k in range(8):
+        rows = np.r_[first[k], second[k]]
+        y = np.r_[np.ones(20), -np.ones(20)]
+        w = fit.coef[k].numpy() @ x[rows]
+        w_ref, b_ref = _reference_svm(x[rows], y)
+        svc = LinearSVC(C=1 / (len(y) * 0.01), intercept_scaling=1e3, tol=1e-12, max_iter=10**6).fit(x[rows], y)
+        assert np.linalg.norm(w - w_ref) / np.linalg.norm(w_ref) < 1e-4 and float(fit.intercept[k]) == pytest.approx(
+            b_ref, abs=1e-4)
+        assert np.linalg.norm(w - svc.coef_[0]) / np.linalg.norm(w) < 1e-4
+
+
+@pytest.mark.parametrize(("s", "t"), [(10, 10), (11, 13), (2, 5)])
+def test_held_out_accuracy_is_the_literal_three_fold_cross_validation(s: int, t: int) -> None:
+    """Row i of each set in fold i mod 3; each fold refitted by scipy on the other rows, its rows predicted."""
+    x, first, second = _pairs(1, 5, s, t)
+    fit = LinearSVM().fit(torch.from_numpy(x @ x.T), torch.from_numpy(first), torch.from_numpy(second))
+    for k in range(5):
+        right = 0
+        for fold in range(3):
+            a, b = np.arange(s) % 3, np.arange(t) % 3
+            train = np.r_[first[k][a != fold], second[k][b != fold]]
+            held = np.r_[first[k][a == fold], second[k][b == fold]]
+            if not len(held):
+                continue
+            w, intercept = _reference_svm(x[train], np.r_[np.ones((a != fold).sum()), -np.ones((b != fold).sum())])
+            truth = np.r_[np.ones((a == fold).sum()), -np.ones((b == fold).sum())]
+            right += int((np.where(x[held] @ w + intercept > 0, 1, -1) == truth).sum())
+        assert float(fit.accuracy[k]) == right / (s + t)
+
+
+def test_a_pair_solved_in_a_batch_or_alone_gives_the_same_direction() -> None:
+    x, first, second = _pairs(2, 12, 15, 15)
+    gram = torch.from_numpy(x @ x.T)
+    batch = LinearSVM().fit(gram, torch.from_numpy(first), torch.from_numpy(second))
+    for k in (0, 5, 11):
+        alone = LinearSVM().fit(gram, torch.from_numpy(first[k : k + 1]), torch.from_numpy(second[k : k + 1]))
+        rows = np.r_[first[k], second[k]]
+        w_batch, w_alone = batch.coef[k].numpy() @ x[rows], alone.coef[0].numpy() @ x[rows]
+        assert np.linalg.norm(w_batch - w_alone) <= 1e-10 * np.linalg.norm(w_batch)
+        assert float(batch.accuracy[k]) == float(alone.accuracy[0])
+
+
+def test_cavs_and_verdicts_do_not_depend_on_the_seed(tmp_path: Path) -> None:
+    """The solver is deterministic: two runs with other seeds and no shared cache give the same CAVs (bit for bit,
+    compared through their files) and the same tests; the seed only ever reached Captum classifiers' SGD."""
+    reports = [_tiny_run(tmp_path / f"seed{seed}", seed=seed) for seed in (0, 7)]
+    assert [t.row() for t in reports[0].tests] == [t.row() for t in reports[1].tests]
+    files = [sorted((tmp_path / f"seed{seed}").rglob("*.pkl")) for seed in (0, 7)]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 2 * (45 + 2 * 10)
+    for a, b in zip(*files, strict=True):
+        stats_a = torch.load(a, weights_only=True)["stats"]
+        stats_b = torch.load(b, weights_only=True)["stats"]
+        assert torch.equal(stats_a["weights"], stats_b["weights"])
+        assert stats_a["accs"] == stats_b["accs"] or (math.isnan(stats_a["accs"]) and math.isnan(stats_b["accs"]))
 
 
 # --- the mini-batch classifier ---------------------------------------------------------------------------
@@ -232,13 +329,13 @@ def test_concept_set_validation_and_digest() -> None:
 
 
 def _tiny_run(
-    tmp_path: Path | None = None, runs: int = 10, statistic: str = "magnitude", reuse: bool = True
+    tmp_path: Path | None = None, runs: int = 10, statistic: str = "magnitude", reuse: bool = True, seed: int = 0
 ) -> TCAVReport:
     concepts = {1: [ConceptSet("red", _images(10, 10, shift=1.5)), ConceptSet("plain", _images(11, 10))]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few random runs on purpose
         runner = TCAVRunner(make_tiny_cnn(), LAYERS, model_name="tiny", random_runs=runs, statistic=statistic,
-                            cache_dir=tmp_path, reuse_activations=reuse)
+                            cache_dir=tmp_path, reuse_activations=reuse, seed=seed)
     return runner.run({1: _images(12, 8)}, concepts, RandomSets(_images(13, 60)))
 
 
@@ -252,12 +349,15 @@ def test_runner_report_holm_null_and_csv(tmp_path: Path) -> None:
         assert np.mean(t.null_magnitudes) == pytest.approx(0.0, abs=1e-12)  # one CAV per pair, used both ways
         assert t.magnitude.value == pytest.approx(np.mean(t.magnitudes))
         sign = "+" if t.magnitude.mean_difference > 0 else "-"
-        assert t.verdict == ("not significant" if t.p_holm >= 0.05 else f"used ({sign})")
+        assert t.verdict == ("no evidence at this power" if t.p_holm >= 0.05 else f"used ({sign})")
+        assert t.cav_accuracies and all(0 <= a <= 1 for a in t.cav_accuracies)
     assert report.counts["cavs_trained"] == 2 * (45 + 2 * 10)  # per layer: 45 random pairs + 2 concepts x 10 runs
     assert all(0 <= seconds < 120 for seconds in report.timings.values()) and report.timings["activations"] > 0
     rows = list(csv.DictReader(report.to_csv(tmp_path / "tcav.csv").open()))
     assert len(rows) == 4 and float(rows[0]["p_holm"]) == pytest.approx(tests[0].p_holm)
-    assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["scores"].split()) == 10
+    assert rows[0]["verdict"] == tests[0].verdict and len(rows[0]["sign_counts"].split()) == 10
+    assert rows[0]["statistic"] == "magnitude" and float(rows[0]["effect_size"]) == pytest.approx(
+        tests[0].magnitude.effect_size)
     cached = _tiny_run(tmp_path)  # second run: every CAV comes from the disk cache
     assert cached.counts["cavs_trained"] == 0 and cached.counts["cavs_loaded"] == 2 * (45 + 2 * 10)
     assert cached.counts["images_forwarded"] == 0  # activations are only computed for CAVs to train
@@ -346,10 +446,80 @@ def test_runner_deletes_spilled_activations_when_it_fails(tmp_path: Path, monkey
     def broken(*args: object, **kwargs: object) -> dict[str, float]:
         raise RuntimeError("classifier failed")
 
-    monkeypatch.setattr(MiniBatchSGDClassifier, "train_and_eval", broken)
+    monkeypatch.setattr(LinearSVM, "fit", broken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         runner = TCAVRunner(make_tiny_cnn(), ["block3"], random_runs=3, activation_dir=tmp_path)
     with pytest.raises(RuntimeError, match="classifier failed"):
         runner.run({0: _images(1, 3)}, {0: [ConceptSet("c", _images(3, 4))]}, RandomSets(_images(4, 20)))
     assert not list(tmp_path.rglob("*.npy"))  # activations were spilled before the failure, then deleted
+
+
+def test_a_constant_or_nan_null_cannot_be_tested(tmp_path: Path) -> None:
+    """A class logit that does not depend on the layers gives every direction the same (zero) score: the null
+    has no spread. A NaN weight gives NaN gradients. Both are named, left out of Holm, written as untested."""
+    constant, broken = make_tiny_cnn(), make_tiny_cnn()
+    with torch.no_grad():
+        constant.fc.weight[1].zero_()  # class 1's logit is its bias alone
+        broken.fc.weight[1, 0] = float("nan")  # its gradient w.r.t. block3 is NaN
+    concepts = {1: [ConceptSet("red", _images(10, 10, shift=1.5)), ConceptSet("plain", _images(11, 10))]}
+    reports = []
+    for model in (constant, broken):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            runner = TCAVRunner(model, ["block3"], random_runs=5)
+            reports.append(runner.run({1: _images(12, 4)}, concepts, RandomSets(_images(13, 40))))
+    assert [t.verdict for t in reports[0].tests] == [
+        "cannot test: the null is constant (every random set scores 0): no spread to judge by"] * 2
+    assert [t.verdict for t in reports[1].tests] == [
+        "cannot test: NaN in the statistic or its null (gradients not finite, or a CAV of length 0)"] * 2
+    for t in reports[0].tests + reports[1].tests:
+        assert not t.significant and math.isnan(t.p_holm) and t.row()["significant"] == ""
+    rows = list(csv.DictReader(reports[0].to_csv(tmp_path / "tcav.csv").open()))
+    assert [r["verdict"] for r in rows] == [t.verdict for t in reports[0].tests] and rows[0]["significant"] == ""
+
+
+def test_the_detectable_effect_is_where_the_bonferroni_step_rejects() -> None:
+    """A concept exactly detectable_effect null SDs from the null mean has p = alpha / m (Holm's first step)."""
+    null = np.array([-1.3, -0.4, 0.1, 0.2, 0.6, 0.8, -0.9, 1.1, 0.3, -0.5])
+    for tests in (1, 8, 44):
+        z = detectable_effect(0.05, tests, len(null))
+        result = compare_to_null(null.mean() + z * null.std(ddof=1), null)
+        assert result.p == pytest.approx(0.05 / tests, rel=1e-9) and result.effect_size == pytest.approx(z)
+
+
+def test_cav_accuracy_against_chance() -> None:
+    """The chance bar is the 95th percentile of guessing, Binomial(n, 1/2) / n, n the images of both sets (by
+    hand for n = 20: P(X >= 14) = 0.058, P(X >= 15) = 0.021, so 14/20); a shifted concept's CAVs clear it."""
+    report = _tiny_run(runs=4)
+    red, plain = report.find(1, "red", "block3"), report.find(1, "plain", "block3")
+    assert red.chance_accuracy == pytest.approx(14 / 20)
+    assert sum(math.comb(20, j) for j in range(14, 21)) / 2**20 == pytest.approx(0.0577, abs=1e-4)
+    assert red.cav_accuracy > red.chance_accuracy and not red.cav_at_chance
+    assert plain.cav_at_chance  # a set of random images is no concept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_solver_on_the_gpu_gives_the_cpu_directions() -> None:
+    x, first, second = _pairs(3, 16, 20, 20)
+    gram = torch.from_numpy(x @ x.T)
+    cpu = LinearSVM().fit(gram, torch.from_numpy(first), torch.from_numpy(second))
+    gpu = LinearSVM().fit(gram.cuda(), torch.from_numpy(first).cuda(), torch.from_numpy(second).cuda())
+    np.testing.assert_allclose(gpu.coef.cpu().numpy(), cpu.coef.numpy(), rtol=1e-8, atol=1e-12)
+    assert torch.equal(gpu.accuracy.cpu(), cpu.accuracy)
+
+
+def test_the_gram_cache_grows_and_forgets_without_changing_a_value() -> None:
+    """Inner products grown block by block (rows added over several solves), and recomputed after eviction,
+    equal X X^T of the rows asked for."""
+    from convlens.tcav.cav import _Grams
+
+    x = np.random.default_rng(4).normal(size=(30, 7)).astype(np.float32)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    grams = _Grams(torch.device("cpu"), max_bytes=8 * 21**2)  # 441 inner products at most
+    for layer, rows in (("a", [3, 1, 5]), ("a", [5, 9, 12, 1]), ("b", list(range(20))), ("a", [0, 29, 3])):
+        matrix, position = grams.over(layer, np.array(rows), lambda r: x[r])
+        at = position[np.array(rows)]
+        assert (at >= 0).all()
+        np.testing.assert_allclose(matrix[at][:, at].numpy(), exact[np.ix_(rows, rows)], rtol=1e-12)
+    assert list(grams._matrix) == ["a"]  # "b" (20 rows) was dropped to make room for "a" again

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,19 +29,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
+from convlens.core.files import is_temporary_name
+from convlens.core.outputs import verify_output_folder
 from convlens.inv.reveal import REVEAL_PERCENTAGES, reveal_image
 from convlens.labels.files import read_labels
 from convlens.labels.pipeline import LabelSettings, run_labels
 from convlens.models import LoadedModel, register_model
 from convlens.models.preprocessing import Preprocessing
 from convlens.models.zoo import unregister_model
-from convlens.reports.global_report import build_global, tcav_verdict
-from convlens.tcav.concept_sets import RandomSets
+from convlens.reports.global_report import build_global, read_tcav, tcav_verdict
+from convlens.tcav.concept_sets import RandomSets, tensor_digest
 from convlens.tcav.stats import holm
+from convlens.tcav.study import TCAV_FOLDER
 from convlens.tcav.study_concepts import (
     StudyConceptError,
     build_study_concepts,
@@ -201,7 +213,8 @@ def test_input_png_is_the_models_view(study: tuple[Path, Path], make_model: Any)
 def test_pool_holds_every_labelled_region_of_the_class(study: tuple[Path, Path]) -> None:
     _, labels_dir = study
     folder = read_labels(labels_dir)
-    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4,), random_runs=5)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4,), random_runs=5,
+                                    random_pool="class")
     for name, k in concepts.class_ids.items():
         labelled = [r for r in folder.clusters if r["class"] == name and r["best_labels"]]
         assert concepts.pools[name] == len(labelled) == concepts.random_sets[k].pool.shape[0]
@@ -248,7 +261,8 @@ def test_small_labels_are_skipped_with_their_reason(study: tuple[Path, Path]) ->
     has 12 or more of each and a pool of 24 or more, so exactly cat's two labels are skipped."""
     _, labels_dir = study
     folder = read_labels(labels_dir)
-    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(12,), random_runs=5)
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(12,), random_runs=5,
+                                    random_pool="class")
     count = {(name, label): sum(r["class"] == name and r["best_labels"] == label for r in folder.clusters)
              for name in PICTURES for label in ("fur", "stripes")}
     pool = {name: sum(r["class"] == name and bool(r["best_labels"]) for r in folder.clusters) for name in PICTURES}
@@ -259,7 +273,7 @@ def test_small_labels_are_skipped_with_their_reason(study: tuple[Path, Path]) ->
     assert skipped == {
         ("cat", "fur"): (count[("cat", "fur")],
                          f"{count[('cat', 'fur')]} distinct region(s), fewer than the smallest concept size 12"),
-        ("cat", "stripes"): (12, f"the class's random pool has {pool['cat']} regions, fewer than 2 x 12"),
+        ("cat", "stripes"): (12, f"the random pool has {pool['cat']} regions, fewer than 2 x 12"),
     }
     assert sorted(c.name for c in concepts.concepts[concepts.class_ids["coffee"]]) == ["fur", "stripes"]
     described = concepts.describe()
@@ -312,13 +326,19 @@ def test_cli_end_to_end_and_the_global_report(study: tuple[Path, Path], tmp_path
 
 def test_verdict_cell_texts() -> None:
     rows = [{"layer": "L0", "significant": "true", "direction": "positive", "p_value": "0.000123456", "effect_size":
-             "4.56789"}, {"layer": "L1", "significant": "false", "direction": "negative", "p_value": "0.5",
-                          "effect_size": "-0.2"}]
+             "4.56789", "layer_role": "last"},
+            {"layer": "L1", "significant": "false", "direction": "negative", "p_value": "0.5", "effect_size": "-0.2",
+             "detectable_effect_size": "4.123"}]
     assert tcav_verdict(rows) == "yes: L0 (direction=positive, p_value=0.000123, effect_size=4.57)"
-    assert tcav_verdict(rows[1:]) == ("no (1 layer tested): smallest p_value=0.5 at L1 (direction=negative, "
-                                      "effect_size=-0.2)")
+    assert tcav_verdict(rows[1:]) == ("no evidence at this power (1 layer tested; |effect_size| >= 4.1 is detected): "
+                                      "smallest p_value=0.5 at L1 (direction=negative, effect_size=-0.2)")
+    earlier = [{**rows[0], "layer_role": "earlier"}]
+    assert tcav_verdict(earlier) == ("yes: L0 (earlier layer, no known answer; direction=positive, p_value=0.000123, "
+                                     "effect_size=4.57)")
     skipped = [{"layer": "", "significant": "", "verdict": "skipped: 3 distinct region(s), fewer than 10"}]
     assert tcav_verdict(skipped) == "not tested: 3 distinct region(s), fewer than 10"
+    constant = [{"layer": "L0", "significant": "", "verdict": "cannot test: the null is constant (...)"}]
+    assert tcav_verdict(constant) == "cannot test: the null is constant (...)"
     assert tcav_verdict(None) == "not tested"
 
 
@@ -334,11 +354,12 @@ def test_bad_input_gives_one_line_and_exit_2(study: tuple[Path, Path], tmp_path:
     unlabelled = _labels(tmp_path / "u", run, lambda *_: "")  # plays without descriptions
     _fails([str(unlabelled)], tmp_path / "o1", "no labelled cluster")
     one = _labels(tmp_path / "one", run, lambda c, d, i: "stripes" if c == "coffee" else _default_label(c, d, i))
-    _fails([str(one)], tmp_path / "o2", "class 'coffee' has one concept ('stripes')")
+    _fails([str(one), "--random-pool", "class"], tmp_path / "o2", "class 'coffee' has one concept ('stripes')")
+    _fails([str(one), "--random-pool", "class-others"], tmp_path / "o2b", "class 'coffee' has one concept")
     assert _cli(str(one), "--out", str(tmp_path / "o3"), "--sizes", "4", "--random-runs", "5", "--classes",
-                "cat").exit_code == 0  # leaving it out works
-    assert _cli(str(one), "--out", str(tmp_path / "o3b"), "--sizes", "4", "--random-runs", "5", "--random-pool",
-                "study", "--layers", "block3.1").exit_code == 0  # random sets from the whole study need no second
+                "cat", "--random-pool", "class").exit_code == 0  # leaving it out works
+    assert _cli(str(one), "--out", str(tmp_path / "o3b"), "--sizes", "4", "--random-runs", "5",
+                "--layers", "block3.1").exit_code == 0  # random sets from the whole study (default) need no second
     moved = tmp_path / "moved"
     shutil.copytree(labels_dir, moved)
     manifest = json.loads((moved / "labels.json").read_text())
@@ -365,3 +386,222 @@ def test_a_run_without_a_recorded_model_needs_model(study: tuple[Path, Path], tm
     assert result.exit_code == 0, result.output
     with pytest.raises(StudyConceptError, match="concept sizes"):
         build_study_concepts(read_labels(labels_dir), model_input(PREP), reveal_image, sizes=(1,))
+
+
+# --- the output folder, placing into the labels folder, the cache, a killed run ------------------------------
+
+
+def _run(labels: Path, out: Path, *extra: str, runs: int = 5) -> Any:
+    return _cli(str(labels), "--out", str(out), "--sizes", "4", "--random-runs", str(runs), "--layers", "block3.1",
+                *extra)
+
+
+def _copy(labels_dir: Path, tmp_path: Path) -> Path:
+    labels = tmp_path / "labels"
+    shutil.copytree(labels_dir, labels)
+    return labels
+
+
+def test_placing_never_replaces_a_users_tcav_csv(study: tuple[Path, Path], tmp_path: Path, registered: None) -> None:
+    labels = _copy(study[1], tmp_path)
+    (labels / "tcav.csv").write_text("the user's own\n")
+    result = _run(labels, tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "warning: not placed:" in result.output and "was not placed by convlens tcav" in result.output
+    assert (labels / "tcav.csv").read_text() == "the user's own\n" and not (labels / "tcav.placed.json").exists()
+    assert (tmp_path / "a" / "tcav.csv").is_file()  # the run's own folder has the results
+    (labels / "tcav.csv").unlink()
+    assert _run(labels, tmp_path / "a").exit_code == 0
+    placed = (labels / "tcav.csv").read_bytes()
+    assert placed == (tmp_path / "a" / "tcav.csv").read_bytes()
+    record = json.loads((labels / "tcav.placed.json").read_text())
+    assert record["placed"][-1]["sha256"] == hashlib.sha256(placed).hexdigest()
+    assert _run(labels, tmp_path / "b", runs=6).exit_code == 0  # other results replace convlens's own copy
+    assert (labels / "tcav.previous.csv").read_bytes() == placed
+    assert (labels / "tcav.csv").read_bytes() == (tmp_path / "b" / "tcav.csv").read_bytes()
+    edited = (labels / "tcav.csv").read_text() + "a note of the user's\n"
+    (labels / "tcav.csv").write_text(edited)  # edited by hand: the user's now
+    result = _run(labels, tmp_path / "c")
+    assert result.exit_code == 0 and "warning: not placed" in result.output
+    assert (labels / "tcav.csv").read_text() == edited and (labels / "tcav.previous.csv").read_bytes() == placed
+
+
+def test_an_out_folder_holding_a_users_file_is_refused(study: tuple[Path, Path], tmp_path: Path,
+                                                       registered: None) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "tcav.csv").write_text("mine")
+    result = _run(study[1], out, "--no-place")
+    assert result.exit_code == 2 and "holds 'tcav.csv', which convlens tcav did not write" in result.output
+    assert [p.name for p in out.iterdir()] == ["tcav.csv"] and (out / "tcav.csv").read_text() == "mine"
+
+
+def test_a_rerun_reuses_the_cache_and_a_damaged_cache_file_is_trained_again(
+    study: tuple[Path, Path], tmp_path: Path, registered: None
+) -> None:
+    out = tmp_path / "o"
+    assert _run(study[1], out, "--no-place").exit_code == 0
+    first = json.loads((out / "tcav.json").read_text())
+    text = (out / "tcav.csv").read_text()
+    assert first["counts"]["cavs_trained"] > 0 and first["counts"]["cavs_loaded"] == 0
+    assert set(first["files"]) == {"tcav.csv"}  # sealed without the CAV cache
+    verify_output_folder(out, TCAV_FOLDER)
+    assert _run(study[1], out, "--no-place").exit_code == 0  # the folder replaced whole, its cache carried over
+    second = json.loads((out / "tcav.json").read_text())
+    assert second["counts"]["cavs_trained"] == 0 and second["counts"]["cavs_loaded"] == first["counts"]["cavs_trained"]
+    assert (out / "tcav.csv").read_text() == text  # the same CAVs: the same verdicts, to the last digit
+    victim = sorted((out / "cavs").rglob("*.pkl"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # cut short
+    result = _run(study[1], out, "--no-place")
+    assert result.exit_code == 0, result.output
+    assert f"warning: CAV cache file {victim.relative_to(out)}" in result.output and "trained again" in result.output
+    third = json.loads((out / "tcav.json").read_text())
+    assert (third["counts"]["cavs_recomputed"], third["counts"]["cavs_trained"]) == (1, 1)
+    _same_results(out / "tcav.csv", text)  # the CAV trained alone: the same direction (to float rounding)
+    (out / "tcav.csv").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"tcav\.csv: does not match tcav\.json"):
+        read_tcav(out / "tcav.csv")  # convlens global never reads a cut tcav.csv
+
+
+def _same_results(path: Path, text: str) -> None:
+    """The same tests, verdicts and columns, numbers equal to 1e-6 relative."""
+    with path.open(newline="") as handle:
+        now = list(csv.DictReader(handle))
+    before = list(csv.DictReader(io.StringIO(text)))
+    assert [r["verdict"] for r in now] == [r["verdict"] for r in before] and len(now) == len(before)
+    for row, old in zip(now, before, strict=True):
+        assert row.keys() == old.keys()
+        for key in row:
+            try:
+                assert float(row[key]) == pytest.approx(float(old[key]), rel=1e-6, abs=1e-12, nan_ok=True), key
+            except ValueError:
+                assert row[key].split() == old[key].split() or [float(v) for v in row[key].split()] == pytest.approx(
+                    [float(v) for v in old[key].split()], rel=1e-5, abs=1e-9), key
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_tiny_cnn
+    import test_tcav_study as T
+    import convlens.tcav.study as study
+    from convlens.models import register_model
+    register_model(T.MODEL, lambda weights: T._loaded(make_tiny_cnn))
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # tcav.csv and the CAV files written aside, the folder not sealed
+    study._manifest = die
+    from convlens.cli.main import app
+    app(["tcav", sys.argv[2], "--out", sys.argv[3], "--sizes", "4", "--random-runs", "5", "--layers", "block3.1",
+         "--seed", "1"])
+""")
+
+
+def test_a_killed_run_leaves_the_previous_folder_whole(study: tuple[Path, Path], tmp_path: Path,
+                                                       registered: None) -> None:
+    labels = _copy(study[1], tmp_path)
+    out = tmp_path / "o"
+    assert _run(labels, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    placed = (labels / "tcav.csv").read_bytes()
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    for target in (out, tmp_path / "fresh"):
+        killed = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), str(labels), str(target)],
+                                capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "fresh").exists()  # a first run killed leaves no folder to be read
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the previous one, whole
+    verify_output_folder(out, TCAV_FOLDER)
+    assert (labels / "tcav.csv").read_bytes() == placed
+    assert any(is_temporary_name(p.name) for p in tmp_path.iterdir())  # what the kills left beside the folders
+    rerun = _run(labels, out, "--seed", "1")
+    assert rerun.exit_code == 0, rerun.output
+    assert not any(is_temporary_name(p.name) for p in tmp_path.iterdir())  # and the rerun removed
+    verify_output_folder(out, TCAV_FOLDER)
+    assert (labels / "tcav.csv").read_bytes() == (out / "tcav.csv").read_bytes() != placed
+
+
+def test_class_others_pool_leaves_the_concepts_own_regions_out(study: tuple[Path, Path]) -> None:
+    folder = read_labels(study[1])
+    concepts = build_study_concepts(folder, model_input(PREP), reveal_image, sizes=(4,), random_runs=5,
+                                    random_pool="class-others")
+    for name, k in concepts.class_ids.items():
+        pools = concepts.random_sets[k]
+        assert isinstance(pools, dict) and set(pools) == {c.name for c in concepts.concepts[k]}
+        for concept in concepts.concepts[k]:
+            others = [r for r in folder.clusters if r["class"] == name and r["best_labels"]
+                      and concept.name not in r["best_labels"].split("; ")]
+            assert pools[concept.name].pool.shape[0] == len(others)  # every region's reveal is a distinct image
+            pooled = {tensor_digest(t) for t in pools[concept.name].pool}
+            assert not pooled & set(concept.image_digests)
+
+
+def test_a_cut_input_png_is_named(study: tuple[Path, Path], tmp_path: Path, registered: None) -> None:
+    run, labels_dir = study
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    png = sorted(broken.glob("*/inv/input.png"))[0]
+    png.write_bytes(png.read_bytes()[:300])
+    _fails([str(labels_dir), "--inv-root", str(broken)], tmp_path / "o", f"{png}: unreadable image")
+
+
+def test_help_defines_the_statistic_and_lists_every_option() -> None:
+    from convlens.cli.tcav import STATISTIC_HELP
+
+    text = CliRunner().invoke(app, ["tcav", "--help"]).output
+    for option in ("--statistic", "--seed", "--device", "--batch-size", "--random-pool", "--random-runs", "--sizes",
+                   "--alpha", "--layers", "--classes", "--model", "--weights", "--inv-root", "--place", "--out"):
+        assert option in text
+    assert "magnitude (default) = the mean, over the class's images, of the directional derivative" in STATISTIC_HELP
+
+
+_NAMES = ["tcav.csv", "tcav.json", "cavs", "notes.txt", ".convlens-tmp-notes", ".convlens-tmp-" + "a" * 31,
+          ".hidden", "sub", "=formula", "Tcav.CSV"]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(st.one_of(st.sampled_from(_NAMES), st.text("abcXY019._- é", min_size=1,
+                                                                               max_size=8)),
+                                  st.sampled_from(["file", "dir", "dir-with-file"]), st.binary(max_size=8)),
+                        max_size=4, unique_by=lambda e: e[0].lower()).filter(
+                            lambda es: all(e[0] not in (".", "..") and not is_temporary_name(e[0]) for e in es)),
+       place=st.sampled_from(["the folder", "a new folder in it", "a folder of the user's in it"]))
+def test_the_output_rule_holds_whatever_the_user_keeps(study: tuple[Path, Path], registered: None,
+                                                       entries: list, place: str) -> None:
+    """Whatever a user keeps in --out or around it: refused with one line and nothing changed, or done with
+    nothing of the user's changed and nothing new outside --out (the rule of convlens.core.outputs)."""
+    root = Path(tempfile.mkdtemp(prefix="rule-"))
+    try:
+        folder = root / "user"
+        folder.mkdir()
+        for name, kind, content in entries:
+            if kind == "file":
+                (folder / name).write_bytes(content)
+            else:
+                (folder / name).mkdir()
+                if kind == "dir-with-file":
+                    (folder / name / "mine.txt").write_bytes(content)
+        dirs = [name for name, kind, _ in entries if kind != "file"]
+        out = {"the folder": folder, "a new folder in it": folder / "results-new",
+               "a folder of the user's in it": folder / dirs[0] if dirs else folder / "results-new"}[place]
+        before = _snapshot(root)
+        result = _run(study[1], out, "--no-place")
+        after = _snapshot(root)
+        assert result.exit_code in (0, 2), result.output
+        if result.exit_code == 2:
+            lines = [line for line in result.output.splitlines() if not line.startswith("warning:")]
+            assert len(lines) == 1 and lines[0].startswith("error: ") and after == before, result.output
+            return
+        assert {k: v for k, v in before.items() if after.get(k) != v} == {}  # nothing of the user's changed
+        prefix = out.relative_to(root).as_posix()
+        assert [k for k in after if k not in before and not (k == prefix or k.startswith(prefix + "/"))] == []
+        assert not any(k.startswith(prefix + "/") for k in before)  # never into a folder holding the user's files
+        verify_output_folder(out, TCAV_FOLDER)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -83,3 +83,25 @@ def test_one_layer_and_one_image_are_explained_not_errors() -> None:
     one_image = class_trends("k", CLUSTERS[:3])
     assert math.isnan(one_image.trends[0].ci_low) and any("one image" in n for n in one_image.notes)
     assert class_trends("k", []).notes == ["no clusters"]
+
+
+def test_overview_ranks_by_evidence_not_by_slope() -> None:
+    """A strong flat concept leads the top list; a typo seen once in a deep cluster has the steepest slope but
+    an interval that includes 0, so it is not "rising"; a concept rising in every image is."""
+    clusters = []
+    for image in range(4):
+        for depth in range(3):
+            scores = {"handlebar": 5.0 + 0.1 * ((image + depth) % 2), "mirror": 0.5 + 0.4 * depth,
+                      "tiny": 0.01 + 0.01 * depth}  # rises in every image, but < 2 % of the class's score
+            if image == 0 and depth == 2:
+                scores["hanldebar"] = 3.0
+            clusters.append(ScoredCluster(f"i{image}", f"L{depth}", depth, 3, scores))
+    trends = class_trends("moped", clusters, n_bootstrap=300, seed=2)
+    by_label = {t.label: t for t in trends.trends}
+    assert by_label["hanldebar"].slope > by_label["mirror"].slope > 0  # steepest by slope alone
+    assert [t.label for t in trends.top] == ["handlebar", "mirror", "hanldebar", "tiny"]
+    assert [t.label for t in trends.rising] == ["mirror"] and trends.falling == []
+    assert by_label["tiny"].interval_excludes_zero and trends.share(by_label["tiny"]) < 0.02
+    assert not by_label["hanldebar"].interval_excludes_zero and by_label["mirror"].interval_excludes_zero
+    total = sum(t.total_score for t in trends.trends)
+    assert trends.share(by_label["handlebar"]) == pytest.approx(by_label["handlebar"].total_score / total)

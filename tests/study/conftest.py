@@ -148,8 +148,8 @@ def true_class(app: Any, play_public_id: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster.start_or_skip()
+def postgres(socket_dir: Path) -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster.start_or_skip(socket_dir)
     yield cluster
     cluster.stop()
 

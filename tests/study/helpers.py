@@ -51,12 +51,13 @@ class PostgresCluster:
         self.count = 0
 
     @classmethod
-    def start_or_skip(cls) -> PostgresCluster:
+    def start_or_skip(cls, parent: Path | None = None) -> PostgresCluster:
+        """``parent``: where its folder goes (a short path: the server's socket lives there)."""
         bindir = _pg_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL is not installed (bash scripts/install_system_deps.sh installs it)")
         run_as: list[str] = []
-        base = Path(tempfile.mkdtemp(prefix="convlens-pg-"))
+        base = Path(tempfile.mkdtemp(prefix="convlens-pg-", dir=parent))
         if os.geteuid() == 0:
             try:
                 user = pwd.getpwnam("postgres")
@@ -76,7 +77,7 @@ class PostgresCluster:
         return cluster
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=120)
+        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=900)  # a hang guard
 
     def _start(self) -> None:
         data = self.base / "data"
@@ -84,7 +85,7 @@ class PostgresCluster:
                   "--no-instructions")
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.base / "log"),
-                  "-w", "-t", "60", "start")
+                  "-w", "-t", "600", "start")  # waits for readiness; 600 s only catches a hang
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://convlens@127.0.0.1:{self.port}/{database}"
@@ -121,7 +122,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> LiveServer:
+    def start(self, timeout: float = 600.0) -> LiveServer:
         command = [sys.executable, "-m", "convlens.study.web.server", str(self.study_dir), "--port", str(self.port),
                    "--workers", str(self.workers), "--rate-limit-ip", UNLIMITED, "--rate-limit-participant", UNLIMITED,
                    "--rate-limit-consent", UNLIMITED]
@@ -154,9 +155,9 @@ class LiveServer:
         """SIGKILL the server's process group (the server and any worker it started)."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=300)
 
-    def terminate(self, timeout: float = 30.0) -> int:
+    def terminate(self, timeout: float = 300.0) -> int:
         """SIGTERM and wait: the exit code."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -210,7 +211,7 @@ async def play(base_url: str, index: int, submissions: int, classes: list[str], 
     import httpx
 
     rng = random.Random(index)
-    client = httpx.AsyncClient(base_url=base_url, timeout=60)
+    client = httpx.AsyncClient(base_url=base_url, timeout=300)  # a hang guard: a loaded machine answers late
     clients[index] = client
     try:
         csrf = await _join(client)

@@ -29,12 +29,14 @@ DESCRIPTION = '<img src=x onerror="window.pwned=2"> striped fur, pointed ears'
 
 
 @pytest.fixture
-def browser() -> Any:
+def browser(socket_dir: Path) -> Any:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (bash scripts/install_system_deps.sh installs it)")
     with playwright.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        # chromium's profile socket goes under TMPDIR: a short one, whatever the user's TMPDIR
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
+                                     env={**os.environ, "TMPDIR": str(socket_dir)})
         yield instance
         instance.close()
 
@@ -129,6 +131,7 @@ def test_browser_plays_whole_rounds(browser: Any, study_dir: Path) -> None:
     server = LiveServer(study_dir).start()
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(300_000)  # every wait ends on its event; the bound only catches a hang
         screens = Screens(page)
         page.goto(f"{server.url}/?PROLIFIC_PID=prolific-1&STUDY_ID=st-1&SESSION_ID=se-1")
         screens.shot("01-consent")

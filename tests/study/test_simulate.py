@@ -203,6 +203,37 @@ def test_enough_participants_join_to_fill_every_round(small_study: Path, tmp_pat
     app.state.engine.dispose()
 
 
+def test_rounds_with_the_same_picture_are_told_apart_by_the_play(small_study: Path, tmp_path: Path) -> None:
+    """Two rounds of one image given a byte-identical level-0 picture (as deep 7x7 layers produce): the
+    simulator describes each play with its own round's concept, known from the play id, not the picture."""
+    from convlens.study.batch.create import identical_level0_images
+    from convlens.study.store.config import load_rounds
+
+    study = _fresh(small_study, tmp_path, "same-picture")
+    rounds = [r for r in load_rounds(study) if not r.gold]
+    first = rounds[0]
+    twin = next(r for r in rounds[1:] if r.image_id == first.image_id)
+    shutil.copy(study / "images" / first.round_id / "level0.png", study / "images" / twin.round_id / "level0.png")
+    assert [sorted(g) for g in identical_level0_images(study, [r.round_id for r in rounds])] == [
+        sorted([first.round_id, twin.round_id])]
+    plan = plan_crowd(RoundOracle(study).rounds.values(), CLASSES, seed=5)
+    app = make_app(study)
+    run = simulate(study, plan, participants=None, app=app, concurrent=3)
+    assert _stored(app) == _logged(run)  # the stored round of every play is the one the simulator played
+    played = Counter(p.round_id for p in run.plays)
+    assert played[first.round_id] > 0 and played[twin.round_id] > 0
+    assert run.shared_images == played[first.round_id] + played[twin.round_id]
+    app.state.engine.dispose()
+
+
+def test_study_create_says_when_rounds_share_a_picture(small_study: Path) -> None:
+    from convlens.study.batch.create import identical_level0_images
+    from convlens.study.store.config import load_rounds
+
+    ids = [r.round_id for r in load_rounds(small_study)]
+    assert identical_level0_images(small_study, ids) == []  # the tests' tiny CNN gives distinct pictures
+
+
 def test_same_seed_same_plays_in_process_and_on_uvicorn(small_study: Path, tmp_path: Path) -> None:
     plans = {seed: plan_crowd(RoundOracle(small_study).rounds.values(), CLASSES, seed=seed) for seed in (11, 12)}
     logs = []

@@ -27,8 +27,9 @@ def simulate_command(
     url: Annotated[str | None, typer.Option(help="Play a running server (e.g. http://127.0.0.1:8000, rate limits "
                                                  "high enough: --rate-limit-ip, --rate-limit-participant and "
                                                  "--rate-limit-consent); default: start one for the run.")] = None,
-    db: Annotated[str | None, typer.Option(help="Database URL for the server started here (default: the "
-                                                "SQLite file in STUDY_DIR).")] = None,
+    db: Annotated[str | None, typer.Option(help="Database URL of the server (started here or at --url; default: "
+                                                "the SQLite file in STUDY_DIR); read to know each play's "
+                                                "round.")] = None,
     concurrent: Annotated[int, typer.Option(help="Participants in the game at the same time.")] = 4,
     budget: Annotated[int | None, typer.Option(help="Stop once this many plays started.")] = None,
     concepts_per_class: Annotated[int, typer.Option(help="Planted concepts per class.")] = 3,
@@ -53,21 +54,25 @@ def simulate_command(
         config = load_study(study_dir)
         model = CrowdModel(concepts_per_class=concepts_per_class, trends=trends, trend_strength=trend_strength)
         plan = plan_crowd(load_rounds(study_dir), config.classes, model, seed)
+        plan.study_id = config.study_id
         target.mkdir(parents=True, exist_ok=True)
         (target / "crowd_plan.json").write_text(json.dumps(plan.to_json(), indent=2))
         import asyncio
 
         if url is not None:
-            run = asyncio.run(run_crowd(url_clients(url), study_dir, plan, participants, concurrent, budget))
+            run = asyncio.run(run_crowd(url_clients(url), study_dir, plan, participants, concurrent, budget, db))
         else:
             with served(study_dir, db, log=target / "server.log") as base:
-                run = asyncio.run(run_crowd(url_clients(base), study_dir, plan, participants, concurrent, budget))
+                run = asyncio.run(run_crowd(url_clients(base), study_dir, plan, participants, concurrent, budget, db))
     except (FileNotFoundError, ValueError, OSError, SimulationError) as exc:
         fail(console, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     (target / "crowd_run.json").write_text(json.dumps(run.to_json(), indent=2))
     summary = run.summary()
     typer.echo(f"{summary['participants']} participants, {summary['plays']} plays ({summary['outcomes']}), "
                f"{summary['described']} descriptions, {summary['requests']} requests in {summary['seconds']} s")
+    if summary["shared_images"]:
+        typer.echo(f"{summary['shared_images']} plays showed a level-0 picture that another round shares (players "
+                   "cannot tell those rounds apart; the simulator knows each play's round from the database)")
     typer.echo(f"Planted truth: {target / 'crowd_plan.json'}; next: convlens study export {study_dir} --out EXPORT")
 
 
@@ -86,7 +91,9 @@ def recovery_command(
         plan = CrowdPlan.from_json(json.loads(plan_file.read_text()))
         found = recovery(labels_dir, plan)
         signs = trend_signs(global_dir, plan) if global_dir is not None else []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # a labels or global folder that does not check out, a plan of another study
+        fail(console, str(exc))
+    except (OSError, KeyError, TypeError) as exc:
         fail(console, f"{type(exc).__name__}: {exc}")
     typer.echo(f"planted concept is the best label of {found.recovered} of {len(found.clusters)} clusters "
                f"({found.share:.0%})")

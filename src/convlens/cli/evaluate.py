@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import CliError, fail, parse_literal, split_list
+from convlens.cli.common import CliError, fail, old_spelling, parse_literal, split_list
 from convlens.cli.engines import (
     AddressOption,
     EngineChoice,
@@ -25,7 +25,7 @@ from convlens.cli.engines import (
     engine_session,
     ray_options,
 )
-from convlens.cli.explain import parse_params
+from convlens.cli.explain import DEFAULT_BATCH_SIZE, parse_params
 from convlens.runners.evaluate import PRESETS, Engine, EvaluationConfig, EvaluationError, run_evaluation
 from convlens.runners.ray_engine import RayEngineError  # no Ray import: Ray loads only for --engine ray
 from convlens.runners.store import SettingsMismatchError
@@ -67,7 +67,8 @@ def evaluate(
         "synthetic-vgg"
     ),
     weights: Annotated[str | None, typer.Option(help="Local state_dict for the model (weights-only load).")] = None,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (see `convlens methods`).")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods (see `convlens methods`) [default: the preset's, else gradcam].")] = None,
     metrics: Annotated[
         str | None, typer.Option(help=f"Comma-separated metrics [default: {','.join(DEFAULT_METRICS)}].")
     ] = None,
@@ -82,11 +83,15 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option(help="Evaluate the first N images (synthetic: N images, default 50).")
     ] = None,
-    targets: Annotated[str, typer.Option(help="label (each annotated class) or predicted.")] = "label",
-    param: Annotated[list[str] | None, typer.Option(help="Method parameter METHOD.KEY=VALUE (repeatable).")] = None,
-    metric_param: Annotated[list[str] | None, typer.Option(help="Metric parameter METRIC.KEY=VALUE (repeat).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="label (each annotated class) or predicted (the model's top class).", show_default="label")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        metavar="[METHOD.]KEY=VALUE", help="A method parameter; KEY=VALUE sets it for every selected method that "
+                                           "has it (repeatable).")] = None,
+    metric_param: Annotated[list[str] | None, typer.Option(
+        metavar="METRIC.KEY=VALUE", help="A metric parameter (repeatable).")] = None,
     metric_score: Annotated[str | None, typer.Option(help="Model-truth metrics' score: softmax|sigmoid|logit.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     samples: Annotated[int, typer.Option(help="Overlays shown in the report for the first N images.")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Discard a previous convlens run in --out made with other "
@@ -97,12 +102,16 @@ def evaluate(
     gpus_per_worker: GpusOption = None,
     threads_per_worker: ThreadsOption = 1,
     ray_address: AddressOption = None,
+    method: Annotated[str | None, typer.Option("--method", hidden=True, help="Old spelling of --methods.")] = None,
+    targets: Annotated[str | None, typer.Option("--targets", hidden=True, help="Old spelling of --target.")] = None,
 ) -> None:
     """Evaluate methods on a dataset: per-image CSV, summary (mean, 95 % CI) as Markdown/CSV/HTML; resumable."""
     choice = _engine_choice(engine, workers, gpus_per_worker, threads_per_worker, ray_address, device)
     chosen = _preset(preset)
     if data is None:
         _no_data(preset, chosen)
+    methods = old_spelling(console, "--methods", methods, "--method", method, None)
+    target = old_spelling(console, "--target", target, "--targets", targets, "label")
     method_list = split_list(methods) or ([m for m in chosen["methods"] if _registered(m)] if chosen else ["gradcam"])
     metric_list = split_list(metrics) or _default_metrics(chosen, str(data), data_format)
     if chosen is not None:
@@ -113,7 +122,7 @@ def evaluate(
     config = EvaluationConfig(
         model=model, methods=method_list, data=str(data), metrics=metric_list, out=out, weights=weights,
         data_format=data_format, annotations=annotations, images=images, split=split, limit=limit,  # type: ignore[arg-type]
-        targets=targets, method_params=method_params, metric_params=metric_params,  # type: ignore[arg-type]
+        targets=target, method_params=method_params, metric_params=metric_params,  # type: ignore[arg-type]
         metric_score=metric_score or (chosen["metric_score"] if chosen else "softmax"),  # type: ignore[arg-type]
         batch_size=batch_size, device=choice.driver_device, n_samples=samples, overwrite=overwrite, preset=preset,
     )
@@ -176,12 +185,13 @@ def _run(config: EvaluationConfig, progress: bool, choice: EngineChoice) -> None
         fail(console, str(exc))
     except KeyboardInterrupt:
         out = escape(str(config.out))
-        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/]: finished images are saved in {out}; rerun the same command to resume",
+                      soft_wrap=True)
         raise typer.Exit(code=130) from None
     _print_summary(result.summary, list(config.methods), list(config.metrics))
     if result.bad_images:
         listed = escape(str(result.files["bad_images"]))
-        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})")
+        console.print(f"[yellow]{len(result.bad_images)} image(s) skipped[/] (listed in {listed})", soft_wrap=True)
     typer.echo(f"{result.n_images} images; tables: {result.files['summary_md']}, {result.files['per_image']}; "
                f"report: {result.files['report']}")
 

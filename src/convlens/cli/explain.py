@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from convlens.cli.common import CliError, fail
+from convlens.cli.common import CliError, fail, old_spelling
 from convlens.cli.engines import (
     AddressOption,
     EngineChoice,
@@ -41,9 +41,14 @@ from convlens.runners.explain import (
 from convlens.runners.explain_methods import parse_method_params
 from convlens.runners.ray_engine import RayEngineError  # no Ray import: Ray loads only for --engine ray
 
-__all__ = ["explain", "parse_params", "run_command"]
+__all__ = ["DEFAULT_BATCH_SIZE", "explain", "parse_params", "run_command"]
 
 console = Console(stderr=True)
+
+# Every command's --batch-size (masked inputs per forward pass) defaults to the library's (Explainer, ExplainConfig,
+# EvaluationConfig): the CLI and Python give the same maps for the same call.
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_METHOD = "gradcam"
 
 
 class _RichProgress:
@@ -64,10 +69,11 @@ class _RichProgress:
         self.progress.advance(self.masked, count)
 
     def skipped(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]skipped[/] {escape(message)}")
+        self.progress.console.print(f"[yellow]skipped[/] {escape(message)}", soft_wrap=True)
 
     def waiting(self, out: Path) -> None:
-        self.progress.console.print(f"waiting: another convlens run is writing to {escape(str(out))} ...")
+        self.progress.console.print(f"waiting: another convlens run is writing to {escape(str(out))} ...",
+                                    soft_wrap=True)
 
 
 def run_command(
@@ -83,7 +89,8 @@ def run_command(
     with Progress(*columns, console=output, transient=False) as progress:
         result = execute_explain(plan, _RichProgress(progress), engine)
     page = escape(str(result.out / "index.html"))
-    output.print(f"[green]wrote[/] {page} ({len(result.records)} image(s), {len(result.skipped)} skipped)")
+    output.print(f"[green]wrote[/] {page} ({len(result.records)} image(s), {len(result.skipped)} skipped)",
+                 soft_wrap=True)
     return result
 
 
@@ -109,17 +116,19 @@ def explain(
     inputs: Annotated[list[str], typer.Argument(help="Image files and/or folders.", show_default=False)],
     model: Annotated[str, typer.Option(help="Model name (see `convlens models`).")] = "efficientnet_lite0",
     weights: Annotated[str | None, typer.Option(help="Local state_dict (.pt/.pth), loaded weights-only.")] = None,
-    method: Annotated[str, typer.Option(help="Comma-separated methods (see `convlens methods`).")] = "gradcam",
-    target: Annotated[str, typer.Option(help="auto (predicted), a class id, or a class name.")] = "auto",
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods (see `convlens methods`).", show_default=DEFAULT_METHOD)] = None,
+    target: Annotated[str, typer.Option(
+        help="predicted (the model's top class), a class id, or a class name.")] = "predicted",
     layers: Annotated[
         str | None, typer.Option(help="blocks | last | comma-separated module names (INV: also tail | depth | convs).")
     ] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/explain"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 32,
-    param: Annotated[
-        list[str] | None, typer.Option(help="Method parameter KEY=VALUE or METHOD.KEY=VALUE (repeatable).")
-    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = DEFAULT_BATCH_SIZE,
+    param: Annotated[list[str] | None, typer.Option(
+        metavar="[METHOD.]KEY=VALUE", help="A method parameter; KEY=VALUE sets it for every selected method that "
+                                           "has it (repeatable).")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help="Show each layer's/block's map.")] = False,
     resume: Annotated[bool, typer.Option(help="Skip images already explained with the same settings.")] = True,
     engine: EngineOption = "embedded",
@@ -127,14 +136,16 @@ def explain(
     gpus_per_worker: GpusOption = None,
     threads_per_worker: ThreadsOption = 1,
     ray_address: AddressOption = None,
+    method: Annotated[str | None, typer.Option("--method", hidden=True, help="Old spelling of --methods.")] = None,
 ) -> None:
     """Explain images: overlays, .npy maps, results JSON and index.html with all maps side by side."""
     try:
         choice = ray_options(engine, workers, gpus_per_worker, threads_per_worker, ray_address, device)
     except CliError as exc:
         fail(console, str(exc))
+    chosen = old_spelling(console, "--methods", methods, "--method", method, DEFAULT_METHOD)
     config = ExplainConfig(
-        inputs=inputs, model=model, weights=weights, methods=method.split(","), target=target, layers=layers,
+        inputs=inputs, model=model, weights=weights, methods=chosen.split(","), target=target, layers=layers,
         out=out, device=choice.driver_device, batch_size=batch_size, params=param or [], per_block=per_block,
         resume=resume,
     )

@@ -79,6 +79,12 @@ def _summary(result: Any, out: Path) -> None:
         typer.echo(f"  excluded, {reason}: {n}")
     for reason, n in sorted(result.unused_counts().items()):
         typer.echo(f"  counted, description not used ({reason}): {n}")
+    rules = result.text_rules()
+    merged, names = rules["spelling"]["merged"], rules["spelling"]["misspelt_class_names"]
+    typer.echo(f"  spelling: {len(merged)} words merged into their frequent form, {len(names)} misspelt class "
+               "names removed (labels.json text_rules)")
+    if result.gold is not None:
+        typer.echo(f"  gold filter: {result.gold.note}")
     for name, labelling in result.labellings.items():
         labels = sorted({c.label for c in labelling.clusters if c.label})
         typer.echo(f"  {name}: {sum(labelling.counts)} descriptions, {labelling.k} text clusters "
@@ -96,31 +102,47 @@ def labels_command(
         help="authors (÷4 if no right guess gave the label) | per_play.")] = "authors",
     class_alias: Annotated[list[str] | None, typer.Option(
         help="CLASS=ALIAS, also removed from texts (repeatable).")] = None,
-    min_similarity: Annotated[float, typer.Option(
-        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.4,
+    max_text_clusters: Annotated[int, typer.Option(
+        help="Largest number of text clusters per class tried by the silhouette search.")] = 40,
+    spelling_similarity: Annotated[float, typer.Option(
+        help="OSA similarity from which an unknown word is merged into a more frequent one (1 = off).")] = 0.75,
+    min_gold_accuracy: Annotated[float | None, typer.Option(
+        help="Drop the plays of participants whose gold accuracy (participants table: gold_correct / gold_plays) "
+             "is below this share, e.g. 0.5 (off by default).")] = None,
+    min_gold_plays: Annotated[int, typer.Option(
+        help="Participants with fewer gold plays are kept by the gold filter (too little to judge).")] = 1,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the agreement intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     db: Annotated[str | None, typer.Option(help="Database URL of a STUDY_DIR (default: its SQLite file).")] = None,
+    raw_csv: Annotated[bool, typer.Option(
+        "--raw-csv", help="Write participants' text into the CSVs exactly as typed (by default a cell starting "
+                          "with = + - @ ' a tab or a carriage return gets a leading ' so that a spreadsheet shows "
+                          "it as text; convlens's readers restore it).")] = False,
 ) -> None:
     """Concept labels from a Deep Reveal study: text clusters, label scores, merged clusters, agreement, audit."""
+    from convlens.core.outputs import check_output_folder
     from convlens.labels.embedders import load_embedder
     from convlens.labels.export import is_export
+    from convlens.labels.files import LABELS_FOLDER, write_labels
     from convlens.labels.pipeline import LabelSettings, run_labels
 
     try:
         settings = LabelSettings(max_chars=max_chars, wrong_rule=wrong_rule, class_aliases=_aliases(class_alias),
-                                 n_bootstrap=bootstrap, seed=seed, min_similarity=min_similarity)
+                                 n_bootstrap=bootstrap, seed=seed, max_text_clusters=max_text_clusters,
+                                 spelling_similarity=spelling_similarity, min_gold_accuracy=min_gold_accuracy,
+                                 min_gold_plays=min_gold_plays)
         plugin = load_translator(translator) if translator else None
         if not source.exists():
             raise ValueError(f"{source}: no such file or folder")
+        check_output_folder(out, LABELS_FOLDER)  # before the work: a user's folder is refused at once
         with tempfile.TemporaryDirectory(prefix="convlens-labels-") as workdir:
             folder, base = source, None
             if not is_export(source):
                 if not (source / "study.json").is_file():
                     raise ValueError(f"{source}: neither a study export (plays.csv|jsonl) nor a study folder")
                 folder, base = _export_study(source, db, Path(workdir)), source
-            result = run_labels(folder, out, load_embedder(embedder), plugin, settings, inv_base=base)
+            result = run_labels(folder, None, load_embedder(embedder), plugin, settings, inv_base=base)
+        write_labels(result, out, raw_csv=raw_csv)
     except (ValueError, OSError) as exc:
         fail(console, str(exc))
     _summary(result, out)
@@ -129,22 +151,28 @@ def labels_command(
 def global_command(
     labels_dir: Annotated[Path, typer.Argument(help="Output folder of `convlens labels`.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out/global"),
-    min_similarity: Annotated[float, typer.Option(
-        help="A wrong guess's description less similar (mean cosine) than this to every text cluster of the "
-             "guessed class stays unlabelled.")] = 0.4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over images for the slope intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     tcav: Annotated[Path | None, typer.Option(
         help="TCAV results CSV (default: LABELS_DIR/tcav.csv if present).")] = None,
     inv_root: Annotated[Path | None, typer.Option(help="Folder holding the INV runs, if they moved.")] = None,
+    raw_csv: Annotated[bool, typer.Option(
+        "--raw-csv", help="Write labels and class names into the CSVs exactly (see `convlens labels --raw-csv`).")
+    ] = False,
+    min_similarity: Annotated[float | None, typer.Option(
+        hidden=True, help="Deprecated, no effect: labels are final once `convlens labels` wrote them.")] = None,
 ) -> None:
     """Global explanations: per class, concepts that grow or fade with depth, plots and labelled maps."""
     from convlens.reports.global_report import build_global
 
+    if min_similarity is not None:  # accepted so that old scripts run; it never changed anything here
+        console.print("warning: --min-similarity has no effect on `convlens global` and is ignored: labels are "
+                      "final once `convlens labels` wrote them", soft_wrap=True, markup=False)
+
     if bootstrap < 1:
         fail(console, f"--bootstrap must be >= 1, got {bootstrap}")
     try:
-        result = build_global(labels_dir, out, bootstrap, seed, tcav, inv_root)
+        result = build_global(labels_dir, out, bootstrap, seed, tcav, inv_root, raw_csv=raw_csv)
     except (ValueError, OSError) as exc:
         fail(console, str(exc))
     for note in result.notes:

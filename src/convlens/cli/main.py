@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from convlens.cli.common import fail
+from convlens.cli.common import ReadableHelpGroup, fail
 from convlens.cli.evaluate import evaluate as evaluate_command
-from convlens.cli.explain import console, execute, explain
+from convlens.cli.explain import DEFAULT_BATCH_SIZE, console, execute, explain
 from convlens.cli.labels import global_command, labels_command
 from convlens.cli.study import serve as serve_command
 from convlens.cli.study import study_app
@@ -23,6 +23,7 @@ from convlens.runners.explain_methods import ExplainerSpec
 
 app = typer.Typer(
     name="convlens",
+    cls=ReadableHelpGroup,
     help="Explain CNN image classifiers: where they look, what each layer sees.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,7 +49,7 @@ app.command()(explain)
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
-    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Masked inputs per forward pass.")] = DEFAULT_BATCH_SIZE,
 ) -> None:
     """Explain scikit-image's `chelsea` with the offline EfficientNet-Lite0 and every available method."""
     import skimage.data
@@ -78,13 +79,24 @@ def models() -> None:
     """List the models that load offline."""
     from convlens.models import available_models
 
-    table = Table("name", "weights")
-    for name in available_models():
+    names = available_models()
+    table = _listing("name", "weights", names=names)
+    for name in names:
         weights = "pretrained (bundled)" if name == "efficientnet_lite0" else "random init or --weights PATH"
         table.add_row(escape(name), weights)
     table.add_row("<any torchvision classifier>", "random init or --weights PATH")
     table.add_row("timm:<name>", "random init or --weights PATH")
     Console().print(table)
+
+
+def _listing(*headers: str, names: list[str], title: str | None = None) -> Table:
+    """A table whose first column holds names a user types: never cut or split, whatever the terminal width
+    (the other columns fold their text instead of cutting it)."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True, min_width=max(map(len, names), default=0))
+    for header in headers[1:]:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 @app.command()
@@ -94,14 +106,22 @@ def methods(
     ] = None,
 ) -> None:
     """List the explanation methods; with names, their parameters (types, defaults, ranges)."""
+    from convlens.methods.registry import LAYER_EXPLAINERS
     from convlens.runners.explain_methods import explainer_names, get_explainer_spec
 
     if not names:
-        table = Table("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)")
+        kinds = {"saliency": ("Saliency methods: one map per image; Python: convlens.create(NAME, model)", [])}
+        kinds["concept"] = ("Layer explainers: per layer, clusters of feature maps; Python: "
+                            + ", ".join(LAYER_EXPLAINERS.values()), [])
         for name in explainer_names():
             spec = get_explainer_spec(name)
-            table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
-        Console().print(table)
+            kinds[spec.kind][1].append((name, spec))
+        for title, rows in kinds.values():
+            table = _listing("name", "paper", "default score", "parameters (--param METHOD.KEY=VALUE)",
+                             names=[name for name, _ in rows], title=title)
+            for name, spec in rows:
+                table.add_row(name, escape(spec.cls.paper), spec.cls.default_score, escape(", ".join(spec.knobs)))
+            Console().print(table)
         return
     for name in names:
         try:
@@ -112,8 +132,10 @@ def methods(
 
 
 def _parameter_table(spec: ExplainerSpec) -> Table:
-    table = Table("parameter", "type", "default", "range", "meaning", title=f"{spec.name} — {escape(spec.cls.paper)}")
-    for item in spec.describe():
+    items = spec.describe()
+    table = _listing("parameter", "type", "default", "range", "meaning", names=[*(i.name for i in items), "batch_size"],
+                     title=f"{spec.name} — {escape(spec.cls.paper)}")
+    for item in items:
         table.add_row(item.name, escape(item.type), escape(repr(item.default)), item.range, escape(item.doc))
     table.add_row("score", "'logit' | 'softmax' | 'sigmoid'", repr(spec.cls.default_score), "", "differentiated score")
     default_layers = escape(repr(getattr(spec.cls, "default_layers", None)))

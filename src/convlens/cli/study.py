@@ -26,7 +26,7 @@ study_app = typer.Typer(help="Deep Reveal studies: create one from INV runs, exp
 @study_app.command("create")
 def create(
     study_dir: Annotated[Path, typer.Argument(help="New folder for the study.", show_default=False)],
-    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --method inv --out "
+    runs: Annotated[list[Path], typer.Option("--from", help="INV run folder (`convlens explain --methods inv --out "
                                                           "DIR`); repeatable.", show_default=False)],
     classes: Annotated[Path | None, typer.Option(help="File with the study's classes, one per line "
                                                      "(default: the INV target classes).")] = None,
@@ -74,6 +74,8 @@ def create(
         needed = -(-summary["rounds"] * plays_per_round // summary["images"])
         typer.echo(f"Each participant plays at most {summary['images']} rounds (one per image): {summary['rounds']} "
                    f"rounds x {plays_per_round} plays need at least {needed} participants.")
+    for note in summary.get("notes", []):
+        typer.echo(f"Note: {note}")
     typer.echo(f"Admin token (also in {study_dir}/secrets.json): {summary['admin_token']}")
     typer.echo(f"Serve it with: convlens serve {study_dir}")
 

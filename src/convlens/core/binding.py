@@ -1,22 +1,24 @@
 """A classifier bound for explanation: the one place that knows how to read a model.
 
-Every explainer — saliency methods (:mod:`convlens.methods`) and the concept explainers
-(:mod:`convlens.inv`) — holds a :class:`ModelBinding`: the ``nn.Module`` (unwrapped from a
-:class:`~convlens.models.LoadedModel`), its name and class names, the output adapter that turns its
-output into (B, classes) logits, the differentiated score (logit / softmax / sigmoid), its device,
-and a per-input-shape cache of resolved layers.
+Every explainer — saliency methods (:mod:`convlens.methods`) and the layer explainer INV
+(:mod:`convlens.inv`) — is a :class:`BoundExplainer`: it holds a :class:`ModelBinding` (the ``nn.Module``
+unwrapped from a :class:`~convlens.models.LoadedModel`, its name and class names, the output adapter that
+turns its output into (B, classes) logits, the differentiated score, its device, a per-input-shape cache of
+resolved layers), its checked parameters and its layer spec. What each kind returns is its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from convlens.core.hooks import eval_mode
 from convlens.core.inputs import explained_input
+from convlens.core.layers import LayerSpec
+from convlens.core.params import MethodParams, ParamError
 from convlens.core.targets import (
     SCORE_KINDS,
     OutputAdapter,
@@ -27,7 +29,7 @@ from convlens.core.targets import (
     resolve_targets,
 )
 
-__all__ = ["ModelBinding"]
+__all__ = ["BoundExplainer", "ModelBinding"]
 
 T = TypeVar("T")
 
@@ -97,3 +99,64 @@ class ModelBinding:
         if key not in self._layer_cache:
             self._layer_cache[key] = resolve()
         return self._layer_cache[key]
+
+
+class BoundExplainer:
+    """What every explainer shares: the bound model, its typed parameters and its layer spec.
+
+    Args:
+        model: the classifier (an ``nn.Module`` or a :class:`~convlens.models.LoadedModel`).
+        layers: a layer spec (None: the class's ``default_layers``).
+        score: ``"logit"``, ``"softmax"`` or ``"sigmoid"`` (None: the class's ``default_score``).
+        output_adapter: maps the raw model output to (B, classes) logits.
+        class_names: lets targets be given by class name.
+        params: an instance of the class's ``Params``; or give its fields as keyword arguments (``knobs``),
+            checked by ``Params`` — never both.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    uses_layers: ClassVar[bool] = True
+    default_layers: ClassVar[LayerSpec] = "last"
+    default_score: ClassVar[ScoreKind] = "logit"
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        layers: LayerSpec | None = None,
+        score: ScoreKind | None = None,
+        output_adapter: OutputAdapter | None = None,
+        class_names: Sequence[str] | None = None,
+        params: MethodParams | None = None,
+        **knobs: Any,
+    ) -> None:
+        self.binding = ModelBinding(model, score or self.default_score, output_adapter, class_names)
+        if params is not None and knobs:
+            raise ParamError(f"{self.name}: give either params= or keyword parameters, not both")
+        if params is not None and not isinstance(params, self.Params):
+            expected = self.Params.__name__
+            article = "an" if expected[0] in "AEIOU" else "a"
+            raise ParamError(f"{self.name}: params must be {article} {expected}, got {type(params).__name__}")
+        self.config = params if params is not None else self.Params.from_mapping(knobs)
+        self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
+
+    @property
+    def model(self) -> nn.Module:
+        return self.binding.model
+
+    @property
+    def score(self) -> ScoreKind:
+        return self.binding.score
+
+    @property
+    def output_adapter(self) -> OutputAdapter | None:
+        return self.binding.output_adapter
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.binding.class_names
+
+    @property
+    def device(self) -> torch.device:
+        return self.binding.device

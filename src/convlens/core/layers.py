@@ -1,31 +1,11 @@
 """Layer discovery: which modules of a CNN an explanation method should look at.
 
-Strategies (reusable by every method):
-
-* ``"blocks"`` — the last layer of every convolutional block, i.e. every layer whose output is
-  followed by a spatial down-sampling, plus the last layer with spatial extent. This is SISE's
-  Phase-1 rule (Sattarzadeh et al., AAAI-21, "Block-Wise Feature Explanation"): for torchvision's
-  ResNet-50 it gives ``relu, layer1, layer2, layer3, layer4`` (64+256+512+1024+2048 = 3904 maps).
-* ``"last"`` — the last of those blocks: the deepest layer with spatial size > 1 that ends a block
-  containing learnable layers (the usual Grad-CAM layer).
-* explicit module names (``"layer4"``, ``["layer3", "layer4"]``) or module objects.
-
-Everything is found from output shapes recorded in one dummy forward — no per-architecture name
-tables. The rule, precisely:
-
-1. Record, for every module called during the forward, its first-call completion index and its
-   output shape (4-D tensors only have spatial extent).
-2. Build a flat *sequence* of modules in execution order, starting from the root's children. A child
-   whose own children produce two or more distinct spatial sizes (a container with an internal
-   down-sampling *between* its children, e.g. VGG's ``features``) is replaced by its children,
-   recursively. A container whose children all share one spatial size (a ResNet stage whose first
-   bottleneck down-samples internally) stays one unit.
-3. A sequence item ends a block if the next 4-D item is spatially smaller (or no 4-D item follows)
-   and the block segment since the previous block end contains learnable parameters (so VGG's
-   trailing max-pool/avg-pool, parameter-free, do not form a block).
-4. If a block end is a normalisation layer that is the first child of a down-sampling container
-   (ConvNeXt's ``LayerNorm -> Conv(stride 2)`` down-sampler), the previous item — the stage output —
-   is used instead.
+Strategies (:func:`resolve_layers`, reusable by every method): ``"blocks"`` — the last layer of every
+convolutional block, i.e. every layer whose output is followed by a spatial down-sampling, plus the last
+layer with spatial extent (SISE's Phase-1 rule, Sattarzadeh et al., AAAI-21: torchvision's ResNet-50 gives
+``relu, layer1, layer2, layer3, layer4``, 3904 maps); ``"last"`` — the last of those blocks (the usual
+Grad-CAM layer); or explicit module names or objects. Everything is found from the output shapes of one
+dummy forward (:func:`find_block_layers`), so no per-architecture name tables are needed.
 """
 
 from __future__ import annotations
@@ -150,7 +130,18 @@ _BLOCKS_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], list[s
 
 
 def find_block_layers(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224)) -> list[str]:
-    """Names of the last layer of every convolutional block (see module docstring for the rule).
+    """Names of the last layer of every convolutional block, found from one dummy forward's output shapes:
+
+    1. record, for every module called during the forward, its first-call completion index and its output
+       shape (4-D tensors only have spatial extent);
+    2. build a flat sequence of modules in execution order from the root's children: a child whose own
+       children produce two or more spatial sizes (a container that down-samples *between* its children, e.g.
+       VGG's ``features``) is replaced by its children, recursively; a container whose children share one size
+       (a ResNet stage whose first bottleneck down-samples internally) stays one unit;
+    3. an item ends a block if the next 4-D item is spatially smaller (or none follows) and the segment since
+       the previous block end has learnable parameters (VGG's trailing parameter-free pools form no block);
+    4. a block end that is a normalisation layer opening a down-sampling container (ConvNeXt's ``LayerNorm ->
+       Conv(stride 2)``) is replaced by the item before it, the stage output.
 
     The result is cached per model object and input shape (the dummy forward runs once); a model whose
     modules are replaced afterwards should be passed as a new object.

@@ -1,30 +1,23 @@
 """Scoped thread limits: loops of small operations run on one thread, whatever the process's default.
 
-torch's intra-op pool (OpenMP) and the BLAS pools of numpy/scipy split every operation over all their
-threads and meet at a barrier when it ends. On a machine whose cores other processes keep busy (a shared
-server, several Ray actors per node, a study server beside a labels run) one of those threads is often
-descheduled, and an operation of a few microseconds then waits a scheduler time slice for it: a loop of
-thousands of small operations (ADVISE's adaptive KDE, the AVX protocol's similarity terms, SISE's block
-thresholds) ran ~25x slower on torch's default threads than on one (``BENCHMARKS.md``, section ``load``).
-A large batched operation (a model forward over a batch of masked images) still gains from its threads,
-so the choice is made per operation size: the small-operation sections of the methods are wrapped in
-:func:`limit_threads`; the batched forwards run on the caller's threads.
+torch's intra-op pool (OpenMP) and the BLAS pools split every operation over all their threads and meet at
+a barrier when it ends. On cores other processes keep busy one of those threads is often descheduled, and
+an operation of a few microseconds waits a scheduler time slice for it: a loop of thousands of small
+operations (ADVISE's KDE, the AVX terms, SISE's block thresholds) ran ~25x slower on torch's default
+threads than on one (``BENCHMARKS.md``, section ``load``). Large batched forwards still gain from their
+threads, so the choice is made per operation size: small-operation sections are wrapped in
+:func:`limit_threads`, the batched forwards run on the caller's threads.
 
 Rules of :func:`limit_threads`:
 
-* it only lowers: the body runs on ``min(current, threads)`` torch threads, so a caller's own lower limit
-  (``torch.set_num_threads(1)``, a Ray actor's ``--threads-per-worker``) always wins, and a Ray actor
-  with N threads runs its small-operation sections on one and its forwards on N;
+* it only lowers: the body runs on ``min(current, threads)`` torch threads, so a caller's lower limit
+  (``torch.set_num_threads(1)``, a Ray actor's ``--threads-per-worker``) always wins;
 * it restores: on exit torch's thread count is what the entry saw, so nested limits unwind in order;
-* ``blas=True`` also limits the BLAS libraries numpy and scipy load (OpenBLAS, MKL, BLIS) through
-  threadpoolctl, restored the same way; torch's own BLAS follows torch's thread count;
-* torch's thread count belongs to the process (OpenMP keeps it per OS thread once a thread has used it):
-  enter the limit from the thread that runs the work, as any ``torch.set_num_threads`` call.
+* ``blas=True`` also limits numpy's and scipy's BLAS (threadpoolctl), restored the same way;
+* torch's thread count is per OS thread once used: enter the limit from the thread that runs the work.
 
-Thread counts never change a result beyond float rounding: the maps the limited sections produce are
-tested bit-equal or within float noise against the unlimited ones (``tests/test_threads.py``).
-:func:`thread_limits_enabled` switches every limit off within its body: benchmarks use it to show the
-unlimited behaviour side by side, tests to compare the maps.
+Maps are unchanged beyond float rounding with and without the limits (``tests/test_threads.py``);
+:func:`thread_limits_enabled` switches every limit off within its body, for benchmarks and those tests.
 """
 
 from __future__ import annotations

@@ -6,10 +6,14 @@ POST with ``csrftoken``), then sends every action as JSON with the ``X-CSRFToken
 request id — ``POST /api/next``, ``/reveal``, ``/guess``, ``/describe``, ``/resign`` — and fetches each new
 round's level-0 image from the opaque ``/img/<token>`` URL. Nothing is written to the database directly.
 
-The server never tells the browser which round it plays; the simulator recognises the round the way
-a person would, by its picture: :class:`RoundOracle` hashes every round's ``level0.png`` in STUDY_DIR
-(the team's own files) and looks up the image the server sent. Its planted concept and the players'
-behaviour come from :mod:`convlens.crowd.players`.
+The server never tells the browser which round it plays. The simulator stands for people who see
+*their* round, so it must know which round each play holds: :class:`RoundOracle` reads the round of the
+play id the server answered from the study database (read-only; the same database the server writes),
+and checks that the level-0 image the server sent is that round's ``level0.png``. Recognising the round by
+its picture alone is not enough: in deep layers several rounds of one image can share a byte-identical
+level-0 image (``study create`` says so), and taking the first match described 8 % of plays with another
+round's concept. The run counts the plays whose picture is shared (players cannot tell those rounds
+apart either). Its planted concept and the players' behaviour come from :mod:`convlens.crowd.players`.
 
 Determinism: participants join in order; ``concurrent`` of them are in the middle of the game at once
 and a seeded generator picks which one sends the next request, one request at a time, so the server sees
@@ -65,6 +69,7 @@ class SimulatedPlay:
     guessed_class: str | None = None
     description: str | None = None
     kind: str = ""
+    concept: str = ""  # the concept the description names (the simulator's truth; "" for off-topic or none)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class CrowdRun:
     requests: int = 0
     seconds: float = 0.0
     unknown_images: int = 0
+    shared_images: int = 0  # plays whose level-0 picture another round shares (players cannot tell them apart)
     started: dict[str, int] = field(default_factory=dict)  # round id -> plays started (the server's assigned)
     last_progress: int = -1  # the last participant who started a play of a non-gold round
 
@@ -85,6 +91,7 @@ class CrowdRun:
             outcomes[play.outcome] = outcomes.get(play.outcome, 0) + 1
         return {"participants": self.participants, "plays": len(self.plays), "requests": self.requests,
                 "seconds": round(self.seconds, 3), "outcomes": outcomes, "unknown_images": self.unknown_images,
+                "shared_images": self.shared_images,
                 "described": sum(p.description is not None for p in self.plays)}
 
     def to_json(self) -> dict[str, Any]:
@@ -92,19 +99,51 @@ class CrowdRun:
 
 
 class RoundOracle:
-    """Round of a level-0 image, by SHA-256 of the PNG bytes (rounds with the same picture share a key)."""
+    """The round of each play: read from the study database by the play's public id, checked against the
+    SHA-256 of the level-0 image the server sent (rounds with the same picture share a hash)."""
 
-    def __init__(self, study_dir: str | Path) -> None:
+    def __init__(self, study_dir: str | Path, db: str | None = None) -> None:
         root = Path(study_dir)
+        self.root, self.db = root, db
         self.rounds = {r.round_id: r for r in load_rounds(root)}
+        self.digest: dict[str, str] = {}
         self.by_hash: dict[str, list[str]] = {}
         for round_id in sorted(self.rounds):
             digest = hashlib.sha256((root / "images" / round_id / "level0.png").read_bytes()).hexdigest()
+            self.digest[round_id] = digest
             self.by_hash.setdefault(digest, []).append(round_id)
+        self._engine: Any = None
 
-    def identify(self, png: bytes) -> str | None:
-        found = self.by_hash.get(hashlib.sha256(png).hexdigest())
-        return found[0] if found else None
+    def shared(self, round_id: str) -> bool:
+        """True when another round has the same level-0 picture."""
+        return len(self.by_hash.get(self.digest.get(round_id, ""), [])) > 1
+
+    def round_of(self, play_id: str) -> str | None:
+        """The round the server assigned to the play ``play_id`` (None when the database has no such play)."""
+        from sqlalchemy import select
+
+        from convlens.study.game.opening import database_url
+        from convlens.study.store.db import Play, make_engine
+
+        if self._engine is None:
+            self._engine = make_engine(database_url(self.root, self.db), pool_size=1)
+        with self._engine.connect() as connection:
+            return connection.execute(select(Play.round_id).where(Play.public_id == play_id)).scalar_one_or_none()
+
+    def identify(self, play_id: str, png: bytes) -> str:
+        """The play's round; a play the database does not know, or whose picture is not its round's, is an error."""
+        round_id = self.round_of(play_id)
+        if round_id is None or round_id not in self.rounds:
+            raise SimulationError(f"play {play_id} is not in the study database {self.db or self.root}: pass the "
+                                  "server's database (--db)")
+        if hashlib.sha256(png).hexdigest() != self.digest[round_id]:
+            raise SimulationError(f"play {play_id}: the server sent a level-0 image that is not round {round_id}'s")
+        return round_id
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
 
 
 class SimulatedParticipant:
@@ -160,9 +199,10 @@ class SimulatedParticipant:
         if view.get("done"):
             return False
         image = await self._send("GET", view["image"])
-        round_id = self.oracle.identify(image.content) if image.status_code == 200 else None
+        round_id = self.oracle.identify(view["play"], image.content) if image.status_code == 200 else None
         self.run.unknown_images += round_id is None
         if round_id is not None:
+            self.run.shared_images += self.oracle.shared(round_id)
             self.run.started[round_id] = self.run.started.get(round_id, 0) + 1
             if not self.oracle.rounds[round_id].gold:
                 self.run.last_progress = max(self.run.last_progress, self.index)
@@ -180,6 +220,7 @@ class SimulatedParticipant:
         assert play is not None
         if self.wants_description:
             text, play.kind = self.model.description(play.guessed_class or "", play.outcome == "win")
+            play.concept = self.model.last_concept
             self.wants_description = False
             if text is not None:
                 play.description = text
@@ -223,11 +264,12 @@ class _Enrolment:
 
 
 async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPlan, participants: int | None,
-                    concurrent: int = 4, budget: int | None = None) -> CrowdRun:
+                    concurrent: int = 4, budget: int | None = None, db: str | None = None) -> CrowdRun:
     """Up to ``participants`` simulated participants (None: until every round started its plays per round, see
     :class:`_Enrolment`) play until the server says they are done, or until ``budget`` plays have started
-    (plays in progress are finished). ``clients()`` makes one ``httpx.AsyncClient`` per participant."""
-    oracle = RoundOracle(study_dir)
+    (plays in progress are finished). ``clients()`` makes one ``httpx.AsyncClient`` per participant; ``db`` is
+    the server's database URL (default: STUDY_DIR's SQLite file), read to know each play's round."""
+    oracle = RoundOracle(study_dir, db)
     enrolment = _Enrolment(study_dir, oracle, participants)
     run = CrowdRun()
     order = seeded(plan.seed, "interleaving")
@@ -251,6 +293,7 @@ async def run_crowd(clients: ClientFactory, study_dir: str | Path, plan: CrowdPl
     finally:
         for player in active:
             await player.client.aclose()
+        oracle.close()
     run.participants, run.seconds = joined, time.perf_counter() - start
     return run
 
@@ -279,10 +322,11 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served(study_dir: str | Path, db: str | None = None, log: Path | None = None,
-           timeout: float = 60.0) -> Iterator[str]:
+           timeout: float = 600.0) -> Iterator[str]:
     """``python -m convlens.study.web.server`` on a free loopback port (rate limits lifted) for the duration;
-    yields its URL and stops it with SIGTERM (SIGKILL after 30 s)."""
-    import httpx
+    yields its URL and stops it with SIGTERM (SIGKILL after 30 s). A watchdog stops it too if this process
+    is killed (:class:`~convlens.core.processes.ProcessWatchdog`)."""
+    from convlens.core.processes import ProcessWatchdog
 
     port = _free_port()
     command = [sys.executable, "-m", "convlens.study.web.server", str(study_dir), "--port", str(port),
@@ -291,8 +335,17 @@ def served(study_dir: str | Path, db: str | None = None, log: Path | None = None
     if db:
         command += ["--db", db]
     url = f"http://127.0.0.1:{port}"
-    with (log.open("a") if log else contextlib.nullcontext(subprocess.DEVNULL)) as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    with ProcessWatchdog() as watchdog:
+        with (log.open("a") if log else contextlib.nullcontext(subprocess.DEVNULL)) as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        watchdog.adopt(process.pid)
+        yield from _serving(process, url, log, timeout)
+
+
+def _serving(process: subprocess.Popen[bytes], url: str, log: Path | None, timeout: float) -> Iterator[str]:
+    """Wait for the server's /healthz, yield its URL, stop it (SIGTERM; SIGKILL after 30 s)."""
+    import httpx
+
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -316,12 +369,12 @@ def served(study_dir: str | Path, db: str | None = None, log: Path | None = None
 
 
 def simulate(study_dir: str | Path, plan: CrowdPlan, participants: int | None, *, url: str | None = None,
-             app: Any = None, concurrent: int = 4, budget: int | None = None) -> CrowdRun:
+             app: Any = None, concurrent: int = 4, budget: int | None = None, db: str | None = None) -> CrowdRun:
     """Synchronous entry point: play the server at ``url``, the in-process ``app``, or (neither given) a
     server started for the run with :func:`served`."""
     if url is not None:
-        return asyncio.run(run_crowd(url_clients(url), study_dir, plan, participants, concurrent, budget))
+        return asyncio.run(run_crowd(url_clients(url), study_dir, plan, participants, concurrent, budget, db))
     if app is not None:
-        return asyncio.run(run_crowd(asgi_clients(app), study_dir, plan, participants, concurrent, budget))
-    with served(study_dir) as base:
-        return asyncio.run(run_crowd(url_clients(base), study_dir, plan, participants, concurrent, budget))
+        return asyncio.run(run_crowd(asgi_clients(app), study_dir, plan, participants, concurrent, budget, db))
+    with served(study_dir, db) as base:
+        return asyncio.run(run_crowd(url_clients(base), study_dir, plan, participants, concurrent, budget, db))

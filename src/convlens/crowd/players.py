@@ -1,38 +1,12 @@
 """A simulated crowd for Deep Reveal: planted concepts, players' behaviour and their words (no I/O here).
 
-:mod:`convlens.crowd.play` makes these players play the real server over HTTP; this module decides
-what they do. Everything is drawn from generators seeded by :func:`seeded` (SHA-256 of the seed and a
-key), so a round's planted concept depends only on (seed, round) and a player's behaviour in a round only
-on (seed, player, round) — not on the order in which rounds happen to be played.
-
-**Plan** (:func:`plan_crowd`). Each class of the study gets ``concepts_per_class`` concepts from the
-vocabulary (:data:`CONCEPTS`, disjoint between classes while the pool lasts). With ``trends`` on, the
-class's first concept *rises* with depth and its second *falls*: at relative depth x = depth / (layers - 1)
-their weights are ``1 + s (2x - 1)`` and ``1 - s (2x - 1)`` (s = ``trend_strength``), the others weigh 1.
-Every cluster round gets one planted concept drawn with these weights, and a *clarity* c: the chance that
-a described correct guess names the planted concept, uniform in ``clarity`` times
-:meth:`CrowdPlan.clarity_factor` (a rising concept planted in a shallow cluster is named less often:
-``1 - (s / 2)(1 - x)``; a falling one in a deep cluster, ``1 - (s / 2) x``). So a trend concept's
-frequency changes with depth both across clusters (how many carry it) and within them (how many players
-name it): the global report's per-layer mean is taken over the clusters that carry a label, which sees
-the second and only part of the first.
-
-**A play** (:class:`PlayerModel`). At reveal level k the player guesses with probability ``guess[k]``
-(always at the last level, unless resigning with ``resign_last``), resigns with ``resign``, else asks for
-more. A guess is right with probability ``correct[k] + skill + (c - 0.6) / 2`` (clipped to 0.02..0.98),
-otherwise a uniformly drawn other class. After a guess the player describes with ``describe``:
-
-* right guess: the planted concept with probability c; another concept of the class (drawn with the
-  depth weights: what else is visible) with ``other``; otherwise an off-topic phrase (:data:`OFF_TOPIC`);
-* wrong guess: a concept of the class they guessed (what they thought they saw) with probability 1/2,
-  the planted concept with 1/4, otherwise off-topic.
-
-**Words** (:func:`paraphrase`). A concept is said through its head word, an inflection (``inflection``)
-or a synonym (``synonym``), misspelt with ``typo`` (one adjacent swap, dropped, doubled or replaced
-letter), inside a template (:data:`TEMPLATES`: "the {m} {w}", "looks like {w}", ...), with a modifier
-word of the concept, a filler ("i think", "pretty sure", ...) with ``filler``, and the class name mixed in
-("the cat's stripes") with ``class_name``. A planted concept counts as recovered when the label
-pipeline's best label is one of its words (head, inflections, synonyms; compared by lemma too).
+:mod:`convlens.crowd.play` makes these players play the real server over HTTP; this module decides what
+they do: :func:`plan_crowd` plants one concept per cluster round (with rising and falling trends over
+depth), :class:`PlayerModel` guesses, resigns and describes, and :func:`paraphrase` says a concept the way
+people do (inflections, synonyms, typos, templates, fillers). Why: a crowd whose truth is known tests
+what the label pipeline and the global report must recover. Everything is drawn from generators seeded
+by :func:`seeded` (SHA-256 of the seed and a key), so a round's planted concept depends only on (seed,
+round) and a player's behaviour in a round only on (seed, player, round), not on the order of play.
 """
 
 from __future__ import annotations
@@ -183,6 +157,7 @@ class CrowdPlan:
     falling: dict[str, str]
     rounds: dict[str, PlantedRound]
     classes: list[str] = field(default_factory=list)
+    study_id: str | None = None  # the study planned (recovery refuses a labels folder of another study)
 
     def concept(self, name: str) -> Concept:
         found = next((c for c in CONCEPTS if c.name == name), None)
@@ -215,7 +190,7 @@ class CrowdPlan:
         return 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "model": asdict(self.model), "classes": self.classes,
+        return {"seed": self.seed, "study_id": self.study_id, "model": asdict(self.model), "classes": self.classes,
                 "class_concepts": self.class_concepts, "rising": self.rising, "falling": self.falling,
                 "concept_words": {n: list(self.concept(n).words) for names in self.class_concepts.values()
                                   for n in names},
@@ -227,7 +202,7 @@ class CrowdPlan:
         model = CrowdModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
         rounds = {k: PlantedRound(**v) for k, v in data["rounds"].items()}
         return cls(data["seed"], model, data["class_concepts"], data["rising"], data["falling"], rounds,
-                   data.get("classes", []))
+                   data.get("classes", []), data.get("study_id"))
 
 
 def _weighted(rng: random.Random, weights: Sequence[tuple[str, float]]) -> str:
@@ -238,7 +213,16 @@ def _weighted(rng: random.Random, weights: Sequence[tuple[str, float]]) -> str:
 def plan_crowd(rounds: Sequence[Any], classes: Sequence[str], model: CrowdModel | None = None,
                seed: int = 0) -> CrowdPlan:
     """Plant concepts in the cluster rounds (objects with round_id, cluster_id, true_class, gold, layer_depth,
-    n_layers, e.g. :class:`~convlens.study.store.config.RoundSpec`)."""
+    n_layers, e.g. :class:`~convlens.study.store.config.RoundSpec`).
+
+    Each class gets ``concepts_per_class`` concepts of :data:`CONCEPTS` (disjoint between classes while the
+    pool lasts). With ``trends`` on, the class's first concept *rises* with depth and its second *falls*: at
+    relative depth x = depth / (layers - 1) their weights are ``1 + s (2x - 1)`` and ``1 - s (2x - 1)``
+    (s = ``trend_strength``), the others weigh 1. Every cluster round gets one concept drawn with these
+    weights and a *clarity* c (the chance that a described correct guess names it), uniform in ``clarity``
+    times :meth:`CrowdPlan.clarity_factor`. So a trend concept's frequency changes with depth both across
+    clusters (how many carry it) and within them (how many players name it): the global report's per-layer
+    mean over labelled clusters sees the second and part of the first."""
     model = model or CrowdModel()
     pool = [c.name for c in CONCEPTS]
     seeded(seed, "concepts").shuffle(pool)
@@ -277,7 +261,12 @@ def typo(word: str, rng: random.Random) -> str:
 
 
 def paraphrase(concept: Concept, class_name: str, model: CrowdModel, rng: random.Random) -> str:
-    """One player's words for ``concept`` (see the module docstring)."""
+    """One player's words for ``concept``: its head word, an inflection (``inflection``) or a synonym
+    (``synonym``), misspelt with ``typo`` (one adjacent swap, dropped, doubled or replaced letter), inside a
+    template (:data:`TEMPLATES`: "the {m} {w}", "looks like {w}", ...) with a modifier of the concept, a filler
+    ("i think", "pretty sure", ...) with ``filler``, and the class name mixed in ("the cat's stripes") with
+    ``class_name``. A planted concept counts as recovered when the pipeline's best label is one of its
+    words (head, inflections, synonyms; compared by lemma too)."""
     draw = rng.random()
     if draw < model.synonym and concept.synonyms:
         word = rng.choice(concept.synonyms)
@@ -297,7 +286,15 @@ def paraphrase(concept: Concept, class_name: str, model: CrowdModel, rng: random
 
 class PlayerModel:
     """One simulated participant: traits drawn from (seed, player); decisions per round from (seed, player,
-    round). ``act`` and ``description`` are called in the order of the play."""
+    round). ``act`` and ``description`` are called in the order of the play.
+
+    At reveal level k the player guesses with probability ``guess[k]`` (always at the last level, unless
+    resigning with ``resign_last``), resigns with ``resign``, else asks for more. A guess is right with
+    probability ``correct[k] + skill + (c - 0.6) / 2`` (clipped to 0.02..0.98), otherwise a uniformly drawn
+    other class. After a guess the player describes with ``describe``: after a right guess the planted
+    concept with probability c, another concept of the class (drawn with the depth weights) with ``other``,
+    else an off-topic phrase (:data:`OFF_TOPIC`); after a wrong guess a concept of the guessed class with
+    probability 1/2, the planted concept with 1/4, else off-topic."""
 
     def __init__(self, plan: CrowdPlan, index: int) -> None:
         self.plan, self.index = plan, index
@@ -305,6 +302,7 @@ class PlayerModel:
         self.skill = traits.uniform(-plan.model.skill, plan.model.skill)
         self.rng = traits
         self.round: PlantedRound | None = None
+        self.last_concept = ""  # the concept the last description names ("" for off-topic or none)
 
     def start(self, planted: PlantedRound | None, round_key: str) -> None:
         """A new play of ``round_key`` (``planted`` is None for gold rounds)."""
@@ -330,22 +328,27 @@ class PlayerModel:
         return "guess", rng.choice(others) if others else true_class
 
     def description(self, guessed: str, correct: bool) -> tuple[str | None, str]:
-        """(text or None, kind): kind is planted | other | guessed-class | off-topic | none."""
+        """(text or None, kind): kind is planted | other | guessed-class | off-topic | none; the concept it
+        names is left in :attr:`last_concept`."""
         model, rng, planted = self.plan.model, self.rng, self.round
+        self.last_concept = ""
         if rng.random() >= model.describe:
             return None, "none"
         draw = rng.random()
         if planted is not None and correct:
             if draw < planted.clarity:
-                return paraphrase(self.plan.concept(planted.concept), guessed, model, rng), "planted"
+                return self._say(planted.concept, guessed), "planted"
             if draw < planted.clarity + model.other:
                 weights = [(n, w) for n, w in self.plan.depth_weights(planted.true_class, planted.depth,
                                                                         planted.n_layers) if n != planted.concept]
                 if weights:
-                    return paraphrase(self.plan.concept(_weighted(rng, weights)), guessed, model, rng), "other"
+                    return self._say(_weighted(rng, weights), guessed), "other"
         elif planted is not None and draw < 0.5 and self.plan.class_concepts.get(guessed):
-            name = rng.choice(self.plan.class_concepts[guessed])
-            return paraphrase(self.plan.concept(name), guessed, model, rng), "guessed-class"
+            return self._say(rng.choice(self.plan.class_concepts[guessed]), guessed), "guessed-class"
         elif planted is not None and 0.5 <= draw < 0.75:
-            return paraphrase(self.plan.concept(planted.concept), guessed, model, rng), "planted"
+            return self._say(planted.concept, guessed), "planted"
         return rng.choice(OFF_TOPIC), "off-topic"
+
+    def _say(self, concept: str, guessed: str) -> str:
+        self.last_concept = concept
+        return paraphrase(self.plan.concept(concept), guessed, self.plan.model, self.rng)

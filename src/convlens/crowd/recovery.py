@@ -69,19 +69,36 @@ class Recovery:
         return self.recovered / len(self.clusters) if self.clusters else float("nan")
 
 
-def _best_labels_of(source: Any) -> dict[str, tuple[str, ...]]:
-    """cluster id -> best labels, from a labels folder (path) or a LabelsResult."""
+def _best_labels_of(source: Any) -> tuple[dict[str, tuple[str, ...]], str | None]:
+    """cluster id -> best labels, and the study id, from a labels folder (path; checked and read with
+    :func:`~convlens.labels.files.read_labels`) or a LabelsResult."""
     if isinstance(source, str | Path):
-        with (Path(source) / "clusters.csv").open(newline="", encoding="utf-8") as handle:
-            return {row["cluster_id"]: tuple(x for x in row["best_labels"].split(SEP) if x)
-                    for row in csv.DictReader(handle)}
-    return {c.cluster_id: tuple(c.best_labels) for c in source.clusters}
+        from convlens.labels.files import read_labels
+
+        folder = read_labels(source)
+        best = {row["cluster_id"]: tuple(x for x in row["best_labels"].split(SEP) if x) for row in folder.clusters}
+        return best, (folder.manifest.get("study") or {}).get("study_id")
+    export = getattr(source, "export", None)
+    study_id = (getattr(export, "study", None) or {}).get("study_id")
+    return {c.cluster_id: tuple(c.best_labels) for c in source.clusters}, study_id
+
+
+def _check_same_study(plan: CrowdPlan, study_id: str | None, best: Mapping[str, Any]) -> None:
+    """A plan is compared only with the labels of its own study: same study id (where both record one),
+    and at least one planted cluster among the labelled ones."""
+    if plan.study_id and study_id and plan.study_id != study_id:
+        raise ValueError(f"the plan is of study {plan.study_id!r}, the labels of study {study_id!r}: give the "
+                         "crowd_plan.json that `convlens study simulate` wrote for this study")
+    if best and plan.rounds and not any(p.cluster_id in best for p in plan.rounds.values()):
+        raise ValueError(f"none of the plan's {len(plan.rounds)} planted clusters is in the labels: the plan is of "
+                         "another study")
 
 
 def recovery(source: Any, plan: CrowdPlan) -> Recovery:
     """Planted concept vs best labels for every cluster round of ``plan`` (``source``: a labels folder or
-    a LabelsResult)."""
-    best = _best_labels_of(source)
+    a LabelsResult of the same study; ``ValueError`` for another study's labels)."""
+    best, study_id = _best_labels_of(source)
+    _check_same_study(plan, study_id, best)
     result = Recovery()
     for planted in sorted(plan.rounds.values(), key=lambda p: p.round_id):
         labels = best.get(planted.cluster_id, ())
@@ -113,11 +130,14 @@ def _slopes(source: Any) -> dict[str, list[dict[str, Any]]]:
     """class -> slope rows (label, slope, ci_low, ci_high, total_score), from slopes.csv or a GlobalResult."""
     by_class: dict[str, list[dict[str, Any]]] = {}
     if isinstance(source, str | Path):
-        with (Path(source) / "slopes.csv").open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                by_class.setdefault(row["class"], []).append(
-                    {k: row[k] if k == "label" else float(row[k] or "nan")
-                     for k in ("label", "slope", "ci_low", "ci_high", "total_score")})
+        from convlens.core.outputs import verify_output_folder
+        from convlens.labels.files import GLOBAL_FOLDER, read_table
+
+        manifest = verify_output_folder(source, GLOBAL_FOLDER)
+        for row in read_table(Path(source) / "slopes.csv", manifest.get("csv_cells")):
+            by_class.setdefault(row["class"], []).append(
+                {k: row[k] if k == "label" else float(row[k] or "nan")
+                 for k in ("label", "slope", "ci_low", "ci_high", "total_score")})
         return by_class
     for name, trends in source.classes.items():
         by_class[name] = [{"label": t.label, "slope": t.slope, "ci_low": t.ci_low, "ci_high": t.ci_high,

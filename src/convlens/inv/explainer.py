@@ -3,37 +3,20 @@
 For every explained convolutional layer and the target class, INV
 
 1. weights each feature map by a generalised Grad-CAM coefficient, as a percentage of the layer total
-   (:func:`~convlens.inv.weights.channel_weights`: ``alpha_k = mean_ij 1[A>0] 1[G>0] G``, "guided",
-   the authors' code, or Grad-CAM Eq. 1 ``alpha_k = mean_ij G``; ``w_k = 100 alpha_k / sum_k' alpha_k'``);
-2. prunes maps with ``w_k <= d(K)``, min-max normalises each kept map, reduces them with PCA (<= 50
-   components, seed 432), embeds them in 2-D with t-SNE (seed 432, perplexity 30), and clusters the
-   2-D points with Ward agglomerative clustering, choosing k in 3..8 by the silhouette on the same 2-D
-   points (:mod:`convlens.inv.clustering`, with its guards for small layers);
-3. gives each cluster the summed weight of its maps (percent of the *whole* layer, pruned maps
-   included), removes weak clusters ``w_C < max(max_j w_Cj / 3, mean_j w_Cj / 2)``, and draws each kept
-   cluster as the weight-averaged *raw* activation of its maps, up-sampled bilinearly and min-max
-   normalised.
+   (:func:`~convlens.inv.weights.channel_weights`: "guided" as the authors' code, or Grad-CAM Eq. 1);
+2. prunes maps with ``w_k <= d(K)``, and clusters the kept, min-max normalised maps: PCA (<= 50 components),
+   t-SNE to 2-D, Ward clustering with k in 3..8 chosen by the silhouette (:mod:`convlens.inv.clustering`);
+3. gives each cluster the summed weight of its maps (percent of the *whole* layer), removes weak clusters
+   ``w_C < max(max_j w_Cj / 3, mean_j w_Cj / 2)``, and draws each kept cluster as the weight-averaged *raw*
+   activation of its maps, up-sampled bilinearly and min-max normalised.
 
-Which layers: ``layers="tail"`` (default, the paper's: the last ``num_layers`` conv layers),
-``"depth"`` (``num_layers`` conv layers spread over the network's depth), ``"convs"`` (all), or any
-:func:`~convlens.core.layers.resolve_layers` spec; see :mod:`convlens.inv.layers`. The choice is
-recorded in the result and its manifest (``layer_choice``).
-
-Threads: PCA, t-SNE and clustering run on one BLAS and one OpenMP thread (the Barnes-Hut reduction's
-rounding depends on the thread count); ``n_jobs`` clusters *layers* in parallel threads instead, each
-limiting only its own OpenMP thread count while the calling thread holds the process-wide BLAS limit
-(see :mod:`convlens.inv.clustering`), so results are identical for every ``n_jobs`` (the speed-up
-needs free cores). The per-layer torch work runs with one torch thread
-(:func:`convlens.core.threads.limit_threads`): its tensors are tiny, and on a busy 2-core machine two
-intra-op threads made each small op ~30 ms instead of microseconds.
-
-Reproducibility: the same input on the same machine and settings gives identical clusters (tested),
-but the pipeline is chaotic in its input. Relative perturbations of 1e-6 of the kept maps — the size of
-the differences between one and two torch threads in the forward pass — change the t-SNE layout and
-often the silhouette's k (adjusted Rand index ~0.3-0.6 against the unperturbed clusters, measured in
-``benchmarks/bench_inv.py``). So the saved clusters, not a re-computation, are the reference: the
-manifest (:mod:`convlens.inv.manifest`) records every cluster with its stable id, members and
-maps, plus the library versions.
+Which layers: the paper's last ``num_layers`` conv layers by default (:mod:`convlens.inv.layers`).
+Why the saved clusters are the reference: the same input and settings give identical clusters on one
+machine (tested), but the pipeline is chaotic in its input — perturbations the size of one vs two torch
+threads' rounding change the t-SNE layout and often k (BENCHMARKS.md, section ``inv``) — so the manifest
+(:mod:`convlens.inv.manifest`) records every cluster with its stable id, members, maps and library versions.
+Threads: clustering runs on one BLAS/OpenMP thread, the per-layer torch work on one torch thread
+(:func:`convlens.core.threads.limit_threads`); ``n_jobs`` clusters layers in parallel with identical results.
 """
 
 from __future__ import annotations
@@ -52,13 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from convlens.core.binding import ModelBinding
+from convlens.core.binding import BoundExplainer
 from convlens.core.hooks import eval_mode, forward_with_grads
 from convlens.core.inputs import as_image_batch, explained_input
-from convlens.core.layers import LayerSpec, describe_layers, resolve_layers
+from convlens.core.layers import describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams, ParamError, param
-from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec
+from convlens.core.targets import ScoreKind, TargetSpec
 from convlens.core.threads import limit_threads
 from convlens.inv.clustering import (
     INV_SEED,
@@ -108,7 +91,7 @@ class INVParams(MethodParams):
                 raise ParamError("inv.embedding: 'opentsne' needs the openTSNE package: pip install openTSNE") from exc
 
 
-class INV:
+class INV(BoundExplainer):
     """INV layer-wise explanations: per layer, clusters of feature maps weighted by generalised Grad-CAM.
 
     Args:
@@ -132,41 +115,7 @@ class INV:
     default_layers: ClassVar[str] = "tail"
     uses_layers: ClassVar[bool] = True
     Params: ClassVar[type[INVParams]] = INVParams
-
-    def __init__(
-        self,
-        model: nn.Module | Any,
-        layers: LayerSpec | None = None,
-        score: ScoreKind | None = None,
-        output_adapter: OutputAdapter | None = None,
-        class_names: Sequence[str] | None = None,
-        params: INVParams | None = None,
-        **knobs: Any,
-    ) -> None:
-        self.binding = ModelBinding(model, score or self.default_score, output_adapter, class_names)
-        if params is not None and knobs:
-            raise ParamError("inv: give either params= or keyword parameters, not both")
-        if params is not None and not isinstance(params, INVParams):
-            raise ParamError(f"inv: params must be an INVParams, got {type(params).__name__}")
-        self.config: INVParams = params if params is not None else INVParams.from_mapping(knobs)
-        self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
-
-    # ------------------------------------------------------------------ the bound model
-    @property
-    def model(self) -> nn.Module:
-        return self.binding.model
-
-    @property
-    def score(self) -> ScoreKind:
-        return self.binding.score
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.binding.class_names
-
-    @property
-    def device(self) -> torch.device:
-        return self.binding.device
+    config: INVParams
 
     def params(self) -> dict[str, Any]:
         """The knobs recorded in every result (``n_jobs`` is left out: it does not change results)."""
@@ -177,8 +126,10 @@ class INV:
         return recorded
 
     # ------------------------------------------------------------------ layers
-    def layers_for(self, input_shape: Sequence[int]) -> list[ConvLayer]:
-        """The explained layers for inputs of shape (C, H, W), in forward order (resolved once per shape)."""
+    def explained_layers(self, input_shape: Sequence[int]) -> list[ConvLayer]:
+        """The conv layers INV explains for inputs of shape (C, H, W), in forward order (chosen once per shape).
+
+        Not a saliency method's ``layers_for(x)``, which gives the hooked layer names for a batch."""
         return self.layer_choice(input_shape)[0]
 
     def layer_choice(self, input_shape: Sequence[int]) -> tuple[list[ConvLayer], dict[str, Any]]:
@@ -300,7 +251,13 @@ class INV:
         self, layers: list[ConvLayer], acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], b: int,
         size: tuple[int, int], image_id: str,
     ) -> list[InvLayer]:
-        """Every layer of image ``b``, in ``n_jobs`` worker threads (see the module docstring on threads)."""
+        """Every layer of image ``b``, in ``n_jobs`` worker threads.
+
+        PCA, t-SNE and clustering run on one BLAS and one OpenMP thread (the Barnes-Hut reduction's rounding
+        depends on the thread count); ``n_jobs`` clusters *layers* in parallel threads instead, each limiting
+        only its own OpenMP thread count while the calling thread holds the process-wide BLAS limit, so results
+        are identical for every ``n_jobs``. The per-layer torch work runs on one torch thread: its tensors are
+        tiny, and on a busy machine intra-op threads made each small op orders of magnitude slower."""
         jobs = [
             (i, layer, acts[layer.name][b : b + 1].float(), grads[layer.name][b : b + 1].float())
             for i, layer in enumerate(layers)

@@ -1,35 +1,12 @@
-"""Which modules hold "the output of a convolutional layer" — INV's unit of explanation.
+"""Which modules hold "the output of a convolutional layer" — INV's unit of explanation — and which INV explains.
 
 INV (Bianchi et al., IJCAI-24) explains the *last nine convolutional layers* of a Keras VGG16
-(``block3_conv1 .. block5_conv3``; the authors' ``buildModel.py``). A Keras ``Conv2D(activation="relu")`` returns the
-post-ReLU map, while PyTorch splits the same layer into ``nn.Conv2d`` followed by ``nn.ReLU``. So the
-"output of a conv layer" here is, by default, the output of the chain
-
-    Conv2d  ->  [one normalisation module]  ->  [one activation module]
-
-where every link consumes the previous link's output tensor directly (the very next module called
-after the previous one returns, fed with that tensor), is called exactly once per forward (a module
-re-used several times, like ResNet's shared ``relu``, cannot be captured by a forward hook
-unambiguously), and ``nn.Identity`` modules in between are transparent. For torchvision's VGG16 this
-gives the nine ReLUs ``features.11 .. features.29`` of blocks 3-5 (exactly Keras' conv outputs); for a
-BN network (timm EfficientNet-Lite0: ``conv -> BatchNormAct2d``) it gives the map the next layer sees.
-``post_activation=False`` uses the raw ``nn.Conv2d`` outputs instead.
-
-Everything is read from one traced dummy forward (module call order and tensor identity), no
-per-architecture tables.
-
-Which of them INV explains (:func:`choose_conv_layers`, ``layers=`` of :class:`~convlens.inv.INV`):
-
-* ``"tail"`` (default) — the last ``num_layers`` conv layers: the paper's choice (VGG16's last nine,
-  blocks 3-5 with 56x56, 28x28 and 14x14 maps). On networks with many layers in their last stage it
-  stays there: on EfficientNet-Lite0 the last nine are all 7x7 maps of stages 6-7.
-* ``"depth"`` — ``num_layers`` conv layers spread over the whole depth: the conv layers (forward order)
-  are cut into ``num_layers`` consecutive runs of (nearly) equal length and the last layer of each run
-  is taken, i.e. positions ``ceil((i + 1) n / m) - 1`` for ``i = 0..m-1`` out of ``n`` conv layers. The
-  deepest conv layer is always included; the spacing is even in conv-layer count, not in resolution.
-  VGG16 (13 convs): conv1_2, conv2_1, conv3_1, conv3_2, conv4_1, conv4_2, conv5_1, conv5_2, conv5_3
-  (224² .. 14² maps); EfficientNet-Lite0 (49): maps of 56², 28², 14² (four layers) and 7² (three).
-* ``"convs"`` — all of them.
+(``block3_conv1 .. block5_conv3``; the authors' ``buildModel.py``). A Keras ``Conv2D(activation="relu")``
+returns the post-ReLU map, while PyTorch splits the same layer into ``nn.Conv2d`` and ``nn.ReLU``; so a
+conv layer's output is, by default, the end of its ``Conv2d -> [norm] -> [activation]`` chain
+(:func:`find_conv_layers`), and :func:`choose_conv_layers` picks the explained ones (``tail``, the paper's,
+``depth`` or ``convs``). Everything is read from one traced dummy forward (module call order and tensor
+identity): no per-architecture tables.
 """
 
 from __future__ import annotations
@@ -180,6 +157,14 @@ def find_conv_layers(
 ) -> list[ConvLayer]:
     """Every ``nn.Conv2d`` called once with a spatial output larger than 1x1, in forward order.
 
+    With ``post_activation`` the hooked module is the end of the chain ``Conv2d -> [one normalisation module]
+    -> [one activation module]``, where every link consumes the previous link's output tensor directly (the
+    very next module called, fed with that tensor), is called exactly once per forward (a module re-used
+    several times, like ResNet's shared ``relu``, cannot be hooked unambiguously), and ``nn.Identity``
+    modules in between are transparent. For torchvision's VGG16 this gives the ReLUs ``features.11 ..
+    features.29`` of blocks 3-5 (exactly Keras' conv outputs); for a BN network (timm EfficientNet-Lite0:
+    ``conv -> BatchNormAct2d``) the map the next layer sees.
+
     Args:
         model: the CNN.
         input_shape: (C, H, W) of the traced dummy forward.
@@ -205,8 +190,17 @@ def find_conv_layers(
 
 
 def choose_conv_layers(convs: Sequence[ConvLayer], rule: str, num_layers: int) -> list[ConvLayer]:
-    """The conv layers INV explains under ``rule`` (``"tail"``, ``"depth"`` or ``"convs"``; see the module
-    docstring), in forward order. With fewer than ``num_layers`` conv layers, all of them."""
+    """The conv layers INV explains under ``rule``, in forward order; with fewer than ``num_layers``, all.
+
+    * ``"tail"`` (default): the last ``num_layers``, the paper's choice (VGG16's last nine: blocks 3-5, 56x56
+      to 14x14 maps). On networks with many layers in their last stage it stays there (EfficientNet-Lite0:
+      nine 7x7 maps of stages 6-7).
+    * ``"depth"``: ``num_layers`` layers spread over the whole depth: the conv layers are cut into
+      ``num_layers`` consecutive runs of (nearly) equal length and the last of each run is taken, positions
+      ``ceil((i + 1) n / m) - 1`` for ``i = 0..m-1`` of ``n``. The deepest layer is always included; the
+      spacing is even in layer count, not resolution (VGG16: conv1_2, conv2_1, conv3_1, conv3_2, conv4_1,
+      conv4_2, conv5_1, conv5_2, conv5_3).
+    * ``"convs"``: all of them."""
     if rule not in LAYER_RULES:
         raise ValueError(f"unknown layer rule {rule!r}; choose one of {', '.join(LAYER_RULES)}")
     if num_layers < 1:

@@ -44,10 +44,14 @@ def load_inv_with_input(directory: str | os.PathLike[str]) -> tuple[InvExplanati
         explanation = load_inv_explanation(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ManifestError(f"{folder}: unreadable INV result ({exc})") from exc
-    if not (folder / "input.png").is_file():
+    path = folder / "input.png"
+    if not path.is_file():
         raise ManifestError(f"{folder}: no input.png (the image the model saw; run `convlens explain` with it)")
-    with Image.open(folder / "input.png") as image:
-        return explanation, np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return explanation, np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # cut, corrupt or not a PNG
+        raise ManifestError(f"{path}: unreadable image ({exc}); rerun `convlens explain` for this image") from None
 
 
 def _read_layer(entry: dict[str, Any], directory: Path) -> InvLayer:

@@ -3,9 +3,10 @@ groups, agreement and an audit trail out; then global explanations (how labels r
 
 Entry points: :func:`run_labels` (``convlens labels``), :func:`read_labels` (a labels folder back),
 :func:`global_explanations` (trends per class; ``convlens global`` adds its pages). Modules: ``export``
-(reading a study export), ``text`` (cleaning), ``embedders``, ``labelling`` (text clusters and
-representative words per class), ``scores``, ``agreement``, ``records``, ``pipeline``, ``files`` (the
-labels folder), ``trends``. Names are imported on first use.
+(reading a study export), ``gold`` (the gold-accuracy filter), ``text`` (cleaning, content words),
+``spelling`` (misspellings merged, misspelt class names removed), ``embedders``, ``labelling`` (text clusters
+and concept words per class), ``scores``, ``agreement``, ``records``, ``pipeline``, ``files`` (the labels
+folder), ``trends``. Names are imported on first use.
 """
 
 from __future__ import annotations

@@ -1,31 +1,18 @@
 """Do players agree on what a cluster shows? Krippendorff's alpha of the normalised labels.
 
-Reliability-data layout (Krippendorff 2011, "Computing Krippendorff's alpha-reliability"):
-
-* a **unit** is one INV cluster (one round: image x layer x cluster) — the thing being described;
-* a **coder** is one participant — the study server lets a participant play a round at most once, so
-  each coder gives at most one value per unit and coders differ from unit to unit (alpha allows any
-  number of coders per unit and missing values);
-* a **value** is the normalised label that participant's description maps to (nominal). Only
-  descriptions of correct guesses count: they are the ones labelled with the class's own vocabulary.
-
-Nominal alpha needs only each unit's value counts, so it is computed from the (units x labels) count
-matrix with the ``krippendorff`` package. With n_c the count of label c over pairable units (m_u >= 2
-values), n = sum n_c:
+Reliability data (Krippendorff 2011, "Computing Krippendorff's alpha-reliability"): a **unit** is one INV
+cluster (one round), a **coder** one participant (at most one value per unit, coders differ from unit to
+unit: alpha allows both), a **value** the nominal label of a correct guess's description (the ones labelled
+with the class's own vocabulary). Nominal alpha needs only each unit's value counts; with ``n_c`` the count
+of label c over the pairable units (``m_u >= 2`` values) and ``n = sum n_c``:
 
     D_e = (n^2 - sum_c n_c^2) / (n (n - 1)),   D_o,u = (m_u^2 - sum_c n_uc^2) / (m_u (m_u - 1)),
     D_o = sum_u (m_u / n) D_o,u,                alpha = 1 - D_o / D_e.
 
-**Per class**: alpha over the class's clusters, with a percentile bootstrap interval over units.
-**Per cluster**: alpha is not defined on one unit, so the cluster's share of the class alpha is
-reported: alpha_u = 1 - D_o,u / D_e (class D_e), whose m_u-weighted mean is exactly the class alpha;
-its interval resamples the cluster's values (D_e fixed).
-
-Baseline: a single frequent word can look like agreement. Each row also gives the observed pairwise
-agreement (1 - D_o), the agreement expected by chance from the class's label frequencies (1 - D_e), and
-the **constant-label baseline**: the class's most frequent label and the share of values it matches —
-what a labeller that always answers that word would score. Alpha is NaN when D_e = 0 (every value is
-one label: a constant label, no information).
+Per class (:func:`class_agreement`) alpha over its clusters with a bootstrap interval over units; per
+cluster (:func:`cluster_agreements`) its share of the class alpha. Why the baselines beside alpha: a single
+frequent word can look like agreement, so every row also gives the observed and chance agreement and the
+*constant-label baseline* (what a labeller always answering the class's most frequent label would score).
 """
 
 from __future__ import annotations
@@ -100,7 +87,8 @@ def unit_disagreement(row: np.ndarray) -> np.ndarray:
 
 
 def alpha_from_counts(counts: np.ndarray) -> float:
-    """Nominal alpha from unit value counts (the formula above; equals ``krippendorff.alpha``)."""
+    """Nominal alpha from unit value counts (the formula above; equals ``krippendorff.alpha``); NaN when
+    D_e = 0 (every value is one label: a constant label carries no information)."""
     pairable = _pairable(counts)
     d_e = expected_disagreement(pairable)
     if not pairable.size or not d_e > 0:
@@ -159,7 +147,9 @@ def class_agreement(
 def cluster_agreements(
     class_name: str, units: Mapping[str, Sequence[str]], n_bootstrap: int = N_BOOTSTRAP, seed: int = 0
 ) -> list[Agreement]:
-    """alpha_u = 1 - D_o,u / D_e(class) per cluster, with an interval from resampling its values."""
+    """alpha_u = 1 - D_o,u / D_e(class) per cluster, with an interval from resampling its values (D_e fixed).
+
+    Alpha is not defined on one unit; the m_u-weighted mean of these shares is exactly the class alpha."""
     labels, counts = value_counts(list(units.values()))
     d_e = expected_disagreement(counts)
     constant, column = _constant(counts, labels)

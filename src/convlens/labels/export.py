@@ -14,6 +14,12 @@ Columns read (see the study's ``data_dictionary.json`` for their meaning):
 * ``rounds``: round_id, cluster_id, image_id, image_name, layer, layer_depth, n_layers, cluster_index,
   cluster_weight (percent of the layer), fmap_count, true_class, gold, inv_run.
 
+Spreadsheet safety: an export whose ``study.json`` says ``"csv_cells": "neutralised"`` wrote every text
+cell of its CSV tables through :func:`convlens.core.csv_cells.neutralise` (a cell starting with ``=``,
+``+``, ``-``, ``@``, a tab, a carriage return or a quote got a leading ``'``); this reader restores the
+exact text of every cell (:func:`~convlens.core.csv_cells.restore`; a number never starts with a quote).
+``"raw"``, or no ``csv_cells`` (an older export), and JSONL tables are read as they are.
+
 A STUDY_DIR is exported first by the command line (``convlens labels``), which may import the study
 package; this module, below it in the package layers, reads export folders only.
 """
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convlens.core.csv_cells import restore
+
 __all__ = [
     "LEVELS",
     "OUTCOMES",
@@ -37,8 +45,10 @@ __all__ = [
     "Round",
     "StudyExport",
     "is_export",
+    "iter_export_table",
     "optional_int",
     "read_export",
+    "read_study_json",
 ]
 
 OUTCOMES = ("win", "lose", "resign", "abandoned")
@@ -49,6 +59,7 @@ PLAY_COLUMNS = (
     "outcome", "level", "guessed_class", "description", "language",
 )
 ROUND_COLUMNS = ("round_id", "cluster_id", "image_id", "layer", "layer_depth", "true_class", "gold")
+CSV_CELLS = ("neutralised", "raw")  # study.json "csv_cells"; absent: raw
 _TRUE = {"true", "t", "1", "yes", "y"}
 _FALSE = {"false", "f", "0", "no", "n"}
 
@@ -150,33 +161,51 @@ def _class_name(entry: Any) -> str:
     return str(entry)
 
 
-def _iter_table(directory: Path, table: str) -> tuple[Path, Iterator[dict[str, str]]]:
+def _iter_table(directory: Path, table: str, neutralised: bool) -> tuple[Path, Iterator[dict[str, str]]]:
     csv_path, jsonl_path = directory / f"{table}.csv", directory / f"{table}.jsonl"
     if csv_path.is_file():
-        return csv_path, _iter_csv(csv_path)
+        return csv_path, _iter_csv(csv_path, neutralised)
     if jsonl_path.is_file():
         return jsonl_path, _iter_jsonl(jsonl_path)
     raise ExportError(f"{directory}: no {table}.csv or {table}.jsonl (is this a `convlens study export` folder?)")
 
 
-def _iter_csv(path: Path) -> Iterator[dict[str, str]]:
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ExportError:
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return ExportError(f"{path}: not UTF-8 text (a byte 0x{byte} cannot be read); export the study again or save "
+                       "the file as UTF-8")
+
+
+def _iter_csv(path: Path, neutralised: bool) -> Iterator[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long descriptions are reported, not a crash
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        yield from csv.DictReader(handle)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if neutralised:
+                    row = {k: restore(v) if isinstance(v, str) else v for k, v in row.items()}
+                yield row
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    except csv.Error as exc:
+        raise ExportError(f"{path}: line {reader.line_num}: not readable as CSV ({exc})") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, str]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ExportError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise ExportError(f"{path}:{number}: expected one JSON object per line")
-            yield {k: _text(v) for k, v in record.items()}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ExportError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise ExportError(f"{path}:{number}: expected one JSON object per line")
+                yield {k: _text(v) for k, v in record.items()}
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
 
 
 def _text(value: Any) -> str:
@@ -256,20 +285,40 @@ def _parse_play(row: dict[str, str]) -> Play:
     )
 
 
+def read_study_json(directory: Path) -> dict[str, Any]:
+    """An export folder's ``study.json`` (``{}`` when absent), checked: a JSON object with a known
+    ``csv_cells`` (``"neutralised"``: text cells went through :func:`convlens.core.csv_cells.neutralise`)."""
+    study_path = directory / "study.json"
+    try:
+        study = json.loads(study_path.read_text(encoding="utf-8")) if study_path.is_file() else {}
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(study_path, exc) from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{study_path}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(study, dict):
+        raise ExportError(f"{study_path}: expected a JSON object")
+    cells = study.get("csv_cells", "raw")
+    if cells not in CSV_CELLS:
+        raise ExportError(f"{study_path}: csv_cells {cells!r} is not one of {', '.join(CSV_CELLS)}")
+    return study
+
+
+def iter_export_table(directory: str | Path, table: str) -> tuple[Path, Iterator[dict[str, str]]]:
+    """The file of ``table`` (``rounds``, ``plays``, ``participants``, ...) in an export folder and its rows,
+    participant text restored when the export's CSV cells are neutralised."""
+    directory = Path(directory)
+    return _iter_table(directory, table, read_study_json(directory).get("csv_cells") == "neutralised")
+
+
 def read_export(directory: str | Path) -> StudyExport:
     """Read ``study.json``, ``rounds`` and ``plays`` of an export folder (CSV or JSONL)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ExportError(f"{directory}: not a folder")
-    study_path = directory / "study.json"
-    try:
-        study = json.loads(study_path.read_text(encoding="utf-8")) if study_path.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{study_path}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(study, dict):
-        raise ExportError(f"{study_path}: expected a JSON object")
+    study = read_study_json(directory)
+    neutralised = study.get("csv_cells", "raw") == "neutralised"
     rounds: dict[str, Round] = {}
-    path, rows = _iter_table(directory, "rounds")
+    path, rows = _iter_table(directory, "rounds", neutralised)
     for number, row in enumerate(rows, start=2):
         _check_columns(path, row, ROUND_COLUMNS)
         try:
@@ -279,7 +328,7 @@ def read_export(directory: str | Path) -> StudyExport:
         rounds[parsed.round_id] = parsed
     plays: list[Play] = []
     invalid: list[InvalidRow] = []
-    path, rows = _iter_table(directory, "plays")
+    path, rows = _iter_table(directory, "plays", neutralised)
     for number, row in enumerate(rows, start=2):
         _check_columns(path, row, PLAY_COLUMNS)
         try:
@@ -287,7 +336,6 @@ def read_export(directory: str | Path) -> StudyExport:
         except ValueError as exc:
             invalid.append(InvalidRow(number, f"invalid row: {exc}", dict(row)))
     return StudyExport(directory=directory, study=study, rounds=rounds, plays=plays, invalid=invalid)
-
 
 
 def is_export(directory: str | Path) -> bool:

@@ -6,23 +6,26 @@ export folder). For every play it decides, and records in the audit trail, what 
 * ``labelled``: a correct guess with a usable description; it feeds its class's text clustering
   (:func:`convlens.labels.labelling.label_class`) and gets that class's label;
 * ``wrong_guess_labelled``: a wrong guess with a usable description; used only in the scores of its
-  cluster (divided by 4). It is labelled with the vocabulary of the class the player *guessed*, as the
-  authors did: ``LabelAnalysis.ipynb`` runs once per ``target_class``, selects the rows with
-  ``guessed_label_id == target_label`` both for the text clustering and for the final ``synonym``
-  mapping, and ``generate_explanations.py`` then groups those rows by their true class (``label_en``),
-  so a wrong guess's ``synonym`` in its (true-class) cluster comes from the guessed class's analysis.
-  The label is the text cluster of that class with the largest frequency-weighted mean cosine
-  similarity (or its own cluster when the same text occurs there), and only when that similarity is at
-  least ``LabelSettings.min_similarity``: the authors map only texts they clustered, so a text unlike
-  every description of the class has no label of its own to receive;
+  cluster (divided by 4). Its label is a word of its own description (:func:`convlens.labels.labelling.own_word`),
+  written as the guessed class's label when that class's players used the same word (the authors cluster
+  a wrong guess with the descriptions of the class the player *guessed*, ``LabelAnalysis.ipynb``, so
+  its label comes from that class's vocabulary); a label is never a word the description lacks;
 * ``stats_only``: a guess without a description, a resign, or a guess whose description cannot be used
-  (non-English without a translator, empty or over-long text, only symbols or only the class name:
-  the reason reads ``description not used: ...``): counted in wins/losses/resigns and the cluster level
-  only;
-* ``unlabelled``: a description whose text cluster has no representative word (only stop-words), whose
-  guessed class has no labelled descriptions, or whose nearest text cluster is less similar than
-  ``min_similarity`` (the similarity is in the audit row); still counted in wins/losses and the level;
-* ``excluded``: gold rounds, abandoned plays, rows that do not parse, unknown rounds: not counted at all.
+  (non-English without a translator, empty or over-long text, only symbols or only class names, or
+  naming no visual content: the reason reads ``description not used: ...``): counted in
+  wins/losses/resigns and the cluster level only;
+* ``unlabelled``: a description whose text cluster has no representative word (only stop-words); still
+  counted in wins/losses and the level;
+* ``excluded``: gold rounds, abandoned plays, rows that do not parse, unknown rounds, and the plays of
+  participants who failed the gold check (``LabelSettings.min_gold_accuracy``): not counted at all.
+
+What happens to a description's words, in order (each step in the audit row's ``cleaned``, ``content``
+and ``text_rules``): HTML, symbols and case removed; every class name of the study removed, and the
+single words of the play's own classes; stop-words and non-visual words (:func:`~convlens.labels.text.content_words`)
+set aside; misspellings merged into their frequent form and misspelt class names removed
+(:mod:`convlens.labels.spelling`); a description left without a word is not used. Correct guesses'
+content texts are clustered per class and labelled with each cluster's concept word
+(:mod:`convlens.labels.labelling`).
 
 Then :mod:`convlens.labels.scores` (scores, statistics, best labels, merges) and
 :mod:`convlens.labels.agreement`; :mod:`convlens.labels.files` writes the results.
@@ -31,15 +34,17 @@ Then :mod:`convlens.labels.scores` (scores, statistics, best labels, merges) and
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from convlens.labels.agreement import agreement_table
 from convlens.labels.embedders import Embedder, load_embedder
 from convlens.labels.export import ExportError, Play, StudyExport, is_export, read_export
 from convlens.labels.files import write_labels
-from convlens.labels.labelling import ClassLabelling, label_class
+from convlens.labels.gold import GoldFilter, gold_filter
+from convlens.labels.labelling import ClassLabelling, label_class, lemmatize_en, own_word
 from convlens.labels.records import (
     EXCLUDED,
     LABELLED,
@@ -58,12 +63,16 @@ from convlens.labels.scores import (
     merge_clusters,
     score_labels,
 )
+from convlens.labels.spelling import spelling_fixes
 from convlens.labels.text import (
     Translator,
     clean_description,
+    content_words,
     english_share,
     is_english_tag,
+    load_non_visual_words,
     load_stop_words,
+    name_words,
     words,
 )
 
@@ -78,8 +87,9 @@ def _audit_row(play: Play) -> AuditRow:
     )
 
 
-def _triage(export: StudyExport) -> tuple[list[AuditRow], list[tuple[AuditRow, Play]]]:
+def _triage(export: StudyExport, gold: GoldFilter | None = None) -> tuple[list[AuditRow], list[tuple[AuditRow, Play]]]:
     """One audit row per play; returns the rows and the (row, play) pairs that enter cluster statistics."""
+    dropped = gold.dropped if gold is not None else {}
     rows = [AuditRow(play_id=r.raw.get("play_id", f"row {r.row_number}"), description=r.raw.get("description", ""),
                      reason=r.reason, true_class=r.raw.get("true_class", ""), cluster_id=r.raw.get("cluster_id", ""))
             for r in export.invalid]
@@ -87,7 +97,9 @@ def _triage(export: StudyExport) -> tuple[list[AuditRow], list[tuple[AuditRow, P
     for play in export.plays:
         row = _audit_row(play)
         rows.append(row)
-        if play.gold:
+        if play.participant_id in dropped:
+            row.reason = dropped[play.participant_id]
+        elif play.gold:
             row.reason = "gold round (attention check, not a cluster)"
         elif play.round_id not in export.rounds:
             row.reason = f"unknown round {play.round_id!r} (not in rounds)"
@@ -125,69 +137,112 @@ def _translate(rows: Sequence[AuditRow], translator: Translator | None) -> None:
             row.translated = str(text)
 
 
-def _clean(rows: Sequence[AuditRow], aliases: Mapping[str, Sequence[str]], max_chars: int) -> None:
+def _clean(rows: Sequence[AuditRow], classes: Sequence[str], aliases: Mapping[str, Sequence[str]],
+           max_chars: int) -> None:
+    """Clean every pending row (every class name of the study removed) and set aside its non-visual words.
+    Descriptions repeat: each distinct text is cleaned once."""
+    every_name = [name for c in dict.fromkeys([*classes, *aliases]) for name in (c, *aliases.get(c, ()))]
+    stop_words, non_visual = load_stop_words(), load_non_visual_words()
+    cleaned: dict[str, Any] = {}
+    shares: dict[str, float] = {}
+    removed: dict[tuple[str, ...], frozenset[str]] = {}
     for row in rows:
         if row.status != "":
             continue
-        names = [row.vocabulary_class, *aliases.get(row.vocabulary_class, ())]
-        result = clean_description(row.translated or row.description, names, max_chars)
+        raw = row.translated or row.description
+        if raw not in cleaned:
+            cleaned[raw] = clean_description(raw, every_name, max_chars)
+        result = cleaned[raw]
         if result.text is None:
             row.status, row.reason = STATS, UNUSED + (result.reason or "unusable text")
             continue
         row.cleaned = result.text
+        own = tuple(n for c in dict.fromkeys([row.true_class, row.vocabulary_class]) for n in (c, *aliases.get(c, ())))
+        if own not in removed:
+            removed[own] = name_words(own)
+        content, dropped = content_words(result.text, stop_words, non_visual, removed[own])
+        row.content = " ".join(content)
+        row.text_rules = "; ".join(f"non-visual {d}" for d in dropped)
         if not row.translated and len(words(result.text)) >= 3:
-            share = english_share(result.text)
-            if share < 0.5:
-                row.note = f"tagged {row.language or 'en'} but only {share:.0%} of its words are known English words"
+            if result.text not in shares:
+                shares[result.text] = english_share(result.text)
+            if shares[result.text] < 0.5:
+                row.note = (f"tagged {row.language or 'en'} but only {shares[result.text]:.0%} of its words are "
+                            "known English words")
 
 
-def _label_classes(rows: Sequence[AuditRow], embedder: Embedder) -> dict[str, ClassLabelling]:
+def _fix_spelling(rows: Sequence[AuditRow], every_name: Sequence[str], min_similarity: float) -> dict[str, Any]:
+    """Merge misspellings study-wide, remove misspelt class names; a row left without words names no visual
+    content. Returns the fixes."""
+    pending = [row for row in rows if row.status == ""]
+    counts: Counter[str] = Counter()
+    for row in pending:
+        counts.update(set(row.content.split()))
+    fixes = spelling_fixes(counts, name_words(every_name), min_similarity=min_similarity)
+    non_visual = load_non_visual_words()
+    for row in pending:
+        kept, notes = [], [row.text_rules] if row.text_rules else []
+        for word in row.content.split():
+            fix = fixes.get(word)
+            if fix is not None:
+                notes.append(fix.describe())
+                word = fix.target
+            if word and word in non_visual:
+                notes.append(f"non-visual {non_visual[word]}:{word}")
+            elif word:
+                kept.append(word)
+        row.content, row.text_rules = " ".join(kept), "; ".join(notes)
+        if not kept:
+            row.status = STATS
+            row.reason = UNUSED + "names no visual content: " + (row.text_rules or "only stop-words")
+    return fixes
+
+
+def _label_classes(rows: Sequence[AuditRow], embedder: Embedder, max_k: int) -> dict[str, ClassLabelling]:
     stop_words = load_stop_words()
     texts: dict[str, list[str]] = defaultdict(list)
     for row in rows:
         if row.status == "" and row.correct:
-            texts[row.vocabulary_class].append(row.cleaned)
-    return {name: label_class(name, found, embedder, stop_words) for name, found in texts.items()}
+            texts[row.vocabulary_class].append(row.content)
+    distinct = list(dict.fromkeys(t for found in texts.values() for t in found))
+    if distinct:
+        embedder.encode(distinct)  # one batch for the study; label_class reads the embedder's cache
+    return {name: label_class(name, found, embedder, stop_words, max_k=max_k) for name, found in texts.items()}
 
 
-def _nearest_label(row: AuditRow, labelling: ClassLabelling, embedder: Embedder, min_similarity: float) -> bool:
-    """Place ``row`` in a text cluster of ``labelling``; False (row left unlabelled) below ``min_similarity``."""
-    if row.cleaned in labelling.texts:
-        row.text_cluster, _ = labelling.label_of(row.cleaned)
-        return True
-    nearest, row.similarity = labelling.nearest(embedder.encode([row.cleaned])[0])
-    if row.similarity < min_similarity:
-        row.status = UNLABELLED
-        row.reason = (f"nearest text cluster {nearest} of {row.vocabulary_class!r} has similarity "
-                      f"{row.similarity:.3g} < min_similarity {min_similarity:g}: no label is close enough")
-        return False
-    row.text_cluster = nearest
-    return True
+def _study_vocabulary(rows: Sequence[AuditRow]) -> tuple[dict[str, int], dict[str, str]]:
+    """lemma -> plays using it, and lemma -> its most frequent written form, over every usable description."""
+    plays: Counter[str] = Counter()
+    forms: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        if row.status == "":
+            for word in set(row.content.split()):
+                forms[lemmatize_en(word)][word] += 1
+            plays.update({lemmatize_en(w) for w in row.content.split()})
+    return dict(plays), {lemma: found.most_common(1)[0][0] for lemma, found in forms.items()}
 
 
-def _assign_labels(
-    rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabelling], embedder: Embedder, min_similarity: float
-) -> None:
+def _assign_labels(rows: Sequence[AuditRow], labellings: Mapping[str, ClassLabelling]) -> None:
+    study_plays, study_forms = _study_vocabulary(rows)
     for row in rows:
         if row.status != "":
             continue
         labelling = labellings.get(row.vocabulary_class)
-        if labelling is None or not labelling.clusters:
-            row.status = UNLABELLED
-            row.reason = f"guessed class {row.vocabulary_class!r} has no labelled descriptions to take a label from"
+        if row.correct and labelling is not None:
+            row.text_cluster, _ = labelling.label_of(row.content)
+            cluster = labelling.clusters[row.text_cluster]
+            row.representative, row.label = cluster.representative, cluster.label
+            row.status = LABELLED if row.label else UNLABELLED
+            if not row.label:
+                row.reason = f"text cluster {row.text_cluster} has only stop-words: no representative word"
             continue
-        if not _nearest_label(row, labelling, embedder, min_similarity):
-            continue
-        cluster = labelling.clusters[row.text_cluster]  # type: ignore[index]
-        row.representative, row.label = cluster.representative, cluster.label
-        if not row.label:
-            row.status = UNLABELLED
-            row.reason = f"text cluster {row.text_cluster} has only stop-words: no representative word"
-        elif row.correct:
-            row.status = LABELLED
-        else:
-            row.status = WRONG
-            row.reason = "wrong guess: labelled with the guessed class's vocabulary, used only in scores (/4)"
+        labels = labelling.labels_by_lemma if labelling is not None else {}
+        class_plays = labelling.lemma_plays if labelling is not None else {}
+        row.label, why = own_word(row.content.split(), labels, class_plays, study_plays, study_forms)
+        row.representative = row.label
+        row.status = WRONG
+        row.reason = (f"wrong guess: labelled with a word of its description ({why} "
+                      f"{row.vocabulary_class!r}), used only in scores (/4)")
 
 
 def _cluster_stats(
@@ -235,23 +290,28 @@ def _agreement_units(rows: Sequence[AuditRow], clusters: Sequence[ClusterStats])
 
 
 def _label_export(
-    export: StudyExport, embedder: Embedder, translator: Translator | None, settings: LabelSettings
+    export: StudyExport, embedder: Embedder, translator: Translator | None, settings: LabelSettings,
+    gold: GoldFilter | None = None,
 ) -> LabelsResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    rows, counted = _triage(export)
+    rows, counted = _triage(export, gold)
     _translate(rows, translator)
-    _clean(rows, settings.class_aliases, settings.max_chars)
+    classes = export.classes
+    _clean(rows, classes, settings.class_aliases, settings.max_chars)
+    every_name = [n for c in dict.fromkeys([*classes, *settings.class_aliases])
+                  for n in (c, *settings.class_aliases.get(c, ()))]
+    fixes = _fix_spelling(rows, every_name, settings.spelling_similarity)
     timings["clean"] = time.perf_counter() - start
-    labellings = _label_classes(rows, embedder)
-    _assign_labels(rows, labellings, embedder, settings.min_similarity)
+    labellings = _label_classes(rows, embedder, settings.max_text_clusters)
+    _assign_labels(rows, labellings)
     timings["label"] = time.perf_counter() - start - timings["clean"]
     clusters = _cluster_stats(export, counted, settings.wrong_rule)
     groups, full_groups = merge_clusters(clusters), full_merge(clusters)
     agreement = agreement_table(_agreement_units(rows, clusters), settings.n_bootstrap, settings.seed)
     timings["total"] = time.perf_counter() - start
     return LabelsResult(export, embedder.describe(), settings, getattr(translator, "name", None), rows, labellings,
-                        clusters, groups, full_groups, agreement, timings=timings)
+                        clusters, groups, full_groups, agreement, timings=timings, spelling=fixes, gold=gold)
 
 
 def run_labels(
@@ -276,7 +336,8 @@ def run_labels(
     export = read_export(export_dir)
     if not export.plays and not export.invalid:
         raise ExportError(f"{export_dir}: the export has no plays: nothing to label")
-    result = _label_export(export, embedder or load_embedder("auto"), translator, settings)
+    gold = gold_filter(export_dir, settings.min_gold_accuracy, settings.min_gold_plays)
+    result = _label_export(export, embedder or load_embedder("auto"), translator, settings, gold)
     result.source = export_dir.resolve()
     result.inv_runs = export.inv_runs(Path(inv_base) if inv_base is not None else None)
     if out is not None:

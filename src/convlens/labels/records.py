@@ -10,9 +10,12 @@ from typing import Any
 
 from convlens.labels.agreement import Agreement
 from convlens.labels.export import StudyExport
-from convlens.labels.labelling import ClassLabelling
+from convlens.labels.gold import GoldFilter
+from convlens.labels.labelling import DEFAULT_MAX_K, ClassLabelling
 from convlens.labels.scores import WRONG_RULES, ClusterGroup, ClusterStats
-from convlens.labels.text import DEFAULT_MAX_CHARS
+from convlens.labels.spelling import DEFAULT_MIN_SIMILARITY as DEFAULT_SPELLING
+from convlens.labels.spelling import SpellingFix
+from convlens.labels.text import DEFAULT_MAX_CHARS, load_non_visual_words
 
 __all__ = ["AuditRow", "LabelSettings", "LabelsResult"]
 
@@ -20,21 +23,18 @@ LABELLED, WRONG, STATS, UNLABELLED, EXCLUDED = (
     "labelled", "wrong_guess_labelled", "stats_only", "unlabelled", "excluded",
 )
 UNUSED = "description not used: "
-# Frequency-weighted mean cosine similarity below which a wrong guess's description, unlike every text
-# cluster of the guessed class, stays unlabelled. Measured with all-MiniLM-L6-v2: unrelated words and
-# phrases give 0.11-0.32 ("water"/"dimples" 0.11, "metal"/"church tower" 0.23, "strings"/"dimples" 0.32),
-# related ones 0.44-0.56 ("canopy"/"the colourful sail" 0.44, "cords"/"strings and ropes" 0.48,
-# "ropes"/"strings" 0.56), near-paraphrases 0.8-0.9; 0.4 lies between. Other embedders may need another value.
-DEFAULT_MIN_SIMILARITY = 0.4
 
 
 @dataclass(frozen=True)
 class LabelSettings:
     """Choices of the label pipeline (all recorded in ``labels.json``).
 
-    ``min_similarity``: a description that is not one of the guessed class's clustered texts (a wrong
-    guess) is labelled only if its frequency-weighted mean cosine similarity to the nearest text cluster
-    is at least this (default 0.4); otherwise it stays ``unlabelled`` with the similarity recorded.
+    ``max_text_clusters``: the silhouette search of each class's text clusters tries k = 2..min(n - 1, this)
+    (:func:`convlens.labels.labelling.choose_text_clusters`). ``spelling_similarity``: the OSA similarity
+    from which an unknown word is merged into a more frequent one, or removed as a misspelt class name
+    (:mod:`convlens.labels.spelling`). ``min_gold_accuracy``: when set, the plays of participants whose gold
+    accuracy is below it (with at least ``min_gold_plays`` gold plays) are excluded (:mod:`convlens.labels.gold`);
+    off by default.
     """
 
     max_chars: int = DEFAULT_MAX_CHARS
@@ -42,7 +42,10 @@ class LabelSettings:
     class_aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)
     n_bootstrap: int = 1000
     seed: int = 0
-    min_similarity: float = DEFAULT_MIN_SIMILARITY
+    max_text_clusters: int = DEFAULT_MAX_K
+    spelling_similarity: float = DEFAULT_SPELLING
+    min_gold_accuracy: float | None = None
+    min_gold_plays: int = 1
 
     def __post_init__(self) -> None:
         if self.wrong_rule not in WRONG_RULES:
@@ -51,8 +54,15 @@ class LabelSettings:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
-        if not -1.0 <= self.min_similarity <= 1.0:
-            raise ValueError(f"min_similarity must be a cosine similarity in [-1, 1], got {self.min_similarity}")
+        if self.max_text_clusters < 2:
+            raise ValueError(f"max_text_clusters must be >= 2, got {self.max_text_clusters}")
+        if not 0.5 <= self.spelling_similarity <= 1.0:
+            raise ValueError(f"spelling_similarity must be in [0.5, 1] (1 merges nothing), "
+                             f"got {self.spelling_similarity}")
+        if self.min_gold_accuracy is not None and not 0.0 <= self.min_gold_accuracy <= 1.0:
+            raise ValueError(f"min_gold_accuracy must be a share in [0, 1], got {self.min_gold_accuracy}")
+        if self.min_gold_plays < 1:
+            raise ValueError(f"min_gold_plays must be >= 1, got {self.min_gold_plays}")
 
 
 @dataclass
@@ -75,13 +85,14 @@ class AuditRow:
     description: str = ""
     translated: str = ""
     cleaned: str = ""
+    content: str = ""
+    text_rules: str = ""
     status: str = EXCLUDED
     reason: str = ""
     vocabulary_class: str = ""
     text_cluster: int | None = None
     representative: str = ""
     label: str = ""
-    similarity: float | None = None
     label_score: float | None = None
     note: str = ""
 
@@ -103,6 +114,20 @@ class LabelsResult:
     source: Path = Path()
     inv_runs: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    spelling: dict[str, SpellingFix] = field(default_factory=dict)
+    gold: GoldFilter | None = None
+
+    def text_rules(self) -> dict[str, Any]:
+        """The text rules of this run for ``labels.json``: non-visual words, spelling fixes, the gold filter."""
+        non_visual = load_non_visual_words()
+        merged = {w: f.target for w, f in sorted(self.spelling.items()) if f.target}
+        names = {w: f.matched for w, f in sorted(self.spelling.items()) if not f.target}
+        return {
+            "non_visual_words": {c: sum(v == c for v in non_visual.values()) for c in sorted(set(non_visual.values()))},
+            "spelling": {"min_similarity": self.settings.spelling_similarity, "merged": merged,
+                         "misspelt_class_names": names},
+            "gold_filter": self.gold.summary() if self.gold else None,
+        }
 
     def status_counts(self) -> dict[str, int]:
         return dict(Counter(row.status for row in self.audit))

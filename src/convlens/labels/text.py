@@ -14,6 +14,14 @@ not stop-words as candidate labels. Here, with every decision recorded for the a
 * :func:`words` are letter runs (apostrophes and hyphens inside a word kept; digits and punctuation
   dropped), unlike the authors' ``split(' ')`` which kept punctuation on tokens ("wings," != "wings").
 * :func:`load_stop_words`: NLTK's English list plus the authors' 14 additions, shipped as package data.
+* every class name of the study is removed from every description (not only the guessed class's, as the
+  authors did: a wrong guess otherwise keeps the true class's name), and so are the single words of the
+  play's own class names ("tiger" of "tiger cat").
+* :func:`load_non_visual_words` (package data ``non_visual_en.txt``): words that name nothing visible —
+  about the guess ("no idea", "just guessed", "pretty sure"), fitting any picture ("the colours", "the
+  background", "the shape"), or too vague alone ("something dark"). :func:`content_words` keeps the
+  words that are none of these; a description without one names no visual content and is not used for
+  labels (the audit says which words it had).
 * :class:`Translator`: the hook for non-English descriptions. Off by default: such descriptions are
   excluded with a reason. The authors translated Italian answers with an online service (DeepL,
   IT -> EN-US, the class name as context); plug any translator with this interface to do the same.
@@ -24,7 +32,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -36,9 +44,13 @@ __all__ = [
     "Translator",
     "class_name_pattern",
     "clean_description",
+    "content_words",
     "english_share",
     "is_english_tag",
+    "is_known_english",
+    "load_non_visual_words",
     "load_stop_words",
+    "name_words",
     "remove_class_names",
     "words",
 ]
@@ -147,3 +159,71 @@ def load_stop_words() -> frozenset[str]:
     """NLTK's 179 English stop-words plus the INV authors' 14 (package data ``stopwords_en.txt``)."""
     text = resources.files("convlens.labels").joinpath("data/stopwords_en.txt").read_text(encoding="utf-8")
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+@lru_cache(maxsize=1)
+def load_non_visual_words() -> dict[str, str]:
+    """word -> category (``meta``, ``generic``, ``vague``) from package data ``non_visual_en.txt``."""
+    text = resources.files("convlens.labels").joinpath("data/non_visual_en.txt").read_text(encoding="utf-8")
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        category, _, listed = line.partition(":")
+        for word in listed.split():
+            found.setdefault(word, category.strip())
+    return found
+
+
+def name_words(names: Sequence[str]) -> frozenset[str]:
+    """The lower-case words of class names (``"tiger cat"`` -> tiger, cat), with their plural ``s``."""
+    found = {w for name in names for w in words(normalise_text(name))}
+    return frozenset(found | {w + "s" for w in found})
+
+
+@lru_cache(maxsize=65536)
+def is_known_english(word: str) -> bool:
+    """True when simplemma's English dictionary knows ``word`` (offline; used to leave real words unmerged)."""
+    import simplemma
+
+    return bool(simplemma.is_known(word, lang="en"))
+
+
+# Prepositions that end the noun phrase a description starts with ("the handle *of* the cup": the head is
+# "handle"); a content word list puts that head last, where English noun phrases have it.
+PREPOSITIONS = frozenset((
+    "of", "on", "in", "with", "at", "near", "under", "over", "from", "by", "for", "to", "behind", "above", "below",
+    "around", "inside", "outside", "like", "through", "between", "against", "along", "across", "into", "onto",
+    "without", "beside", "besides", "among", "within", "upon",
+))
+
+
+def content_words(
+    text: str, stop_words: frozenset[str], non_visual: Mapping[str, str] | None = None,
+    removed: frozenset[str] = frozenset(),
+) -> tuple[list[str], list[str]]:
+    """``(content, dropped)``: the words of ``text`` that may name something visible and the non-visual ones
+    (``category:word``); stop-words and ``removed`` (class-name words) are neither.
+
+    ``content`` keeps the order of the text except for its **head**, moved to the end: the last content word
+    of the first stretch between prepositions that has one ("the handle of the white cup" -> handle is the
+    head: ``["white", "cup", "handle"]``; "looks like sharp teeth" -> teeth).
+    """
+    non_visual = load_non_visual_words() if non_visual is None else non_visual
+    content, dropped = [], []
+    head: int | None = None
+    stretch_start = 0
+    for word in words(text):
+        if word in PREPOSITIONS:
+            if head is None and len(content) > stretch_start:
+                head = len(content) - 1
+            stretch_start = len(content)
+        if word in stop_words or word in removed or word in PREPOSITIONS or len(word) < 2:
+            continue
+        if word in non_visual:
+            dropped.append(f"{non_visual[word]}:{word}")
+        else:
+            content.append(word)
+    if head is not None and head != len(content) - 1:
+        content.append(content.pop(head))
+    return content, dropped

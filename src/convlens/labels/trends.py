@@ -13,9 +13,13 @@ carry the label, and m the resampled multiplicity of each image:
     mean_l = sum_i m_i S[i, l] / sum_i m_i C[i, l]   (0 where the denominator is 0),
     slope  = sum_l (x_l - x̄)(mean_l - mean̄) / sum_l (x_l - x̄)^2,   x_l = layer depth 0..L-1.
 
-"Rising"/"falling" lists only labels with a positive/negative slope (the notebook's top-6 by slope
-could list a falling label as rising when a class has few labels). Scores are those of single
-(unmerged) clusters, as in the notebook.
+The overview ranks by **evidence**, not by slope alone (a slope of a label seen once, a typo or another
+class's word, is as steep as any): :attr:`ClassTrends.top` are the labels with the largest total score
+(sum over the class's clusters); "rising"/"falling" are the labels whose bootstrap interval lies above /
+below 0, by total score, among those with at least ``MIN_SHARE`` (2 %) of the class's score. Where no
+interval exists (one image, one layer) they fall back to the sign of the slope, still by total score, and
+the class's notes say so. Scores are those of single (unmerged)
+clusters, as in the notebook.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
 ]
 
 TOP_K = 6
+MIN_SHARE = 0.02  # a label below 2 % of its class's score is too rare to be called rising or falling
 N_BOOTSTRAP = 1000
 
 
@@ -106,14 +111,46 @@ class ClassTrends:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def total_score(self) -> float:
+        return float(sum(t.total_score for t in self.trends))
+
+    def share(self, trend: LabelTrend) -> float:
+        """The label's part of the class's total label score."""
+        total = self.total_score
+        return trend.total_score / total if total > 0 else 0.0
+
+    @property
+    def by_evidence(self) -> list[LabelTrend]:
+        """Every label, largest total score first (ties alphabetical)."""
+        return sorted(self.trends, key=lambda t: (-t.total_score, t.label))
+
+    @property
+    def top(self) -> list[LabelTrend]:
+        """The six labels with the largest total score."""
+        return self.by_evidence[:TOP_K]
+
+    @property
+    def intervals(self) -> bool:
+        """True when the slopes have bootstrap intervals (two images or more, two layers or more)."""
+        return any(np.isfinite(t.ci_low) for t in self.trends)
+
+    def _trending(self, sign: int) -> list[LabelTrend]:
+        evident = [t for t in self.by_evidence if self.share(t) >= MIN_SHARE]
+        if self.intervals:
+            chosen = [t for t in evident if t.interval_excludes_zero and sign * t.slope > 0]
+        else:
+            chosen = [t for t in evident if np.isfinite(t.slope) and sign * t.slope > 0]
+        return chosen[:TOP_K]
+
+    @property
     def rising(self) -> list[LabelTrend]:
-        positive = [t for t in self.trends if np.isfinite(t.slope) and t.slope > 0]
-        return sorted(positive, key=lambda t: (-t.slope, t.label))[:TOP_K]
+        """Labels that grow with depth (interval above 0; the slope's sign without intervals), by total score."""
+        return self._trending(+1)
 
     @property
     def falling(self) -> list[LabelTrend]:
-        negative = [t for t in self.trends if np.isfinite(t.slope) and t.slope < 0]
-        return sorted(negative, key=lambda t: (t.slope, t.label))[:TOP_K]
+        """Labels that fade with depth (interval below 0; the slope's sign without intervals), by total score."""
+        return self._trending(-1)
 
 
 @dataclass(frozen=True)

@@ -1,51 +1,22 @@
 """ADVISE: ADaptive feature relevance and VISual Explanations (Dehshibi et al., The Visual Computer 2024).
 
-Follows the official MATLAB code (``imADVISE.m``, ``iComputeSum.m``, ``ADVISEkernel.m``,
-``iCalculateCAMmetrics.m``):
+ADVISE groups the units of one layer by how many modes their activations have and explains the class by
+the group whose map scores best. It follows the official MATLAB code (``imADVISE.m``, ``iComputeSum.m``,
+``ADVISEkernel.m``, ``iCalculateCAMmetrics.m``):
 
-1. one forward: softmax probabilities and the feature map ``A`` (K x h x w) of one layer; ``c1`` = the
-   explained class (the predicted one by default), ``c2`` = the best other class (runner-up);
-   imADVISE.m l.12-27;
-2. relevance of unit k: ``R_k`` = number of peaks (``findpeaks``) of the locally adaptive bandwidth KDE
-   (Shimazaki & Shinomoto 2010, :func:`convlens.numerics.kde.ssvkernel`) of its ``Z = h*w`` *raw*
-   activation values on the grid ``linspace(0, 1, Z)``; 0 where the KDE fails (imADVISE.m l.30-45);
-3. gradients ``G1 = d p_c1 / dA`` and ``G2 = d p_c2 / dA`` of the softmax *probabilities* (one forward and
-   one backward from each class's probability to the layer; imADVISE.m l.50-53);
-4. for every peak count r = min R .. max R with a non-empty group ``S_r = {k : R_k = r}``:
-   ``M1 = ReLU(sum_{k in S_r} w1_k A_k)`` with ``w1_k = (1/Z) sum_ij G1_kij`` (Grad-CAM weights within the
-   group, iComputeSum.m), likewise ``M2``; both rescaled to [0, 1] and bicubic-upsampled (MATLAB
-   ``imresize``, imADVISE.m l.79-85); groups whose ``M1`` is all zero are skipped;
-5. each group's maps go through the AVX protocol (:func:`convlens.methods.advise_avx.avx_protocol`; one
-   forward of the image masked by ``M1 >= 0.5``); the group with the highest AVX is the explanation.
+1. one forward: probabilities and the feature maps ``A`` (K x h x w) of one layer; ``c1`` = the explained
+   class (the predicted one by default), ``c2`` = the runner-up (imADVISE.m l.12-27);
+2. relevance ``R_k`` = number of peaks of the locally adaptive bandwidth KDE
+   (:func:`convlens.numerics.kde.ssvkernel`) of unit k's ``Z = h*w`` raw values on ``linspace(0, 1, Z)``;
+   0 where the KDE fails (l.30-45);
+3. gradients ``G1``, ``G2`` of the *probabilities* of ``c1`` and ``c2`` (one forward, one backward per class, l.50-53);
+4. per peak count r with units ``S_r = {k : R_k = r}``: ``M1 = ReLU(sum_{k in S_r} w1_k A_k)``, ``w1_k`` the
+   spatial mean of ``G1_k`` (Grad-CAM within the group, iComputeSum.m), likewise ``M2``; both rescaled to
+   [0, 1] and bicubic-upsampled (MATLAB ``imresize``, l.79-85); groups with an all-zero ``M1`` are skipped;
+5. the group with the highest AVX (:func:`convlens.methods.advise_avx.avx_protocol`) is the explanation.
 
-The result keeps every evaluated group's map (``layer_maps["R=r"]``), the peak-count histogram, the AVX
-parts per group and both the full timings and the code's own reported time (KDE time / number of groups).
-
-Code quirks as explicit options (:class:`ADVISEParams`), defaults = the code:
-
-* ``normalize_activations=False``: the KDE sees raw activations, so only values inside [0, 1] count;
-  ``True`` min-max normalises each unit first (the "natural" reading of per-unit relevance).
-* ``score="softmax"``: gradients of the probability, not the logit (``score="logit"`` for the latter).
-* AVX: binary 0.5 mask, max-class Average Drop, the code's miss penalty, NaN correlation failing the
-  check (``avx_mask``, ``avx_drop_score``, ``avx_miss_penalty``, ``avx_nan_correlation``).
-* ``selection="avx"``: the final map is chosen by the evaluation metric itself (so ADVISE's own AVX is a
-  maximum over groups); ``selection="largest"`` picks the largest group instead (a selection that does
-  not look at the metric, for fair AVX comparisons).
-* timing: ``extras["code_time_s"]`` is the code's figure (KDE only, divided by the number of groups);
-  ``Explanation.timings`` has every phase.
-* ``kde_convention="matlab"`` (ADVISEkernel.m) or ``"adaptivekde"`` (the PyPI port), ``kde_min_distinct``
-  (``2``: a unit needs two distinct in-range values; ADVISEkernel.m fits a single distinct value).
-
-Layer: one layer, the core's ``"last"`` by default. The paper's layers are AlexNet ``conv5`` and VGG16
-``conv5_3`` *before* their ReLU, ResNet-50's last ReLU and Xception's last separable convolution before
-BN/ReLU; ``"last"`` gives the post-ReLU outputs for AlexNet (``features.11``) and VGG16
-(``features.29``), the same layer for ResNet-50 (``layer4``) and the post-BN-ReLU ``act4`` for timm's
-``legacy_xception``. :func:`paper_layer` returns the paper's layer names for these architectures.
-
-Masked image: the code masks the uint8 image and re-runs the network's own input normalisation; here
-the image the model sees is recovered as ``round(255 * preprocessing.denormalize(x))`` (exact for inputs
-made by the preprocessing from 8-bit images) and the masked image goes through
-``preprocessing.normalize`` (masked pixels are black).
+Why the code: the paper leaves these steps open and its figures come from the code, so every quirk of the
+code is an option of :class:`ADVISEParams` whose default is the code's behaviour.
 """
 
 from __future__ import annotations
@@ -87,7 +58,14 @@ PAPER_LAYERS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ADVISEParams(MethodParams):
-    """ADVISE's knobs; every default is the official code's behaviour."""
+    """ADVISE's knobs; every default is the official code's behaviour (its quirks made explicit).
+
+    ``normalize_activations=False``: the KDE sees raw activations, so only values in [0, 1] count (``True``
+    is the "natural" reading of per-unit relevance). ``selection="avx"`` chooses the final map by the
+    evaluation metric itself, so ADVISE's own AVX is a maximum over groups; ``"largest"`` does not look at
+    the metric (for fair AVX comparisons). ``kde_min_distinct=2`` fails units with one distinct in-range
+    value, which ADVISEkernel.m fits. The ``avx_*`` options: see :class:`~convlens.numerics.avx.AVXOptions`.
+    """
 
     method = "advise"
     n_bandwidths: int = param(10, "M, bandwidths examined by the adaptive KDE (code: kernelRepeat = 10)", ge=2)
@@ -109,7 +87,12 @@ class ADVISEParams(MethodParams):
 
 def paper_layer(model_name: str) -> str:
     """The feature layer the ADVISE paper/code uses for ``model_name`` (torchvision ``alexnet``, ``vgg16``,
-    ``resnet50``; timm ``legacy_xception`` — also accepted as ``xception`` or ``timm:legacy_xception``)."""
+    ``resnet50``; timm ``legacy_xception`` — also accepted as ``xception`` or ``timm:legacy_xception``).
+
+    The paper's layers are AlexNet ``conv5`` and VGG16 ``conv5_3`` *before* their ReLU, ResNet-50's last ReLU
+    and Xception's last separable convolution before BN/ReLU. ADVISE's default ``layers="last"`` gives the
+    post-ReLU outputs for AlexNet (``features.11``) and VGG16 (``features.29``), the same layer for ResNet-50
+    (``layer4``) and the post-BN-ReLU ``act4`` for timm's ``legacy_xception``."""
     key = model_name.strip().lower().removeprefix("timm:")
     key = {"xception": "legacy_xception"}.get(key, key)
     if key not in PAPER_LAYERS:
@@ -191,6 +174,13 @@ class PeakGroups:
 class ADVISE(Explainer):
     """ADVISE (Dehshibi et al. 2024): units grouped by the number of modes of their adaptive-bandwidth KDE;
     one Grad-CAM-style map per group; the group with the best AVX score is the explanation.
+
+    Masked images: the code masks the uint8 image and re-runs the network's input normalisation; here the
+    image the model sees is recovered as ``round(255 * preprocessing.denormalize(x))`` (exact for inputs
+    made by the preprocessing from 8-bit images) and the masked image goes through ``preprocessing.normalize``
+    (masked pixels are black). The result keeps every evaluated group's map (``layer_maps["R=r"]``), the
+    peak-count histogram, the AVX parts per group, and besides the full timings the code's own reported time
+    (``extras["code_time_s"]``: KDE time / number of groups).
 
     Args (beyond :class:`~convlens.methods.base.Explainer`'s and the knobs of :class:`ADVISEParams`):
         preprocessing: the model's input normalisation (taken from a LoadedModel; default ImageNet).

@@ -6,8 +6,9 @@ A method implements one thing:
 * :class:`GradientCAM` subclasses implement ``channel_weights`` (Grad-CAM family) or ``layer_map``
   (spatial weighting, LayerCAM) from one forward + one backward of all their layers.
 
-The base handles input validation, targets (per sample, validated), layer resolution, device,
-timing, pass counting and the :class:`~convlens.core.explanation.Explanation` result. The model's
+The base handles input validation, targets (per sample, validated), layer resolution, timing, pass
+counting and the :class:`~convlens.core.explanation.Explanation` result; the bound model, the parameter
+checks and the device come from :class:`~convlens.core.binding.BoundExplainer`, shared with INV. The model's
 training flags are restored after every call (the hooks live only inside ``explain``).
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from convlens.core.acceleration import current_acceleration, memory_batch_size, to_device
-from convlens.core.binding import ModelBinding
+from convlens.core.binding import BoundExplainer
 from convlens.core.explanation import Explanation
 from convlens.core.hooks import forward_with_grads
 from convlens.core.inputs import as_image_batch
@@ -46,8 +47,8 @@ class NoParams(MethodParams):
     """A method without knobs of its own."""
 
 
-class Explainer(abc.ABC):
-    """Base of every explanation method.
+class Explainer(BoundExplainer, abc.ABC):
+    """Base of every saliency method: ``explain`` gives one map per image (an :class:`Explanation`).
 
     Args:
         model: the classifier (an ``nn.Module`` or a :class:`~convlens.models.LoadedModel`).
@@ -60,11 +61,6 @@ class Explainer(abc.ABC):
             knobs as keyword arguments (``create("rise", model, n_masks=1000)``), checked by ``Params``.
     """
 
-    name: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
-    uses_layers: ClassVar[bool] = True
-    default_layers: ClassVar[LayerSpec] = "last"
-    default_score: ClassVar[ScoreKind] = "logit"
     Params: ClassVar[type[MethodParams]] = NoParams
     # ``batch_size`` counts inference-only forwards (so "auto" may size it from inference memory)
     masked_batches: ClassVar[bool] = True
@@ -80,38 +76,11 @@ class Explainer(abc.ABC):
         params: MethodParams | None = None,
         **knobs: Any,
     ) -> None:
-        self.binding = ModelBinding(model, score or self.default_score, output_adapter, class_names)
+        super().__init__(model, layers, score, output_adapter, class_names, params, **knobs)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ParamError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if params is not None and knobs:
-            raise ParamError(f"{self.name}: give either params= or keyword parameters, not both")
-        if params is not None and not isinstance(params, self.Params):
-            raise ParamError(f"{self.name}: params must be a {self.Params.__name__}, got {type(params).__name__}")
-        self.config = params if params is not None else self.Params.from_mapping(knobs)
-        self.layer_spec: LayerSpec = self.default_layers if layers is None else layers
         self.batch_size = batch_size
         self._layers: list[str] | None = None
-
-    # ------------------------------------------------------------------ the bound model
-    @property
-    def model(self) -> nn.Module:
-        return self.binding.model
-
-    @property
-    def score(self) -> ScoreKind:
-        return self.binding.score
-
-    @property
-    def output_adapter(self) -> OutputAdapter | None:
-        return self.binding.output_adapter
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.binding.class_names
-
-    @property
-    def device(self) -> torch.device:
-        return self.binding.device
 
     def layers_for(self, x: torch.Tensor) -> list[str]:
         """Resolve (once per input shape) the layers this method uses."""

@@ -1,71 +1,21 @@
 """SISE: Semantic Input Sampling for Explanation (Sattarzadeh, Sudhakar et al., AAAI-21, arXiv 2010.00672).
 
-Four phases:
+SISE explains a class by the input regions that the network's own feature maps outline, block by block:
 
-1. **Layer selection** — the last layer of every convolutional block (``layers="blocks"``, the core's
-   discovery: ResNet-50 -> ``relu, layer1..layer4``, 3904 feature maps); any explicit list works and is
-   ordered by execution (low-level -> high-level), which is the order the fusion cascade needs.
-2. **Feature-map selection** (Eqs. 6-8) — ONE forward and ONE backward for all selected layers and the
-   whole batch; ``alpha_k`` = spatial mean of dPsi/dA_k (Eq. 6 writes a sum: same ordering, and the
-   threshold is relative); keep ``alpha_k > mu * max_k alpha_k`` (Eqs. 7-8, ``mu = 0`` default). Kept
-   maps become attribution masks ``Omega(A_k)``: bilinear up-sampling to the input size and per-mask
-   min-max normalisation ``(m - min) / (max(m - min) + 1e-6)``.
-3. **Attribution-based input sampling** (Eqs. 9-12) — every kept mask is scored, ``Psi(x ⊙ m)``, by the
-   core's masked-forward engine; ``C_m = m / (sum(m) + 1e-6)`` (Eq. 11, the code's epsilon) and the
-   block's visualisation map ``V_b = sum_m Psi(x ⊙ m) C_m`` (Eq. 12, a sum as in the code — the mean
-   differs by a constant that the min-max normalisation of ``V_b`` removes). The scoring itself, full and
-   fast, is :mod:`convlens.methods.sise_scoring`.
-4. **Fusion** (the paper's fusion module, Fig. 5) — a cascade from low-level to high-level blocks,
-   ``E <- (E + V_b) ⊙ G(V_b)``.
+1. layers: the last layer of every convolutional block (``layers="blocks"``), ordered low -> high level;
+2. feature-map selection (Eqs. 6-8): one forward and one backward for all blocks and the whole batch; keep
+   ``alpha_k > mu · max_k alpha_k`` and turn the kept maps into attribution masks ``Omega(A_k)`` (bilinear
+   up-sampling to the input size, min-max normalisation);
+3. attribution-based input sampling (Eqs. 9-12, :mod:`convlens.methods.sise_scoring`): every mask scored by
+   a masked forward, ``V_b = sum_m Psi(x ⊙ m) m / (sum(m) + 1e-6)``;
+4. fusion (Fig. 5): ``E <- (E + V_b) ⊙ G(V_b)`` from low to high level; the final map is ``E``.
 
-The final map is ``E`` (raw, not re-normalised, as in the authors' code).
-
-Choices where the sources are silent or disagree (all exposed as :class:`SISEParams`):
-
-* ``fusion="paper"`` (default): ``G(V) = 1[V >= t]`` with ``t`` = Otsu's threshold of V over a 256-bin
-  histogram (the paper's hard binary mask; :func:`convlens.numerics.otsu.otsu_threshold`, equal to
-  ``skimage.filters.threshold_otsu``). ``fusion="code"``: the authors' soft mask
-  ``sigmoid(100 (V - t'))`` with their modified Otsu on ``round(256 V)`` and the ``tau = 1.5``
-  "bottleneck" rule (:func:`convlens.numerics.otsu.code_otsu_threshold`). ``fusion="simple"``: ``G(V) = V``.
-* The score Psi defaults to the softmax probability (the Keras models of the paper output
-  probabilities); pass ``score="sigmoid"`` for multi-label models or ``score="logit"``.
-* Baseline (what masked-out pixels become): ``"zero"`` (default) multiplies the *preprocessed* tensor
-  by the mask, as the authors' code does (0 is the dataset mean for mean/std-normalised inputs);
-  ``"mean"`` uses the per-channel mean of the image; ``"blur"`` a Gaussian-blurred copy
-  (``blur_sigma`` pixels); a number is a constant in input space. The masked input is
-  ``baseline + (x - baseline) ⊙ m``.
-* The arg-max channel of a block is always kept when ``max alpha > 0``: for ``mu < 1`` this changes
-  nothing (it already satisfies Eq. 7); for ``mu = 1`` it keeps exactly that channel instead of an
-  empty set.
-* A kept feature map that is spatially constant (an all-zero ReLU/ReLU6 channel, say) becomes the
-  zero mask under Omega, so ``C_m = 0`` and its score cannot change ``V_b``: it is not scored. This is
-  exact, and large: on EfficientNet-Lite0's last block (ReLU6 output) about 400 of the ~630 maps kept
-  for a photo are all zeros. ``extras["kept_masks"]`` counts Eq. 7's set, ``extras["constant_masks"]``
-  the maps skipped this way, ``extras["masked_forwards"]`` the forwards spent.
-* A block with no scored mask (all ``alpha <= 0``) or a constant ``V_b`` carries no information and is
-  left out of the cascade (listed in ``extras["skipped_blocks"]``); its ``V_b`` is reported as zeros.
-* ``V_b`` is min-max normalised exactly (no epsilon: ``V_b`` sums are ~1e-5 per mask, an epsilon
-  would distort them).
-
-``fast=True`` trades fidelity for time (not in the paper; :func:`convlens.methods.sise_scoring.score_fast`):
-within each block the kept masks are clustered by cosine similarity into ``ceil(K / fast_factor)`` groups,
-only each group's medoid is scored, and every other mask gets a score interpolated by Gaussian-process
-regression on 7x7 down-sampled masks (``fast_scores="gp"``; ``"medoid"``: its medoid's) and contributes
-with its own ``C_m``. The default ``fast_factor = 4`` runs a quarter of full SISE's masked forwards, so the
-wall time is at least 3x shorter once phase 1-2 and the mask generation (shared by both) are paid; a third
-(``fast_factor = 3``) would leave less than 3x. The price is the map's fidelity, not its localisation. On
-the real-photo set with EfficientNet-Lite0 (BENCHMARKS.md, section ``localisation``: 11 hand-boxed
-objects) fast mode ran 116 instead of 452 forwards per image in 6.1 instead of 26.5 s, with an
-energy-based pointing game of 88.3 % against full SISE's 88.1 % (Bbox 74.0 vs 70.6 %, pointing game
-equal), but its final map correlates with full SISE's at r = 0.87 on average (0.66 at worst): the
-hard-Otsu cascade of ``fusion="paper"`` amplifies score errors (BENCHMARKS.md, section ``sise``: noise on
-the scores alone lowers the final map's r most with the paper's fusion); ``fusion="code"``/``"simple"``
-keep it closer (section ``sise``: r 0.87-1.0 and 0.97-1.0 against 0.66-0.99 on three photos, fast mode
-timed at 3.8-4.0x on EfficientNet-Lite0 and ResNet-50). Spending the saved forwards
-elsewhere did not help on that set: farthest-point or random subsets, log-linear or log/sqrt-space
-surrogates, a GP shared across blocks or more forwards for the last block all correlated worse or equal.
-Fast mode keeps the scores it used in ``extras["mask_scores"]`` and reports ``extras["fast"]`` (groups,
-forwards saved).
+Why it is built so: the masked forwards are the whole cost, so phases 1-2 run once per batch, and a kept
+map that is spatially constant (its Omega is the zero mask, so ``C_m = 0``) is not scored: exact, and most
+kept maps of a ReLU6 network are such. Where the paper and the authors' code differ (the fusion gate, the
+baseline) the paper is the default and the code an option of :class:`SISEParams`; ``fast=True`` (not in
+the paper) scores one medoid per group of similar masks. Costs and fidelity: BENCHMARKS.md, sections
+``sise`` and ``localisation``.
 """
 
 from __future__ import annotations
@@ -236,6 +186,10 @@ class SISE(Explainer):
     """SISE (AAAI-21): block-wise attribution masks from feature maps with positive mean gradient,
     scored by masked forwards (Eqs. 9-12) and fused low -> high level (see the module docstring).
 
+    The score Psi defaults to the softmax probability (the paper's Keras models output probabilities;
+    ``score="sigmoid"`` for multi-label models). A block with no scored mask or a constant ``V_b`` carries
+    no information: it is left out of the cascade (``extras["skipped_blocks"]``) and its ``V_b`` is zeros.
+
     Args:
         model: the classifier.
         keep_mask_scores: put every mask's score ``Psi(x ⊙ m)`` in ``extras["mask_scores"][layer]`` (per
@@ -283,7 +237,9 @@ class SISE(Explainer):
     # ------------------------------------------------------------------ phase 2
     def select_channels(self, alpha: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """Eqs. 7-8: indices with ``alpha_k > mu · beta``, ``beta = max alpha`` (arg-max always kept when
-        ``beta > 0``), and the relative threshold used (``mu``; None when ``beta <= 0``)."""
+        ``beta > 0``: nothing changes for ``mu < 1``, and ``mu = 1`` keeps that channel instead of none), and
+        the relative threshold used (``mu``; None when ``beta <= 0``). ``alpha`` is the spatial mean gradient
+        (Eq. 6 writes a sum: the same order, and the threshold is relative)."""
         mu = self.config.mu
         beta = float(alpha.max())
         if beta <= 0:  # no channel raises the score: no attribution mask (Eq. 7 with mu=0 keeps none either)
@@ -338,7 +294,11 @@ class SISE(Explainer):
 
     # ------------------------------------------------------------------ phase 3
     def baseline_for(self, image: torch.Tensor) -> torch.Tensor | float:
-        """What masked-out pixels of ``image`` (C, H, W) become."""
+        """What masked-out pixels of ``image`` (C, H, W) become; the masked input is ``b + (x - b) ⊙ m``.
+
+        ``"zero"`` (default) multiplies the *preprocessed* tensor by the mask, as the authors' code does (0 is
+        the dataset mean for mean/std-normalised inputs); ``"mean"`` the image's per-channel mean; ``"blur"`` a
+        Gaussian-blurred copy (``blur_sigma`` pixels); a number a constant in input space."""
         baseline, sigma = self.config.baseline, self.config.blur_sigma
         if isinstance(baseline, float):
             return baseline
@@ -365,7 +325,10 @@ class SISE(Explainer):
     # ------------------------------------------------------------------ phase 4
     @limit_threads()
     def _fuse(self, blocks: list[BlockSelection], scores: BlockScores) -> SISEImage:
-        """Phase 4 of one image: normalise every ``V_b`` and fuse the informative blocks low -> high."""
+        """Phase 4 of one image: normalise every ``V_b`` and fuse the informative blocks low -> high.
+
+        The min-max normalisation is exact (no epsilon: ``V_b`` sums are tiny per mask, an epsilon would
+        distort them)."""
         normalised = minmax_exact(scores.vis_maps)
         informative = [i for i, block in enumerate(blocks) if block.n_scored and bool(normalised[i].max() > 0)]
         fused: dict[str, torch.Tensor] = {}

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from convlens.metrics.base import Metric, MetricCategory
+from convlens.metrics.base import Metric
 
 __all__ = [
     "METRICS",
@@ -126,7 +126,3 @@ def create_metrics(
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metric {name}: {exc}") from exc
     return metrics
-
-
-def category_of(name: str) -> MetricCategory:
-    return metric_class(name).category

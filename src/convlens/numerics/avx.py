@@ -1,34 +1,21 @@
 """The AVX protocol's maths ("XAIValue", Dehshibi et al., The Visual Computer 2024): no model involved.
 
-The official ADVISE code (``iCalculateCAMmetrics.m``) scores a map ``M1`` of the explained class ``c`` and
-a map ``M2`` of the runner-up class, both in [0, 1] at image resolution, on the image ``I`` (uint8 RGB,
-the pixels the model sees). This module holds every step that needs no forward pass; the forwards of the
-masked image (hit and Average Drop) are :func:`convlens.methods.advise_avx.avx_protocol`'s.
+The official ADVISE code (``iCalculateCAMmetrics.m``) scores a map ``M1`` of the explained class ``c`` and a
+map ``M2`` of the runner-up, both in [0, 1] at image resolution, on the image ``I`` (uint8 RGB, the pixels
+the model sees). This module holds every step that needs no forward pass (the forwards of the masked image
+are :func:`convlens.methods.advise_avx.avx_protocol`'s):
 
-1. class sensitivity ``R = Pearson(M1, M2)`` over all pixels; ``check = (-0.55 <= R <= 0.55)``
-   (computed *before* NaN -> 0, so a NaN correlation fails the check) — :func:`class_sensitivity`;
-2. masked image ``Ĩ = I .* uint8(M1)``: the uint8 cast rounds, so ``Ĩ`` keeps exactly the pixels with
-   ``M1 >= 0.5`` — :func:`avx_mask`;
-3. ``SSIM(Ĩ, I)``, ``FSIMc(Ĩ, I)`` (Zhang et al., IEEE TIP 2011, colour variant) and
-   ``MSE_n = MSE(Ĩ, I) / 255^2`` — :func:`masked_similarity`;
-4. miss penalty: on a miss (``c`` not in the top-5 classes on ``Ĩ``) with ``check``, AD, SSIM, FSIMc and
-   MSE_n are multiplied by ``d = 1 - |y_c - o_c|``; on a miss without ``check``: AD = 1, SSIM = 0,
-   FSIMc = 0, MSE_n = 1 — :func:`apply_miss_penalty`;
-5. ``AVX = 4 / (1/SSIM + 1/FSIMc + 1/(1 - MSE_n) + 1/(1 - AD))``, the harmonic mean (0 under the hard
-   penalty) — :func:`harmonic_avx`.
+1. class sensitivity ``R = Pearson(M1, M2)``, ``check = (-0.55 <= R <= 0.55)`` — :func:`class_sensitivity`;
+2. masked image ``Ĩ = I .* uint8(M1)``, i.e. the pixels with ``M1 >= 0.5`` — :func:`avx_mask`;
+3. ``SSIM(Ĩ, I)``, ``FSIMc(Ĩ, I)`` (Zhang et al., IEEE TIP 2011) and ``MSE_n = MSE(Ĩ, I) / 255^2`` —
+   :func:`masked_similarity`;
+4. on a miss (``c`` not in the top-5 classes on ``Ĩ``) the terms are penalised — :func:`apply_miss_penalty`;
+5. ``AVX = 4 / (1/SSIM + 1/FSIMc + 1/(1 - MSE_n) + 1/(1 - AD))``, the harmonic mean — :func:`harmonic_avx`.
 
-Each quirk of the code is an :class:`AVXOptions` field whose default is the code's behaviour: ``mask``
-(binary 0.5 mask from the uint8 cast, or the soft map), ``drop_score`` (max-class ``o_c`` or the target
-class's score), ``miss_penalty`` (``"code"`` also multiplies the two *error* terms AD and MSE_n by
-``d < 1``, which lowers the errors and so *raises* AVX; ``"monotone"`` multiplies the four quality terms
-SSIM, FSIMc, 1 - MSE_n, 1 - AD by ``d``; ``"none"``), ``nan_correlation`` (fails the check, as in the code).
-
-Similarity measures come from ``piq``: ``piq.ssim`` (Gaussian window 11, sigma 1.5, K1 = 0.01,
-K2 = 0.03, per channel and averaged, without piq's default 2x downsampling — MATLAB's ``ssim`` does not
-downsample) and ``piq.fsim(chromatic=True)`` (port of FeatureSIM.m, including its ``round(min(H, W)/256)``
-average pooling), both on the 0-255 images with ``data_range=255``. They are computed with piq's own steps
-and constants, bit for bit, but what depends only on the reference image (its SSIM means and variances, its
-FSIMc terms) or on the image size (the log-Gabor filter bank's terms) is computed once, not once per map.
+Each quirk of the code is an :class:`AVXOptions` field whose default is the code's behaviour, so the
+protocol can be run as published or with a quirk removed.
+What depends only on the reference image (SSIM means/variances, FSIMc terms) or the size (the log-Gabor
+bank) is computed once per image with piq's own steps, bit for bit (tested against piq).
 """
 
 from __future__ import annotations
@@ -77,7 +64,9 @@ class AVXOptions:
         mask_threshold: threshold of the binary mask (0.5 = rounding).
         drop_score: ``"max_class"``: ``o_c`` = max softmax probability on ``Ĩ`` (code);
             ``"target_class"``: ``o_c`` = probability of the explained class (the usual Average Drop).
-        miss_penalty: see the module docstring (``"code"``, ``"monotone"``, ``"none"``).
+        miss_penalty: ``"code"`` also multiplies the two *error* terms AD and MSE_n by ``d < 1``, which
+            lowers the errors and so *raises* AVX; ``"monotone"`` multiplies the four quality terms SSIM,
+            FSIMc, 1 - MSE_n, 1 - AD by ``d``; ``"none"`` (:func:`apply_miss_penalty`).
         nan_correlation: ``"fails_check"``: an undefined Pearson correlation (constant map) fails the
             class-sensitivity check (code: the check is computed before NaN -> 0); ``"passes_check"``.
         sensitivity_band: the check is ``|R| <= sensitivity_band``.
@@ -161,7 +150,11 @@ def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int =
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(SSIM, FSIMc, MSE / 255^2)`` of masked images (G, 3, H, W) against the original (3, H, W), 0..255.
 
-    On one torch thread (:mod:`convlens.core.threads`): a few hundred small operations per chunk of images.
+    From ``piq``: ``piq.ssim`` (Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel and averaged,
+    without piq's default 2x down-sampling: MATLAB's ``ssim`` does not down-sample) and FSIMc as
+    ``piq.fsim(chromatic=True)`` (a port of FeatureSIM.m with its ``round(min(H, W)/256)`` average pooling),
+    both with ``data_range=255``. On one torch thread (:mod:`convlens.core.threads`): a few hundred small
+    operations per chunk.
     """
     ssim_values, fsim_values = [], []
     terms = fsim_reference_terms(original.float())  # once per image, whatever the number of chunks

@@ -1,61 +1,24 @@
 """Shimazaki–Shinomoto locally adaptive bandwidth kernel density estimation, vectorised in torch.
 
-ADVISE (Dehshibi et al., The Visual Computer 2024; code ``ADVISEkernel.m``) scores every feature-map
-unit by the number of modes of an adaptive-bandwidth KDE of its activation values. The estimator is
-Shimazaki & Shinomoto's ``ssvkernel`` ("Kernel bandwidth optimization in spike rate estimation",
-J. Comput. Neurosci. 29:171-182, 2010: the locally adaptive kernel of its Sec. 2.3):
+ADVISE (Dehshibi et al. 2024; code ``ADVISEkernel.m``) scores every feature-map unit by the number of modes
+of this KDE of its activation values (Shimazaki & Shinomoto, J. Comput. Neurosci. 29:171-182, 2010, Sec. 2.3):
 
-1. histogram ``y_hist`` of the in-grid samples on the evaluation grid ``t`` (bin width ``dt``);
-2. ``M`` softplus-spaced bandwidths ``W`` in ``[5 dt, T]`` (ADVISEkernel.m l.92); for each, the local
-   integrand of the MISE cost ``c_j(t) = yh_j^2 - 2 yh_j y_hist + 2/(sqrt(2 pi) W_j) y_hist`` with ``yh_j``
-   the histogram smoothed by a Gaussian of width ``W_j``;
-3. for each window ``WIN_i`` the locally optimal fixed bandwidth ``optw_i(t) = W[argmin_j (c_j * G_WIN_i)(t)]``
-   (the cost integrated over a Gaussian window around t);
-4. for a stiffness ``g`` the bandwidth ``w(t) = g WIN_i`` of the last window with ``optw_i(t)/WIN_i >= g``,
-   smoothed by Nadaraya–Watson regression with Gaussian kernels of width ``w/g``; the balloon estimator
-   with those bandwidths gives the density and its L2-risk estimate ``C(g)`` (``CostFunction``);
-5. golden-section search of ``g`` in ``[1e-12, 1]`` (tolerance ``1e-5`` relative, at most 29 evaluations,
-   ADVISEkernel.m l.125-163); the density of the *last evaluated* point is returned, linearly interpolated
-   onto the input grid.
+1. histogram ``y_hist`` of the in-grid samples on the grid ``t`` (bin width ``dt``);
+2. ``M`` softplus-spaced bandwidths ``W`` in ``[5 dt, T]``; per bandwidth the local MISE integrand
+   ``c_j(t) = yh_j^2 - 2 yh_j y_hist + 2/(sqrt(2 pi) W_j) y_hist`` (``yh_j``: ``y_hist`` smoothed by ``W_j``);
+3. per window ``WIN_i`` the locally optimal bandwidth ``optw_i(t) = W[argmin_j (c_j * G_WIN_i)(t)]``;
+4. for a stiffness ``g``: ``w(t) = g WIN_i`` of the last window with ``optw_i(t)/WIN_i >= g``, smoothed by
+   Nadaraya–Watson regression; the balloon estimator gives the density and its cost ``C(g)``;
+5. golden-section search of ``g`` in ``[1e-12, 1]``; the density of the *last evaluated* point is returned.
 
-The references loop over one sample vector at a time (MATLAB ``parfor``, Python ``adaptivekde``) and pay
-O(L^2) per cost evaluation plus ``M^2`` FFTs of up to 2^18 points per vector. Here every step runs on all
-rows at once (CPU or CUDA, float64 by default), and the work the references repeat is done once:
-
-* rows with the same multiset of values — in the MATLAB convention of in-grid values — get the same
-  estimate and are fitted once (:func:`_distinct_rows`; e.g. the all-zero channels of a ReLU layer);
-* the Gaussian smoothings of steps 2-3 apply the closed-form periodic kernel of the reference's
-  zero-padded FFTs (its wrap-around included) at FFT length ``>= 2L - 1``, or as one Toeplitz matrix
-  product when the rows share their grid (:mod:`convlens.numerics.kde_smoothing`);
-* the Nadaraya–Watson step of every cost evaluation uses per-window tables computed once and re-summed
-  only when a window's set of grid points changes; the balloon sums run over non-empty bins only (the
-  reference's "speed optimized" form) (:mod:`convlens.numerics.kde_cost`);
-* the golden-section search runs with per-row brackets, evaluation for evaluation as the reference's (its
-  result is the density of the last evaluated point, so a shorter search would change the result).
-
-Agreement with the references: at the same stiffness ``g`` the densities match to ~1e-12. But where
-``C(g)`` is flat within rounding (~1e-16 relative; e.g. a unit whose in-range values are a heap at 0 and a
-few isolated points, common after ReLU6) the search's ``f1 < f2`` is decided by the last bits of FFT,
-``exp`` and summation order, which differ between torch and numpy, CPU kernels (AVX2 / AVX-512 / scalar)
-and thread counts: the search may end at another ``g`` of the same cost (an equally optimal density).
-
-Two conventions are offered (``convention=``):
-
-``"matlab"`` (default, = ``ADVISEkernel.m``)
-    ``T = max(tin) - min(tin)``; the smallest sample gap ``dt_samp`` is taken over the in-grid samples;
-    the histogram is MATLAB ``histc(x_ab, t - dt/2)``: ``L`` edges, so samples in ``(t_L - dt/2, t_L]``
-    fall into no bin (only a sample exactly on the last edge counts); at most 29 golden-section
-    evaluations (``k = 1 .. 29``); a vector with a single distinct in-grid value is *not* a failure
-    (``dt_samp`` is empty, so ``t = tin``, and the estimate is one bump). No in-grid sample gives
-    ``N = 0`` and a NaN density in MATLAB: reported here as a failed row (``valid = False``).
-``"adaptivekde"`` (= ``adaptivekde.ssvkernel(x, tin, M, nbs, WinFunc='Gauss')[0]``, the PyPI port)
-    ``T = max(x) - min(x)`` over *all* samples; ``dt_samp`` over all samples; ``numpy.histogram`` with
-    ``L + 1`` edges (the last bin is closed, so samples near ``max(tin)`` are counted); at most 30
-    evaluations; the call raises when the samples have fewer than two distinct values and returns NaN
-    when no sample lies on the grid: both are failed rows here.
-
-``min_distinct`` adds the rule "fewer than ``min_distinct`` distinct in-grid values is a failure" on
-top of either convention (``min_distinct=2``: stricter than ADVISEkernel.m, which fits one value).
+Why it is written so: the references fit one vector at a time, with O(L^2) work per cost evaluation and
+``M^2`` FFTs per vector; here all rows run at once and what the references repeat is done once — equal
+rows fitted once (:func:`_distinct_rows`), the smoothings as closed-form periodic kernels or one matrix
+product (:mod:`convlens.numerics.kde_smoothing`), per-window Nadaraya–Watson tables re-summed only when a
+window changes (:mod:`convlens.numerics.kde_cost`), and the search kept evaluation for evaluation (its result
+is the last evaluated point). At equal ``g`` the densities match the references to ~1e-12; where ``C(g)`` is
+flat within rounding the search may end at another ``g`` of the same cost, as it does between the
+references' own platforms and thread counts.
 """
 
 from __future__ import annotations
@@ -336,9 +299,15 @@ def ssvkernel(
         grid: (Z,) increasing evaluation points ``tin``; default ``linspace(0, 1, S)`` (ADVISE's
             ``binNumber = linspace(0, 1, Z)``). Only samples inside ``[min(grid), max(grid)]`` are used.
         n_bandwidths: M, the number of bandwidths / windows examined (ADVISE: 10; ssvkernel default 80).
-        convention: ``"matlab"`` (ADVISEkernel.m, default) or ``"adaptivekde"`` (the PyPI port); see the
-            module docstring for the differences.
-        min_distinct: optional extra failure rule: rows with fewer distinct in-grid values fail.
+        convention: ``"matlab"`` (default, = ADVISEkernel.m): ``T = max(tin) - min(tin)``; the smallest
+            sample gap over the in-grid samples; MATLAB's ``histc(x_ab, t - dt/2)`` with ``L`` edges (samples
+            in ``(t_L - dt/2, t_L]`` fall into no bin, only one exactly on the last edge counts); a single
+            distinct in-grid value is fitted (one bump); no in-grid sample is a failed row (NaN in MATLAB).
+            ``"adaptivekde"`` (= ``adaptivekde.ssvkernel(x, tin, M, nbs, WinFunc='Gauss')[0]``, the PyPI
+            port): ``T`` and the smallest gap over *all* samples; ``numpy.histogram`` with ``L + 1`` edges
+            (last bin closed); fewer than two distinct values or no in-grid sample is a failed row.
+        min_distinct: optional extra failure rule on top of either convention: rows with fewer distinct
+            in-grid values fail (``2``: stricter than ADVISEkernel.m, which fits one value).
         max_evaluations: golden-section evaluations after the initial two; default 29 (MATLAB,
             ``k = 1 .. 29``) or 30 (adaptivekde, ``k = 0 .. 29``).
         tol: relative tolerance of the golden-section bracket (``|b - a| <= tol (|c1| + |c2|)``).

@@ -112,7 +112,7 @@ def check_config(config: EvaluationConfig) -> torch.device:
     if config.n_samples < 0:
         raise EvaluationError(f"--samples must be >= 0, got {config.n_samples}")
     if config.targets not in ("label", "predicted"):
-        raise EvaluationError(f"--targets must be label or predicted, got {config.targets!r}")
+        raise EvaluationError(f"--target must be label or predicted, got {config.targets!r}")
     if config.metric_score not in ("softmax", "sigmoid", "logit"):
         raise EvaluationError(f"--metric-score must be softmax, sigmoid or logit, got {config.metric_score!r}")
     _check_names(config)
@@ -292,6 +292,6 @@ def align_labels(dataset: ImageDataset, loaded: LoadedModel) -> ImageDataset:
             return CSVImageDataset(dataset.csv_path, root=dataset.root, class_names=loaded.class_names)
     except ValueError as exc:
         raise EvaluationError(
-            f"the data's labels must be the model's class names or ids ({exc}); or use --targets predicted"
+            f"the data's labels must be the model's class names or ids ({exc}); or use --target predicted"
         ) from exc
     return dataset

@@ -75,11 +75,11 @@ class ExplainConfig:
     model: str = "efficientnet_lite0"
     weights: str | None = None
     methods: Sequence[str] = ("gradcam",)
-    target: str = "auto"
+    target: str = "predicted"
     layers: str | None = None
     out: Path = Path("out/explain")
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int = 64
     params: Sequence[str] = ()
     per_block: bool = False
     resume: bool = True
@@ -186,7 +186,7 @@ def _method_names(requested: Sequence[str]) -> list[str]:
         if name not in names:
             names.append(name)
     if not names:
-        raise ExplainError("--method: give at least one method")
+        raise ExplainError("--methods: give at least one method")
     return names
 
 
@@ -214,7 +214,8 @@ def _load_model(config: ExplainConfig, device: torch.device) -> LoadedModel:
 
 
 def _target(text: str | None, loaded: LoadedModel) -> int | None:
-    if text in ("auto", "", None):
+    """None for the predicted class (``predicted``; the old spelling ``auto``), else the class id."""
+    if text in ("predicted", "auto", "", None):
         return None
     try:
         target = class_id_from_name(text, loaded.class_names)

@@ -54,7 +54,7 @@ class ExplainerSpec:
 
 
 def explainer_names() -> list[str]:
-    """Every name ``--method`` accepts: the registered saliency methods, then the concept explainers."""
+    """Every name ``--methods`` accepts: the registered saliency methods, then the concept explainers."""
     return [*METHODS, *CONCEPT_METHODS]
 
 
@@ -85,7 +85,7 @@ def parse_method_params(
         if not sep or not name:
             raise ParamError(f"--param {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE")
         if scope and scope.strip().lower() not in {m.lower() for m in methods}:
-            raise ParamError(f"--param {item!r}: method {scope!r} is not among --method {','.join(methods)}")
+            raise ParamError(f"--param {item!r}: method {scope!r} is not among --methods {','.join(methods)}")
         targets = [m for m in methods if not scope or m.lower() == scope.strip().lower()]
         accepted_by = [m for m in targets if name in specs[m].knobs]
         if not accepted_by:
@@ -127,7 +127,7 @@ def build_explainers(
             explainer = spec.cls(loaded, layers=layer_spec, **kwargs) if layer_spec is not None \
                 else spec.cls(loaded, **kwargs)
             if spec.kind == "concept":
-                explainer.layers_for((3, size, size))
+                explainer.explained_layers((3, size, size))
             elif layer_spec is not None:
                 resolve_layers(loaded.module, layer_spec, (3, size, size))
         except (TypeError, ValueError) as exc:

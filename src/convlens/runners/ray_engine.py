@@ -48,6 +48,10 @@ __all__ = [
 logger = logging.getLogger("convlens.ray")
 
 INSTALL_HINT = "pip install 'convlens[ray]'"
+# what a gRPC client sends first (RFC 9113 section 3.4): the preface and an empty SETTINGS frame
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_SETTINGS = 0x4
+HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, HTTP2_SETTINGS, 0, 0, 0, 0, 0])
 
 
 class RayEngineError(ValueError):
@@ -66,6 +70,8 @@ class RayOptions:
         gpus_per_worker: GPUs reserved per actor (fractions share a GPU); > 0 runs the workers on CUDA.
         threads_per_worker: CPUs reserved per actor, and its torch intra-op threads.
         images_per_call: images per ``map_batches`` call (1: finest load balance and retry granularity).
+        connect_timeout: seconds to wait for a cluster at ``address`` to answer before giving up (Ray itself
+            retries for minutes when nothing is there).
     """
 
     address: str | None = None
@@ -73,6 +79,7 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
     images_per_call: int = 1
+    connect_timeout: float = 15.0
 
     @property
     def device(self) -> str:
@@ -93,6 +100,8 @@ class RayOptions:
             raise RayEngineError(f"images per call must be >= 1, got {self.images_per_call}")
         if self.address is not None and not self.address.strip():
             raise RayEngineError("--ray-address is empty: give auto, ray://HOST:PORT or HOST:PORT")
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
+            raise RayEngineError(f"connect timeout must be > 0 seconds, got {self.connect_timeout}")
 
 
 def require_ray() -> ModuleType:
@@ -116,32 +125,94 @@ class RaySession:
 @contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[RaySession]:
     """Join the cluster at ``options.address``, start a local Ray (no address), or reuse the Ray this
-    process already runs; what was started or joined here is shut down at the end."""
+    process already runs; what was started or joined here is shut down at the end.
+
+    A local Ray is the run's own (``address="local"``), whatever other Ray runs on the machine or
+    ``RAY_ADDRESS`` says, and its daemons are followed by a :class:`~convlens.core.processes.ProcessWatchdog`,
+    so none outlives a driver killed with SIGKILL. An address where no Ray answers within
+    ``options.connect_timeout`` seconds gives one :class:`RayEngineError` instead of Ray's minutes of retries.
+    """
     options.check()
     ray = require_ray()
     started = connected = False
-    if not ray.is_initialized():
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-        if options.address is None:
-            ray.init(num_cpus=_local_cpus(options), include_dashboard=False, **quiet)
-            started = True
-        else:
-            try:
-                ray.init(address=options.address, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RayEngineError(
-                    f"--ray-address {options.address}: no Ray cluster could be joined ({exc}); start one with "
-                    "`ray start --head`, or leave --ray-address out to start a local Ray for the run"
-                ) from exc
-            connected = True
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+            if options.address is None:
+                from convlens.core.processes import ProcessWatchdog
+
+                watchdog = stack.enter_context(ProcessWatchdog())
+                ray.init(address="local", num_cpus=_local_cpus(options), include_dashboard=False, **quiet)
+                started = True
+                watchdog.scan()  # the daemons ray.init started: followed from now on
+            else:
+                _probe_address(options.address, options.connect_timeout)
+                try:
+                    ray.init(address=options.address, **quiet)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise RayEngineError(
+                        f"--ray-address {options.address}: no Ray cluster could be joined ({exc}); start one with "
+                        "`ray start --head`, or leave --ray-address out to start a local Ray for the run"
+                    ) from exc
+                connected = True
+        try:
+            _quiet_ray_data()
+            session = RaySession(started, dict(ray.cluster_resources()))
+            _check_gpus(options, session)
+            yield session
+        finally:
+            if started or connected:
+                ray.shutdown()
+
+
+def _resolved_address(address: str) -> str | None:
+    """``HOST:PORT`` that ``address`` stands for (``auto``: the cluster this machine belongs to, as Ray
+    finds it), or None where there is nothing to check beforehand."""
+    address = address.strip()
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            return canonicalize_bootstrap_address(address)
+        except Exception:  # Ray's own lookup: ray.init reports what it finds
+            return None
+    return address.split("://", 1)[1] if "://" in address else address
+
+
+def _probe_address(address: str, timeout: float) -> None:
+    """Fail fast where no Ray can answer: the host must accept a TCP connection on the port and speak HTTP/2
+    there (Ray's GCS and Ray Client are gRPC servers: they answer the HTTP/2 connection preface with a
+    SETTINGS frame, RFC 9113 section 3.4), each within ``timeout`` seconds. With TLS (``RAY_USE_TLS``) only
+    the TCP connection is checked."""
+    import socket
+
+    target = _resolved_address(address)
+    if target is None:
+        return
+    host, sep, port_text = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise RayEngineError(f"--ray-address {address}: expected auto, ray://HOST:PORT or HOST:PORT")
+    hint = "start one with `ray start --head`, or leave --ray-address out to start a local Ray for the run"
     try:
-        _quiet_ray_data()
-        session = RaySession(started, dict(ray.cluster_resources()))
-        _check_gpus(options, session)
-        yield session
-    finally:
-        if started or connected:
-            ray.shutdown()
+        connection = socket.create_connection((host, int(port_text)), timeout=timeout)
+    except TimeoutError:
+        raise RayEngineError(f"--ray-address {address}: no answer within {timeout:g} s; {hint}") from None
+    except OSError as exc:
+        raise RayEngineError(f"--ray-address {address}: no Ray cluster there ({exc.strerror or exc}); {hint}") from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+            return
+        try:
+            connection.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            header = b""
+            while len(header) < 9 and (chunk := connection.recv(9 - len(header))):
+                header += chunk
+        except OSError:  # a timeout, or the connection reset
+            header = b""
+    if len(header) < 9 or header[3] != HTTP2_SETTINGS:
+        raise RayEngineError(f"--ray-address {address}: something answers there, but not Ray (no gRPC answer "
+                             f"within {timeout:g} s); {hint}")
 
 
 def _local_cpus(options: RayOptions) -> int:

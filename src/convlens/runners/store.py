@@ -7,22 +7,10 @@ Layout under the run directory::
     records/<method>/<key>.json   one image's results for one method (all its targets)
     records/_bad/<key>.json       an image that could not be used, with the reason
 
-Nothing convlens did not write is replaced or deleted: a folder is the run's only when its ``run.json``
-is convlens's (:func:`check_run_folder`); a folder without one that holds any of the run's output names
-(``records/``, ``report.html``, ``summary.md``, ...) is refused before anything is written. ``--overwrite``
-of a folder proven ours removes only files with the names the run writes (records, sample overlays,
-report plots).
-
-Each record is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over
-its final name (``os.replace``, atomic on POSIX and Windows): a run killed at any moment leaves only
-complete records, and a rerun skips exactly the work they hold. Keys are ``<index>-<hash of id>`` so file
-names are safe whatever the image ids contain, and the order of the dataset is kept.
-
-A store holds the run directory's lock (:class:`~convlens.core.files.OutputLock`) from opening to
-:meth:`ResultsStore.close`: two runs into the same folder take turns (the second waits, then resumes
-from the first one's records), so neither can see or remove the other's half-written files. Once it
-holds the lock, :meth:`ResultsStore.remove_stale_temporaries` deletes the temporary files a killed run
-left in the folders the store writes — those names only, nothing else.
+Why so: a run killed at any moment leaves only complete records (temporary file, fsync, ``os.replace``), so
+a rerun skips exactly the work they hold; keys ``<index>-<hash of id>`` are safe file names whatever the
+image ids and keep the dataset's order; nothing convlens did not write is replaced or deleted
+(:func:`check_run_folder`); and two runs into one folder take turns under its lock (:class:`ResultsStore`).
 """
 
 from __future__ import annotations
@@ -147,6 +135,12 @@ class ResultsStore:
         on_wait: called once when another run holds the folder and this one has to wait for it.
         outputs: the names the run writes next to ``run.json`` and ``records/``: in a folder without a
             convlens ``run.json``, any of them is someone else's file and the store refuses the folder.
+
+    A store holds the run directory's lock (:class:`~convlens.core.files.OutputLock`) from opening to
+    :meth:`close`: two runs into the same folder take turns (the second waits, then resumes from the first
+    one's records), so neither can see or remove the other's half-written files. ``overwrite`` of a folder
+    proven ours removes only files with the names the run writes; :meth:`remove_stale_temporaries` deletes
+    only the temporary files a killed run left in the folders the store writes.
     """
 
     def __init__(

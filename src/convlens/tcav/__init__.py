@@ -2,9 +2,10 @@
 for a class?
 
 On your own concept tensors: :class:`ConceptSet` / :class:`RandomSets` (``concept_sets``), CAVs and their
-cache (``cav``), :class:`TCAVRunner` (``runner``: scores, the random-vs-random null, tests) and the
-statistics (``stats``). On a Deep Reveal study: :func:`run_study_tcav` (``study``) builds concept sets from
-the study's own revealed regions (``study_regions``, ``study_concepts``) and writes ``tcav.csv``.
+cache (``cav``; trained by the batched L2-SVM of ``solver``), :class:`TCAVRunner` (``runner``: scores, the
+random-vs-random null, tests) and the statistics (``stats``). On a Deep Reveal study: :func:`run_study_tcav`
+(``study``) builds concept sets from the study's own revealed regions (``study_regions``, ``study_concepts``)
+and writes its output folder.
 Names are imported on first use.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 _EXPORTS = {
     "ConceptSet": "convlens.tcav.concept_sets",
+    "LinearSVM": "convlens.tcav.solver",
     "RandomSets": "convlens.tcav.concept_sets",
     "TCAVRunner": "convlens.tcav.runner",
     "TCAVReport": "convlens.tcav.runner",

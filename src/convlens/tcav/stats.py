@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["NullComparison", "compare_to_null", "holm", "pseudo_concept_means"]
+__all__ = ["STATISTICS", "NullComparison", "compare_to_null", "holm", "pseudo_concept_means"]
+
+STATISTICS = ("magnitude", "sign_count")  # the per-run scores a test can compare (tcav.runner defines them)
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:

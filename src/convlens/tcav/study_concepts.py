@@ -1,50 +1,15 @@
 """Concept sets for TCAV built from a Deep Reveal study's own labels (the crowd's concepts, Kim et al. 2018's P_C).
 
-**Region.** What one INV cluster showed the players who named it: the study image — the INV run's
-``input.png``, the model's view (resized and centre-cropped, before normalisation) — revealed through
-the cluster map A_C exactly as the game revealed it (the ``reveal`` function given, Deep Reveal's mask:
-nearest-neighbour up-sampling of the h x w map, threshold at the (100 - q)-th percentile, Gaussian-blurred
-mask, black elsewhere; Bianchi et al. 2024), at reveal level ``ceil(mean level of the plays that gave the
-label in that cluster)`` — where those players guessed, rounded like the authors' cluster reveal level.
-Its tensor is the model's input of that picture: ``normalise(pixels / 255)`` with the model's mean and
-std, the same arithmetic as the model's preprocessing of an image already at its input size (no second
-resize or crop).
-
-**Concept** (class k, label L): the regions of every cluster of class k whose best labels include L, one
-per cluster, distinct images only, sampled without replacement (seeded) to the largest of a few common
-sizes (default 10, 20, 40) that the concept fills and that leaves the class's pool at least twice as
-large. Few sizes keep the null cheap: it costs N(N-1)/2 CAVs per layer per distinct size. A label with
-too few regions is skipped, with the reason recorded (:class:`SkippedConcept`).
-
-**Random sets** (class k): the same construction, drawn from a *pool* of regions: by default
-(``random_pool="class"``) every labelled region of class k (each cluster with a best label, at that
-label's level; the concept's own regions included); with ``random_pool="study"`` every labelled region
-of every class of the study (one pool for all classes, whose random-vs-random CAVs are then shared).
-
-**Inputs** X_k: the study's images of class k (the full ``input.png``), whose class-k gradients TCAV tests.
-
-*Why masked images, not crops.* The masked image is what the players saw when they named the label, at
-the position and scale the model sees it; a crop would have to be enlarged to the model's input (a 2 %
-region blown up 7 times, a scale the model never saw) or pasted on a canvas (a context nobody saw). And
-as every concept and random image is made the same way (black outside a revealed region), a CAV can
-only separate them by what is revealed, not by how the picture was made.
-
-*Why the class's own regions as default pool.* INV's clusters are chosen by class-k gradients: every
-region of a class-k image is where the network found class-k evidence. Random regions of *other*
-classes make labels of class k look "used" for want of a fair comparison: they carry the other classes'
-evidence, which pushes class k down, so even class-k regions without any class-k evidence come out
-"used (+)" (in a simulated study on the synthetic benchmark, regions showing next to none of the class
-object did in all four classes, against other classes' regions; in one of four against the whole study's:
-``benchmarks/bench_tcav.py --study``). Drawn from the class's own labelled regions, the test asks what
-the crowd's label adds: are the regions the crowd calls L used for class k more (direction
-``positive``) or less (``negative``) than the class's revealed regions at large? Under H0 (the label
-picks regions as a random draw would) the concept is exchangeable with the random sets — the case the
-random-vs-random null of :mod:`convlens.tcav.stats` is built for. Hence a class needs two
-labels or more; a label covering most of its class's regions is tested against sets that are mostly
-itself (little power, still a valid test). ``random_pool="study"`` is Kim et al.'s reading (random
-counterexamples from everywhere): "used (+)" then means used for class k more than random study
-regions, with the other-classes caveat above diluted by the class's own share of the study. Clusters
-without a best label are left out: no label was given at any level.
+A concept (class k, label L) is the set of regions the players named L: each cluster of class k whose best
+labels include L gives the INV run's ``input.png`` revealed through its cluster map exactly as the game
+revealed it, at the level where those players guessed, normalised like the model's input
+(:func:`build_study_concepts` says how, step by step). Masked images, not crops: they are what the players
+saw, at the position and scale the model sees, and as concept and random images are made the same way a
+CAV can only separate them by what is revealed. Random sets are built the same way from a pool of
+labelled regions (``RANDOM_POOLS``): the whole study's (Kim et al.'s random counterexamples), the class's,
+or the class's without the concept's own. Regions of *other* classes only are not offered: they carry
+those classes' evidence, which pushes class k down, so regions without class-k evidence would come out
+"used (+)" (BENCHMARKS.md, "TCAV on a study's own concepts", measures each pool's power and false alarms).
 """
 
 from __future__ import annotations
@@ -98,13 +63,14 @@ __all__ = [
 ]
 
 DEFAULT_SIZES: tuple[int, ...] = (10, 20, 40)
-RANDOM_POOLS = ("class", "study")
+RANDOM_POOLS = ("study", "class", "class-others")
 CONSTRUCTION = (
     "concept (class k, label L): the clusters of class k whose best labels include L; each gives the INV "
     "run's input.png revealed through the cluster map by Deep Reveal's mask at level ceil(mean level of the "
     "plays that gave L in that cluster), normalised like the model's input; distinct images, sampled (seeded) "
     "to the largest common size the concept fills with a pool at least twice as large. Random sets: the same "
-    "construction over every labelled region of class k (random_pool 'class') or of the study ('study'). "
+    "construction over every labelled region of the study (random_pool 'study'), of class k ('class'), or of "
+    "class k without the clusters labelled L ('class-others'). "
     "Inputs: the study's images of class k."
 )
 
@@ -119,24 +85,25 @@ class SkippedConcept:
     reason: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StudyConcepts:
     """Everything :class:`~convlens.tcav.runner.TCAVRunner` needs, with the record of how it was built."""
 
     class_ids: dict[str, int]
     class_inputs: dict[int, torch.Tensor]
     concepts: dict[int, list[ConceptSet]]
-    random_sets: dict[int, RandomSets]
+    random_sets: dict[int, RandomSets | dict[str, RandomSets]]  # per class one pool, or one per concept
     regions: dict[tuple[str, str], list[Region]]  # the regions behind each tested concept's images, in order
     available: dict[tuple[str, str], int]  # distinct regions each label had before sampling
-    pools: dict[str, int]
+    pools: dict[str, int]  # regions in each class's pool (class, study pool: what its random sets come from)
+    concept_pools: dict[tuple[str, str], int]  # regions in each tested concept's pool
     skipped: list[SkippedConcept]
     images: dict[str, StudyImage]
     percentages: list[float]
     sizes: tuple[int, ...]
     seed: int
     random_runs: int = 20
-    random_pool: str = "class"
+    random_pool: str = "study"
 
     @property
     def class_names(self) -> list[str]:
@@ -156,6 +123,7 @@ class StudyConcepts:
         classes: dict[str, Any] = {}
         for name, k in self.class_ids.items():
             concepts = {c.name: {"available": self.available[(name, c.name)], "size": c.size,
+                                 "pool": self.concept_pools.get((name, c.name)),
                                  "regions": [{"cluster_id": r.cluster_id, "level": r.level, "percent": r.percent}
                                              for r in self.regions[(name, c.name)]]}
                         for c in self.concepts.get(k, [])}
@@ -185,8 +153,8 @@ def _size_reason(distinct: int, pool: int, sizes: Sequence[int], random_runs: in
     if distinct < smallest:
         return f"{distinct} distinct region(s), fewer than the smallest concept size {smallest}"
     if 2 * smallest > pool:
-        return f"the class's random pool has {pool} regions, fewer than 2 x {smallest}"
-    return f"the class's random pool of {pool} regions has too few distinct sets of {smallest} for {random_runs} runs"
+        return f"the random pool has {pool} regions, fewer than 2 x {smallest}"
+    return f"the random pool of {pool} regions has too few distinct sets of {smallest} for {random_runs} runs"
 
 
 class _Renderer:
@@ -236,30 +204,36 @@ def _pool(regions: Iterable[Region], render: _Renderer) -> list[torch.Tensor]:
 
 
 def _build_class(result: StudyConcepts, name: str, labels: Mapping[str, list[Region]], render: _Renderer,
-                 pool: RandomSets) -> None:
+                 pools: Callable[[str], RandomSets | None]) -> None:
+    """The class's tested concepts (sampled to their size), their random pools and the class's inputs."""
     class_id = result.class_ids[name]
-    size_of_pool = int(pool.pool.shape[0])
-    result.pools[name] = size_of_pool
     tested: list[ConceptSet] = []
+    chosen: dict[str, RandomSets] = {}
     for label in sorted(labels):
         regions, tensors = _distinct(labels[label], render)
         result.available[(name, label)] = len(regions)
+        pool = pools(label)
+        size_of_pool = 0 if pool is None else int(pool.pool.shape[0])
         size = concept_size(len(regions), size_of_pool, result.sizes, result.random_runs)
         if size is None:
             reason = _size_reason(len(regions), size_of_pool, result.sizes, result.random_runs)
             result.skipped.append(SkippedConcept(name, label, len(regions), reason))
             continue
+        assert pool is not None
         rows = np.sort(_label_seed(result.seed, name, label).choice(len(regions), size, replace=False))
         tested.append(ConceptSet(label, torch.stack([tensors[i] for i in rows])))
         result.regions[(name, label)] = [regions[i] for i in rows]
+        result.concept_pools[(name, label)] = size_of_pool
+        chosen[label] = pool
     if tested:  # only classes with a tested concept enter the run
         result.concepts[class_id] = tested
-        result.random_sets[class_id] = pool
+        shared = {id(pool) for pool in chosen.values()}
+        result.random_sets[class_id] = next(iter(chosen.values())) if len(shared) == 1 else chosen
     images = sorted((i for i in result.images.values() if i.explanation.target_name == name), key=lambda i: i.image_id)
     result.class_inputs[class_id] = torch.stack([render.to_input(i.pixels).float() for i in images])
 
 
-def chosen_classes(folder: LabelsFolder, classes: Sequence[str] | None = None, random_pool: str = "class") -> list[str]:
+def chosen_classes(folder: LabelsFolder, classes: Sequence[str] | None = None, random_pool: str = "study") -> list[str]:
     """The classes to test (``classes``, default every class with a labelled cluster); StudyConceptError
     for a folder without labels, an unknown class, or a class with a single concept."""
     labels: dict[str, set[str]] = defaultdict(set)
@@ -270,7 +244,7 @@ def chosen_classes(folder: LabelsFolder, classes: Sequence[str] | None = None, r
 
 
 def _choose_classes(regions: Mapping[str, Collection[str]], all_classes: Sequence[str],
-                    classes: Sequence[str] | None, random_pool: str = "class") -> list[str]:
+                    classes: Sequence[str] | None, random_pool: str = "study") -> list[str]:
     if not regions:
         raise StudyConceptError("the labels folder has no labelled cluster (no best label in clusters.csv): "
                                 "there is no concept to test")
@@ -283,7 +257,7 @@ def _choose_classes(regions: Mapping[str, Collection[str]], all_classes: Sequenc
             raise StudyConceptError(f"classes {empty} have no labelled cluster: nothing to test")
     chosen = list(classes) if classes is not None else sorted(regions)
     for name in chosen:
-        if random_pool == "class" and len(regions[name]) == 1:
+        if random_pool != "study" and len(regions[name]) == 1:
             (label,) = regions[name]
             raise StudyConceptError(
                 f"class {name!r} has one concept ({label!r}): TCAV tests a class's concepts against random sets "
@@ -316,7 +290,7 @@ def build_study_concepts(
     classes: Sequence[str] | None = None,
     inv_root: str | Path | None = None,
     images: Mapping[str, StudyImage] | None = None,
-    random_pool: str = "class",
+    random_pool: str = "study",
 ) -> StudyConcepts:
     """Concept sets, random pools and inputs of every chosen class (see the module docstring).
 
@@ -341,22 +315,33 @@ def build_study_concepts(
     regions = label_regions(folder, steps)
     all_classes = list(dict.fromkeys(row["class"] for row in folder.clusters))
     chosen = _choose_classes(regions, all_classes, classes, random_pool)
-    pooled = chosen if random_pool == "class" else sorted(regions)
+    pooled = chosen if random_pool != "study" else sorted(regions)
     known = dict(images or {})
     missing = {run: ids - set(known) for run, ids in needed_images(folder, pooled).items() if ids - set(known)}
     known.update(find_study_images(folder, missing, inv_root))
-    result = StudyConcepts(_class_ids(known, chosen), {}, {}, {}, {}, {}, {}, [], known, steps,
-                           tuple(sorted({int(s) for s in sizes})), seed, random_runs, random_pool)
+    result = StudyConcepts(class_ids=_class_ids(known, chosen), class_inputs={}, concepts={}, random_sets={},
+                           regions={}, available={}, pools={}, concept_pools={}, skipped=[], images=known,
+                           percentages=steps, sizes=tuple(sorted({int(s) for s in sizes})), seed=seed,
+                           random_runs=random_runs, random_pool=random_pool)
     result.skipped += [SkippedConcept(c, "", 0, "no cluster of this class has a best label")
                        for c in all_classes if c not in regions and classes is None]
     render = _Renderer(known, to_input, reveal)
-    def pool_of(names: Sequence[str]) -> RandomSets:
-        return RandomSets(torch.stack(_pool((r for n in names for rs in regions[n].values() for r in rs), render)),
-                          seed=seed)
+
+    def pool_of(names: Sequence[str], without: str | None = None) -> RandomSets | None:
+        """Distinct labelled regions of the classes ``names``, leaving out the clusters labelled ``without``."""
+        own = {r.cluster_id for n in names for r in regions[n].get(without or "", [])}
+        tensors = _pool((r for n in names for rs in regions[n].values() for r in rs if r.cluster_id not in own),
+                        render)
+        return RandomSets(torch.stack(tensors), seed=seed) if len(tensors) >= 2 else None
 
     study_pool = pool_of(pooled) if random_pool == "study" else None  # one pool: CAVs shared by every class
     for name in chosen:
-        _build_class(result, name, regions[name], render, study_pool or pool_of([name]))
+        class_pool = study_pool or pool_of([name])
+        result.pools[name] = 0 if class_pool is None else int(class_pool.pool.shape[0])
+        if random_pool == "class-others":
+            _build_class(result, name, regions[name], render, lambda label, name=name: pool_of([name], label))
+        else:
+            _build_class(result, name, regions[name], render, lambda _, pool=class_pool: pool)
     if not any(result.concepts.values()):
         reasons = "; ".join(f"{s.class_name}/{s.label or '-'}: {s.reason}" for s in result.skipped[:6])
         raise StudyConceptError(f"no concept can be tested ({reasons}); try smaller --sizes")

@@ -1,7 +1,7 @@
 """``convlens study create``: INV runs -> a study directory with every round's reveal images rendered.
 
 INV runs are read only through :func:`convlens.inv.load_inv_explanation` and the run layout written by
-``convlens explain IMAGE --method inv --out DIR``: ``DIR/<image stem>/inv/inv.json`` with ``input.png``
+``convlens explain IMAGE --methods inv --out DIR``: ``DIR/<image stem>/inv/inv.json`` with ``input.png``
 (the model's view of the image) beside it. A folder that itself holds ``inv.json`` is accepted too.
 
 Rounds: one per kept cluster (image x layer x cluster) of the chosen layers, plus ``gold`` attention-check
@@ -85,7 +85,7 @@ def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """(image name, INV folder) pairs of one ``convlens explain --method inv`` output folder."""
+    """(image name, INV folder) pairs of one ``convlens explain --methods inv`` output folder."""
     run_dir = Path(run_dir)
     if (run_dir / "inv.json").is_file():
         name = run_dir.parent.name if run_dir.name == "inv" else run_dir.name
@@ -93,7 +93,7 @@ def find_inv_folders(run_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     found = sorted((p.parent.parent.name, p.parent) for p in run_dir.glob("*/inv/inv.json"))
     if not found:
         raise StudyCreationError(f"{run_dir}: no INV results (expected <image>/inv/inv.json from "
-                                 "`convlens explain IMAGE --method inv --out DIR`)")
+                                 "`convlens explain IMAGE --methods inv --out DIR`)")
     return found
 
 
@@ -226,6 +226,15 @@ def _config(images: list[_Image], classes: list[str], options: CreateOptions, st
     )
 
 
+def identical_level0_images(root: Path, round_ids: Sequence[str]) -> list[list[str]]:
+    """Groups of rounds whose level-0 images are byte-identical (players cannot tell those rounds apart)."""
+    groups: dict[str, list[str]] = {}
+    for round_id in round_ids:
+        digest = hashlib.sha256((root / "images" / round_id / "level0.png").read_bytes()).hexdigest()
+        groups.setdefault(digest, []).append(round_id)
+    return [ids for ids in groups.values() if len(ids) > 1]
+
+
 def create_study(study_dir: str | os.PathLike[str], runs: Sequence[str | os.PathLike[str]],
                  options: CreateOptions | None = None) -> dict[str, Any]:
     """Build ``study_dir`` from INV ``runs``; returns a summary with the admin token (shown once)."""
@@ -258,5 +267,9 @@ def create_study(study_dir: str | os.PathLike[str], runs: Sequence[str | os.Path
         raise
     files = StudyFiles(study_dir)
     gold = sum(spec.gold for spec, _, _ in planned)
+    shared = identical_level0_images(files.root, [spec.round_id for spec, _, _ in planned])
+    notes = [f"{sum(map(len, shared))} rounds in {len(shared)} groups share a byte-identical level-0 image (players "
+             "cannot tell the rounds of a group apart at the first level)"] if shared else []
     return {"study_dir": str(files.root), "rounds": len(planned) - gold, "gold_rounds": gold,
-            "images": len(images), "classes": classes, "admin_token": secrets.admin_token}
+            "images": len(images), "classes": classes, "admin_token": secrets.admin_token,
+            "identical_level0": shared, "notes": notes}

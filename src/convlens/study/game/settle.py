@@ -1,41 +1,17 @@
 """How settled a round's label is, from its descriptions so far: the measure behind ``least-settled`` assignment.
 
-No embedding model runs in the server, so a round's descriptions are compared through their normalised
-content words (:func:`content_words`): the label pipeline's cleaning (HTML, Unicode, the class name and
-its possessive removed; :func:`convlens.labels.text.clean_description`), letter tokens, the pipeline's
-stop-words dropped, simplemma lemmas ("stripes", "striped" -> "stripe"), hedges dropped (:data:`HEDGES`:
-words that report the player's certainty or act of seeing — "i think", "looks like", "just a guess",
-"no idea", "gut feeling" — not what is in the image; without them "i think wheels" and "i think stripes"
-would agree on "think"), and typos folded into a word
-one edit away (also once a plural "s"/"es" the lemmatiser left on a misspelt word is dropped) that has
-more support in the same round (:func:`fold_typos`; words of 4+ letters).
+A round's descriptions are compared through their normalised content words (:func:`content_words`; no
+embedding model runs in the server). Its *leader* is the best-supported word (the would-be best label), its
+*rival* the strongest word among the descriptions that do not mention the leader (:func:`round_evidence`).
+The value of one more play (:func:`play_value`) is P(the play gives a usable description) times the
+optimistic knowledge gradient of the leader-vs-rival decision (Chen, Lin & Zhou, ICML 2013, "Optimistic
+knowledge gradient policy for optimal budget allocation in crowdsourcing", Beta(1, 1) priors).
 
-Evidence of a round (:func:`round_evidence`): every described guess counts for each of its content
-words, 1 for a right guess and 1/4 for a wrong one (the INV label score's discount of wrong guesses; the
-reveal level is not used: a description at level 5 says as much about what players see as one at level
-0). The *leader* is the word with the most support (the would-be best label); its *rival* is the
-strongest word among descriptions that do not mention the leader (words written together, like "dark" in
-"dark stripes", support each other and do not compete). a and b are their supports.
-
-Value of one more play (:func:`play_value`) = P(the play gives a usable description) x the optimistic
-knowledge gradient of the leader-vs-rival decision (Chen, Lin & Zhou, ICML 2013, "Optimistic knowledge
-gradient policy for optimal budget allocation in crowdsourcing", with Beta(1, 1) priors):
-
-* confidence c(a, b) = max(P, 1 - P), P = P(theta > 1/2) for theta ~ Beta(a + 1, b + 1): the posterior
-  probability that the leader, not the rival, is the more frequent answer (:func:`confidence`);
-* gain = max(c(a + 1, b), c(a, b + 1)) - c(a, b): how much one more description can raise that
-  confidence at best (:func:`knowledge_gradient`). It is largest for a round without any description
-  (0.25), large for a tie (0.1875 at 1-1) and shrinks as descriptions accumulate — agreeing ones (two
-  agreeing: 0.0625) and also a long dispute between two words (synonyms the server cannot know are the
-  same concept: 0.10 at 5-4), which a plain "probability that the leader is wrong" would feed forever;
-* P(description) = (d + k r) / (n + k): the share of the round's n finished plays that gave a usable
-  description (d; resigns and empty, hedge-only or stop-word-only texts give none), shrunk towards the
-  study's rate r over all rounds with k = :data:`PRIOR_PLAYS` = 4 pseudo-plays (empirical Bayes): two
-  resigns say little about a round, ten say it is hard to describe, and it then loses priority instead
-  of absorbing every play.
-
-Hand values (right guesses, r = 1): unplayed 0.25; 1-1 split 0.1875; one description 0.125; two
-agreeing 0.0625; six resigns 4/10 x 0.25 = 0.1.
+Why this measure: it is largest for an unplayed round and for a tie, and shrinks both as descriptions agree
+and during a long dispute between two words (synonyms the server cannot know are one concept), which a plain
+"probability that the leader is wrong" would feed forever; and rounds that players rarely describe lose
+priority instead of absorbing every play. Hand values (right guesses, rate 1): unplayed 0.25; 1-1 split
+0.1875; one description 0.125; two agreeing 0.0625; six resigns 4/10 x 0.25 = 0.1.
 """
 
 from __future__ import annotations
@@ -80,7 +56,13 @@ def _lemma(word: str) -> str:
 @lru_cache(maxsize=65_536)
 def content_words(text: str, class_name: str = "", drop_hedges: bool = True) -> frozenset[str]:
     """Lemmas of the non-stop-word tokens of ``text`` with the class name removed (empty if unusable);
-    hedges (:data:`HEDGES`) dropped unless ``drop_hedges`` is false."""
+    hedges (:data:`HEDGES`) dropped unless ``drop_hedges`` is false.
+
+    The label pipeline's cleaning (HTML, Unicode, the class name and its possessive removed;
+    :func:`convlens.labels.text.clean_description`), letter tokens, its stop-words dropped, simplemma lemmas
+    ("stripes", "striped" -> "stripe"). Hedges report the player's certainty or act of seeing ("i think",
+    "looks like", "no idea"), not what is in the image: without them "i think wheels" and "i think stripes"
+    would agree on "think". Typos are folded per round (:func:`fold_typos`)."""
     from convlens.labels.text import clean_description, load_stop_words, words
 
     cleaned = clean_description(text, [class_name] if class_name else [])
@@ -168,7 +150,13 @@ def _leader_and_rival(described: Sequence[tuple[frozenset[str], float]], evidenc
 def round_evidence(plays: Iterable[tuple[str, int, str | None]], class_name: str = "",
                    drop_hedges: bool = True) -> RoundEvidence:
     """Evidence from a round's finished plays, each ``(outcome, level, description)``; outcome is
-    win | lose | resign (descriptions of resigns are not used, as in the label pipeline)."""
+    win | lose | resign (descriptions of resigns are not used, as in the label pipeline).
+
+    Every described guess counts for each of its content words (typos folded into a word one edit away with
+    more support), :func:`evidence_weight`: 1 for a right guess, 1/4 for a wrong one (the INV label score's
+    discount). The reveal level is not used: a description at level 5 says as much about what players see as
+    one at level 0. Words written together ("dark" in "dark stripes") support each other and do not compete:
+    the rival is taken among the descriptions that do not mention the leader."""
     evidence = RoundEvidence()
     texts: list[tuple[frozenset[str], float]] = []
     for outcome, _level, description in plays:
@@ -198,7 +186,9 @@ def confidence(leader: float, rival: float) -> float:
 
 @lru_cache(maxsize=65_536)
 def knowledge_gradient(leader: float, rival: float) -> float:
-    """Largest gain in :func:`confidence` that one more description (for either side) can bring."""
+    """Largest gain in :func:`confidence` that one more description (for either side) can bring:
+    ``max(c(a + 1, b), c(a, b + 1)) - c(a, b)`` (0.25 with no description, 0.1875 at 1-1, 0.0625 for two
+    agreeing, 0.10 at 5-4)."""
     now = confidence(leader, rival)
     return max(confidence(leader + 1, rival), confidence(leader, rival + 1)) - now
 
@@ -214,6 +204,10 @@ def description_rate(evidences: Iterable[RoundEvidence]) -> float:
 
 def play_value(evidence: RoundEvidence, rate: float = 1.0) -> float:
     """P(a usable description) x optimistic knowledge gradient of the leader-vs-rival decision;
-    ``rate``: the study's description rate (:func:`description_rate`)."""
+    ``rate``: the study's description rate (:func:`description_rate`).
+
+    P(description) = (d + k r) / (n + k): the share of the round's n finished plays that gave a usable
+    description (d), shrunk towards the study's rate r with k = :data:`PRIOR_PLAYS` pseudo-plays (empirical
+    Bayes): two resigns say little about a round, ten say it is hard to describe."""
     p_description = (evidence.described + PRIOR_PLAYS * rate) / (evidence.plays + PRIOR_PLAYS)
     return p_description * knowledge_gradient(evidence.leader_weight, evidence.rival_weight)
