@@ -46,7 +46,7 @@ from convlens.core.maps import minmax_exact
 from convlens.methods.adasise import AdaSISE
 from convlens.methods.rise import RISE
 from convlens.methods.scorecam import ScoreCAM
-from convlens.methods.sise import SISE, fuse_visualization_maps
+from convlens.methods.sise import SISE, SISEParams, fuse_visualization_maps
 from convlens.methods.sise_scoring import attribution_masks
 from convlens.models import load
 
@@ -333,9 +333,10 @@ METHODS_TEXT = (
     "SISE/RISE = 0.35, SISE/Score-CAM = 0.51."
 )
 FAST_TEXT = (
-    "**fast=True** (default fast_factor 4: per block, one medoid scored per group of ~4 similar masks; the "
-    "other masks get a Gaussian-process-interpolated score (`gp`, the default) or their medoid's (`medoid`)). "
-    "Goal: >= 3x faster than full SISE (mu = 0) with <= 1/3 of its masked forwards. Forwards: the paper's "
+    f"**fast=True** (default fast_factor {SISEParams().fast_factor:g}: per block, one medoid scored per group of "
+    f"~{SISEParams().fast_factor:g} similar masks; the other masks get a Gaussian-process-interpolated score (`gp`, "
+    "the default) or their medoid's (`medoid`)). Goal (issue 24): >= 5x faster than full SISE (mu = 0) with an "
+    "EBPG within 0.01 on the real photos (section `load`). Forwards: the paper's "
     "count (Eq. 7 kept) / full convlens SISE -> fast. Seconds: `gp` is the best of the calls alternated with "
     "full SISE's (same number of calls), `medoid` a single call. Pearson r of the final map vs full SISE's, "
     "for fusion paper / code / simple (re-fused from the same per-block maps); localisation quality on real "

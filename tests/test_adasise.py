@@ -77,7 +77,7 @@ def test_adasise_api(tiny_cnn, tiny_images):
     assert isinstance(explainer, AdaSISE) and explainer.config.otsu_bins == 64
     assert list(explainer.params().items()) == [
         ("score", "softmax"), ("batch_size", 64), ("layers", "blocks"), ("fusion", "simple"), ("temperature", 100.0),
-        ("bottleneck_tau", 1.5), ("baseline", "zero"), ("blur_sigma", 5.0), ("fast", False), ("fast_factor", 4.0),
+        ("bottleneck_tau", 1.5), ("baseline", "zero"), ("blur_sigma", 5.0), ("fast", False), ("fast_factor", 8.0),
         ("fast_scores", "gp"), ("selection", "otsu over normalised positive mean gradients"), ("otsu_bins", 64),
     ]
     with pytest.raises(ParamError, match="no mu; use SISE for a fixed mu"):

@@ -159,10 +159,10 @@ def test_matches_literal_recomputation(make_model, kde_reference) -> None:
         torch.testing.assert_close(explanation.maps[b], best_map, atol=1e-4, rtol=1e-4)
         best_avx = max(g["avx"] for g in info["groups"].values())
         assert info["groups"][info["selected"]]["avx"] == best_avx
-    # per image: 1 logits forward + 2 (image twice for both gradients) + one AVX forward per group (the unmasked
-    # image's score y_c comes from the logits forward, as imADVISE.m reuses its first predict)
+    # per image: 1 logits forward + 1 forward for both gradients (one backward per class) + one AVX forward per
+    # group (the unmasked image's score y_c comes from the logits forward, as imADVISE.m reuses its first predict)
     n_groups = sum(len(info["groups"]) for info in explanation.extras["images"])
-    assert explanation.forward_passes == 2 + 2 * 2 + n_groups
+    assert explanation.forward_passes == 2 + 2 + n_groups
     assert explanation.backward_passes == 4
     assert {"forward_backward", "kde", "maps", "avx", "total"} <= set(explanation.timings)
 
@@ -370,6 +370,27 @@ def test_fsimc_against_one_reference_is_piq_fsim() -> None:
         masked = original[None] * (torch.rand(4, 1, height, width, generator=g) > 0.5)
         expected = piq.fsim(masked, original.expand_as(masked), data_range=255.0, reduction="none", chromatic=True)
         torch.testing.assert_close(fsimc_against(masked, original), expected, rtol=1e-6, atol=0)
+
+
+def test_phase_congruency_and_ssim_against_one_reference_are_piqs_bit_for_bit() -> None:
+    """The AVX terms with what depends only on the filter bank or the reference image computed once: the same
+    numbers as piq 0.8's ``_phase_congruency`` and ``ssim`` (downsample off), bit for bit."""
+    from piq.fsim import _phase_congruency
+
+    from convlens.numerics.avx import _log_gabor_filters, _phase, _ssim_against, _ssim_reference_terms
+
+    g = torch.Generator().manual_seed(5)
+    for height, width, count in ((224, 224, 3), (70, 90, 1), (64, 80, 4)):
+        luminance = torch.rand(count, 1, height, width, generator=g) * 255
+        filters = _log_gabor_filters((height, width), luminance.dtype, luminance.device)
+        expected = _phase_congruency(luminance, filters=filters, scales=4, orientations=4, k=2.0)
+        for _ in range(2):  # the second call takes the filter terms from the cache
+            assert torch.equal(_phase(luminance), expected)
+        original = torch.randint(0, 256, (3, height, width), generator=g).float()
+        masked = original[None] * (torch.rand(count, 1, height, width, generator=g) > 0.5)
+        expected_ssim = piq.ssim(masked, original.expand_as(masked), data_range=255.0, reduction="none",
+                                 downsample=False)
+        assert torch.equal(_ssim_against(masked, _ssim_reference_terms(original)), expected_ssim)
 
 
 def test_masked_similarity_over_several_chunks_is_piq() -> None:

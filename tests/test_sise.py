@@ -298,7 +298,7 @@ def test_recorded_params_keep_their_names_order_and_values(tiny_cnn):
     assert list(recorded.items()) == [
         ("score", "softmax"), ("batch_size", 8), ("layers", "blocks"), ("mu", 0.5), ("fusion", "paper"),
         ("temperature", 100.0), ("bottleneck_tau", 1.5), ("baseline", 0.25), ("blur_sigma", 5.0), ("fast", True),
-        ("fast_factor", 4.0), ("fast_scores", "gp"),
+        ("fast_factor", 8.0), ("fast_scores", "gp"),
     ]
     explicit = SISE(tiny_cnn, layers=["block3", "block1"])
     explicit.layers_for(torch.zeros(1, 3, 32, 32))

@@ -21,9 +21,18 @@ Everything else lives in the subpackages: ``convlens.models`` (zoo, preprocessin
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+# OpenMP threads that wait by sleeping, not spinning: torch's default (spinning) OpenMP threads burn the CPU
+# share their busy siblings need, so on a machine whose cores other processes use, every parallel operation
+# slowed down 2-30x (BENCHMARKS.md, section load; convlens.core.threads). libgomp reads the variable once,
+# when torch loads it: set here, before convlens imports torch; a value the user set is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> module that defines it (imported lazily by __getattr__)
 _EXPORTS = {

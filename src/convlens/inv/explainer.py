@@ -15,17 +15,18 @@ Why the saved clusters are the reference: the same input and settings give ident
 machine (tested), but the pipeline is chaotic in its input — perturbations the size of one vs two torch
 threads' rounding change the t-SNE layout and often k (BENCHMARKS.md, section ``inv``) — so the manifest
 (:mod:`convlens.inv.manifest`) records every cluster with its stable id, members, maps and library versions.
+Threads: clustering runs on one BLAS/OpenMP thread, the per-layer torch work on one torch thread
+(:func:`convlens.core.threads.limit_threads`); ``n_jobs`` clusters layers in parallel with identical results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -41,6 +42,7 @@ from convlens.core.layers import describe_layers, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams, ParamError, param
 from convlens.core.targets import ScoreKind, TargetSpec
+from convlens.core.threads import limit_threads
 from convlens.inv.clustering import (
     INV_SEED,
     ClusteringResult,
@@ -260,7 +262,7 @@ class INV(BoundExplainer):
             (i, layer, acts[layer.name][b : b + 1].float(), grads[layer.name][b : b + 1].float())
             for i, layer in enumerate(layers)
         ]
-        with blas_single_thread(), _single_torch_thread():  # process-wide limits, held until every worker ends
+        with blas_single_thread(), limit_threads(1, required=True):  # process-wide, held until every worker ends
             limit_openmp = openmp_limiter()
 
             def run(job: tuple[int, ConvLayer, torch.Tensor, torch.Tensor]) -> InvLayer:
@@ -343,17 +345,6 @@ def _weighted_clusters(
             id=f"{image_id}:{layer_name}:{position}",
         ))
     return clusters, weak, rank, weak_bound
-
-
-@contextlib.contextmanager
-def _single_torch_thread() -> Iterator[None]:
-    """One torch intra-op thread for the body (process-wide setting, restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _versions() -> dict[str, str]:

@@ -9,7 +9,7 @@ the group whose map scores best. It follows the official MATLAB code (``imADVISE
 2. relevance ``R_k`` = number of peaks of the locally adaptive bandwidth KDE
    (:func:`convlens.numerics.kde.ssvkernel`) of unit k's ``Z = h*w`` raw values on ``linspace(0, 1, Z)``;
    0 where the KDE fails (l.30-45);
-3. gradients ``G1``, ``G2`` of the *probabilities* of ``c1`` and ``c2`` (one batched forward + backward, l.50-53);
+3. gradients ``G1``, ``G2`` of the *probabilities* of ``c1`` and ``c2`` (one forward, one backward per class, l.50-53);
 4. per peak count r with units ``S_r = {k : R_k = r}``: ``M1 = ReLU(sum_{k in S_r} w1_k A_k)``, ``w1_k`` the
    spatial mean of ``G1_k`` (Grad-CAM within the group, iComputeSum.m), likewise ``M2``; both rescaled to
    [0, 1] and bicubic-upsampled (MATLAB ``imresize``, l.79-85); groups with an all-zero ``M1`` are skipped;
@@ -29,10 +29,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from convlens.core.hooks import forward_with_grads
+from convlens.core.hooks import LayerCapture
 from convlens.core.maps import minmax_exact, upsample
 from convlens.core.params import MethodParams, param
-from convlens.core.targets import class_scores
+from convlens.core.targets import adapt_output, class_scores
+from convlens.core.threads import limit_threads
 from convlens.methods.advise_avx import AVXResult, avx_protocol
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.models.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
@@ -152,6 +153,7 @@ class PeakGroups:
     evaluated: list[int]
 
     @classmethod
+    @limit_threads()
     def of(cls, relevance: torch.Tensor, activations: torch.Tensor, weights_top1: torch.Tensor,
            weights_top2: torch.Tensor) -> PeakGroups:
         """Groups from (K,) peak counts, (K, h, w) activations and (K,) Grad-CAM weights of both classes."""
@@ -202,6 +204,7 @@ class ADVISE(Explainer):
     def avx_options(self) -> AVXOptions:
         return self.config.avx_options()
 
+    @limit_threads()
     def _upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.config.upsample == "bicubic_matlab":
             return imresize_bicubic(maps, size)
@@ -217,20 +220,24 @@ class ADVISE(Explainer):
             raise ValueError(
                 f"ADVISE uses one feature layer, got {len(layers)} ({', '.join(layers)}): pass layers=NAME"
             )
-        layer, batch = layers[0], x.shape[0]
-        targets = torch.cat([class_ids, runner_up])
-        _, acts, grads = forward_with_grads(
-            self.model, torch.cat([x, x]), [layer], lambda lg: class_scores(lg, targets, self.score),
-            self.output_adapter,
-        )
-        activations = acts[layer][:batch].float()
+        layer = layers[0]
+        with torch.enable_grad(), LayerCapture(self.model, [layer], keep_graph=True) as capture:
+            logits = adapt_output(self.model(x.detach().clone().requires_grad_(True)), self.output_adapter)
+            acts = capture.activations[layer]
+            # one forward, one backward per class (imADVISE.m: dlgradient of each class's probability)
+            grads = [torch.autograd.grad(class_scores(logits, ids, self.score).sum(), acts, retain_graph=True,
+                                         allow_unused=True)[0] for ids in (class_ids, runner_up)]
+        if grads[0] is None or grads[1] is None:
+            raise ValueError(f"the target score does not depend on layer {layer!r}: pick a layer before the head")
+        activations = acts.detach().float()
         if activations.ndim != 4 or activations.shape[2] * activations.shape[3] < 3:
             raise ValueError(
                 f"layer {layer!r} gives {tuple(activations.shape)}: ADVISE needs (B, K, h, w) maps with h*w >= 3 "
                 "(the KDE grid has h*w points); pick an earlier layer"
             )
-        return layer, activations, grads[layer][:batch].float(), grads[layer][batch:].float()
+        return layer, activations, grads[0].float(), grads[1].float()
 
+    @limit_threads()
     def _fallback_map(self, activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """No peak group gives a non-zero map: Grad-CAM over all units, rescaled and up-sampled."""
         cam = torch.relu(torch.einsum("k,khw->hw", weights, activations))
@@ -305,7 +312,7 @@ class ADVISE(Explainer):
             maps=maps,
             layer_maps={f"R={r}": group_maps[r] for r in sorted(group_maps)},
             extras=self._extras(layer, images),
-            forward_passes=2 * batch + sum(len(info["groups"]) for info in images),
+            forward_passes=batch + sum(len(info["groups"]) for info in images),
             backward_passes=2 * batch,
             timings={key: timings[key] for key in ("forward_backward", "kde", "maps", "avx")},
         )

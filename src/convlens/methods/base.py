@@ -32,6 +32,7 @@ from convlens.core.layers import LayerSpec, resolve_layers
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams, ParamError
 from convlens.core.targets import OutputAdapter, ScoreKind, TargetSpec, class_scores
+from convlens.core.threads import limit_threads
 
 __all__ = ["Explainer", "GradientCAM", "MethodOutput", "NoParams"]
 
@@ -204,10 +205,11 @@ class GradientCAM(Explainer):
         )
         t1 = time.perf_counter()
         per_layer = {}
-        for name in layers:
-            cam = self.layer_map(acts[name].float(), grads[name].float())
-            per_layer[name] = torch.relu(cam) if self.relu else cam
-        final, upsampled = combine_layer_maps(per_layer, tuple(x.shape[-2:]))
+        with limit_threads():  # a few small operations per layer (see convlens.core.threads)
+            for name in layers:
+                cam = self.layer_map(acts[name].float(), grads[name].float())
+                per_layer[name] = torch.relu(cam) if self.relu else cam
+            final, upsampled = combine_layer_maps(per_layer, tuple(x.shape[-2:]))
         return MethodOutput(
             maps=final,
             layer_maps=upsampled if len(layers) > 1 else {},

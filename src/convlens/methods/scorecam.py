@@ -13,6 +13,7 @@ from convlens.core.engine import MaskedForwardEngine
 from convlens.core.hooks import LayerCapture
 from convlens.core.maps import minmax_normalize, upsample
 from convlens.core.params import MethodParams
+from convlens.core.threads import limit_threads
 from convlens.methods.base import Explainer, MethodOutput, combine_layer_maps
 
 __all__ = ["ChannelMasks", "ScoreCAM", "ScoreCAMParams"]
@@ -146,10 +147,11 @@ class ScoreCAM(Explainer):
             for g, group in enumerate(groups):
                 a = acts[name][g]  # K x h x w
                 scores, n_zero = self._channel_scores(engine, x[group[0]], a, class_ids[group], size)
-                for t, b in enumerate(group):
-                    weights = torch.softmax(scores[:, t].float().contiguous(), dim=0)
-                    maps[b] = torch.relu(torch.einsum("k,khw->hw", weights, a))
-                    zero_masks[name][b] = n_zero
+                with limit_threads():  # small operations (see convlens.core.threads)
+                    for t, b in enumerate(group):
+                        weights = torch.softmax(scores[:, t].float().contiguous(), dim=0)
+                        maps[b] = torch.relu(torch.einsum("k,khw->hw", weights, a))
+                        zero_masks[name][b] = n_zero
             per_layer[name] = torch.stack(maps)
         final, upsampled = combine_layer_maps(per_layer, size)
         return MethodOutput(

@@ -34,6 +34,7 @@ from convlens.core.layers import LayerSpec, describe_layers
 from convlens.core.maps import minmax_exact
 from convlens.core.params import MethodParams, param
 from convlens.core.targets import ScoreKind, class_scores, resolve_targets
+from convlens.core.threads import limit_threads
 from convlens.methods.base import Explainer, MethodOutput
 from convlens.methods.sise_scoring import BlockScores, score_fast, score_full
 from convlens.numerics.otsu import code_otsu_threshold, otsu_threshold
@@ -64,7 +65,7 @@ class SISECascadeParams(MethodParams):
     )
     blur_sigma: float = param(5.0, "Gaussian sigma in pixels of baseline='blur'", gt=0)
     fast: bool = param(False, "score one medoid per group of similar masks (approximate, fewer forwards)")
-    fast_factor: float = param(4.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
+    fast_factor: float = param(8.0, "fast mode: groups per block = ceil(kept masks / fast_factor)", ge=1)
     fast_scores: Literal["gp", "medoid"] = param("gp", "fast mode: GP-interpolated or the medoid's score")
 
 
@@ -266,6 +267,7 @@ class SISE(Explainer):
             relative_threshold=relative,
         )
 
+    @limit_threads()
     def _select(
         self, acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], layers: Sequence[str]
     ) -> list[list[BlockSelection]]:
@@ -321,6 +323,7 @@ class SISE(Explainer):
         return score_full(engine, image, class_id, activations, size, baseline, self.batch_size)
 
     # ------------------------------------------------------------------ phase 4
+    @limit_threads()
     def _fuse(self, blocks: list[BlockSelection], scores: BlockScores) -> SISEImage:
         """Phase 4 of one image: normalise every ``V_b`` and fuse the informative blocks low -> high.
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from convlens.core.engine import MaskedForwardEngine
 from convlens.core.maps import minmax_normalize, upsample
+from convlens.core.threads import limit_threads
 
 __all__ = [
     "MASK_EPS",
@@ -154,6 +155,7 @@ class _FastBlock:
     features: torch.Tensor  # (K, <= 49) mask_features of every map
 
     @classmethod
+    @limit_threads()
     def of(cls, maps: torch.Tensor, fast_factor: float) -> _FastBlock:
         empty = torch.empty(0, dtype=torch.long)
         if not maps.shape[0]:
@@ -162,6 +164,7 @@ class _FastBlock:
         labels, medoids = _group(normalised, math.ceil(maps.shape[0] / fast_factor))
         return cls(maps, labels, medoids, _pooled(normalised))
 
+    @limit_threads()
     def member_scores(self, medoid_scores: torch.Tensor, fast_scores: FastScores) -> torch.Tensor:
         """Every mask's score: exact for the medoids; the GP interpolation or its medoid's for the others."""
         if fast_scores == "medoid":

@@ -14,18 +14,23 @@ are :func:`convlens.methods.advise_avx.avx_protocol`'s):
 
 Each quirk of the code is an :class:`AVXOptions` field whose default is the code's behaviour, so the
 protocol can be run as published or with a quirk removed.
+What depends only on the reference image (SSIM means/variances, FSIMc terms) or the size (the log-Gabor
+bank) is computed once per image with piq's own steps, bit for bit (tested against piq).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from convlens.core.targets import ScoreKind
+from convlens.core.threads import limit_threads
 
 __all__ = [
     "AVXOptions",
@@ -140,6 +145,7 @@ def class_sensitivity(map_top1: torch.Tensor, map_top2: torch.Tensor, options: A
     return torch.nan_to_num(correlation, nan=0.0), check
 
 
+@limit_threads()
 def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int = 8
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(SSIM, FSIMc, MSE / 255^2)`` of masked images (G, 3, H, W) against the original (3, H, W), 0..255.
@@ -147,15 +153,15 @@ def masked_similarity(masked: torch.Tensor, original: torch.Tensor, chunk: int =
     From ``piq``: ``piq.ssim`` (Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel and averaged,
     without piq's default 2x down-sampling: MATLAB's ``ssim`` does not down-sample) and FSIMc as
     ``piq.fsim(chromatic=True)`` (a port of FeatureSIM.m with its ``round(min(H, W)/256)`` average pooling),
-    both with ``data_range=255``."""
-    import piq
-
+    both with ``data_range=255``. On one torch thread (:mod:`convlens.core.threads`): a few hundred small
+    operations per chunk.
+    """
     ssim_values, fsim_values = [], []
     terms = fsim_reference_terms(original.float())  # once per image, whatever the number of chunks
+    ssim_terms = _ssim_reference_terms(original.float())
     for start in range(0, masked.shape[0], chunk):
         part = masked[start : start + chunk].float()
-        reference = original.float().expand_as(part)
-        ssim_values.append(piq.ssim(part, reference, data_range=255.0, reduction="none", downsample=False))
+        ssim_values.append(_ssim_against(part, ssim_terms))
         fsim_values.append(fsimc_against(part, original.float(), terms))
     mse = ((masked.double() - original.double()) ** 2).flatten(1).mean(1) / 255.0**2
     return torch.cat(ssim_values).double(), torch.cat(fsim_values).double(), mse.clamp(0, 1)
@@ -185,11 +191,107 @@ def _yiq(images: torch.Tensor) -> torch.Tensor:
     return rgb2yiq(torch.nn.functional.avg_pool2d(x, max(1, round(min(x.shape[-2:]) / 256))))
 
 
-def _phase(luminance: torch.Tensor) -> torch.Tensor:
-    from piq.fsim import _phase_congruency
+@dataclass(frozen=True)
+class _SSIMReference:
+    """The reference image's terms of ``piq.ssim`` (divided by the data range 255): its local means, the
+    squares of them and its local variances under piq's 11 x 11 Gaussian window (sigma 1.5)."""
 
-    filters = _log_gabor_filters(tuple(luminance.shape[-2:]), luminance.dtype, luminance.device)
-    return _phase_congruency(luminance, filters=filters, scales=4, orientations=4, k=2.0)
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    kernel: torch.Tensor
+    mu: torch.Tensor
+    mu_squared: torch.Tensor
+    sigma_squared: torch.Tensor
+
+
+def _ssim_reference_terms(reference: torch.Tensor) -> _SSIMReference:
+    from piq.functional import gaussian_filter
+
+    y = reference[None] / 255.0
+    kernel = gaussian_filter(11, 1.5, device=y.device, dtype=y.dtype).repeat(y.shape[1], 1, 1, 1)
+    mu = F.conv2d(y, weight=kernel, stride=1, padding=0, groups=y.shape[1])
+    mu_squared = mu**2
+    sigma_squared = F.conv2d(y**2, weight=kernel, stride=1, padding=0, groups=y.shape[1]) - mu_squared
+    return _SSIMReference(y, kernel, mu, mu_squared, sigma_squared)
+
+
+def _ssim_against(images: torch.Tensor, terms: _SSIMReference) -> torch.Tensor:
+    """``piq.ssim(images, reference, data_range=255, downsample=False, reduction="none")`` for G images (G, 3,
+    H, W), 0..255, against one reference whose terms are computed once (piq's ``_ssim_per_channel``, K1 = 0.01,
+    K2 = 0.03; Wang et al., IEEE TIP 2004)."""
+    c1, c2 = 0.01**2, 0.03**2
+    x = images / 255.0
+    groups = x.shape[1]
+    mu_x = F.conv2d(x, weight=terms.kernel, stride=1, padding=0, groups=groups)
+    mu_xx = mu_x**2
+    mu_xy = mu_x * terms.mu
+    sigma_xx = F.conv2d(x**2, weight=terms.kernel, stride=1, padding=0, groups=groups) - mu_xx
+    sigma_xy = F.conv2d(x * terms.image, weight=terms.kernel, stride=1, padding=0, groups=groups) - mu_xy
+    cs = (2.0 * sigma_xy + c2) / (sigma_xx + terms.sigma_squared + c2)
+    ss = (2.0 * mu_xy + c1) / (mu_xx + terms.mu_squared + c1) * cs
+    return ss.mean(dim=(-1, -2)).mean(1)
+
+
+@dataclass(frozen=True)
+class _FilterTerms:
+    """What piq's ``_phase_congruency`` derives from its filter bank alone (the same for every image of a
+    size): the bank, the mean squared filter value at the smallest scale and the sums of the filters'
+    spatial responses that scale the noise estimate."""
+
+    filters: torch.Tensor
+    em_n: torch.Tensor
+    sum_an2: torch.Tensor
+    sum_ai_aj: torch.Tensor
+
+
+@functools.lru_cache(maxsize=8)
+def _filter_terms(size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> _FilterTerms:
+    """piq 0.8's filter-only steps of ``_phase_congruency`` (4 scales, 4 orientations), once per image size."""
+    height, width = size
+    filters = _log_gabor_filters(size, dtype, device)
+    filters_ifft = torch.fft.ifft2(filters).real * math.sqrt(height * width)
+    em_n = (filters.view(1, 4, 4, height, width)[:, :, :1, ...] ** 2).sum(dim=[-2, -1], keepdims=True)
+    filters_ifft = filters_ifft.view(1, 4, 4, height, width)
+    sum_an2 = torch.sum(filters_ifft**2, dim=-3, keepdim=True)
+    sum_ai_aj = torch.zeros(1, 4, 1, height, width, dtype=dtype, device=device)
+    for s in range(3):
+        sum_ai_aj = sum_ai_aj + (filters_ifft[:, :, s : s + 1] * filters_ifft[:, :, s + 1 :]).sum(dim=-3, keepdim=True)
+    sum_an2 = torch.sum(sum_an2, dim=[-1, -2], keepdim=True)
+    sum_ai_aj = torch.sum(sum_ai_aj, dim=[-1, -2], keepdim=True)
+    return _FilterTerms(filters, em_n, sum_an2, sum_ai_aj)
+
+
+def _phase(luminance: torch.Tensor, k: float = 2.0) -> torch.Tensor:
+    """Phase congruency of (N, 1, H, W) luminance images: piq 0.8's ``_phase_congruency`` (Kovesi's PC_2 with
+    4 scales and 4 orientations, as FSIM uses it) step for step, with its filter-only terms computed once per
+    image size (:func:`_filter_terms`) instead of once per call."""
+    eps = torch.finfo(luminance.dtype).eps
+    n, _, height, width = luminance.shape
+    terms = _filter_terms((height, width), luminance.dtype, luminance.device)
+    imagefft = torch.fft.fft2(luminance)
+    even_odd = torch.view_as_real(torch.fft.ifft2(imagefft * terms.filters)).view(n, 4, 4, height, width, 2)
+    an = torch.sqrt(torch.sum(even_odd**2, dim=-1))  # amplitude of each filter's response
+    sum_e = even_odd[..., 0].sum(dim=2, keepdims=True)
+    sum_o = even_odd[..., 1].sum(dim=2, keepdims=True)
+    x_energy = torch.sqrt(sum_e**2 + sum_o**2) + eps
+    mean_e = sum_e / x_energy
+    mean_o = sum_o / x_energy
+    even = even_odd[..., 0]
+    odd = even_odd[..., 1]
+    energy = (even * mean_e + odd * mean_o - torch.abs(even * mean_o - odd * mean_e)).sum(dim=2, keepdim=True)
+    # noise: median energy^2 at the smallest scale -> Rayleigh parameter -> threshold T (Kovesi; piq's constants)
+    abs_eo = torch.sqrt(torch.sum(even_odd[:, :, :1, ...] ** 2, dim=-1)).reshape(n, 4, 1, 1, height * width)
+    median_e2n = torch.median(abs_eo**2, dim=-1, keepdim=True).values
+    mean_e2n = -median_e2n / math.log(0.5)
+    noise_power = mean_e2n / terms.em_n
+    noise_energy2 = 2 * noise_power * terms.sum_an2 + 4 * noise_power * terms.sum_ai_aj
+    tau = torch.sqrt(noise_energy2 / 2)
+    noise_energy = tau * math.sqrt(math.pi / 2)
+    noise_energy_sigma = torch.sqrt((2 - math.pi / 2) * tau**2)
+    threshold = (noise_energy + k * noise_energy_sigma) / 1.7
+    energy = torch.max(energy - threshold, torch.zeros_like(threshold))
+    energy_all = energy.sum(dim=[1, 2]) + eps
+    an_all = an.sum(dim=[1, 2]) + eps
+    return (energy_all / an_all).unsqueeze(1)
 
 
 def fsim_reference_terms(reference: torch.Tensor) -> FSIMReference:

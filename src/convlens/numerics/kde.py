@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from convlens.core.threads import limit_threads
 from convlens.numerics.kde_cost import CostFunction, golden_section
 from convlens.numerics.kde_smoothing import fft_length, periodic_gaussian, smooth
 
@@ -279,6 +280,7 @@ def _chunks(sizes: list[int], grid_points: int, n_bandwidths: int, max_chunk_ele
         start = stop
 
 
+@limit_threads()
 def ssvkernel(
     samples: torch.Tensor,
     grid: torch.Tensor | None = None,
@@ -315,6 +317,9 @@ def ssvkernel(
 
     Returns:
         :class:`KDEResult` with (R, Z) densities (NaN where the estimator fails).
+
+    Runs on one torch thread (:func:`convlens.core.threads.limit_threads`): thousands of small operations,
+    which on a busy machine's shared cores were ~25x slower on torch's default threads (BENCHMARKS.md, load).
     """
     x, grid = _validated(samples, grid, convention, n_bandwidths, dtype)
     if max_evaluations is None:

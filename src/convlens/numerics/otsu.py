@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from convlens.core.threads import limit_threads
+
 __all__ = ["code_otsu_threshold", "otsu_threshold"]
 
 
+@limit_threads()
 def otsu_threshold(values: torch.Tensor, bins: int = 256, value_range: tuple[float, float] | None = None) -> float:
     """Otsu's threshold of ``values`` from a ``bins``-bin histogram (maximal between-class variance).
 
@@ -31,6 +34,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256, value_range: tuple[flo
     return float(centres[int(torch.argmax(variance))])
 
 
+@limit_threads()
 def code_otsu_threshold(vis_map: torch.Tensor, bins: int = 256, tau: float = 1.5) -> float:
     """The SISE authors' modified Otsu threshold of a [0, 1] map (their code's ``otsu``, used by its fusion).
 
