@@ -7,7 +7,6 @@ nothing; Ctrl-C stops the server cleanly with exit code 130.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -109,10 +108,6 @@ def create(
     typer.echo(f"Serve it with: convlens study serve {study_dir}")
 
 
-def _default_out(study_dir: Path, fmt: str) -> Path:
-    return study_dir / "exports" / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{fmt}"
-
-
 @study_app.command("export")
 def export(
     study_dir: Annotated[Path, typer.Argument(help="The study folder.", show_default=False)],
@@ -126,20 +121,13 @@ def export(
     """Write study.json, the data dictionary and rounds/plays/events/participants, streaming, as one folder."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from convlens.core.outputs import OutputFolderError, check_output_folder
-    from convlens.study.batch.export import EXPORT_FOLDER, FORMATS, export_study
-    from convlens.study.game.opening import StudyDatabaseError, open_runtime
+    from convlens.core.outputs import OutputFolderError
+    from convlens.study.batch.export import default_export_folder, export_study_folder
+    from convlens.study.game.opening import StudyDatabaseError
 
-    if format not in FORMATS:
-        fail(console, f"--format {format!r}: use csv or jsonl")
-    target = out or _default_out(study_dir, format)
+    target = out or default_export_folder(study_dir, format)
     try:
-        check_output_folder(target, EXPORT_FOLDER)
-        runtime, engine = open_runtime(study_dir, db, migrate=False)
-        try:
-            files = export_study(engine, runtime.config, target, format, raw_csv=raw_csv)
-        finally:
-            engine.dispose()
+        files = export_study_folder(study_dir, target, format, db=db, raw_csv=raw_csv)
     except (OSError, ValueError, StudyDatabaseError, SQLAlchemyError, OutputFolderError) as exc:
         fail(console, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     typer.echo(f"Exported {len(files)} files to {target}")

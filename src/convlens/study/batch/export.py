@@ -228,6 +228,31 @@ def export_study(engine: Engine, config: StudyConfig, out: str | os.PathLike[str
     return [Path(out) / name for name in [*names, EXPORT_FOLDER.manifest]]
 
 
+def default_export_folder(study_dir: str | os.PathLike[str], fmt: str) -> Path:
+    """``STUDY_DIR/exports/<UTC time>-<format>``: where an export goes when no folder is given."""
+    return Path(study_dir) / "exports" / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{fmt}"
+
+
+def export_study_folder(study_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                        fmt: str = "csv", *, db: str | None = None, raw_csv: bool = False) -> list[Path]:
+    """``convlens study export`` from Python: open the study in ``study_dir`` (its SQLite file, or ``db``),
+    check ``out`` (default :func:`default_export_folder`) before anything is read, and write the export there.
+    Raises ``ValueError``, ``OSError``, :class:`~convlens.core.outputs.OutputFolderError`,
+    :class:`~convlens.study.game.opening.StudyDatabaseError` or SQLAlchemy's errors, writing nothing."""
+    from convlens.core.outputs import check_output_folder
+    from convlens.study.game.opening import open_runtime
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: use csv or jsonl")
+    target = Path(out) if out is not None else default_export_folder(study_dir, fmt)
+    check_output_folder(target, EXPORT_FOLDER)
+    runtime, engine = open_runtime(study_dir, db, migrate=False)
+    try:
+        return export_study(engine, runtime.config, target, fmt, raw_csv=raw_csv)
+    finally:
+        engine.dispose()
+
+
 class _Counted:
     """An iterator that counts what passed through it (rows per table, recorded in the manifest)."""
 
