@@ -3,8 +3,9 @@
 Rooms: ``store`` (the study's files, database and backups), ``game`` (the rules, quota plans, assignment,
 queries, opening a study), ``web`` (the FastAPI server) and ``batch`` (``create`` a study from INV runs,
 ``export`` it). Workflow: ``convlens study create`` -> ``convlens study serve`` -> ``convlens study export``
-(from Python: :func:`create_study`, :func:`run_server` with :class:`ServerSettings`, :func:`export_study_folder`). Nothing here
-imports torch except study creation, which reads INV runs. The simulated crowd is :mod:`convlens.crowd`.
+(from Python: :func:`create_study`, :func:`run_server` with :class:`ServerSettings`,
+:func:`export_study_folder`). Nothing here imports torch except study creation, which reads INV runs. The
+simulated crowd is :mod:`convlens.crowd`.
 """
 
 from __future__ import annotations
