@@ -20,10 +20,10 @@ Everything else lives in the subpackages: ``convlens.models`` (zoo, preprocessin
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import Any
+
+from convlens.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -49,13 +49,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'convlens' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,8 +10,7 @@ simulated crowd is :mod:`convlens.crowd`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from convlens.core.lazy import lazy_exports
 
 _EXPORTS = {
     "CreateOptions": "convlens.study.batch.create",
@@ -27,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'convlens.study' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
