@@ -116,6 +116,12 @@ def check_output_folder(path: str | os.PathLike[str], kind: FolderKind) -> None:
         if not os.access(path, os.W_OK | os.X_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
             raise OutputFolderError(f"--out {path}: no permission to replace this folder")
         return
+    check_creatable(path)
+
+
+def check_creatable(path: Path) -> None:
+    """Raise :class:`OutputFolderError` unless the folder ``path`` (not there yet) can be created: its first
+    existing ancestor must be a folder this process may write into."""
     parent = path.parent
     while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
         parent = parent.parent

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from convlens.core.files import OutputLock, atomic_directory, atomic_write_text, remove_stale_temporaries
+from convlens.core.outputs import OutputFolderError, check_creatable
 from convlens.runners.explain_image import IMAGE_FORMAT, IMAGE_RECORD
 
 __all__ = ["PAGE", "SUMMARY", "ExplainStore", "OutputFolderError", "check_output_folder", "is_explain_output"]
@@ -40,10 +41,6 @@ RUN_FORMAT = "convlens-explain-run"
 PAGE_MARKER = '<meta name="generator" content="convlens explain">'
 _RESERVED = {PAGE, SUMMARY, OutputLock.NAME}
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-
-
-class OutputFolderError(ValueError):
-    """``--out`` cannot be used (the message says why); nothing was written."""
 
 
 def stem_of(path: Path) -> str:
@@ -128,13 +125,7 @@ def check_output_folder(out: Path) -> None:
         if not os.access(out, os.W_OK | os.X_OK):
             raise OutputFolderError(f"--out {out}: no permission to write into this folder")
         return
-    parent = out.parent
-    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputFolderError(f"--out {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"--out {out}: no permission to create it in {parent}")
+    check_creatable(out)
 
 
 class ExplainStore:
