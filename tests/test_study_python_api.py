@@ -6,9 +6,7 @@ the CLI run on the same inputs (the CLI only parses: the files must be the same,
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,34 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from convlens.cli.main import app
+from inv_helpers import synthetic_inv_runs
 
 pytestmark = pytest.mark.slow
 
 LAYERS = ["features.13", "features.16"]
 PER_CLASS = 4
-
-
-def _inv_runs(root: Path) -> None:
-    from PIL import Image
-
-    from convlens.data.synthetic import SyntheticShapes
-    from convlens.inv import INV
-    from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
-
-    inv = INV(load_synthetic_model("synthetic-vgg"), layers=LAYERS)
-    dataset = SyntheticShapes(size=100, seed=0, split="test")
-    counts = {0: 0, 1: 0}
-    for index in range(100):
-        item = dataset.generate(index)
-        if counts.get(item.label, PER_CLASS) >= PER_CLASS:
-            continue
-        counts[item.label] += 1
-        image = Image.fromarray(item.pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            explanation = inv.explain(SYNTHETIC_PREPROCESSING(image)[None], target=item.label,
-                                      image_id=hashlib.sha256(item.pixels.tobytes()).hexdigest())
-        explanation.save(root / f"img{index:03d}" / "inv", image=image)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -68,7 +44,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> I
     from convlens.tcav import run_study_tcav
 
     root = tmp_path_factory.mktemp("python-api")
-    _inv_runs(root / "run")
+    synthetic_inv_runs(root / "run", LAYERS, PER_CLASS, size=100)
     created = create_study(root / "study", [root / "run"], CreateOptions(plays_per_round=2, quota=3, seed=0))
     rounds = load_rounds(root / "study")
     classes = sorted({r.true_class for r in rounds})

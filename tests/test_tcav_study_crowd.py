@@ -34,9 +34,7 @@ use for the class, and the regions showing none of it carry no evidence for the 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from typer.testing import CliRunner
 
 from convlens.cli.main import app
 from convlens.reports.global_report import slug
+from inv_helpers import synthetic_inv_runs
 
 pytestmark = pytest.mark.slow
 
@@ -55,33 +54,6 @@ TCAV_LAYERS = "features.13,features.16"
 CLASSES = (0, 1)
 PER_CLASS = 14
 OBJECT, NOTHING, SOME = "wheels", "grass", "edges"
-
-
-def _inv_run(root: Path) -> dict[str, np.ndarray]:
-    """INV runs of the first PER_CLASS test images of each class; image id -> exact class-object mask."""
-    from PIL import Image
-
-    from convlens.data.synthetic import SyntheticShapes
-    from convlens.inv import INV
-    from convlens.models.synthetic import SYNTHETIC_PREPROCESSING, load_synthetic_model
-
-    inv = INV(load_synthetic_model("synthetic-vgg"), layers=LAYERS)
-    dataset = SyntheticShapes(size=400, seed=0, split="test")
-    masks: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(CLASSES, 0)
-    for index in range(400):
-        item = dataset.generate(index)
-        if counts.get(item.label, PER_CLASS) >= PER_CLASS:
-            continue
-        counts[item.label] += 1
-        image = Image.fromarray(item.pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            explanation = inv.explain(SYNTHETIC_PREPROCESSING(image)[None], target=item.label,
-                                      image_id=hashlib.sha256(item.pixels.tobytes()).hexdigest())
-        explanation.save(root / f"img{index:03d}" / "inv", image=image)
-        masks[explanation.image_id] = item.mask
-    return masks
 
 
 def _planted(study: Path, masks: dict[str, np.ndarray]) -> Any:
@@ -128,7 +100,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -
     from convlens.study.web.app import create_app
 
     root = tmp_path_factory.mktemp("tcav-crowd")
-    masks = _inv_run(root / "run")
+    masks = synthetic_inv_runs(root / "run", LAYERS, PER_CLASS, CLASSES)
     study = root / "study"
     create_study(study, [root / "run"], CreateOptions(plays_per_round=1, quota=3))  # small: every round gets its play
     plan = _planted(study, masks)
