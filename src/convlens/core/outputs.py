@@ -56,7 +56,8 @@ class FolderKind:
         return name in self.names or name in self.extra or name == OutputLock.NAME or is_temporary_name(name)
 
 
-def _read_json(path: Path) -> Any:
+def read_json_or_none(path: Path) -> Any:
+    """The JSON in the regular file ``path``; None for a link, a missing file or one that does not parse."""
     if path.is_symlink() or not path.is_file():
         return None
     try:
@@ -71,7 +72,7 @@ def _foreign_entries(path: Path, kind: FolderKind) -> list[str]:
     (a command with per-class folders lists their files under ``files``) and, in a sealed folder, any file
     below them that the manifest neither lists nor marks ``unsealed`` (a user's note in a class folder)."""
     entries = sorted(entry.name for entry in path.iterdir())
-    manifest = _read_json(path / kind.manifest)
+    manifest = read_json_or_none(path / kind.manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != kind.format:
         return entries
     listed = manifest.get("files")
@@ -299,7 +300,7 @@ def verify_output_folder(path: str | os.PathLike[str], kind: FolderKind, *, what
     what = what or f"the output folder of `{kind.command}`"
     if not path.is_dir():
         raise OutputFolderError(f"{path}: no such folder (expected {what})")
-    manifest = _read_json(path / kind.manifest)
+    manifest = read_json_or_none(path / kind.manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != kind.format:
         raise OutputFolderError(f"{path / kind.manifest}: missing or not written by {kind.command} (expected {what})")
     files = manifest.get("files")

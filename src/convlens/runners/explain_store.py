@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from convlens.core.files import OutputLock, atomic_directory, atomic_write_text, remove_stale_temporaries
-from convlens.core.outputs import OutputFolderError, check_creatable
+from convlens.core.outputs import OutputFolderError, check_creatable, read_json_or_none
 from convlens.runners.explain_image import IMAGE_FORMAT, IMAGE_RECORD
 
 __all__ = ["PAGE", "SUMMARY", "ExplainStore", "OutputFolderError", "check_output_folder", "is_explain_output"]
@@ -64,20 +64,11 @@ def _entries(folder: Path) -> set[str]:
     return found
 
 
-def _read_json(path: Path) -> Any:
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
 def owned_image_record(folder: Path) -> dict[str, Any] | None:
     """The record of a per-image folder convlens wrote and nobody added to since; else None."""
     if folder.is_symlink() or not folder.is_dir():
         return None
-    record = _read_json(folder / IMAGE_RECORD)
+    record = read_json_or_none(folder / IMAGE_RECORD)
     if not isinstance(record, dict) or record.get("format") != IMAGE_FORMAT:
         return None
     written = record.get("written")
@@ -87,7 +78,7 @@ def owned_image_record(folder: Path) -> dict[str, Any] | None:
 
 
 def _is_our_summary(path: Path) -> bool:
-    data = _read_json(path)
+    data = read_json_or_none(path)
     legacy = isinstance(data, dict) and {"images", "skipped", "config_hash"} <= set(data)  # convlens 0.1.0
     return isinstance(data, dict) and (data.get("format") == RUN_FORMAT or legacy)
 
@@ -106,7 +97,7 @@ def _is_our_page(path: Path) -> bool:
 def is_explain_output(folder: Path) -> bool:
     """True for a folder that a ``convlens explain`` run wrote (a run folder or a per-image folder):
     folder scans never read images from it."""
-    record = _read_json(folder / IMAGE_RECORD)
+    record = read_json_or_none(folder / IMAGE_RECORD)
     return _is_our_summary(folder / SUMMARY) or (isinstance(record, dict) and record.get("format") == IMAGE_FORMAT)
 
 
