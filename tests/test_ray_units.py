@@ -253,3 +253,25 @@ def test_evaluate_worker_builds_the_explainers_and_metrics_once(tmp_path: Path,
     assert builds == ["cpu"] and worker.evaluator.explainers.keys() == {"gradcam"}
     item = WorkItem(0, "0000000-x", setup.dataset.sample_ids()[0], ("gradcam",))
     assert worker.evaluator(item).records["gradcam"]["targets"] == setup.evaluator(item).records["gradcam"]["targets"]
+
+
+def test_a_local_ray_under_a_long_tmpdir_gets_a_short_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray puts its sockets under RAY_TMPDIR, else TMPDIR; an AF_UNIX path has at most 107 bytes. Under a long
+    temporary folder a local Ray gets a fresh short one in /tmp (removed after the run); a short one is kept."""
+    import tempfile
+
+    from convlens.runners.ray_engine import RAY_SOCKET_TAIL, _short_temp_dir
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    long = tmp_path / ("l" * max(1, 108 - RAY_SOCKET_TAIL - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    short = _short_temp_dir()
+    assert short is not None and Path(short).parent == Path("/tmp") and Path(short).is_dir()
+    assert len(short) + RAY_SOCKET_TAIL <= 107
+    Path(short).rmdir()
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")  # Ray's own variable wins, and fits
+    assert _short_temp_dir() is None
+    monkeypatch.delenv("RAY_TMPDIR")
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert _short_temp_dir() is None

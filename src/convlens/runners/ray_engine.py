@@ -28,6 +28,8 @@ import logging
 import math
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,10 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
                 from convlens.core.processes import ProcessWatchdog
 
                 watchdog = stack.enter_context(ProcessWatchdog())
+                short = _short_temp_dir()
+                if short is not None:
+                    quiet["_temp_dir"] = short
+                    stack.callback(shutil.rmtree, short, ignore_errors=True)
                 ray.init(address="local", num_cpus=_local_cpus(options), include_dashboard=False, **quiet)
                 started = True
                 watchdog.scan()  # the daemons ray.init started: followed from now on
@@ -213,6 +219,19 @@ def _probe_address(address: str, timeout: float) -> None:
     if len(header) < 9 or header[3] != HTTP2_SETTINGS:
         raise RayEngineError(f"--ray-address {address}: something answers there, but not Ray (no gRPC answer "
                              f"within {timeout:g} s); {hint}")
+
+
+RAY_SOCKET_TAIL = len("/ray/session_2026-12-08_00-30-48_776853_4194304/sockets/plasma_store")
+"""Ray's longest socket path below its temporary folder (an AF_UNIX path has at most 107 bytes)."""
+
+
+def _short_temp_dir() -> str | None:
+    """A fresh short folder under /tmp for a local Ray whose sockets would not fit under the temporary folder
+    (Ray uses ``RAY_TMPDIR``, else ``TMPDIR``: a long TMPDIR made ``ray.init`` fail); None when they fit."""
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    if len(os.fsencode(base)) + RAY_SOCKET_TAIL <= 107 or not os.access("/tmp", os.W_OK | os.X_OK):
+        return None
+    return tempfile.mkdtemp(prefix="convlens-ray-", dir="/tmp")
 
 
 def _local_cpus(options: RayOptions) -> int:
