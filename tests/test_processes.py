@@ -1,6 +1,6 @@
 """A run's helper processes never outlive it (issue 20): :class:`convlens.core.processes.ProcessWatchdog`
 terminates what a run killed with SIGKILL had started — a child it adopted and the grandchildren it found
-— and nothing else; closed normally, it leaves everything to the run."""
+— and nothing else, then removes the folders it was given; closed normally, it leaves everything to the run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ DRIVER = textwrap.dedent("""
 
     ready, close = Path(sys.argv[1]), sys.argv[2] == "close"
     with ProcessWatchdog(interval=0.2, grace=2.0) as watchdog:
+        folder = ready.parent / "scratch dir"
+        (folder / "inner").mkdir(parents=True)
+        watchdog.remove_after(folder)
         child = subprocess.Popen(["sleep", "300"])
         watchdog.adopt(child.pid)  # followed at once
         shell = subprocess.Popen(["sh", "-c", "sleep 301 & sleep 302 & wait"])  # two grandchildren
@@ -76,6 +79,7 @@ def test_a_killed_run_leaves_no_process_behind(tmp_path: Path) -> None:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
         assert _wait_gone(pids, 120) == []  # children, grandchildren and the watchdog (the sleeps last 300 s)
+        assert not (tmp_path / "scratch dir").exists()  # removed by the watchdog, after the processes
     finally:
         _kill_all(pids)
 
@@ -89,6 +93,7 @@ def test_a_run_that_closes_its_watchdog_keeps_its_processes_and_the_watchdog_exi
         driver.wait(timeout=30)
         time.sleep(1.0)
         assert all(_alive(p) for p in others)
+        assert (tmp_path / "scratch dir" / "inner").is_dir()  # a closed watchdog leaves folders to the run
     finally:
         _kill_all(pids)
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from convlens.core.processes import descendants, start_time
 from convlens.data.synthetic import SyntheticShapes
-from convlens.runners.ray_engine import RayEngineError, RayOptions, _probe_address, ray_session
+from convlens.runners.ray_engine import RAY_SOCKET_TAIL, RayEngineError, RayOptions, _probe_address, ray_session
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'convlens[ray]'")
 pytestmark = [pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc"),
@@ -146,6 +146,7 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
             pytest.skip("Ray cannot start a head node here")
         other_pids = [other.pid, *descendants(other.pid)]
         _probe_address(f"127.0.0.1:{port}", 30.0)  # a real Ray head passes the check (HTTP/2 SETTINGS)
+        before = set(Path("/tmp").glob("convlens-ray-*"))
         script, ready = tmp_path / "driver.py", tmp_path / "ready.json"
         script.write_text(DRIVER)
         driver = subprocess.Popen([sys.executable, str(script), str(ready)], env=env, stdout=subprocess.DEVNULL,
@@ -159,6 +160,8 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
         driver_pids = descendants(driver.pid)
         names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in driver_pids if start_time(pid)}
         assert {"raylet", "gcs_server"} <= names, names
+        short = set(Path("/tmp").glob("convlens-ray-*")) - before  # under a long TMPDIR, the driver's Ray folder
+        assert bool(short) == (len(os.fsencode(tempfile.gettempdir())) + RAY_SOCKET_TAIL > 107), short
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -167,6 +170,10 @@ def test_a_local_ray_is_the_runs_own_and_dies_with_a_killed_driver(tmp_path: Pat
         left = [Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:80] for p in driver_pids
                 if start_time(p) is not None]
         assert left == [], left
+        deadline = time.monotonic() + 30  # the watchdog removes the folder right after stopping the processes
+        while time.monotonic() < deadline and any(folder.exists() for folder in short):
+            time.sleep(0.2)
+        assert not any(folder.exists() for folder in short), short
         assert all(start_time(p) is not None for p in other_pids[:1])  # the other Ray was left alone
     finally:
         _stop(driver_pids)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,11 @@ class ProcessWatchdog:
         """Follow ``pid`` (and, from the next look on, its descendants) from now on."""
         self._send(f"adopt {pid}")
 
+    def remove_after(self, folder: str | os.PathLike[str]) -> None:
+        """If the run dies, also remove ``folder`` (e.g. a local Ray's temporary folder), once its processes
+        are stopped; a run that closes the watchdog removes its own folders."""
+        self._send(f"remove {os.fspath(folder)}")
+
     def scan(self) -> None:
         """Look at this process's descendants now (e.g. right after starting a local Ray)."""
         self._send("scan")
@@ -172,6 +178,7 @@ def watch(parent: int, interval: float, grace: float, commands: int) -> None:
     descriptor ``commands`` (return) or dies (terminate what it left, then return)."""
     parent_started = start_time(parent)
     followed: dict[int, float] = {}
+    folders: list[str] = []
     _follow(followed, descendants(parent))
     pending = b""
     while True:
@@ -187,11 +194,15 @@ def watch(parent: int, interval: float, grace: float, commands: int) -> None:
                     return
                 if word == "adopt" and argument.isdigit():
                     _follow(followed, [int(argument), *descendants(int(argument))])
+                if word == "remove" and argument:
+                    folders.append(argument)
         if parent_started is None or start_time(parent) != parent_started:
             break
         _follow(followed, descendants(parent))
         followed = {pid: started for pid, started in followed.items() if start_time(pid) == started}
     _terminate(followed, grace)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _main(argv: list[str]) -> None:

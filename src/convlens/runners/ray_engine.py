@@ -143,11 +143,13 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
             if options.address is None:
                 from convlens.core.processes import ProcessWatchdog
 
-                watchdog = stack.enter_context(ProcessWatchdog())
                 short = _short_temp_dir()
-                if short is not None:
+                if short is not None:  # removed last: after the watchdog has stopped Ray's daemons
                     quiet["_temp_dir"] = short
                     stack.callback(shutil.rmtree, short, ignore_errors=True)
+                watchdog = stack.enter_context(ProcessWatchdog())
+                if short is not None:
+                    watchdog.remove_after(short)  # also if this driver is killed
                 ray.init(address="local", num_cpus=_local_cpus(options), include_dashboard=False, **quiet)
                 started = True
                 watchdog.scan()  # the daemons ray.init started: followed from now on
