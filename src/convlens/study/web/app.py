@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from convlens.study.store.config import load_secrets
 from convlens.study.web.api import ACTION_ROUTES, READ_ROUTES
 from convlens.study.web.pages import ADMIN_ROUTES, PAGE_ROUTES
 from convlens.study.web.security import BodyLimitMiddleware, SecurityHeadersMiddleware, csrf_protect
+from convlens.study.web.settings import AppSettings
 from convlens.study.web.throttle import RateLimitMiddleware, RateLimits
 
 __all__ = ["ENV_SETTINGS", "SWEEP_S", "AppSettings", "app_from_env", "create_app"]
@@ -48,22 +49,6 @@ SWEEP_S = 30.0
 THREADS = 10  # = the engine's pool size (convlens.study.store.db.make_engine)
 access_log = logging.getLogger("convlens.study.access")
 logger = logging.getLogger("convlens.study")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AppSettings:
-    """What a server worker needs to build the application (rate limits: None = study.json's)."""
-
-    study_dir: str
-    db: str | None = None
-    migrate: bool = False
-    rate_limit_ip: str | None = None
-    rate_limit_participant: str | None = None
-    rate_limit_consent: str | None = None
-    rate_limit_consent_session: str | None = None
-    rate_limit_admin_login: str | None = None
-    rate_limit_storage: str = "memory://"
-    secure_cookies: bool = False
 
 
 class AccessLogMiddleware:
@@ -182,6 +167,5 @@ def create_app(study_dir: str | os.PathLike[str], db: str | None = None, *, migr
 
 def app_from_env() -> Any:
     """Factory for ``uvicorn --factory`` workers: :class:`AppSettings` as JSON in ``CONVLENS_STUDY_APP``."""
-    settings = AppSettings(**json.loads(os.environ[ENV_SETTINGS]))
-    values = asdict(settings)
-    return create_app(values.pop("study_dir"), values.pop("db"), **values)
+    values = asdict(AppSettings(**json.loads(os.environ[ENV_SETTINGS])))
+    return create_app(values.pop("study_dir"), values.pop("db"), migrate=False, **values)

@@ -24,8 +24,10 @@ import json
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
+
+from convlens.study.web.settings import RATE_LIMITS, AppSettings
 
 __all__ = ["ServerSettings", "ServerSettingsError", "log_config", "run_server"]
 
@@ -37,21 +39,12 @@ class ServerSettingsError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerSettings:
-    """How ``convlens study serve`` runs a study (rate limits: None = study.json's)."""
+class ServerSettings(AppSettings):
+    """How ``convlens study serve`` runs a study: the application's settings, and where and how to serve it."""
 
-    study_dir: str
-    db: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    rate_limit_ip: str | None = None
-    rate_limit_participant: str | None = None
-    rate_limit_consent: str | None = None
-    rate_limit_consent_session: str | None = None
-    rate_limit_admin_login: str | None = None
-    rate_limit_storage: str = "memory://"
-    secure_cookies: bool = False
     proxy_headers: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     graceful_timeout: int = 10
@@ -68,7 +61,7 @@ class ServerSettings:
             raise ServerSettingsError(f"--workers {self.workers}: at least 1")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ServerSettingsError(f"--log-level {self.log_level!r}: use critical, error, warning, info or debug")
-        for name in ("ip", "participant", "consent", "consent_session", "admin_login"):
+        for name in RATE_LIMITS:
             value = getattr(self, f"rate_limit_{name}")
             if value is not None:
                 try:
@@ -141,17 +134,16 @@ def run_server(settings: ServerSettings) -> str:
 
     from convlens.study.game.opening import database_url, open_runtime
     from convlens.study.store.config import load_secrets, load_study
-    from convlens.study.web.app import ENV_SETTINGS, AppSettings
+    from convlens.study.web.app import ENV_SETTINGS
 
     settings.check()
     load_study(settings.study_dir)  # a missing or broken study stops here, before the secrets are read
     load_secrets(settings.study_dir)  # a bad CONVLENS_STUDY_ADMIN_TOKEN stops here, not in every worker
     _, engine = open_runtime(settings.study_dir, settings.db, migrate=True)
     engine.dispose()
-    app = AppSettings(study_dir=os.path.abspath(settings.study_dir), db=database_url(settings.study_dir, settings.db),
-                      **{k: v for k, v in asdict(settings).items() if k.startswith("rate_limit_")},
-                      secure_cookies=settings.secure_cookies)
-    os.environ[ENV_SETTINGS] = json.dumps(asdict(app))
+    app = {field.name: getattr(settings, field.name) for field in fields(AppSettings)}
+    app.update(study_dir=os.path.abspath(settings.study_dir), db=database_url(settings.study_dir, settings.db))
+    os.environ[ENV_SETTINGS] = json.dumps(app)
     config = uvicorn.Config("convlens.study.web.app:app_from_env", factory=True, host=settings.host,
                             port=settings.port, workers=settings.workers, access_log=False,
                             log_config=log_config(settings.log_level), log_level=settings.log_level.lower(),
